@@ -1,0 +1,236 @@
+//! Types shared by the smtpguard XDP program (`smtpguard-ebpf`) and the
+//! userspace daemon (`smtpguard`).
+//!
+//! Everything that crosses the kernel/user boundary is defined here once:
+//! map names, map sizes, the layout of map values, the runtime
+//! configuration record and the indices of the verdict counters. All
+//! shared structs are `#[repr(C)]` with explicit padding and no `bool`, so
+//! both sides agree on every byte. Addresses are always in network byte
+//! order (`[u8; 4]` / `[u8; 16]`, as they appear in the packet).
+#![no_std]
+
+/// Name of the XDP program inside the object file (`bpftool prog` shows it).
+pub const PROGRAM_NAME: &str = "smtpguard";
+
+/// Map names. At most 15 characters so that `bpftool map` shows them whole.
+pub mod map_names {
+    /// `Array<RuntimeConfig>` with one element: mode, ports, generation.
+    pub const CONFIG: &str = "SG_CONFIG";
+    /// IPv4 LPM tries, one per list generation (see [`super::RuntimeConfig::active_generation`]).
+    pub const RULES_V4: [&str; 2] = ["SG_RULES4_A", "SG_RULES4_B"];
+    /// IPv6 LPM tries, one per list generation.
+    pub const RULES_V6: [&str; 2] = ["SG_RULES6_A", "SG_RULES6_B"];
+    /// `PerCpuArray<u64>` of [`super::COUNTER_COUNT`] verdict counters.
+    pub const COUNTERS: &str = "SG_COUNTERS";
+    /// `Array<u64>` of [`super::MAX_RULE_IDS`] per-entry hit counters, indexed by rule id.
+    pub const HITS: &str = "SG_HITS";
+    /// `Array<LogWindow>` with one element: the drop-event rate limiter.
+    pub const LOG_WINDOW: &str = "SG_LOG_WINDOW";
+}
+
+/// Capacity of each LPM trie (one address family, one generation), in prefixes.
+///
+/// The tries are created with `BPF_F_NO_PREALLOC`, so unused capacity costs
+/// no kernel memory.
+pub const MAX_PREFIXES_PER_FAMILY: u32 = 1 << 20;
+
+/// Size of the hit-counter array: rule ids are `0..MAX_RULE_IDS`.
+/// Rule id 0 is never assigned, so a zeroed value reads as "no rule".
+pub const MAX_RULE_IDS: u32 = 1 << 21;
+
+/// How many SMTP ports the XDP program can watch at once.
+pub const MAX_PORTS: usize = 8;
+
+/// What a list entry says about the addresses it covers.
+///
+/// Stored as the `action` of a [`Rule`]. Values are stable ABI.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// On the permit list: the SYN passes.
+    Permit = 1,
+    /// On the deny list: the SYN is dropped.
+    Deny = 2,
+}
+
+/// The value of an LPM trie entry.
+///
+/// The key is `aya::maps::lpm_trie::Key<[u8; 4]>` (IPv4) or
+/// `Key<[u8; 16]>` (IPv6): prefix length in bits, then the address in
+/// network byte order with all host bits zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// An [`Action`] as `u32` (`1` permit, `2` deny).
+    pub action: u32,
+    /// Index into the hit-counter map `SG_HITS`; never 0.
+    pub rule_id: u32,
+}
+
+/// What the program does with a SYN from an address that matches no entry.
+///
+/// Values are stable ABI (stored in [`RuntimeConfig::mode`]).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// "Accept all, except the following list": unlisted sources pass.
+    AcceptAllExceptDeny = 0,
+    /// "Deny all, except the following list": unlisted sources are dropped.
+    DenyAllExceptPermit = 1,
+}
+
+/// Whether verdicts are carried out. Stored in [`RuntimeConfig::enforcement`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Enforcement {
+    /// Drop what the policy denies.
+    Enforce = 0,
+    /// Count and log what would be dropped, drop nothing.
+    Monitor = 1,
+    /// Count SYNs, judge nothing, drop nothing.
+    Off = 2,
+}
+
+/// The runtime configuration of the XDP program: element 0 of `SG_CONFIG`.
+///
+/// Changing it takes effect on the next packet; no program reload is needed.
+/// A zeroed record (before the daemon writes one) means: accept-all mode,
+/// enforcing, generation 0, no ports, so nothing is ever dropped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// A [`Mode`] as `u32`.
+    pub mode: u32,
+    /// An [`Enforcement`] as `u32`.
+    pub enforcement: u32,
+    /// Which trie pair (`0` = `_A`, `1` = `_B`) holds the lists in force.
+    pub active_generation: u32,
+    /// How many entries of `ports` are in use (`0..=MAX_PORTS`).
+    pub port_count: u32,
+    /// Destination TCP ports to guard, in network byte order.
+    pub ports: [u16; MAX_PORTS],
+    /// At most this many drop events per second go to the log (0 = none).
+    pub log_rate_per_sec: u32,
+    /// Explicit padding; always 0.
+    pub _pad: u32,
+}
+
+impl RuntimeConfig {
+    /// All-zero record: see the type's documentation.
+    pub const fn zeroed() -> Self {
+        Self {
+            mode: 0,
+            enforcement: 0,
+            active_generation: 0,
+            port_count: 0,
+            ports: [0; MAX_PORTS],
+            log_rate_per_sec: 0,
+            _pad: 0,
+        }
+    }
+}
+
+/// State of the drop-event rate limiter: element 0 of `SG_LOG_WINDOW`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogWindow {
+    /// Start of the current one-second window, `bpf_ktime_get_ns` nanoseconds.
+    pub start_ns: u64,
+    /// Events logged in the current window.
+    pub logged: u64,
+}
+
+/// Indices into the per-CPU counter map `SG_COUNTERS`.
+///
+/// Invariant, per packet: `PACKETS` goes up by one, and so does exactly one
+/// of `DROP_DENY_LIST`, `DROP_NOT_PERMITTED` or one `PASS_*` counter
+/// (`WOULD_DROP` counts as a pass reason). `PASSED` is the sum of the pass
+/// reasons, so `PACKETS = DROP_DENY_LIST + DROP_NOT_PERMITTED + PASSED`.
+pub mod counter {
+    /// Every packet the program saw.
+    pub const PACKETS: u32 = 0;
+    /// New-connection SYNs to a guarded port (IPv4 and IPv6).
+    pub const SYN: u32 = 1;
+    /// ... of which IPv4 (including IPv4-mapped IPv6 sources).
+    pub const SYN_V4: u32 = 2;
+    /// ... of which IPv6.
+    pub const SYN_V6: u32 = 3;
+    /// SYNs dropped because the most specific matching entry is a deny entry.
+    pub const DROP_DENY_LIST: u32 = 4;
+    /// SYNs dropped in deny-all mode because no permit entry matched.
+    pub const DROP_NOT_PERMITTED: u32 = 5;
+    /// Drops of IPv4 SYNs (both reasons).
+    pub const DROP_V4: u32 = 6;
+    /// Drops of IPv6 SYNs (both reasons).
+    pub const DROP_V6: u32 = 7;
+    /// Monitor mode: SYNs that enforcement would have dropped (passed).
+    pub const WOULD_DROP: u32 = 8;
+    /// Every packet passed, for any reason.
+    pub const PASSED: u32 = 9;
+    /// Pass: not IPv4/IPv6 (ARP, LLDP, ...).
+    pub const PASS_NOT_IP: u32 = 10;
+    /// Pass: IP, but not TCP (ICMP, NDP, UDP, ...).
+    pub const PASS_NOT_TCP: u32 = 11;
+    /// Pass: TCP to a port that is not guarded.
+    pub const PASS_OTHER_PORT: u32 = 12;
+    /// Pass: TCP to a guarded port, but not a new-connection SYN.
+    pub const PASS_NOT_SYN: u32 = 13;
+    /// Pass: a SYN the policy permits.
+    pub const PASS_PERMITTED: u32 = 14;
+    /// Pass: malformed or truncated header at any layer.
+    pub const PASS_MALFORMED: u32 = 15;
+    /// Pass: more than two VLAN tags.
+    pub const PASS_VLAN_DEPTH: u32 = 16;
+    /// Pass: IPv6 extension-header chain longer than the program walks.
+    pub const PASS_IPV6_CHAIN: u32 = 17;
+    /// Pass: a non-first fragment (never parsed as TCP).
+    pub const PASS_FRAGMENT: u32 = 18;
+    /// Pass: a SYN while enforcement is off.
+    pub const PASS_FILTER_OFF: u32 = 19;
+    /// Pass: IPsec ESP; the transport header is encrypted.
+    pub const PASS_ESP: u32 = 20;
+    /// Drop events not logged because of the rate limit (not a verdict).
+    pub const LOG_SUPPRESSED: u32 = 21;
+}
+
+/// Number of counters in `SG_COUNTERS`.
+pub const COUNTER_COUNT: u32 = 22;
+
+/// Counter names for logs and metrics, indexed like [`counter`].
+pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
+    "packets",
+    "syn",
+    "syn_v4",
+    "syn_v6",
+    "drop_deny_list",
+    "drop_not_permitted",
+    "drop_v4",
+    "drop_v6",
+    "would_drop",
+    "passed",
+    "pass_not_ip",
+    "pass_not_tcp",
+    "pass_other_port",
+    "pass_not_syn",
+    "pass_permitted",
+    "pass_malformed",
+    "pass_vlan_depth",
+    "pass_ipv6_chain",
+    "pass_fragment",
+    "pass_filter_off",
+    "pass_esp",
+    "log_suppressed",
+];
+
+/// How deep the program walks IPv6 extension headers before giving up
+/// (the chain then passes, counted as `PASS_IPV6_CHAIN`).
+pub const IPV6_MAX_EXTENSION_HEADERS: u32 = 8;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, have no padding the compiler
+    // adds (explicit `_pad` fields) and are valid for any bit pattern.
+    unsafe impl aya::Pod for super::Rule {}
+    unsafe impl aya::Pod for super::RuntimeConfig {}
+    unsafe impl aya::Pod for super::LogWindow {}
+}

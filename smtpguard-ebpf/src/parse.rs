@@ -1,0 +1,242 @@
+//! Packet parsing: Ethernet, up to two VLAN tags, IPv4 (any IHL), IPv6 with
+//! a bounded extension-header walk, and the TCP header.
+//!
+//! The only output that can lead to a drop is [`Syn`]: a positively
+//! identified new-connection SYN to a guarded port. Everything else comes
+//! back as `Err(counter)`, the pass reason to count.
+
+use aya_ebpf::programs::XdpContext;
+use smtpguard_common::{counter, RuntimeConfig, IPV6_MAX_EXTENSION_HEADERS, MAX_PORTS};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_ESP: u8 = 50;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_DSTOPTS: u8 = 60;
+const IPPROTO_MOBILITY: u8 = 135;
+const IPPROTO_HIP: u8 = 139;
+const IPPROTO_SHIM6: u8 = 140;
+
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+/// Byte offset of the flags within the TCP header (RFC 9293 §3.1).
+const TCP_FLAGS_OFFSET: usize = 13;
+
+/// Headers end before this offset or the packet passes as malformed. Keeps
+/// every offset provably small for the verifier (packet offsets must stay
+/// below 64 KiB) and still covers 9000-byte jumbo frames.
+const MAX_HEADER_OFFSET: usize = 0x3fff;
+
+/// Where a SYN came from, in network byte order.
+pub enum Source {
+    V4([u8; 4]),
+    V6([u8; 16]),
+}
+
+/// A new-connection SYN to a guarded port.
+pub struct Syn {
+    pub source: Source,
+    /// Destination port in network byte order.
+    pub dport_be: u16,
+}
+
+/// Pass reason (a `counter::PASS_*` index) when the packet is not a SYN to judge.
+pub type PassReason = u32;
+
+/// Reads a `T` at `offset` bytes into the frame, bounds-checked against the
+/// end of the packet; a short packet is `PASS_MALFORMED`.
+#[inline(always)]
+fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, PassReason> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if offset > MAX_HEADER_OFFSET || start + offset + core::mem::size_of::<T>() > end {
+        return Err(counter::PASS_MALFORMED);
+    }
+    // SAFETY: bounds checked just above; the packet has no alignment guarantee.
+    Ok(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+}
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+#[inline(always)]
+fn is_vlan(ethertype: u16) -> bool {
+    ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD
+}
+
+/// Classifies one frame. See the module documentation.
+#[inline(always)]
+pub fn classify(ctx: &XdpContext, cfg: &RuntimeConfig) -> Result<Syn, PassReason> {
+    let mut ethertype = be16(load(ctx, 12)?);
+    let mut l3 = ETH_HLEN;
+    // Up to two tags (802.1Q, or 802.1ad outer + 802.1Q inner); a third is
+    // unusual enough to pass untouched, counted.
+    if is_vlan(ethertype) {
+        ethertype = be16(load(ctx, l3 + 2)?);
+        l3 += 4;
+        if is_vlan(ethertype) {
+            ethertype = be16(load(ctx, l3 + 2)?);
+            l3 += 4;
+            if is_vlan(ethertype) {
+                return Err(counter::PASS_VLAN_DEPTH);
+            }
+        }
+    }
+    match ethertype {
+        ETH_P_IP => ipv4(ctx, cfg, l3),
+        ETH_P_IPV6 => ipv6(ctx, cfg, l3),
+        _ => Err(counter::PASS_NOT_IP),
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, cfg: &RuntimeConfig, l3: usize) -> Result<Syn, PassReason> {
+    let h: [u8; 20] = load(ctx, l3)?;
+    let ihl = (h[0] & 0x0f) as usize;
+    if h[0] >> 4 != 4 || ihl < 5 {
+        return Err(counter::PASS_MALFORMED);
+    }
+    if h[9] != IPPROTO_TCP {
+        return Err(counter::PASS_NOT_TCP);
+    }
+    let frag = be16([h[6], h[7]]);
+    if frag & 0x1fff != 0 {
+        // A non-first fragment carries no TCP header: never parse it as one.
+        return Err(counter::PASS_FRAGMENT);
+    }
+    let more_fragments = frag & 0x2000 != 0;
+    let header_len = ihl * 4;
+    let total_len = be16([h[2], h[3]]) as usize;
+    if total_len < header_len {
+        return Err(counter::PASS_MALFORMED);
+    }
+    // The IP length, not the frame end, bounds the TCP header: Ethernet
+    // pads short frames to 60 bytes and the padding is not TCP.
+    tcp(
+        ctx,
+        cfg,
+        l3 + header_len,
+        total_len - header_len,
+        more_fragments,
+        Source::V4([h[12], h[13], h[14], h[15]]),
+    )
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, cfg: &RuntimeConfig, l3: usize) -> Result<Syn, PassReason> {
+    let h: [u8; 8] = load(ctx, l3)?;
+    if h[0] >> 4 != 6 {
+        return Err(counter::PASS_MALFORMED);
+    }
+    let source: [u8; 16] = load(ctx, l3 + 8)?;
+    let payload_len = be16([h[4], h[5]]) as usize;
+    let mut next = h[6];
+    let mut offset = l3 + 40;
+    let payload_end = offset + payload_len;
+    let mut first_fragment = false;
+
+    for _ in 0..IPV6_MAX_EXTENSION_HEADERS {
+        match next {
+            IPPROTO_TCP => break,
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MOBILITY
+            | IPPROTO_HIP | IPPROTO_SHIM6 => {
+                // Generic format (RFC 8200 §4.2): length in 8-octet units, not counting the first.
+                let e: [u8; 2] = load(ctx, offset)?;
+                next = e[0];
+                offset += (e[1] as usize + 1) * 8;
+            }
+            IPPROTO_AH => {
+                // AH counts 4-octet units, minus 2 (RFC 4302 §2.2).
+                let e: [u8; 2] = load(ctx, offset)?;
+                next = e[0];
+                offset += (e[1] as usize + 2) * 4;
+            }
+            IPPROTO_FRAGMENT => {
+                let e: [u8; 4] = load(ctx, offset)?;
+                let offset_and_flags = be16([e[2], e[3]]);
+                if offset_and_flags & 0xfff8 != 0 {
+                    return Err(counter::PASS_FRAGMENT);
+                }
+                first_fragment = offset_and_flags & 1 != 0;
+                next = e[0];
+                offset += 8;
+            }
+            IPPROTO_ESP => return Err(counter::PASS_ESP),
+            _ => return Err(counter::PASS_NOT_TCP),
+        }
+        if offset > payload_end || offset > MAX_HEADER_OFFSET {
+            return Err(counter::PASS_MALFORMED);
+        }
+    }
+    if next != IPPROTO_TCP {
+        return Err(counter::PASS_IPV6_CHAIN);
+    }
+    tcp(
+        ctx,
+        cfg,
+        offset,
+        payload_end - offset,
+        first_fragment,
+        Source::V6(source),
+    )
+}
+
+/// Judges the TCP header at `l4`, of which the IP layer says `l4_len` bytes
+/// exist. `first_fragment`: the packet is offset 0 of a fragmented datagram.
+#[inline(always)]
+fn tcp(
+    ctx: &XdpContext,
+    cfg: &RuntimeConfig,
+    l4: usize,
+    l4_len: usize,
+    first_fragment: bool,
+    source: Source,
+) -> Result<Syn, PassReason> {
+    if l4_len < 4 {
+        return Err(counter::PASS_MALFORMED);
+    }
+    let ports: [u8; 4] = load(ctx, l4)?;
+    let dport_be = u16::from_ne_bytes([ports[2], ports[3]]);
+    if !port_guarded(cfg, dport_be) {
+        return Err(counter::PASS_OTHER_PORT);
+    }
+    if l4_len <= TCP_FLAGS_OFFSET {
+        // RFC 1858 tiny-fragment attack: the flags are in a later fragment
+        // we never see as TCP, so a first fragment to our port counts as a SYN.
+        return if first_fragment {
+            Ok(Syn { source, dport_be })
+        } else {
+            Err(counter::PASS_MALFORMED)
+        };
+    }
+    let flags: u8 = load(ctx, l4 + TCP_FLAGS_OFFSET)?;
+    // A new connection: SYN without ACK. ECE/CWR (ECN setup), FIN, RST, PSH
+    // and data (TCP Fast Open) do not make it any less of a new connection.
+    if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
+        return Err(counter::PASS_NOT_SYN);
+    }
+    Ok(Syn { source, dport_be })
+}
+
+#[inline(always)]
+fn port_guarded(cfg: &RuntimeConfig, dport_be: u16) -> bool {
+    let count = cfg.port_count as usize;
+    let mut i = 0;
+    while i < MAX_PORTS {
+        if i < count && cfg.ports[i] == dport_be {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}

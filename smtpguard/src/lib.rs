@@ -1,0 +1,22 @@
+//! smtpguard: guards the SMTP port of a Linux mail gateway.
+//!
+//! Two layers (see README.md for the picture):
+//! - the kernel fast path, an XDP program that drops SYNs from denied
+//!   sources ([`kernel`] loads it and owns its maps);
+//! - the SMTP front door ([`smtp`], [`server`]) that terminates what gets
+//!   through: connection cap, inactivity timeout, STARTTLS, hand-off to the
+//!   MTA or the Maildir spool.
+//!
+//! [`policy`] holds the permit/deny lists and the verdict both layers share,
+//! [`config`] the validated configuration, [`control`] the operator's
+//! control socket.
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod kernel;
+pub mod logging;
+pub mod policy;
+pub mod server;
+pub mod smtp;
+pub mod tls;
