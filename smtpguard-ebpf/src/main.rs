@@ -10,12 +10,14 @@
 mod maps;
 mod parse;
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext};
+use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::{
+    bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
+};
 use aya_log_ebpf::warn;
 use maps::*;
 use parse::{Source, Syn};
 use smtpguard_common::{counter, Action, Enforcement, Mode, Rule, RuntimeConfig};
-use aya_ebpf::maps::lpm_trie::Key;
 
 #[xdp]
 pub fn smtpguard(ctx: XdpContext) -> u32 {
@@ -42,14 +44,22 @@ fn judge(ctx: &XdpContext, cfg: &RuntimeConfig, syn: &Syn) -> u32 {
             None => (lookup_v6(cfg, addr), false),
         },
     };
-    count(if is_v4 { counter::SYN_V4 } else { counter::SYN_V6 });
+    count(if is_v4 {
+        counter::SYN_V4
+    } else {
+        counter::SYN_V6
+    });
     if cfg.enforcement == Enforcement::Off as u32 {
         return pass(counter::PASS_FILTER_OFF);
     }
     let (deny, drop_reason, rule_id) = match rule {
         Some(r) => {
             hit(r.rule_id);
-            (r.action == Action::Deny as u32, counter::DROP_DENY_LIST, r.rule_id)
+            (
+                r.action == Action::Deny as u32,
+                counter::DROP_DENY_LIST,
+                r.rule_id,
+            )
         }
         None => (
             cfg.mode == Mode::DenyAllExceptPermit as u32,
@@ -66,7 +76,11 @@ fn judge(ctx: &XdpContext, cfg: &RuntimeConfig, syn: &Syn) -> u32 {
         return pass(counter::WOULD_DROP);
     }
     count(drop_reason);
-    count(if is_v4 { counter::DROP_V4 } else { counter::DROP_V6 });
+    count(if is_v4 {
+        counter::DROP_V4
+    } else {
+        counter::DROP_V6
+    });
     xdp_action::XDP_DROP
 }
 
@@ -83,14 +97,22 @@ fn ipv4_mapped(addr: &[u8; 16]) -> Option<[u8; 4]> {
 #[inline(always)]
 fn lookup_v4(cfg: &RuntimeConfig, addr: [u8; 4]) -> Option<Rule> {
     let key = Key::new(32, addr);
-    let trie = if cfg.active_generation == 0 { &SG_RULES4_A } else { &SG_RULES4_B };
+    let trie = if cfg.active_generation == 0 {
+        &SG_RULES4_A
+    } else {
+        &SG_RULES4_B
+    };
     trie.get(&key).copied()
 }
 
 #[inline(always)]
 fn lookup_v6(cfg: &RuntimeConfig, addr: &[u8; 16]) -> Option<Rule> {
     let key = Key::new(128, *addr);
-    let trie = if cfg.active_generation == 0 { &SG_RULES6_A } else { &SG_RULES6_B };
+    let trie = if cfg.active_generation == 0 {
+        &SG_RULES6_A
+    } else {
+        &SG_RULES6_B
+    };
     trie.get(&key).copied()
 }
 
@@ -150,10 +172,20 @@ fn log_drop(
     }
     let port = u16::from_be(syn.dport_be);
     let what = if monitor { "would drop" } else { "dropped" };
-    let why = if reason == counter::DROP_DENY_LIST { "deny_list" } else { "not_permitted" };
+    let why = if reason == counter::DROP_DENY_LIST {
+        "deny_list"
+    } else {
+        "not_permitted"
+    };
     match &syn.source {
-        Source::V4(a) => warn!(ctx, "SYN {} src={:i} dport={} reason={} rule={}", what, *a, port, why, rule_id),
-        Source::V6(a) => warn!(ctx, "SYN {} src={:i} dport={} reason={} rule={}", what, *a, port, why, rule_id),
+        Source::V4(a) => warn!(
+            ctx,
+            "SYN {} src={:i} dport={} reason={} rule={}", what, *a, port, why, rule_id
+        ),
+        Source::V6(a) => warn!(
+            ctx,
+            "SYN {} src={:i} dport={} reason={} rule={}", what, *a, port, why, rule_id
+        ),
     }
 }
 

@@ -5,6 +5,7 @@
 //! object file against them).
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, LpmTrie, PerCpuArray},
 };
@@ -41,9 +42,10 @@ pub static SG_RULES6_B: LpmTrie<[u8; 16], Rule> =
 pub static SG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 
 /// Hits per list entry, indexed by rule id. Shared (not per CPU): a per-CPU
-/// array of 2M counters would cost 16 MiB per CPU.
+/// array of 2M counters would cost 16 MiB per CPU. Mmapable, so userspace
+/// reads all of it without a syscall per entry.
 #[map]
-pub static SG_HITS: Array<u64> = Array::with_max_entries(MAX_RULE_IDS, 0);
+pub static SG_HITS: Array<u64> = Array::with_max_entries(MAX_RULE_IDS, BPF_F_MMAPABLE);
 
 /// Drop-event rate limiter state; one element.
 #[map]

@@ -1,0 +1,470 @@
+//! The one owner of the XDP program's list and configuration maps.
+//!
+//! Lists reach the kernel as a set of `(prefix, action)` pairs (the policy
+//! module merges the permit and deny lists into it). Two ways to apply:
+//! - [`ApplyHow::Incremental`]: only the differences are written to the
+//!   active tries, entry by entry (each single update is atomic).
+//! - [`ApplyHow::Atomic`]: the whole set is written into the inactive
+//!   generation, then one write of the config record switches the program
+//!   over. The program never sees half of the old and half of the new list;
+//!   if the inactive tries run out of space the old list stays in force.
+//!
+//! Keys are canonical (host bits zero): the kernel stores whatever prefix
+//! bits it is given, so `10.9.9.9/8` would alias `10.0.0.0/8`.
+
+use std::collections::{BTreeSet, HashMap};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, LpmTrie, MapData, MapError},
+    Ebpf,
+};
+use ipnet::IpNet;
+use smtpguard_common::{
+    map_names, Action, Enforcement, Mode, Rule, RuntimeConfig, MAX_PORTS, MAX_RULE_IDS,
+};
+
+use super::loader::KernelError;
+
+/// Errors while writing the maps.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// A trie is full (or the kernel is out of memory); the old list stays in force.
+    #[error("kernel {family} list is full after {written} of {wanted} prefixes; the previous list stays in force")]
+    Full {
+        /// `IPv4` or `IPv6`.
+        family: &'static str,
+        /// Prefixes written before the failure.
+        written: usize,
+        /// Prefixes that needed to fit.
+        wanted: usize,
+        #[source]
+        source: MapError,
+    },
+    /// More than [`MAX_RULE_IDS`] distinct prefixes.
+    #[error("too many prefixes: {0} (at most {max})", max = MAX_RULE_IDS - 1)]
+    TooManyRules(usize),
+    /// More ports than the program watches.
+    #[error("at most {MAX_PORTS} SMTP ports can be guarded, got {0}")]
+    TooManyPorts(usize),
+    /// Any other map operation failed.
+    #[error("updating kernel map {map}")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// How [`MapSync::apply`] writes a new set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApplyHow {
+    /// Write only the differences into the live tries.
+    Incremental,
+    /// Build the new set in the inactive generation, then switch.
+    Atomic,
+}
+
+/// What an apply changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Prefixes newly in the kernel.
+    pub added: usize,
+    /// Prefixes whose action changed.
+    pub changed: usize,
+    /// Prefixes taken out.
+    pub removed: usize,
+    /// Prefixes in force afterwards.
+    pub total: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Installed {
+    action: Action,
+    rule_id: u32,
+}
+
+type Trie4 = LpmTrie<MapData, [u8; 4], Rule>;
+type Trie6 = LpmTrie<MapData, [u8; 16], Rule>;
+
+/// Owner of `SG_CONFIG` and the four LPM tries. See the module docs.
+pub struct MapSync {
+    config_map: Array<MapData, RuntimeConfig>,
+    v4: [Trie4; 2],
+    v6: [Trie6; 2],
+    /// The record last written to `SG_CONFIG`.
+    runtime: RuntimeConfig,
+    /// What the active generation holds, so applies can be diffs.
+    installed: HashMap<IpNet, Installed>,
+    /// Rule id of every prefix ever given one and still installed; ids
+    /// stay stable across applies so hit counters keep their meaning.
+    ids: RuleIds,
+}
+
+impl MapSync {
+    pub(crate) fn take_from(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
+        fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
+        where
+            T: TryFrom<aya::maps::Map>,
+        {
+            ebpf.take_map(name)
+                .and_then(|m| T::try_from(m).ok())
+                .ok_or(KernelError::Map(name))
+        }
+        let [a4, b4] = map_names::RULES_V4;
+        let [a6, b6] = map_names::RULES_V6;
+        let mut sync = MapSync {
+            config_map: take(ebpf, map_names::CONFIG)?,
+            v4: [take(ebpf, a4)?, take(ebpf, b4)?],
+            v6: [take(ebpf, a6)?, take(ebpf, b6)?],
+            runtime: RuntimeConfig::zeroed(),
+            installed: HashMap::new(),
+            ids: RuleIds::default(),
+        };
+        sync.write_runtime()
+            .map_err(|_| KernelError::Map(map_names::CONFIG))?;
+        Ok(sync)
+    }
+
+    /// Sets mode, enforcement, guarded ports (host byte order) and the drop
+    /// log rate (events per second). Takes effect on the next packet.
+    pub fn set_runtime(
+        &mut self,
+        mode: Mode,
+        enforcement: Enforcement,
+        ports: &[u16],
+        log_rate_per_sec: u32,
+    ) -> Result<(), SyncError> {
+        let ports: BTreeSet<u16> = ports.iter().copied().collect();
+        if ports.len() > MAX_PORTS {
+            return Err(SyncError::TooManyPorts(ports.len()));
+        }
+        self.runtime.mode = mode as u32;
+        self.runtime.enforcement = enforcement as u32;
+        self.runtime.port_count = ports.len() as u32;
+        self.runtime.ports = [0; MAX_PORTS];
+        for (slot, port) in self.runtime.ports.iter_mut().zip(&ports) {
+            *slot = port.to_be();
+        }
+        self.runtime.log_rate_per_sec = log_rate_per_sec;
+        self.write_runtime()
+    }
+
+    /// The record currently in force.
+    pub fn runtime(&self) -> RuntimeConfig {
+        self.runtime
+    }
+
+    fn write_runtime(&mut self) -> Result<(), SyncError> {
+        self.config_map
+            .set(0, self.runtime, 0)
+            .map_err(|source| SyncError::Map {
+                map: map_names::CONFIG,
+                source,
+            })
+    }
+
+    /// Prefixes in force: (IPv4, IPv6).
+    pub fn len(&self) -> (usize, usize) {
+        let v4 = self
+            .installed
+            .keys()
+            .filter(|n| matches!(n, IpNet::V4(_)))
+            .count();
+        (v4, self.installed.len() - v4)
+    }
+
+    /// Whether no prefix is in force.
+    pub fn is_empty(&self) -> bool {
+        self.installed.is_empty()
+    }
+
+    /// The prefix behind a rule id, for reporting hit counters.
+    pub fn prefix_of(&self, rule_id: u32) -> Option<IpNet> {
+        self.ids.prefix_of(rule_id)
+    }
+
+    /// Makes the kernel hold exactly `rules` (canonical prefixes, one action
+    /// each). On error nothing changed for `Atomic`; for `Incremental` the
+    /// entries written so far stay (each is a complete, valid entry).
+    pub fn apply(
+        &mut self,
+        rules: &[(IpNet, Action)],
+        how: ApplyHow,
+    ) -> Result<ApplyReport, SyncError> {
+        if rules.len() >= MAX_RULE_IDS as usize {
+            return Err(SyncError::TooManyRules(rules.len()));
+        }
+        let wanted: HashMap<IpNet, Action> = rules.iter().map(|(n, a)| (n.trunc(), *a)).collect();
+        let mut report = ApplyReport::default();
+        for (net, action) in &wanted {
+            match self.installed.get(net) {
+                None => report.added += 1,
+                Some(i) if i.action != *action => report.changed += 1,
+                Some(_) => {}
+            }
+        }
+        report.removed = self
+            .installed
+            .keys()
+            .filter(|n| !wanted.contains_key(n))
+            .count();
+        report.total = wanted.len();
+        match how {
+            ApplyHow::Incremental => self.apply_incremental(&wanted)?,
+            ApplyHow::Atomic => self.apply_atomic(&wanted)?,
+        }
+        Ok(report)
+    }
+
+    fn apply_incremental(&mut self, wanted: &HashMap<IpNet, Action>) -> Result<(), SyncError> {
+        let generation = self.runtime.active_generation as usize;
+        let stale: Vec<IpNet> = self
+            .installed
+            .keys()
+            .filter(|n| !wanted.contains_key(n))
+            .copied()
+            .collect();
+        for net in stale {
+            remove(&mut self.v4[generation], &mut self.v6[generation], &net)?;
+            self.installed.remove(&net);
+            self.ids.release(&net);
+        }
+        let changes = wanted
+            .iter()
+            .filter(|(net, action)| self.installed.get(net).map(|i| i.action) != Some(**action))
+            .map(|(net, action)| (*net, *action))
+            .collect::<Vec<_>>();
+        for (written, (net, action)) in changes.iter().enumerate() {
+            let rule_id = self.ids.assign(*net);
+            insert(
+                &mut self.v4[generation],
+                &mut self.v6[generation],
+                net,
+                *action,
+                rule_id,
+            )
+            .map_err(|source| full_error(net, written, changes.len(), source))?;
+            self.installed.insert(
+                *net,
+                Installed {
+                    action: *action,
+                    rule_id,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn apply_atomic(&mut self, wanted: &HashMap<IpNet, Action>) -> Result<(), SyncError> {
+        let active = self.runtime.active_generation as usize;
+        let next = 1 - active;
+        clear(&mut self.v4[next], &mut self.v6[next])?;
+        let mut ids = self.ids.clone();
+        let mut installed = HashMap::with_capacity(wanted.len());
+        ids.retain(|n| wanted.contains_key(n));
+        for (written, (net, action)) in wanted.iter().enumerate() {
+            let rule_id = ids.assign(*net);
+            if let Err(source) = insert(
+                &mut self.v4[next],
+                &mut self.v6[next],
+                net,
+                *action,
+                rule_id,
+            ) {
+                let wanted_family = wanted.keys().filter(|n| same_family(n, net)).count();
+                let err = full_error(net, written, wanted_family, source);
+                // Leave nothing half-built behind.
+                let _ = clear(&mut self.v4[next], &mut self.v6[next]);
+                return Err(err);
+            }
+            installed.insert(
+                *net,
+                Installed {
+                    action: *action,
+                    rule_id,
+                },
+            );
+        }
+        // The switch: one write of the config record.
+        self.runtime.active_generation = next as u32;
+        if let Err(e) = self.write_runtime() {
+            self.runtime.active_generation = active as u32;
+            return Err(e);
+        }
+        self.installed = installed;
+        self.ids = ids;
+        // A packet that read the old generation number may still be looking
+        // up the old tries; XDP runs inside an RCU read section of a few
+        // microseconds, so a short pause lets every such packet finish.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        clear(&mut self.v4[active], &mut self.v6[active])
+    }
+}
+
+fn same_family(a: &IpNet, b: &IpNet) -> bool {
+    matches!(
+        (a, b),
+        (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))
+    )
+}
+
+fn full_error(net: &IpNet, written: usize, wanted: usize, source: MapError) -> SyncError {
+    let family = if matches!(net, IpNet::V4(_)) {
+        "IPv4"
+    } else {
+        "IPv6"
+    };
+    SyncError::Full {
+        family,
+        written,
+        wanted,
+        source,
+    }
+}
+
+fn insert(
+    v4: &mut Trie4,
+    v6: &mut Trie6,
+    net: &IpNet,
+    action: Action,
+    rule_id: u32,
+) -> Result<(), MapError> {
+    let rule = Rule {
+        action: action as u32,
+        rule_id,
+    };
+    match net {
+        IpNet::V4(n) => v4.insert(
+            &Key::new(n.prefix_len() as u32, n.network().octets()),
+            rule,
+            0,
+        ),
+        IpNet::V6(n) => v6.insert(
+            &Key::new(n.prefix_len() as u32, n.network().octets()),
+            rule,
+            0,
+        ),
+    }
+}
+
+fn remove(v4: &mut Trie4, v6: &mut Trie6, net: &IpNet) -> Result<(), SyncError> {
+    let result = match net {
+        IpNet::V4(n) => v4.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
+        IpNet::V6(n) => v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
+    };
+    match result {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(source) => Err(SyncError::Map {
+            map: if matches!(net, IpNet::V4(_)) {
+                "SG_RULES4"
+            } else {
+                "SG_RULES6"
+            },
+            source,
+        }),
+    }
+}
+
+/// Empties one generation's tries.
+fn clear(v4: &mut Trie4, v6: &mut Trie6) -> Result<(), SyncError> {
+    let keys4: Vec<Key<[u8; 4]>> = v4.keys().filter_map(Result::ok).collect();
+    for key in keys4 {
+        match v4.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(SyncError::Map {
+                    map: "SG_RULES4",
+                    source,
+                })
+            }
+        }
+    }
+    let keys6: Vec<Key<[u8; 16]>> = v6.keys().filter_map(Result::ok).collect();
+    for key in keys6 {
+        match v6.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(SyncError::Map {
+                    map: "SG_RULES6",
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rule-id allocator: stable ids per prefix, freed ids reused.
+#[derive(Clone, Debug, Default)]
+struct RuleIds {
+    by_prefix: HashMap<IpNet, u32>,
+    /// Index = rule id; `None` = free. Index 0 is never used.
+    by_id: Vec<Option<IpNet>>,
+    free: Vec<u32>,
+}
+
+impl RuleIds {
+    fn assign(&mut self, net: IpNet) -> u32 {
+        if let Some(id) = self.by_prefix.get(&net) {
+            return *id;
+        }
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                if self.by_id.is_empty() {
+                    self.by_id.push(None);
+                }
+                self.by_id.push(None);
+                (self.by_id.len() - 1) as u32
+            }
+        };
+        self.by_id[id as usize] = Some(net);
+        self.by_prefix.insert(net, id);
+        id
+    }
+
+    fn release(&mut self, net: &IpNet) {
+        if let Some(id) = self.by_prefix.remove(net) {
+            self.by_id[id as usize] = None;
+            self.free.push(id);
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(&IpNet) -> bool) {
+        let gone: Vec<IpNet> = self
+            .by_prefix
+            .keys()
+            .filter(|n| !keep(n))
+            .copied()
+            .collect();
+        for net in gone {
+            self.release(&net);
+        }
+    }
+
+    fn prefix_of(&self, id: u32) -> Option<IpNet> {
+        self.by_id.get(id as usize).copied().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_ids_start_at_one_and_are_reused() {
+        let mut ids = RuleIds::default();
+        let a: IpNet = "192.0.2.0/24".parse().unwrap();
+        let b: IpNet = "2001:db8::/32".parse().unwrap();
+        assert_eq!(ids.assign(a), 1);
+        assert_eq!(ids.assign(b), 2);
+        assert_eq!(ids.assign(a), 1);
+        ids.release(&a);
+        assert_eq!(ids.prefix_of(1), None);
+        let c: IpNet = "198.51.100.0/24".parse().unwrap();
+        assert_eq!(ids.assign(c), 1);
+        assert_eq!(ids.prefix_of(1), Some(c));
+        assert_eq!(ids.prefix_of(2), Some(b));
+    }
+}
