@@ -1,1 +1,193 @@
-fn main() {}
+//! Project automation: `cargo xtask <command>`.
+//!
+//! - `provision`: make sure the eBPF toolchain (and, as root on Debian, the
+//!   test peers) are installed; idempotent, prints what it installs.
+//! - `build`: the XDP object, then the userspace binary that embeds it.
+//! - `run [-- ARGS]`: build, then `smtpguard run ARGS` in the foreground.
+//! - `test`: build, then every test (unit, BPF_PROG_TEST_RUN, netns).
+//! - `bench [--quick]`: measured figures beside their baselines.
+
+mod bench;
+mod provision;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "smtpguard project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the eBPF toolchain (and test peers) if missing.
+    Provision {
+        /// Also install the programs the tests and bench talk to (postfix, swaks, ...).
+        #[arg(long)]
+        peers: bool,
+    },
+    /// Build the XDP object and the smtpguard binary that embeds it.
+    Build {
+        /// Build the userspace binary in release mode.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run `smtpguard run` in the foreground (Ctrl-C stops it).
+    Run {
+        /// Build the userspace binary in release mode.
+        #[arg(long)]
+        release: bool,
+        /// Arguments for `smtpguard run`, after `--` (e.g. `-- --config smtpguard.toml`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run every test. Needs root: the kernel tests are never skipped.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter), after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Measure smtpguard beside its baselines; writes bench/RESULTS.md.
+    Bench {
+        /// A quick look (under 2 minutes) instead of the full run.
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: Cmd) -> Result<()> {
+    let root = workspace_root();
+    match cmd {
+        Cmd::Provision { peers } => {
+            provision::toolchain()?;
+            if peers {
+                provision::peers()?;
+            }
+            Ok(())
+        }
+        Cmd::Build { release } => {
+            build(&root, release)?;
+            Ok(())
+        }
+        Cmd::Run { release, args } => {
+            let binary = build(&root, release)?;
+            require_root("`smtpguard run` attaches an XDP program")?;
+            if let Some(config) = config_arg(&args) {
+                std::fs::metadata(&config)
+                    .with_context(|| format!("cannot read config file {}", config.display()))?;
+            }
+            eprintln!("xtask: running {} run {}", binary.display(), args.join(" "));
+            let status = Command::new(&binary).arg("run").args(&args).status()?;
+            if !status.success() {
+                bail!("smtpguard exited with {status}");
+            }
+            Ok(())
+        }
+        Cmd::Test { args } => {
+            require_root("the kernel tests load XDP programs and create network namespaces")?;
+            provision::peers()?;
+            let binary = build(&root, false)?;
+            let object = provision::ebpf_object(&root);
+            eprintln!("xtask: running cargo test --workspace");
+            let status = Command::new(env!("CARGO"))
+                .current_dir(&root)
+                .args(["test", "--workspace"])
+                .args(&args)
+                .env("SMTPGUARD_EBPF_OBJECT", &object)
+                .env("SMTPGUARD_BIN", &binary)
+                .env("SMTPGUARD_SHARED_DATA", root.join("../shared/data"))
+                .status()?;
+            if !status.success() {
+                bail!("tests failed");
+            }
+            Ok(())
+        }
+        Cmd::Bench { quick } => {
+            require_root("the bench loads XDP programs and creates network namespaces")?;
+            provision::peers()?;
+            let binary = build(&root, true)?;
+            bench::run(&root, &binary, quick)
+        }
+    }
+}
+
+/// The `--config PATH` given to `run`, to check it before starting.
+fn config_arg(args: &[String]) -> Option<PathBuf> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--config" || a == "-c" {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(p) = a.strip_prefix("--config=") {
+            return Some(PathBuf::from(p));
+        }
+    }
+    None
+}
+
+/// Builds the XDP object, then the userspace binary embedding it; returns
+/// the binary's path.
+fn build(root: &Path, release: bool) -> Result<PathBuf> {
+    let toolchain = provision::toolchain()?;
+    let object = provision::build_ebpf(root, &toolchain)?;
+    eprintln!(
+        "xtask: building smtpguard ({})",
+        if release { "release" } else { "debug" }
+    );
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(root)
+        .args(["build", "--package", "smtpguard", "--bin", "smtpguard"])
+        .env("SMTPGUARD_EBPF_OBJECT", &object);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status()?;
+    if !status.success() {
+        bail!("building smtpguard failed");
+    }
+    Ok(root
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("smtpguard"))
+}
+
+fn require_root(why: &str) -> Result<()> {
+    // SAFETY-free: reading /proc avoids a libc dependency.
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
+        })
+        .unwrap_or_default();
+    if uid != "0" {
+        bail!("this needs root: {why}; run it as root (e.g. `sudo -E cargo xtask ...`)");
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}

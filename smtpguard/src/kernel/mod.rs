@@ -6,7 +6,7 @@ pub mod loader;
 pub mod stats;
 pub mod sync;
 
-pub use loader::{AttachMode, Attachment, KernelError, XdpFilter};
+pub use loader::{AttachMode, AttachedMode, Attachment, KernelError, XdpFilter};
 pub use stats::{CounterSnapshot, Stats};
 pub use sync::{ApplyHow, ApplyReport, MapSync, SyncError};
 
