@@ -83,6 +83,10 @@ pub struct XdpFilter {
     attachments: Vec<Attachment>,
 }
 
+/// Reader of the program's aya-log ring buffer; its records go to the `log`
+/// crate (bridged into `tracing`). Poll it with [`pump_kernel_log`].
+pub type KernelLog = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 impl XdpFilter {
     /// Loads the embedded program into the kernel (not attached yet) and
     /// hands out the owners of its maps: [`MapSync`] for lists and config,
@@ -172,6 +176,13 @@ impl XdpFilter {
         })
     }
 
+    /// Starts reading the program's log events (drop events). Install the
+    /// log subscriber first: records go to the logger in place at this call.
+    /// `None` if already taken.
+    pub fn take_log(&mut self) -> Option<KernelLog> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).ok()
+    }
+
     /// Interfaces the program is attached to.
     pub fn attachments(&self) -> &[Attachment] {
         &self.attachments
@@ -225,5 +236,25 @@ fn raise_memlock_limit() {
     let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
     if ret != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11");
+    }
+}
+
+/// Forwards kernel log records until the task is dropped.
+pub async fn pump_kernel_log(log: KernelLog) {
+    // SAFETY: the logger owns its ring buffer fd for its whole life and
+    // always reports the same one; the AsyncFd owns the logger.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(log, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut fd) = registered else {
+        tracing::warn!("cannot poll the XDP program's log buffer; drop events will not be logged");
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
     }
 }
