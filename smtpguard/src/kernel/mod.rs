@@ -12,5 +12,11 @@ pub use sync::{ApplyHow, ApplyReport, MapSync, SyncError};
 
 /// The XDP object built by `cargo xtask build`, embedded at compile time
 /// (see `build.rs`). Empty when the crate was built without it.
-pub(crate) static EBPF_OBJECT: &[u8] =
+static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/smtpguard.bpf.o"));
+
+/// The embedded XDP object (ELF), e.g. to load the bench's baseline
+/// program `smtpguard_drop_all` beside the filter.
+pub fn embedded_object() -> &'static [u8] {
+    EBPF_OBJECT
+}
