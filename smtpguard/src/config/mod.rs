@@ -1,0 +1,562 @@
+//! The daemon's configuration: a TOML file, checked once into a typed
+//! [`Config`].
+//!
+//! Reading happens in two steps. Serde reads the file into private "raw"
+//! structs in which every key is optional and every table refuses unknown
+//! keys (so a misspelt key is an error with toml's line and column, never a
+//! silently ignored setting). Validation then fills in defaults, parses
+//! addresses, durations and networks, checks keys against each other and
+//! produces a [`Config`] whose fields need no further checking. Every
+//! failure is a [`ConfigError`] naming the file, the key and the problem.
+//!
+//! # The file
+//!
+//! All tables and keys are optional; an empty file is a valid production
+//! configuration (port 25 on all addresses, no TLS, no XDP, spool delivery).
+//! Each key's default and unit are documented on the field it fills.
+//!
+//! ```toml
+//! [server]
+//! hostname = "mail.example.com"      # default: the machine's host name
+//! listen = ["0.0.0.0:25", "[::]:25"]
+//! max_connections = 100              # or "unlimited"
+//! max_connections_per_client = 0     # 0 = no per-address cap
+//! idle_timeout = "5m"
+//! max_session_duration = "30m"
+//! max_message_size_bytes = 52428800
+//! max_recipients = 100
+//! max_errors = 10
+//! bare_lf = "reject"                 # or "normalize"
+//! shutdown_grace = "30s"
+//! close_denied_sessions = true
+//!
+//! [tls]
+//! mode = "off"                       # off | optional | required
+//! certificate = "/etc/smtpguard/tls/server.crt"
+//! private_key = "/etc/smtpguard/tls/server.key"
+//! ca_certificate = "/etc/smtpguard/tls/ca.crt"
+//! handshake_timeout = "30s"
+//!
+//! [policy]
+//! mode = "accept-all-except-deny"    # or "deny-all-except-permit"
+//! enforcement = "enforce"            # or "monitor", "off"
+//! deny_list = "/etc/smtpguard/deny.list"
+//! permit_list = "/etc/smtpguard/permit.list"
+//!
+//! [xdp]
+//! interfaces = ["eth0"]              # default: none (no XDP)
+//! mode = "auto"                      # auto | native | skb | off
+//! log_rate_per_second = 10
+//!
+//! [delivery]
+//! upstream = "127.0.0.1:10025"       # absent = Maildir spool
+//! upstream_protocol = "proxy-v2"     # or "xclient", "none"
+//! upstream_timeout = "60s"
+//! # spool_dir, accept_domains, relay_networks: spool delivery only
+//!
+//! [control]
+//! socket = "/run/smtpguard/control.sock"
+//!
+//! [logging]
+//! format = "text"                    # or "json"
+//! level = "info"
+//! stats_interval = "10s"             # "0s" = no periodic statistics
+//!
+//! [metrics]
+//! listen = "127.0.0.1:9325"          # default: no metrics endpoint
+//! ```
+//!
+//! Durations are [humantime] strings: `"300ms"`, `"30s"`, `"5m"`, `"1h 30m"`.
+//! A bare integer is refused because its unit would be a guess.
+//!
+//! Relative paths are taken relative to the daemon's working directory (not
+//! to the configuration file); [`Config::embedded_default`] relies on this
+//! to keep a development run under `./var`.
+//!
+//! [humantime]: https://docs.rs/humantime
+
+mod raw;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+use std::{
+    net::SocketAddr,
+    num::NonZeroUsize,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use tracing::level_filters::LevelFilter;
+
+pub use smtpguard_common::{Enforcement, Mode as PolicyMode};
+
+/// The development configuration compiled into the binary; see
+/// [`Config::embedded_default`].
+pub const EMBEDDED_DEFAULT_TOML: &str = include_str!("../default-config.toml");
+
+/// The name [`Config::embedded_default`] uses for the file in messages.
+pub const EMBEDDED_DEFAULT_NAME: &str = "<embedded default-config.toml>";
+
+/// How many distinct TCP ports `server.listen` may use: the XDP program
+/// guards at most this many ([`smtpguard_common::MAX_PORTS`]).
+pub const MAX_LISTEN_PORTS: usize = smtpguard_common::MAX_PORTS;
+
+/// The longest Unix socket path Linux accepts, in bytes: `sun_path` is 108
+/// bytes including the terminating NUL (unix(7)).
+pub const MAX_SOCKET_PATH_BYTES: usize = 107;
+
+/// A configuration file that could not be read, parsed or accepted.
+///
+/// The message is one line, in lower case, and names the file; where there
+/// is an underlying error (I/O, the TOML parser with its line and column, an
+/// address or duration parser) it is the [`source`](std::error::Error::source),
+/// so print the whole chain (`{:#}` with anyhow) to show it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read (missing, permissions, not UTF-8, ...).
+    #[error("cannot read configuration file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has a key smtpguard does not know, or a
+    /// value of the wrong type. The source carries line, column and key.
+    #[error("cannot parse configuration file {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML error, with line and column.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A key has a value smtpguard cannot use, or keys contradict each other.
+    ///
+    /// Displayed as `{path}: {key} {problem}`, e.g.
+    /// `smtpguard.toml: tls.mode is "required" but tls.certificate is not set`.
+    #[error("{path}: {key} {problem}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The dotted key, with an index for list elements
+        /// (`server.listen[1]`).
+        key: String,
+        /// What is wrong, as the rest of the sentence after the key.
+        problem: String,
+        /// The parser's error, where one was involved.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    },
+}
+
+/// The validated configuration. Build it with [`Config::load`],
+/// [`Config::from_toml_str`] or [`Config::embedded_default`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `[server]`: the SMTP front door.
+    pub server: ServerConfig,
+    /// `[tls]`: STARTTLS.
+    pub tls: TlsConfig,
+    /// `[policy]`: permit/deny lists and what they mean.
+    pub policy: PolicyConfig,
+    /// `[xdp]`: the kernel SYN filter.
+    pub xdp: XdpConfig,
+    /// `[delivery]`: where accepted mail goes.
+    pub delivery: Delivery,
+    /// `[control]`: the operator's control socket.
+    pub control: ControlConfig,
+    /// `[logging]`.
+    pub logging: LoggingConfig,
+    /// `[metrics]`: the optional Prometheus endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// `[server]`: the SMTP front door.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    /// `hostname`: the name in the 220 greeting, the EHLO reply and
+    /// `Received:` headers. Letters, digits, `-` and `.`, at most 253
+    /// characters; not an IP address.
+    ///
+    /// Default: the machine's host name (gethostname(2)), which on many
+    /// systems is not fully qualified; set it on a real gateway.
+    pub hostname: String,
+    /// `listen`: addresses to accept SMTP on, as `"IP:port"` strings
+    /// (`"0.0.0.0:25"`, `"[::]:25"`). Non-empty, no duplicates, no port 0,
+    /// at most [`MAX_LISTEN_PORTS`] distinct ports (the XDP filter guards
+    /// exactly these ports; see [`ServerConfig::ports`]).
+    ///
+    /// Default: `["0.0.0.0:25", "[::]:25"]`. Binding both needs
+    /// `IPV6_V6ONLY` on the IPv6 socket, or Linux's dual-stack default makes
+    /// the second bind fail with "address in use".
+    pub listen: Vec<SocketAddr>,
+    /// `max_connections`: simultaneous SMTP sessions; further connections
+    /// get `421` and are closed. An integer of at least 1, or `"unlimited"`
+    /// (`None` here).
+    ///
+    /// Default: 100.
+    pub max_connections: Option<NonZeroUsize>,
+    /// `max_connections_per_client`: simultaneous sessions from one client
+    /// address (like Postfix's `smtpd_client_connection_count_limit`).
+    /// `0` or `"unlimited"` means no per-address cap (`None` here).
+    ///
+    /// Default: 0 (no cap).
+    pub max_connections_per_client: Option<NonZeroUsize>,
+    /// `idle_timeout`: close a session after this long without a command
+    /// or data from the client. Longer than zero.
+    ///
+    /// Default: `"5m"`.
+    pub idle_timeout: Duration,
+    /// `max_session_duration`: close a session this long after it began,
+    /// however busy. Longer than zero.
+    ///
+    /// Default: `"30m"`.
+    pub max_session_duration: Duration,
+    /// `max_message_size_bytes`: largest message accepted, in bytes;
+    /// announced with the SIZE extension (RFC 1870). At least 1.
+    ///
+    /// Default: 52428800 (50 MiB).
+    pub max_message_size_bytes: u64,
+    /// `max_recipients`: RCPT TO commands accepted per message. At least 1.
+    ///
+    /// Default: 100.
+    pub max_recipients: u32,
+    /// `max_errors`: error replies after which the session is closed. At
+    /// least 1.
+    ///
+    /// Default: 10.
+    pub max_errors: u32,
+    /// `bare_lf`: what to do with a line ending in LF without CR.
+    ///
+    /// Default: `"reject"`.
+    pub bare_lf: BareLf,
+    /// `shutdown_grace`: on shutdown, how long sessions in progress may run
+    /// before they are cut off. `"0s"` closes them at once.
+    ///
+    /// Default: `"30s"`.
+    pub shutdown_grace: Duration,
+    /// `close_denied_sessions`: when an address is added to the deny list
+    /// (or dropped from the permit list in deny-all mode), end its open
+    /// sessions with `421 4.7.1`.
+    ///
+    /// Default: `true`.
+    pub close_denied_sessions: bool,
+}
+
+impl ServerConfig {
+    /// The distinct TCP ports of [`listen`](Self::listen), ascending: what
+    /// the XDP program guards. Never more than [`MAX_LISTEN_PORTS`].
+    pub fn ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.listen.iter().map(SocketAddr::port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+}
+
+/// `server.bare_lf`: a line that ends in a bare LF (no CR) from the client.
+///
+/// RFC 5321 §2.3.8 allows only CRLF; accepting bare LF is what makes SMTP
+/// smuggling possible when the MTA behind reads line ends differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BareLf {
+    /// `"reject"`: answer the command or message with an error.
+    Reject,
+    /// `"normalize"`: treat it as CRLF, and pass CRLF on.
+    Normalize,
+}
+
+/// `[tls]`: STARTTLS (RFC 3207).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// `mode`: whether STARTTLS is offered and whether it is required.
+    ///
+    /// Default: `"off"`.
+    pub mode: TlsMode,
+    /// `certificate`, `private_key`, `ca_certificate`: the PEM files, or
+    /// `None` when none are configured. Always `Some` when [`mode`] is not
+    /// [`TlsMode::Off`]; [`TlsConfig::active_files`] gives them only then.
+    ///
+    /// [`mode`]: Self::mode
+    pub files: Option<TlsFiles>,
+    /// `handshake_timeout`: how long a TLS handshake may take after
+    /// `220 Ready to start TLS`. Longer than zero.
+    ///
+    /// Default: `"30s"`.
+    pub handshake_timeout: Duration,
+}
+
+impl TlsConfig {
+    /// The files to load when TLS is on; `None` when [`mode`](Self::mode)
+    /// is [`TlsMode::Off`].
+    pub fn active_files(&self) -> Option<&TlsFiles> {
+        match self.mode {
+            TlsMode::Off => None,
+            TlsMode::Optional | TlsMode::Required => self.files.as_ref(),
+        }
+    }
+}
+
+/// `tls.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    /// `"off"`: STARTTLS is not offered.
+    Off,
+    /// `"optional"`: STARTTLS is offered; clients may send mail without it.
+    Optional,
+    /// `"required"`: STARTTLS is offered and MAIL FROM is refused
+    /// (`530 5.7.0`) until it has been done.
+    Required,
+}
+
+/// The PEM files of `[tls]`, given to [`crate::tls::load`]. Paths only;
+/// nothing has been read yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// `certificate`: the server certificate, leaf first, optionally
+    /// followed by its intermediates. No default.
+    pub certificate: PathBuf,
+    /// `private_key`: the unencrypted private key of the leaf (PKCS#1,
+    /// PKCS#8 or SEC1 PEM). No default; required with `certificate`.
+    pub private_key: PathBuf,
+    /// `ca_certificate`: certificates appended to the chain sent to
+    /// clients (it is not used to verify anyone). Default: none.
+    pub ca_certificate: Option<PathBuf>,
+}
+
+/// `[policy]`: what the permit/deny lists mean and where they are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyConfig {
+    /// `mode`: `"accept-all-except-deny"` (unlisted sources pass) or
+    /// `"deny-all-except-permit"` (unlisted sources are dropped).
+    ///
+    /// Default: `"accept-all-except-deny"`.
+    pub mode: PolicyMode,
+    /// `enforcement`: `"enforce"` (drop what the policy denies),
+    /// `"monitor"` (count and log, drop nothing) or `"off"` (judge nothing).
+    ///
+    /// Default: `"enforce"`.
+    pub enforcement: Enforcement,
+    /// `deny_list`: the deny list file.
+    ///
+    /// Default: `/etc/smtpguard/deny.list`.
+    pub deny_list: PathBuf,
+    /// `permit_list`: the permit list file.
+    ///
+    /// Default: `/etc/smtpguard/permit.list`.
+    pub permit_list: PathBuf,
+}
+
+/// `[xdp]`: the kernel SYN filter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct XdpConfig {
+    /// `interfaces`: network interfaces to attach the XDP program to (names
+    /// of 1 to 15 bytes, no `/`, `:` or white space, no duplicates). Empty
+    /// means no XDP: the front door still applies the lists, after the TCP
+    /// handshake.
+    ///
+    /// Default: `[]`.
+    pub interfaces: Vec<String>,
+    /// `mode`: how to attach. `"native"` and `"skb"` need `interfaces`.
+    ///
+    /// Default: `"auto"`.
+    pub mode: XdpMode,
+    /// `log_rate_per_second`: at most this many drop events per second go
+    /// to the log; `0` logs none (the counters still count).
+    ///
+    /// Default: 10.
+    pub log_rate_per_second: u32,
+}
+
+impl XdpConfig {
+    /// Whether the XDP program is to be attached at all: some interfaces
+    /// and a mode other than `"off"`.
+    pub fn enabled(&self) -> bool {
+        self.mode != XdpMode::Off && !self.interfaces.is_empty()
+    }
+}
+
+/// `xdp.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum XdpMode {
+    /// `"auto"`: native (driver) mode, else generic (skb) mode if the driver
+    /// has no XDP support.
+    Auto,
+    /// `"native"`: driver mode only; fail if the driver cannot.
+    Native,
+    /// `"skb"`: generic mode, works on any interface (including `lo`), slower.
+    Skb,
+    /// `"off"`: do not attach, whatever `interfaces` says.
+    Off,
+}
+
+/// `[delivery]`: where accepted mail goes. The presence of `upstream`
+/// decides which variant it is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivery {
+    /// `upstream` is set: each session is relayed to the MTA there.
+    Upstream(UpstreamDelivery),
+    /// `upstream` is absent: messages are written to a Maildir spool.
+    Spool(SpoolDelivery),
+}
+
+/// Relaying sessions to an MTA (`delivery.upstream` set).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamDelivery {
+    /// `upstream`: the MTA's SMTP address, `"IP:port"` (no host names: the
+    /// configuration is read before, and independently of, DNS).
+    pub address: SocketAddr,
+    /// `upstream_protocol`: how the MTA learns the real client address.
+    ///
+    /// Default: `"none"`.
+    pub protocol: UpstreamProtocol,
+    /// `upstream_timeout`: connecting to the MTA, and each reply from it,
+    /// may take at most this long. Longer than zero.
+    ///
+    /// Default: `"60s"`.
+    pub timeout: Duration,
+}
+
+/// `delivery.upstream_protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamProtocol {
+    /// `"proxy-v2"`: a HAProxy PROXY protocol version 2 header before SMTP
+    /// (Postfix: `smtpd_upstream_proxy_protocol = haproxy`).
+    ProxyV2,
+    /// `"xclient"`: the Postfix XCLIENT command after EHLO
+    /// (`smtpd_authorized_xclient_hosts`).
+    Xclient,
+    /// `"none"`: plain SMTP; the MTA sees smtpguard's address as the client.
+    /// Works with any MTA without configuration.
+    None,
+}
+
+/// Writing messages to a Maildir spool (`delivery.upstream` absent).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpoolDelivery {
+    /// `spool_dir`: the Maildir (`tmp/`, `new/`, `cur/` inside).
+    ///
+    /// Default: `/var/spool/smtpguard`.
+    pub dir: PathBuf,
+    /// `accept_domains`: recipient domains accepted from any client, lower
+    /// case, no duplicates.
+    ///
+    /// Default: `[]` (only `relay_networks` clients can send).
+    pub accept_domains: Vec<String>,
+    /// `relay_networks`: clients in these networks may send to any domain.
+    /// Written `"192.0.2.0/24"`, `"2001:db8::/32"`, `"192.0.2.7/32"`; host
+    /// bits must be zero.
+    ///
+    /// Default: `[]`.
+    pub relay_networks: Vec<IpNet>,
+}
+
+/// `[control]`: the operator's control socket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlConfig {
+    /// `socket`: the Unix socket path, at most [`MAX_SOCKET_PATH_BYTES`]
+    /// bytes.
+    ///
+    /// Default: `/run/smtpguard/control.sock`.
+    pub socket: PathBuf,
+}
+
+/// `[logging]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggingConfig {
+    /// `format`: `"text"` or `"json"` (one object a line).
+    ///
+    /// Default: `"text"`.
+    pub format: LogFormat,
+    /// `level`: `"off"`, `"error"`, `"warn"`, `"info"`, `"debug"` or
+    /// `"trace"`.
+    ///
+    /// Default: `"info"`.
+    pub level: LevelFilter,
+    /// `stats_interval`: how often to log a statistics line; `"0s"` (`None`
+    /// here) turns it off.
+    ///
+    /// Default: `"10s"`.
+    pub stats_interval: Option<Duration>,
+}
+
+/// `logging.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// `"text"`: human-readable lines.
+    Text,
+    /// `"json"`: one JSON object per line.
+    Json,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// `listen`: `"IP:port"` of the Prometheus HTTP endpoint (path
+    /// `/metrics`).
+    ///
+    /// Default: none (no endpoint).
+    pub listen: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Reads and validates the configuration file at `path`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Read`] if the file cannot be read, otherwise as
+    /// [`Config::from_toml_str`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml_str(&text, path)
+    }
+
+    /// Parses and validates configuration text. `path_for_errors` is only
+    /// used to name the file in messages.
+    ///
+    /// When `server.hostname` is absent this asks the system for its host
+    /// name.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Parse`] for TOML syntax errors, unknown keys and
+    /// values of the wrong type; [`ConfigError::Invalid`] for values that
+    /// cannot be used.
+    pub fn from_toml_str(text: &str, path_for_errors: &Path) -> Result<Config, ConfigError> {
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path_for_errors.to_owned(),
+            source,
+        })?;
+        validate::validate(raw, path_for_errors)
+    }
+
+    /// The development configuration compiled into the binary
+    /// ([`EMBEDDED_DEFAULT_TOML`], `src/default-config.toml`), used by
+    /// `cargo xtask run` when no `--config` is given: SMTP on
+    /// `127.0.0.1:2525` and `[::1]:2525`, XDP on `lo` in skb mode,
+    /// accept-all-except-deny with empty lists, no TLS, and everything
+    /// else under `./var` in the working directory.
+    ///
+    /// # Errors
+    ///
+    /// Only if the machine's host name cannot be read or is not a valid
+    /// host name (the file itself is checked by the tests).
+    pub fn embedded_default() -> Result<Config, ConfigError> {
+        Config::from_toml_str(EMBEDDED_DEFAULT_TOML, Path::new(EMBEDDED_DEFAULT_NAME))
+    }
+}
