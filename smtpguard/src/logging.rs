@@ -5,18 +5,9 @@
 //! events and daemon messages interleave in one log.
 
 use tracing::level_filters::LevelFilter;
-use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
-/// Log line format.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum LogFormat {
-    /// `2026-11-29T09:00:00Z  INFO smtpguard: message key=value`.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
+pub use crate::config::LogFormat;
+use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
 /// Installs the global subscriber (stderr) and the `log` bridge. `RUST_LOG`
 /// overrides `level` when set. Calling it twice is harmless (the second
@@ -33,7 +24,12 @@ pub fn init(format: LogFormat, level: LevelFilter) {
             .with(fmt::layer().with_writer(std::io::stderr).with_target(false))
             .try_init(),
         LogFormat::Json => registry
-            .with(fmt::layer().json().flatten_event(true).with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
     };
 }

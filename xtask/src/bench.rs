@@ -11,7 +11,15 @@ pub fn run(root: &Path, _binary: &Path, quick: bool) -> Result<()> {
     let object = crate::provision::ebpf_object(root);
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(root)
-        .args(["run", "--release", "--package", "smtpguard-tests", "--bin", "bench", "--"])
+        .args([
+            "run",
+            "--release",
+            "--package",
+            "smtpguard-tests",
+            "--bin",
+            "bench",
+            "--",
+        ])
         .args(["--out", "bench/RESULTS.md"])
         .env("SMTPGUARD_EBPF_OBJECT", object);
     if quick {

@@ -417,7 +417,8 @@ pub struct UpstreamDelivery {
     pub address: SocketAddr,
     /// `upstream_protocol`: how the MTA learns the real client address.
     ///
-    /// Default: `"none"`.
+    /// Default: `"proxy-v2"`, so the MTA's per-client limits and logs see
+    /// the real client (Postfix: `smtpd_upstream_proxy_protocol = haproxy`).
     pub protocol: UpstreamProtocol,
     /// `upstream_timeout`: connecting to the MTA, and each reply from it,
     /// may take at most this long. Longer than zero.

@@ -388,7 +388,7 @@ impl Cx<'_> {
             }
             return Ok(Delivery::Upstream(UpstreamDelivery {
                 address,
-                protocol: raw.upstream_protocol.unwrap_or(UpstreamProtocol::None),
+                protocol: raw.upstream_protocol.unwrap_or(UpstreamProtocol::ProxyV2),
                 timeout: self.duration(
                     "delivery.upstream_timeout",
                     raw.upstream_timeout,

@@ -56,7 +56,11 @@ struct Settings {
 /// Per-packet time of `run` (which returns the kernel's mean ns per run), over rounds.
 fn measure(settings: &Settings, mut run: impl FnMut(u32) -> u64) -> Sample {
     run(1000); // warm up
-    Sample::of((0..settings.rounds).map(|_| run(settings.repeat) as f64).collect())
+    Sample::of(
+        (0..settings.rounds)
+            .map(|_| run(settings.repeat) as f64)
+            .collect(),
+    )
 }
 
 /// `n` IPv4 prefixes, seeded: 70% /32, 25% /24, 5% /12–/22, outside the
@@ -93,9 +97,17 @@ fn main() {
         .and_then(|i| args.get(i + 1).cloned())
         .unwrap_or_else(|| "bench/RESULTS.md".into());
     let settings = if quick {
-        Settings { repeat: 200_000, rounds: 5, sizes: vec![1, 100_000] }
+        Settings {
+            repeat: 200_000,
+            rounds: 5,
+            sizes: vec![1, 100_000],
+        }
     } else {
-        Settings { repeat: 1_000_000, rounds: 9, sizes: vec![1, 1_000, 100_000, 1_000_000] }
+        Settings {
+            repeat: 1_000_000,
+            rounds: 9,
+            sizes: vec![1, 1_000, 100_000, 1_000_000],
+        }
     };
 
     let mut rows = Vec::new();
@@ -105,7 +117,12 @@ fn main() {
     writeln!(table, "| what | smtpguard | baseline | ratio | goal |").unwrap();
     writeln!(table, "|---|---|---|---|---|").unwrap();
     for r in &rows {
-        writeln!(table, "| {} | {} | {} | {} | {} |", r.what, r.ours, r.baseline, r.ratio, r.goal).unwrap();
+        writeln!(
+            table,
+            "| {} | {} | {} | {} | {} |",
+            r.what, r.ours, r.baseline, r.ratio, r.goal
+        )
+        .unwrap();
     }
     println!("{table}");
     let report = format!(
@@ -116,7 +133,9 @@ fn main() {
         now_utc(),
         cpu_model(),
         kernel_release(),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         if quick { "--quick" } else { "full" },
         settings.rounds,
     );
@@ -141,7 +160,10 @@ fn kernel_per_packet(settings: &Settings, rows: &mut Vec<Row>) {
     let frames = [
         ("denied IPv4 SYN", packet::syn_v4("203.0.113.9", 25)),
         ("permitted IPv4 SYN", packet::syn_v4("198.51.100.5", 25)),
-        ("non-SMTP TCP (port 443)", packet::syn_v4("198.51.100.5", 443)),
+        (
+            "non-SMTP TCP (port 443)",
+            packet::syn_v4("198.51.100.5", 443),
+        ),
     ];
     let base: Vec<Sample> = frames
         .iter()
@@ -166,8 +188,14 @@ fn kernel_per_packet(settings: &Settings, rows: &mut Vec<Row>) {
             .unwrap();
         for ((name, frame), base) in frames.iter().zip(&base) {
             let want = if name.starts_with("denied") { 1 } else { 2 };
-            assert_eq!(filter.test_run(frame).unwrap(), want, "{name}: wrong verdict");
-            let ours = measure(settings, |repeat| filter.test_run_repeat(frame, repeat).unwrap().1);
+            assert_eq!(
+                filter.test_run(frame).unwrap(),
+                want,
+                "{name}: wrong verdict"
+            );
+            let ours = measure(settings, |repeat| {
+                filter.test_run_repeat(frame, repeat).unwrap().1
+            });
             rows.push(Row {
                 what: format!("{name}, {size} IPv4 prefixes (ns/packet)"),
                 ours: ours.show(),
@@ -185,7 +213,11 @@ fn kernel_per_packet(settings: &Settings, rows: &mut Vec<Row>) {
             ours: format!("{:.2} s", load_time.as_secs_f64()),
             baseline: "—".into(),
             ratio: "—".into(),
-            goal: if size == 1_000_000 { "< 5 s".into() } else { "report".into() },
+            goal: if size == 1_000_000 {
+                "< 5 s".into()
+            } else {
+                "report".into()
+            },
         });
     }
 }
