@@ -1,10 +1,10 @@
 //! Line framing with bounded memory, and the DATA body decoder.
 //!
-//! [`LineBuffer`] cuts the input into LF-terminated lines without ever
+//! `LineBuffer` cuts the input into LF-terminated lines without ever
 //! holding more than the current line limit: a line that outgrows the limit
 //! is dropped byte by byte until its LF and reported as overlong.
 //!
-//! [`DataReader`] turns the lines of a DATA body into the message handed
+//! `DataReader` turns the lines of a DATA body into the message handed
 //! off: un-dot-stuffed (RFC 5321 §4.5.2), CRLF line endings, bounded by the
 //! maximum message size. Only `<CR><LF>.<CR><LF>` ends the body — the
 //! `.<CR><LF>` line must follow a line that itself ended in CRLF (the DATA

@@ -98,7 +98,7 @@
 //! | situation | reply |
 //! |---|---|
 //! | greeting | `220 <host> ESMTP smtpguard` (no enhanced code, RFC 2034) |
-//! | EHLO / HELO | `250-<host>` + PIPELINING, SIZE n, [STARTTLS], ENHANCEDSTATUSCODES, 8BITMIME (no enhanced code) |
+//! | EHLO / HELO | `250-<host>` + PIPELINING, SIZE n, STARTTLS (when offered), ENHANCEDSTATUSCODES, 8BITMIME (no enhanced code) |
 //! | MAIL / RCPT ok | `250 2.1.0` / `250 2.1.5` |
 //! | RSET, NOOP | `250 2.0.0` |
 //! | DATA | `354` (no enhanced code: intermediate, RFC 2034 covers 2xx/4xx/5xx) |
