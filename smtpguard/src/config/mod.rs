@@ -260,18 +260,8 @@ impl ServerConfig {
     }
 }
 
-/// `server.bare_lf`: a line that ends in a bare LF (no CR) from the client.
-///
-/// RFC 5321 §2.3.8 allows only CRLF; accepting bare LF is what makes SMTP
-/// smuggling possible when the MTA behind reads line ends differently.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BareLf {
-    /// `"reject"`: answer the command or message with an error.
-    Reject,
-    /// `"normalize"`: treat it as CRLF, and pass CRLF on.
-    Normalize,
-}
+/// `server.bare_lf`: the session's policy (see [`crate::smtp::BareLfPolicy`]).
+pub use crate::smtp::BareLfPolicy as BareLf;
 
 /// `[tls]`: STARTTLS (RFC 3207).
 #[derive(Debug, Clone, PartialEq)]
@@ -304,18 +294,8 @@ impl TlsConfig {
     }
 }
 
-/// `tls.mode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum TlsMode {
-    /// `"off"`: STARTTLS is not offered.
-    Off,
-    /// `"optional"`: STARTTLS is offered; clients may send mail without it.
-    Optional,
-    /// `"required"`: STARTTLS is offered and MAIL FROM is refused
-    /// (`530 5.7.0`) until it has been done.
-    Required,
-}
+/// `tls.mode`: `"off"`, `"optional"`, `"required"` (see [`crate::smtp::TlsMode`]).
+pub use crate::smtp::TlsMode;
 
 /// The PEM files of `[tls]`, given to [`crate::tls::load`]. Paths only;
 /// nothing has been read yet.

@@ -122,6 +122,7 @@
 
 pub mod command;
 pub mod data;
+pub mod handoff;
 pub mod reply;
 pub mod session;
 
