@@ -825,3 +825,24 @@ fn non_canonical_prefixes_are_stored_canonical() {
     );
     assert_eq!(sync.prefix_of(1).unwrap().to_string(), "203.0.113.0/24");
 }
+
+#[test]
+fn tries_hold_a_million_prefixes_per_family_and_generation() {
+    let (_filter, _sync, _stats) = load();
+    // The program passed the verifier with these sizes (load() above); check
+    // the kernel really created them that large.
+    let want = [
+        ("SG_RULES4_A", 1_048_576),
+        ("SG_RULES4_B", 1_048_576),
+        ("SG_RULES6_A", 1_048_576),
+        ("SG_RULES6_B", 1_048_576),
+    ];
+    for (name, entries) in want {
+        let info = aya::maps::loaded_maps()
+            .filter_map(Result::ok)
+            .find(|m| m.name_as_str() == Some(name))
+            .unwrap_or_else(|| panic!("map {name} not loaded"));
+        assert_eq!(info.max_entries(), entries, "{name}");
+        assert_eq!(info.map_type().unwrap(), aya::maps::MapType::LpmTrie, "{name}");
+    }
+}

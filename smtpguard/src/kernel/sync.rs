@@ -218,42 +218,60 @@ impl MapSync {
     }
 
     fn apply_incremental(&mut self, wanted: &HashMap<IpNet, Action>) -> Result<(), SyncError> {
-        let generation = self.runtime.active_generation as usize;
-        let stale: Vec<IpNet> = self
+        let mut changes: Vec<(IpNet, Option<Action>)> = self
             .installed
             .keys()
             .filter(|n| !wanted.contains_key(n))
-            .copied()
+            .map(|n| (*n, None))
             .collect();
-        for net in stale {
-            remove(&mut self.v4[generation], &mut self.v6[generation], &net)?;
-            self.installed.remove(&net);
-            self.ids.release(&net);
-        }
-        let changes = wanted
-            .iter()
-            .filter(|(net, action)| self.installed.get(net).map(|i| i.action) != Some(**action))
-            .map(|(net, action)| (*net, *action))
-            .collect::<Vec<_>>();
+        changes.extend(
+            wanted
+                .iter()
+                .filter(|(net, action)| self.installed.get(net).map(|i| i.action) != Some(**action))
+                .map(|(net, action)| (*net, Some(*action))),
+        );
+        self.update(&changes).map(|_| ())
+    }
+
+    /// Changes single prefixes in the live tries: `Some(action)` installs or
+    /// changes one, `None` removes it. Costs one map write per change,
+    /// whatever the list size: this is the path of `smtpguard deny add`.
+    /// On error the changes before the failing one stay applied.
+    pub fn update(&mut self, changes: &[(IpNet, Option<Action>)]) -> Result<ApplyReport, SyncError> {
+        let generation = self.runtime.active_generation as usize;
+        let mut report = ApplyReport::default();
         for (written, (net, action)) in changes.iter().enumerate() {
-            let rule_id = self.ids.assign(*net);
-            insert(
-                &mut self.v4[generation],
-                &mut self.v6[generation],
-                net,
-                *action,
-                rule_id,
-            )
-            .map_err(|source| full_error(net, written, changes.len(), source))?;
-            self.installed.insert(
-                *net,
-                Installed {
-                    action: *action,
-                    rule_id,
-                },
-            );
+            let net = net.trunc();
+            match action {
+                None => {
+                    if self.installed.remove(&net).is_some() {
+                        remove(&mut self.v4[generation], &mut self.v6[generation], &net)?;
+                        self.ids.release(&net);
+                        report.removed += 1;
+                    }
+                }
+                Some(action) => {
+                    let previous = self.installed.get(&net).map(|i| i.action);
+                    if previous == Some(*action) {
+                        continue;
+                    }
+                    if self.installed.len() + 1 >= MAX_RULE_IDS as usize && previous.is_none() {
+                        return Err(SyncError::TooManyRules(self.installed.len() + 1));
+                    }
+                    let rule_id = self.ids.assign(net);
+                    insert(&mut self.v4[generation], &mut self.v6[generation], &net, *action, rule_id)
+                        .map_err(|source| full_error(&net, written, changes.len(), source))?;
+                    self.installed.insert(net, Installed { action: *action, rule_id });
+                    if previous.is_some() {
+                        report.changed += 1;
+                    } else {
+                        report.added += 1;
+                    }
+                }
+            }
         }
-        Ok(())
+        report.total = self.installed.len();
+        Ok(report)
     }
 
     fn apply_atomic(&mut self, wanted: &HashMap<IpNet, Action>) -> Result<(), SyncError> {
