@@ -169,3 +169,118 @@ fn attach_to_a_missing_interface_names_it() {
         "XDP program: no interface named sgt-nonexist0"
     );
 }
+
+/// A daemon that dies leaves its pinned link (and so its filter) in place;
+/// the next start swaps its own program in behind the same link: the filter
+/// is never missing and never attached twice. A clean stop removes it all.
+#[test]
+fn restart_replaces_the_pinned_program_atomically() {
+    require_root();
+    let topo = Topology::new();
+    topo.add_client("198.51.100.10");
+    topo.add_client("203.0.113.9");
+    // A private bpffs: `ip netns exec` remounts /sys, hiding /sys/fs/bpf.
+    let bpffs = format!("/tmp/sgt-bpffs-{}", smtpguard_tests::netns::unique_tag());
+    std::fs::create_dir_all(&bpffs).unwrap();
+    struct Unmount(String);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Unmount(bpffs.clone());
+    let status = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf", &bpffs])
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount bpffs on {bpffs}");
+    let pin_dir = format!("{bpffs}/smtpguard");
+
+    // First "daemon": denies 203.0.113.0/24, then crashes.
+    let out = topo
+        .gw
+        .command(env!("CARGO_BIN_EXE_attach-and-crash"))
+        .args([&pin_dir, &topo.gw_if, &PORT.to_string(), "203.0.113.0/24"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("attached"),
+        "{out:?}"
+    );
+    let pins: Vec<_> = std::fs::read_dir(&pin_dir).unwrap().collect();
+    assert_eq!(pins.len(), 1, "one pinned link left by the crashed run");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let listener = topo.gw.enter(|| TcpListener::bind((GW_V4, PORT))).unwrap();
+    let greeter = greeter(listener, stop.clone());
+    let short = Duration::from_millis(600);
+    // The crashed run's filter is still in force.
+    assert!(connect_from(&topo.net, "203.0.113.9", short).is_err());
+
+    // Second "daemon": denies 198.51.100.0/24 instead, and takes over the link.
+    let (mut filter, mut sync, _stats) = XdpFilter::load().unwrap();
+    sync.apply(
+        &[("198.51.100.0/24".parse().unwrap(), Action::Deny)],
+        ApplyHow::Atomic,
+    )
+    .unwrap();
+    sync.set_runtime(Mode::AcceptAllExceptDeny, Enforcement::Enforce, &[PORT], 0)
+        .unwrap();
+    let attachment = topo
+        .gw
+        .enter(|| {
+            filter.attach_pinned(
+                &topo.gw_if,
+                AttachMode::Native,
+                std::path::Path::new(&pin_dir),
+            )
+        })
+        .unwrap();
+    assert!(attachment.replaced_pinned, "{attachment:?}");
+    let link = String::from_utf8(
+        topo.gw
+            .command("ip")
+            .args(["-d", "link", "show", "dev", &topo.gw_if])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(
+        link.matches("prog/xdp id").count(),
+        1,
+        "exactly one XDP program: {link}"
+    );
+    assert!(
+        connect_from(&topo.net, "203.0.113.9", short).is_ok(),
+        "old list gone"
+    );
+    assert!(
+        connect_from(&topo.net, "198.51.100.10", short).is_err(),
+        "new list in force"
+    );
+
+    // A clean stop detaches and unpins.
+    drop(filter);
+    stop.store(true, Ordering::Relaxed);
+    greeter.join().unwrap();
+    let link = String::from_utf8(
+        topo.gw
+            .command("ip")
+            .args(["link", "show", "dev", &topo.gw_if])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        !link.contains("xdp"),
+        "still attached after a clean stop: {link}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&pin_dir).unwrap().count(),
+        0,
+        "pins left behind"
+    );
+}

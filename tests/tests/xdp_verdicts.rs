@@ -843,6 +843,10 @@ fn tries_hold_a_million_prefixes_per_family_and_generation() {
             .find(|m| m.name_as_str() == Some(name))
             .unwrap_or_else(|| panic!("map {name} not loaded"));
         assert_eq!(info.max_entries(), entries, "{name}");
-        assert_eq!(info.map_type().unwrap(), aya::maps::MapType::LpmTrie, "{name}");
+        assert_eq!(
+            info.map_type().unwrap(),
+            aya::maps::MapType::LpmTrie,
+            "{name}"
+        );
     }
 }

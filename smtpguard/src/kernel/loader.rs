@@ -5,8 +5,14 @@
 
 use std::fmt;
 
+use std::path::{Path, PathBuf};
+
 use aya::{
-    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader, VerifierLogLevel,
 };
 use smtpguard_common::PROGRAM_NAME;
@@ -31,6 +37,14 @@ pub enum KernelError {
         what: String,
         #[source]
         source: ProgramError,
+    },
+    /// The bpffs directory for pinned links cannot be made.
+    #[error("cannot create the bpffs directory {path} for pinned XDP links (is bpffs mounted on /sys/fs/bpf?)")]
+    Pin {
+        /// The directory.
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     /// A map the program must have is missing or has the wrong type.
     #[error("XDP object has no usable map {0}")]
@@ -75,12 +89,38 @@ pub struct Attachment {
     pub interface: String,
     /// Native or skb.
     pub mode: AttachedMode,
+    /// The program replaced one left attached (pinned) by an earlier run.
+    pub replaced_pinned: bool,
 }
 
-/// The loaded XDP program. Dropping it detaches it from every interface.
+impl Drop for XdpFilter {
+    fn drop(&mut self) {
+        if !self.pinned.is_empty() {
+            self.detach_all();
+        }
+    }
+}
+
+/// `PIN_DIR/<netns inode>-<interface>-<mode>`: unique per network
+/// namespace, so daemons in different namespaces never share a pin.
+fn pin_path(pin_dir: &Path, interface: &str, mode: AttachedMode) -> PathBuf {
+    let netns = std::fs::metadata("/proc/thread-self/ns/net")
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap_or(0);
+    pin_dir.join(format!("{netns}-{interface}-{mode}"))
+}
+
+/// Where the daemon pins its XDP links by default (bpffs).
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/smtpguard";
+
+/// The loaded XDP program. Dropping it detaches it from every interface
+/// (and removes its pins); only a crash leaves a pinned link behind, which
+/// keeps the last filter in force until the next start replaces it.
 pub struct XdpFilter {
     ebpf: Ebpf,
     attachments: Vec<Attachment>,
+    /// Links pinned in bpffs by [`XdpFilter::attach_pinned`].
+    pinned: Vec<PinnedLink>,
 }
 
 /// Reader of the program's aya-log ring buffer; its records go to the `log`
@@ -123,6 +163,7 @@ impl XdpFilter {
             XdpFilter {
                 ebpf,
                 attachments: Vec::new(),
+                pinned: Vec::new(),
             },
             sync,
             stats,
@@ -137,7 +178,107 @@ impl XdpFilter {
     }
 
     /// Attaches to `interface`. `Auto` tries native mode, then skb mode.
+    /// The link lives as long as this `XdpFilter`.
     pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<Attachment, KernelError> {
+        let (_link, attached) = self.attach_link(interface, mode)?;
+        Ok(self.record(interface, attached, false))
+    }
+
+    /// Attaches like [`XdpFilter::attach`], and pins the bpf_link under
+    /// `pin_dir` (a bpffs directory, created if missing) so that a restart
+    /// can swap the program atomically instead of detaching and attaching:
+    /// if a link for this interface (in this network namespace, same mode)
+    /// is already pinned there, by a daemon that crashed or was killed, this
+    /// program replaces the one behind it (`bpf_link_update`). The filter is
+    /// then never missing and never attached twice.
+    pub fn attach_pinned(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+        pin_dir: &Path,
+    ) -> Result<Attachment, KernelError> {
+        std::fs::create_dir_all(pin_dir).map_err(|source| KernelError::Pin {
+            path: pin_dir.to_path_buf(),
+            source,
+        })?;
+        for candidate in [AttachedMode::Native, AttachedMode::Skb] {
+            let path = pin_path(pin_dir, interface, candidate);
+            if !path.exists() {
+                continue;
+            }
+            let wanted = match mode {
+                AttachMode::Auto => true,
+                AttachMode::Native => candidate == AttachedMode::Native,
+                AttachMode::Skb => candidate == AttachedMode::Skb,
+            };
+            if wanted {
+                match self.replace_pinned(&path) {
+                    Ok(pinned) => {
+                        self.pinned.push(pinned);
+                        return Ok(self.record(interface, candidate, true));
+                    }
+                    Err(e) => tracing::warn!(pin = %path.display(), error = %e,
+                        "stale pinned XDP link; attaching afresh"),
+                }
+            }
+            // A different mode was asked for, or the link is dead: drop it.
+            if let Ok(old) = PinnedLink::from_pin(&path) {
+                let _ = old.unpin();
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        let (link_id, attached) = self.attach_link(interface, mode)?;
+        let path = pin_path(pin_dir, interface, attached);
+        let pinned = self
+            .program()
+            .take_link(link_id)
+            .ok()
+            .and_then(|link| FdLink::try_from(link).ok())
+            .map(|fd_link| fd_link.pin(&path));
+        match pinned {
+            Some(Ok(pinned)) => self.pinned.push(pinned),
+            // Kernels without bpf_link for XDP (< 5.9), or a failed pin:
+            // attach again, unpinned; the link then lives with this process.
+            _ => {
+                tracing::warn!(interface, pin = %path.display(), "cannot pin the XDP link; a restart will briefly detach the filter");
+                self.attach_link(interface, mode)?;
+            }
+        }
+        Ok(self.record(interface, attached, false))
+    }
+
+    fn replace_pinned(&mut self, path: &Path) -> Result<PinnedLink, String> {
+        let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
+        let fd_link: FdLink = pinned.unpin().map_err(|e| e.to_string())?;
+        let link = XdpLink::try_from(fd_link).map_err(|e| e.to_string())?;
+        let link_id = self
+            .program()
+            .attach_to_link(link)
+            .map_err(|e| e.to_string())?;
+        let link = self
+            .program()
+            .take_link(link_id)
+            .map_err(|e| e.to_string())?;
+        let fd_link = FdLink::try_from(link).map_err(|e| e.to_string())?;
+        fd_link.pin(path).map_err(|e| e.to_string())
+    }
+
+    fn record(&mut self, interface: &str, mode: AttachedMode, replaced: bool) -> Attachment {
+        let attachment = Attachment {
+            interface: interface.to_string(),
+            mode,
+            replaced_pinned: replaced,
+        };
+        self.attachments.push(attachment.clone());
+        attachment
+    }
+
+    fn attach_link(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+    ) -> Result<(aya::programs::xdp::XdpLinkId, AttachedMode), KernelError> {
         let tries: &[(XdpMode, AttachedMode)] = match mode {
             AttachMode::Auto => &[
                 (XdpMode::Driver, AttachedMode::Native),
@@ -149,14 +290,7 @@ impl XdpFilter {
         let mut last_error = None;
         for &(xdp_mode, attached) in tries {
             match self.program().attach(interface, xdp_mode) {
-                Ok(_link) => {
-                    let attachment = Attachment {
-                        interface: interface.to_string(),
-                        mode: attached,
-                    };
-                    self.attachments.push(attachment.clone());
-                    return Ok(attachment);
-                }
+                Ok(link_id) => return Ok((link_id, attached)),
                 Err(e) => {
                     if matches!(e, ProgramError::UnknownInterface { .. }) {
                         return Err(KernelError::Program {
@@ -214,8 +348,14 @@ impl XdpFilter {
         Ok((result.return_value, result.duration.as_nanos() as u64))
     }
 
-    /// Detaches from every interface (also done on drop).
+    /// Detaches from every interface and removes the pins (also done on drop).
     pub fn detach_all(&mut self) {
+        for pinned in self.pinned.drain(..) {
+            // Unpinned and dropped, the link's last reference goes: detached.
+            if let Err(e) = pinned.unpin() {
+                tracing::warn!(error = %e, "removing pinned XDP link");
+            }
+        }
         let program = self.program();
         // Unloading drops every link the program owns.
         if let Err(e) = program.unload() {

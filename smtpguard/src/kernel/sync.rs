@@ -237,7 +237,10 @@ impl MapSync {
     /// changes one, `None` removes it. Costs one map write per change,
     /// whatever the list size: this is the path of `smtpguard deny add`.
     /// On error the changes before the failing one stay applied.
-    pub fn update(&mut self, changes: &[(IpNet, Option<Action>)]) -> Result<ApplyReport, SyncError> {
+    pub fn update(
+        &mut self,
+        changes: &[(IpNet, Option<Action>)],
+    ) -> Result<ApplyReport, SyncError> {
         let generation = self.runtime.active_generation as usize;
         let mut report = ApplyReport::default();
         for (written, (net, action)) in changes.iter().enumerate() {
@@ -259,9 +262,21 @@ impl MapSync {
                         return Err(SyncError::TooManyRules(self.installed.len() + 1));
                     }
                     let rule_id = self.ids.assign(net);
-                    insert(&mut self.v4[generation], &mut self.v6[generation], &net, *action, rule_id)
-                        .map_err(|source| full_error(&net, written, changes.len(), source))?;
-                    self.installed.insert(net, Installed { action: *action, rule_id });
+                    insert(
+                        &mut self.v4[generation],
+                        &mut self.v6[generation],
+                        &net,
+                        *action,
+                        rule_id,
+                    )
+                    .map_err(|source| full_error(&net, written, changes.len(), source))?;
+                    self.installed.insert(
+                        net,
+                        Installed {
+                            action: *action,
+                            rule_id,
+                        },
+                    );
                     if previous.is_some() {
                         report.changed += 1;
                     } else {
