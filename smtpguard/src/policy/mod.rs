@@ -37,6 +37,8 @@
 //! keep the lists in that same plain-text format, written atomically.
 
 mod entry;
+mod import;
+mod table;
 
 use std::fmt;
 use std::str::FromStr;
@@ -45,6 +47,10 @@ use serde::{Deserialize, Serialize};
 
 pub use entry::{
     canonical_prefix, parse_entry, EntryError, EntryOptions, EntryWarning, ParsedEntry,
+};
+pub use import::{
+    parse_list, read_list_file, ImportError, ImportFormat, ImportOptions, ImportReport,
+    ImportWarning, ImportedEntry,
 };
 
 /// Which of the two access lists an entry belongs to.
@@ -128,6 +134,22 @@ impl fmt::Display for AddressFamily {
     }
 }
 
+/// Makes a free-text comment safe to store in a one-line list file:
+/// control characters (line breaks above all, which would smuggle entries
+/// into the file) become spaces, runs of whitespace collapse, the ends are
+/// trimmed. An empty result is `None`.
+pub(crate) fn sanitize_comment(comment: &str) -> Option<String> {
+    let cleaned: Vec<&str> = comment
+        .split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|word| !word.is_empty())
+        .collect();
+    if cleaned.is_empty() {
+        None
+    } else {
+        Some(cleaned.join(" "))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +161,14 @@ mod tests {
         }
         assert_eq!(ListKind::Deny.to_string(), "deny list");
         assert!("block".parse::<ListKind>().is_err());
+    }
+
+    #[test]
+    fn comments_lose_line_breaks_and_control_characters() {
+        assert_eq!(
+            sanitize_comment("spam\n0.0.0.0/0\r\tmore\u{7}"),
+            Some("spam 0.0.0.0/0 more".to_string())
+        );
+        assert_eq!(sanitize_comment(" \t\n"), None);
     }
 }
