@@ -744,6 +744,7 @@ impl Importer<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::{AccessList, ImportDiff, ImportMode};
     use std::time::{Duration, UNIX_EPOCH};
 
     /// The shared real-world lists (see its README.md): `shared/data`
@@ -1056,17 +1057,23 @@ mod tests {
         assert_eq!(err.to_string(), "bin line 2, column 3: not UTF-8 text");
     }
 
-    fn import_real(name: &str, kind: ListKind) -> ImportReport {
+    /// Reads a real list and applies it to an empty list of that kind.
+    /// None of these files repeats a prefix (checked with `sort | uniq -d`).
+    fn import_real(name: &str, kind: ListKind) -> (ImportReport, ImportDiff) {
         let path = data_dir().join(name);
         let started = std::time::Instant::now();
         let report = read_list_file(&path, &ImportOptions::new(kind))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let parsed = started.elapsed();
+        let mut list = AccessList::new(kind);
+        let diff = list.import(&report, ImportMode::Merge).unwrap();
         eprintln!(
-            "{name}: {} lines, {} entries, {} warnings; parsed in {:?}",
+            "{name}: {} lines, {} entries, {} warnings, {} covered by broader entries; parsed in {parsed:?}, applied in {:?}",
             report.lines,
             report.entries.len(),
             report.warnings.len(),
-            started.elapsed(),
+            diff.covered.len(),
+            started.elapsed() - parsed,
         );
         assert!(
             report.warnings.is_empty(),
@@ -1075,41 +1082,45 @@ mod tests {
         );
         assert!(report.skipped.is_empty());
         assert!(report.entries.iter().all(|e| e.list == kind));
-        report
+        assert!(diff.duplicates.is_empty());
+        assert_eq!(diff.added.len(), report.entries.len());
+        assert_eq!(list.len().total(), report.entries.len());
+        (report, diff)
     }
 
     // Expected counts: `wc -l` minus the `#` header lines (ipsum 120,437
     // lines with 7 header lines; the bogon lists one header line each).
     #[test]
     fn real_ipsum_imports_whole() {
-        let report = import_real("ipsum.txt", ListKind::Deny);
+        let (report, diff) = import_real("ipsum.txt", ListKind::Deny);
         assert_eq!(report.lines, 120_437);
         assert_eq!(report.entries.len(), 120_430);
         assert!(report.entries.iter().all(|e| e.prefix.prefix_len() == 32));
+        assert_eq!(diff.covered.len(), 0);
     }
 
     #[test]
     fn real_spamhaus_drop_imports_whole() {
-        assert_eq!(
-            import_real("spamhaus-drop.txt", ListKind::Deny)
-                .entries
-                .len(),
-            989
-        );
-        assert_eq!(
-            import_real("spamhaus-dropv6.txt", ListKind::Permit)
-                .entries
-                .len(),
-            51
-        );
+        let (v4, diff) = import_real("spamhaus-drop.txt", ListKind::Deny);
+        assert_eq!(v4.entries.len(), 989);
+        // Two DROP prefixes lie inside broader DROP prefixes.
+        assert_eq!(diff.covered.len(), 2);
+        let (v6, _) = import_real("spamhaus-dropv6.txt", ListKind::Permit);
+        assert_eq!(v6.entries.len(), 51);
     }
 
     #[test]
     fn real_fullbogons_import_whole() {
-        let v4 = import_real("fullbogons-ipv4.txt", ListKind::Deny);
-        assert_eq!((v4.lines, v4.entries.len()), (1_480, 1_479));
-        let v6 = import_real("fullbogons-ipv6.txt", ListKind::Deny);
-        assert_eq!((v6.lines, v6.entries.len()), (130_321, 130_320));
+        let (v4, diff) = import_real("fullbogons-ipv4.txt", ListKind::Deny);
+        assert_eq!(
+            (v4.lines, v4.entries.len(), diff.covered.len()),
+            (1_480, 1_479, 0)
+        );
+        let (v6, diff) = import_real("fullbogons-ipv6.txt", ListKind::Deny);
+        assert_eq!(
+            (v6.lines, v6.entries.len(), diff.covered.len()),
+            (130_321, 130_320, 0)
+        );
         assert!(v6.entries.iter().all(|e| e.prefix.addr().is_ipv6()));
     }
 

@@ -38,6 +38,7 @@
 
 mod entry;
 mod import;
+mod list;
 mod table;
 
 use std::fmt;
@@ -51,6 +52,11 @@ pub use entry::{
 pub use import::{
     parse_list, read_list_file, ImportError, ImportFormat, ImportOptions, ImportReport,
     ImportWarning, ImportedEntry,
+};
+pub use list::{
+    AccessList, AddOutcome, CoveredEntry, DuplicateEntry, FamilyCounts, ImportDiff, ImportMode,
+    ListEntry, ListError, LoadedList, RemoveOutcome, DEFAULT_DENY_LIST_PATH,
+    DEFAULT_PERMIT_LIST_PATH,
 };
 
 /// Which of the two access lists an entry belongs to.
