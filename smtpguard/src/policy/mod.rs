@@ -40,6 +40,7 @@ mod entry;
 mod import;
 mod list;
 mod table;
+mod verdict;
 
 use std::fmt;
 use std::str::FromStr;
@@ -57,6 +58,9 @@ pub use list::{
     AccessList, AddOutcome, CoveredEntry, DuplicateEntry, FamilyCounts, ImportDiff, ImportMode,
     ListEntry, ListError, LoadedList, RemoveOutcome, DEFAULT_DENY_LIST_PATH,
     DEFAULT_PERMIT_LIST_PATH,
+};
+pub use verdict::{
+    rule_origin, CompiledRule, Enforcement, Explanation, Mode, Policy, PolicyError, Reason, Verdict,
 };
 
 /// Which of the two access lists an entry belongs to.
