@@ -1,0 +1,1110 @@
+//! One access list (the deny list or the permit list) and its persistence.
+//!
+//! A list is a set of canonical prefixes (host bits zero, IPv4-mapped IPv6
+//! stored as IPv4), each with an optional comment and an optional expiry
+//! for temporary entries. Lookups are longest-prefix matches in one
+//! `prefix_trie::PrefixMap` per address family.
+//!
+//! # File format
+//!
+//! The lists live in plain text files in the import format, so any list
+//! file can also be imported and vice versa:
+//!
+//! ```text
+//! # smtpguard deny list: one entry per line, PREFIX [# [expires=TIME] comment]
+//! 192.0.2.0/24 # spam run
+//! 198.51.100.7/32 # expires=2026-12-01T10:00:00Z until the ticket is closed
+//! 2001:db8::/32
+//! ```
+//!
+//! `TIME` is RFC 3339 in UTC with whole seconds. Files are replaced
+//! atomically: a temporary file in the same directory is written and
+//! fsync'ed, renamed over the list, and the directory is fsync'ed, so a
+//! crash leaves either the old or the new list, never a mix. A missing file
+//! is an empty list.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use super::entry::canonical_prefix;
+use super::import::{
+    parse_bytes, ImportError, ImportFormat, ImportOptions, ImportReport, ImportWarning,
+};
+use super::table::PrefixTable;
+use super::{sanitize_comment, ListKind};
+
+/// Default path of the deny list (the configuration may name another).
+pub const DEFAULT_DENY_LIST_PATH: &str = "/etc/smtpguard/deny.list";
+/// Default path of the permit list (the configuration may name another).
+pub const DEFAULT_PERMIT_LIST_PATH: &str = "/etc/smtpguard/permit.list";
+
+/// Why a list operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    /// The list file exists but could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// Path of the list file.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The list file has bad lines (it is not loaded at all).
+    #[error(transparent)]
+    Import(#[from] ImportError),
+    /// Writing the list file failed at `step`; the old file is intact.
+    #[error("writing {path} ({step}): {source}")]
+    Write {
+        /// Path of the list file.
+        path: PathBuf,
+        /// What was being done.
+        step: &'static str,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// A comment that would read back as an expiry.
+    #[error("comment \"{comment}\" starts with \"expires=\", which is reserved for the expiry of temporary entries")]
+    ReservedComment {
+        /// The comment.
+        comment: String,
+    },
+}
+
+/// One entry of a list, as shown to operators and written to the file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListEntry {
+    /// Canonical prefix.
+    pub prefix: IpNet,
+    /// Free text, one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// When the entry is removed by [`AccessList::expire`]; `None` for a
+    /// permanent entry. Serialised as RFC 3339.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires: Option<SystemTime>,
+}
+
+/// Per-prefix data kept in the trie.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Meta {
+    pub(crate) comment: Option<String>,
+    pub(crate) expires: Option<SystemTime>,
+}
+
+impl Meta {
+    /// Folds a re-added entry into an existing one: a new comment replaces
+    /// the old one; the entry stays permanent if either is (re-adding a
+    /// permanent entry as temporary must not make it expire), otherwise the
+    /// later expiry counts.
+    fn merge(&mut self, new: Meta) {
+        if new.comment.is_some() {
+            self.comment = new.comment;
+        }
+        self.expires = match (self.expires, new.expires) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
+    }
+
+    fn entry(&self, prefix: IpNet) -> ListEntry {
+        ListEntry {
+            prefix,
+            comment: self.comment.clone(),
+            expires: self.expires,
+        }
+    }
+}
+
+/// Whole seconds, between the epoch and the end of year 9999: what the file
+/// format can hold, so an entry reads back exactly as it was written.
+fn storable_expiry(t: SystemTime) -> SystemTime {
+    const LAST_SECOND_OF_9999: u64 = 253_402_300_799;
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        .min(LAST_SECOND_OF_9999);
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+/// Sanitises a comment to one line and refuses one that would read back as
+/// an expiry.
+fn checked_comment(comment: Option<&str>) -> Result<Option<String>, ListError> {
+    match comment.and_then(sanitize_comment) {
+        Some(c) if c.starts_with("expires=") => Err(ListError::ReservedComment { comment: c }),
+        other => Ok(other),
+    }
+}
+
+/// Number of entries per address family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FamilyCounts {
+    /// IPv4 prefixes.
+    pub v4: usize,
+    /// IPv6 prefixes.
+    pub v6: usize,
+}
+
+impl FamilyCounts {
+    /// Both families together.
+    pub fn total(&self) -> usize {
+        self.v4 + self.v6
+    }
+}
+
+/// What [`AccessList::add`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AddOutcome {
+    /// Prefixes that were not on the list.
+    pub added: Vec<IpNet>,
+    /// Prefixes already on the list (comment/expiry merged).
+    pub updated: Vec<IpNet>,
+}
+
+/// What [`AccessList::remove`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RemoveOutcome {
+    /// The entries removed.
+    pub removed: Vec<ListEntry>,
+    /// Prefixes that were not on the list (exact match only; entries
+    /// inside or around them are untouched).
+    pub not_found: Vec<IpNet>,
+}
+
+/// How an import is applied to a list.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImportMode {
+    /// Add the file's entries to the list.
+    #[default]
+    Merge,
+    /// Make the list exactly the file's entries.
+    Replace,
+}
+
+/// A prefix that occurs again in the same file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DuplicateEntry {
+    /// The prefix.
+    pub prefix: IpNet,
+    /// The line of the repetition.
+    pub line: usize,
+    /// The line of its first occurrence.
+    pub first_line: usize,
+}
+
+/// A prefix of the file that a broader entry of the resulting list covers
+/// (harmless: it only matters if the broader one is removed later).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CoveredEntry {
+    /// The prefix.
+    pub prefix: IpNet,
+    /// Its line in the file.
+    pub line: usize,
+    /// The most specific broader entry covering it.
+    pub by: IpNet,
+    /// That entry's line in the file; `None` if it is an existing entry of
+    /// the list.
+    pub by_line: Option<usize>,
+}
+
+/// What an import does (or would do, in a dry run) to one list. All
+/// prefix vectors are sorted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ImportDiff {
+    /// The list.
+    pub list: ListKind,
+    /// Merge or replace.
+    pub mode: ImportMode,
+    /// In the file, not on the list.
+    pub added: Vec<IpNet>,
+    /// On the list, not in the file (replace only).
+    pub removed: Vec<IpNet>,
+    /// In the file and already on the list.
+    pub unchanged: Vec<IpNet>,
+    /// Repetitions within the file, in file order.
+    pub duplicates: Vec<DuplicateEntry>,
+    /// File entries inside broader entries of the result, in file order.
+    pub covered: Vec<CoveredEntry>,
+}
+
+/// A list read by [`AccessList::load`].
+#[derive(Debug)]
+pub struct LoadedList {
+    /// The list.
+    pub list: AccessList,
+    /// Warnings of the parser (host bits set in hand-edited lines).
+    pub warnings: Vec<ImportWarning>,
+    /// Whether the file existed (a missing file is an empty list).
+    pub existed: bool,
+}
+
+/// The deny list or the permit list: prefixes with comments and expiry,
+/// with longest-prefix lookup.
+#[derive(Clone, Debug)]
+pub struct AccessList {
+    kind: ListKind,
+    table: PrefixTable<Meta>,
+}
+
+impl AccessList {
+    /// An empty list.
+    pub fn new(kind: ListKind) -> Self {
+        Self {
+            kind,
+            table: PrefixTable::new(),
+        }
+    }
+
+    /// Which list this is.
+    pub fn kind(&self) -> ListKind {
+        self.kind
+    }
+
+    /// Number of entries per family.
+    pub fn len(&self) -> FamilyCounts {
+        FamilyCounts {
+            v4: self.table.len_v4(),
+            v6: self.table.len_v6(),
+        }
+    }
+
+    /// No entries at all.
+    pub fn is_empty(&self) -> bool {
+        self.len().total() == 0
+    }
+
+    pub(crate) fn table(&self) -> &PrefixTable<Meta> {
+        &self.table
+    }
+
+    /// Adds prefixes (canonicalised) with one comment and expiry.
+    ///
+    /// A prefix already on the list keeps its place: a new comment replaces
+    /// its comment, and it stays permanent if it was permanent or is re-added
+    /// without expiry (otherwise the later expiry counts). Expiry times are
+    /// stored in whole seconds. Control characters in comments become
+    /// spaces.
+    ///
+    /// # Errors
+    ///
+    /// [`ListError::ReservedComment`] for a comment starting with
+    /// `expires=`; the list is then unchanged.
+    pub fn add<I>(
+        &mut self,
+        prefixes: I,
+        comment: Option<&str>,
+        expires: Option<SystemTime>,
+    ) -> Result<AddOutcome, ListError>
+    where
+        I: IntoIterator<Item = IpNet>,
+    {
+        let comment = checked_comment(comment)?;
+        let expires = expires.map(storable_expiry);
+        let mut outcome = AddOutcome::default();
+        for prefix in prefixes {
+            let prefix = canonical_prefix(prefix);
+            let meta = Meta {
+                comment: comment.clone(),
+                expires,
+            };
+            match self.table.get_mut(&prefix) {
+                Some(existing) => {
+                    existing.merge(meta);
+                    outcome.updated.push(prefix);
+                }
+                None => {
+                    self.table.insert(prefix, meta);
+                    outcome.added.push(prefix);
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Removes exactly these prefixes (canonicalised).
+    pub fn remove<I>(&mut self, prefixes: I) -> RemoveOutcome
+    where
+        I: IntoIterator<Item = IpNet>,
+    {
+        let mut outcome = RemoveOutcome::default();
+        for prefix in prefixes {
+            let prefix = canonical_prefix(prefix);
+            match self.table.remove(&prefix) {
+                Some(meta) => outcome.removed.push(meta.entry(prefix)),
+                None => outcome.not_found.push(prefix),
+            }
+        }
+        outcome
+    }
+
+    /// Makes the list exactly `entries` (repeated prefixes merged as in
+    /// [`AccessList::add`]).
+    ///
+    /// # Errors
+    ///
+    /// [`ListError::ReservedComment`] as for [`AccessList::add`]; the list
+    /// is then unchanged.
+    pub fn replace<I>(&mut self, entries: I) -> Result<(), ListError>
+    where
+        I: IntoIterator<Item = ListEntry>,
+    {
+        let mut table = PrefixTable::new();
+        for entry in entries {
+            let meta = Meta {
+                comment: checked_comment(entry.comment.as_deref())?,
+                expires: entry.expires.map(storable_expiry),
+            };
+            insert_merging(&mut table, canonical_prefix(entry.prefix), meta);
+        }
+        self.table = table;
+        Ok(())
+    }
+
+    /// All entries, sorted: IPv4 before IPv6, by address, then by prefix
+    /// length.
+    pub fn entries(&self) -> Vec<ListEntry> {
+        let mut entries: Vec<ListEntry> = self.table.iter().map(|(p, m)| m.entry(p)).collect();
+        entries.sort_unstable_by_key(|e| e.prefix);
+        entries
+    }
+
+    /// The entry for exactly this prefix (canonicalised).
+    pub fn get(&self, prefix: IpNet) -> Option<ListEntry> {
+        let prefix = canonical_prefix(prefix);
+        self.table.get(&prefix).map(|m| m.entry(prefix))
+    }
+
+    /// The most specific entry covering `addr` (IPv4-mapped IPv6 addresses
+    /// are looked up as IPv4).
+    pub fn longest_match(&self, addr: IpAddr) -> Option<ListEntry> {
+        self.table.lpm(addr.to_canonical()).map(|(p, m)| m.entry(p))
+    }
+
+    /// Removes every entry whose expiry is at or before `now` and returns
+    /// them, sorted.
+    pub fn expire(&mut self, now: SystemTime) -> Vec<ListEntry> {
+        let mut removed = Vec::new();
+        self.table.retain(|prefix, meta| match meta.expires {
+            Some(t) if t <= now => {
+                removed.push(meta.entry(prefix));
+                false
+            }
+            _ => true,
+        });
+        removed.sort_unstable_by_key(|e| e.prefix);
+        removed
+    }
+
+    /// The earliest expiry on the list, to schedule the next
+    /// [`AccessList::expire`].
+    pub fn next_expiry(&self) -> Option<SystemTime> {
+        self.table.iter().filter_map(|(_, m)| m.expires).min()
+    }
+
+    /// Dry run: what importing the report's entries for this list would
+    /// change. Entries the report assigns to the other list are ignored.
+    pub fn diff(&self, report: &ImportReport, mode: ImportMode) -> ImportDiff {
+        self.plan(report, mode).0
+    }
+
+    /// Applies the report's entries for this list (merge or replace) and
+    /// returns what changed. Comments and expiry come from the file; for a
+    /// prefix already on the list they merge as in [`AccessList::add`].
+    ///
+    /// # Errors
+    ///
+    /// [`ListError::ReservedComment`] for an entry whose comment starts with
+    /// `expires=` (the importer never produces one); the list is then
+    /// unchanged.
+    pub fn import(
+        &mut self,
+        report: &ImportReport,
+        mode: ImportMode,
+    ) -> Result<ImportDiff, ListError> {
+        let (diff, file) = self.plan(report, mode);
+        let mut metas = Vec::with_capacity(file.len_v4() + file.len_v6());
+        for (prefix, (_, meta)) in file.iter() {
+            let meta = Meta {
+                comment: checked_comment(meta.comment.as_deref())?,
+                expires: meta.expires.map(storable_expiry),
+            };
+            metas.push((prefix, meta));
+        }
+        match mode {
+            ImportMode::Merge => {
+                for (prefix, meta) in metas {
+                    insert_merging(&mut self.table, prefix, meta);
+                }
+            }
+            ImportMode::Replace => {
+                let mut table = PrefixTable::new();
+                for (prefix, meta) in metas {
+                    table.insert(prefix, meta);
+                }
+                self.table = table;
+            }
+        }
+        Ok(diff)
+    }
+
+    /// The diff, and the file's entries for this list: first line of each
+    /// prefix and its merged metadata.
+    fn plan(
+        &self,
+        report: &ImportReport,
+        mode: ImportMode,
+    ) -> (ImportDiff, PrefixTable<(usize, Meta)>) {
+        let mut file: PrefixTable<(usize, Meta)> = PrefixTable::new();
+        let mut order = Vec::new();
+        let mut duplicates = Vec::new();
+        for entry in report.entries_for(self.kind) {
+            let prefix = canonical_prefix(entry.prefix);
+            let meta = Meta {
+                comment: entry.comment.clone(),
+                expires: entry.expires,
+            };
+            match file.get_mut(&prefix) {
+                Some((first_line, existing)) => {
+                    duplicates.push(DuplicateEntry {
+                        prefix,
+                        line: entry.line,
+                        first_line: *first_line,
+                    });
+                    existing.merge(meta);
+                }
+                None => {
+                    file.insert(prefix, (entry.line, meta));
+                    order.push((prefix, entry.line));
+                }
+            }
+        }
+        let mut added = Vec::new();
+        let mut unchanged = Vec::new();
+        let mut covered = Vec::new();
+        for &(prefix, line) in &order {
+            if self.table.get(&prefix).is_some() {
+                unchanged.push(prefix);
+            } else {
+                added.push(prefix);
+            }
+            let in_file = file
+                .broader(&prefix)
+                .map(|(by, (by_line, _))| (by, Some(*by_line)));
+            let in_list = match mode {
+                ImportMode::Merge => self.table.broader(&prefix).map(|(by, _)| (by, None)),
+                ImportMode::Replace => None,
+            };
+            // The most specific of the two; a file entry over an identical
+            // list entry names its line.
+            let best = match (in_file, in_list) {
+                (Some(f), Some(l)) if l.0.prefix_len() > f.0.prefix_len() => Some(l),
+                (Some(f), _) => Some(f),
+                (None, l) => l,
+            };
+            if let Some((by, by_line)) = best {
+                covered.push(CoveredEntry {
+                    prefix,
+                    line,
+                    by,
+                    by_line,
+                });
+            }
+        }
+        let removed = match mode {
+            ImportMode::Merge => Vec::new(),
+            ImportMode::Replace => {
+                let mut removed: Vec<IpNet> = self
+                    .table
+                    .iter()
+                    .map(|(p, _)| p)
+                    .filter(|p| file.get(p).is_none())
+                    .collect();
+                removed.sort_unstable();
+                removed
+            }
+        };
+        added.sort_unstable();
+        unchanged.sort_unstable();
+        let diff = ImportDiff {
+            list: self.kind,
+            mode,
+            added,
+            removed,
+            unchanged,
+            duplicates,
+            covered,
+        };
+        (diff, file)
+    }
+
+    /// The list in its file format (see the module documentation).
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write as _;
+        let entries = self.entries();
+        let mut out = String::with_capacity(64 + entries.len() * 24);
+        let _ = writeln!(
+            out,
+            "# smtpguard {}: one entry per line, PREFIX [# [expires=YYYY-MM-DDTHH:MM:SSZ] comment]",
+            self.kind
+        );
+        for entry in &entries {
+            let _ = write!(out, "{}", entry.prefix);
+            if entry.expires.is_some() || entry.comment.is_some() {
+                out.push_str(" #");
+                if let Some(t) = entry.expires {
+                    let _ = write!(out, " expires={}", humantime::format_rfc3339_seconds(t));
+                }
+                if let Some(c) = &entry.comment {
+                    out.push(' ');
+                    out.push_str(c);
+                }
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Reads a list file. A missing file is an empty list; a file with any
+    /// bad line is an error naming every bad line (nothing is loaded).
+    /// Entries covering a whole family are accepted here: they were allowed
+    /// when they were added.
+    ///
+    /// # Errors
+    ///
+    /// [`ListError::Read`] for a file that exists but cannot be read, and
+    /// [`ListError::Import`] for one with bad lines or bytes.
+    pub fn load(path: &Path, kind: ListKind) -> Result<LoadedList, ListError> {
+        let bytes = match fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(LoadedList {
+                    list: AccessList::new(kind),
+                    warnings: Vec::new(),
+                    existed: false,
+                })
+            }
+            Err(source) => {
+                return Err(ListError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let options = ImportOptions {
+            target: kind,
+            format: ImportFormat::Plain,
+            allow_all: true,
+            skip_invalid: false,
+            allow_empty: true,
+        };
+        let report = parse_bytes(&bytes, &path.display().to_string(), &options)?;
+        let mut list = AccessList::new(kind);
+        list.import(&report, ImportMode::Replace)?;
+        Ok(LoadedList {
+            list,
+            warnings: report.warnings,
+            existed: true,
+        })
+    }
+
+    /// Writes the list to `path` atomically (temporary file in the same
+    /// directory, fsync, rename over, fsync of the directory). An existing
+    /// file's permission bits are kept; a new file gets mode 0644.
+    ///
+    /// # Errors
+    ///
+    /// [`ListError::Write`] naming the step that failed; the old file is
+    /// then intact and no temporary file is left behind.
+    pub fn save(&self, path: &Path) -> Result<(), ListError> {
+        let temp = write_temp(path, self.to_text().as_bytes())?;
+        if let Err(e) = install_temp(&temp, path) {
+            let _ = fs::remove_file(&temp);
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+fn insert_merging(table: &mut PrefixTable<Meta>, prefix: IpNet, meta: Meta) {
+    match table.get_mut(&prefix) {
+        Some(existing) => existing.merge(meta),
+        None => {
+            table.insert(prefix, meta);
+        }
+    }
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// First step of [`AccessList::save`]: writes `contents` to a new temporary
+/// file beside `path` and fsyncs it. Returns the temporary path; `path`
+/// itself is untouched.
+pub(crate) fn write_temp(path: &Path, contents: &[u8]) -> Result<PathBuf, ListError> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let fail = |step, source| ListError::Write {
+        path: path.to_path_buf(),
+        step,
+        source,
+    };
+    let name = path.file_name().ok_or_else(|| {
+        fail(
+            "naming the temporary file",
+            io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"),
+        )
+    })?;
+    let temp = parent_dir(path).join(format!(
+        ".{}.tmp.{}.{}",
+        name.to_string_lossy(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&temp)
+        .map_err(|e| fail("creating the temporary file", e))?;
+    let written = (|| {
+        if let Ok(old) = fs::metadata(path) {
+            file.set_permissions(old.permissions())
+                .map_err(|e| ("copying the permissions", e))?;
+        }
+        file.write_all(contents)
+            .map_err(|e| ("writing the temporary file", e))?;
+        file.sync_all()
+            .map_err(|e| ("syncing the temporary file", e))
+    })();
+    if let Err((step, e)) = written {
+        let _ = fs::remove_file(&temp);
+        return Err(fail(step, e));
+    }
+    Ok(temp)
+}
+
+/// Second step of [`AccessList::save`]: renames the temporary file over
+/// `path` and fsyncs the directory so the rename itself is durable.
+pub(crate) fn install_temp(temp: &Path, path: &Path) -> Result<(), ListError> {
+    let fail = |step, source| ListError::Write {
+        path: path.to_path_buf(),
+        step,
+        source,
+    };
+    fs::rename(temp, path).map_err(|e| fail("renaming the temporary file over it", e))?;
+    File::open(parent_dir(path))
+        .and_then(|dir| dir.sync_all())
+        .map_err(|e| fail("syncing the directory", e))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::policy::import::parse_list;
+    use std::os::unix::fs::PermissionsExt;
+
+    pub(crate) fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|s| net(s)).collect()
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    pub(crate) struct TestDir(pub(crate) PathBuf);
+
+    impl TestDir {
+        pub(crate) fn new(tag: &str) -> Self {
+            static N: AtomicU64 = AtomicU64::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "smtpguard-policy-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            TestDir(dir)
+        }
+    }
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn add_remove_entries_len_and_merge_rules() {
+        let mut list = AccessList::new(ListKind::Deny);
+        let out = list
+            .add(
+                nets(&["2001:db8::/32", "198.51.100.0/24", "192.0.2.7/32"]),
+                Some("spam"),
+                None,
+            )
+            .unwrap();
+        assert_eq!(out.added.len(), 3);
+        assert_eq!(list.len(), FamilyCounts { v4: 2, v6: 1 });
+        // Mapped and host-bit forms are canonicalised; re-adding merges.
+        let out = list
+            .add(
+                nets(&["::ffff:192.0.2.7/128", "198.51.100.9/24"]),
+                None,
+                Some(at(100)),
+            )
+            .unwrap();
+        assert_eq!(out.updated, nets(&["192.0.2.7/32", "198.51.100.0/24"]));
+        assert!(out.added.is_empty());
+        let e = list.get(net("192.0.2.7/32")).unwrap();
+        assert_eq!(
+            e.comment.as_deref(),
+            Some("spam"),
+            "no new comment keeps the old"
+        );
+        assert_eq!(e.expires, None, "a permanent entry stays permanent");
+
+        list.add(nets(&["203.0.113.0/24"]), Some("temp"), Some(at(100)))
+            .unwrap();
+        list.add(nets(&["203.0.113.0/24"]), Some("longer"), Some(at(50)))
+            .unwrap();
+        let e = list.get(net("203.0.113.0/24")).unwrap();
+        assert_eq!(
+            (e.comment.as_deref(), e.expires),
+            (Some("longer"), Some(at(100)))
+        );
+
+        let sorted: Vec<String> = list
+            .entries()
+            .iter()
+            .map(|e| e.prefix.to_string())
+            .collect();
+        assert_eq!(
+            sorted,
+            [
+                "192.0.2.7/32",
+                "198.51.100.0/24",
+                "203.0.113.0/24",
+                "2001:db8::/32"
+            ]
+        );
+
+        let out = list.remove(nets(&[
+            "198.51.100.0/24",
+            "10.0.0.0/8",
+            "::ffff:192.0.2.7/128",
+        ]));
+        assert_eq!(out.removed.len(), 2);
+        assert_eq!(out.not_found, nets(&["10.0.0.0/8"]));
+        assert_eq!(list.len(), FamilyCounts { v4: 1, v6: 1 });
+        assert!(!list.is_empty());
+    }
+
+    #[test]
+    fn comments_are_one_line_and_cannot_fake_an_expiry() {
+        let mut list = AccessList::new(ListKind::Permit);
+        list.add(nets(&["192.0.2.1/32"]), Some("a\n0.0.0.0/0 b"), None)
+            .unwrap();
+        assert_eq!(
+            list.get(net("192.0.2.1/32")).unwrap().comment.as_deref(),
+            Some("a 0.0.0.0/0 b")
+        );
+        assert_eq!(list.to_text().lines().count(), 2);
+        let err = list
+            .add(
+                nets(&["192.0.2.2/32"]),
+                Some("expires=2030-01-01T00:00:00Z"),
+                None,
+            )
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "comment \"expires=2030-01-01T00:00:00Z\" starts with \"expires=\", which is reserved for the expiry of temporary entries"
+        );
+        assert!(list.get(net("192.0.2.2/32")).is_none());
+    }
+
+    #[test]
+    fn expire_removes_only_due_entries() {
+        let mut list = AccessList::new(ListKind::Deny);
+        list.add(nets(&["192.0.2.1/32"]), None, Some(at(10)))
+            .unwrap();
+        list.add(nets(&["192.0.2.2/32", "2001:db8::/48"]), None, Some(at(20)))
+            .unwrap();
+        list.add(nets(&["192.0.2.3/32"]), None, None).unwrap();
+        assert_eq!(list.next_expiry(), Some(at(10)));
+        assert!(list.expire(at(9)).is_empty());
+        let gone: Vec<IpNet> = list.expire(at(20)).into_iter().map(|e| e.prefix).collect();
+        assert_eq!(
+            gone,
+            nets(&["192.0.2.1/32", "192.0.2.2/32", "2001:db8::/48"])
+        );
+        assert_eq!(list.len(), FamilyCounts { v4: 1, v6: 0 });
+        assert_eq!(list.next_expiry(), None);
+    }
+
+    #[test]
+    fn replace_makes_the_list_exactly_the_entries() {
+        let mut list = AccessList::new(ListKind::Deny);
+        list.add(nets(&["192.0.2.0/24"]), None, None).unwrap();
+        let entry = |p: &str| ListEntry {
+            prefix: net(p),
+            comment: None,
+            expires: None,
+        };
+        list.replace([
+            entry("198.51.100.0/24"),
+            entry("198.51.100.0/24"),
+            entry("::/0"),
+        ])
+        .unwrap();
+        let got: Vec<IpNet> = list.entries().into_iter().map(|e| e.prefix).collect();
+        assert_eq!(got, nets(&["198.51.100.0/24", "::/0"]));
+    }
+
+    fn report(text: &str) -> ImportReport {
+        parse_list(text, "import.txt", &ImportOptions::new(ListKind::Deny)).unwrap()
+    }
+
+    #[test]
+    fn dry_run_diff_reports_every_category() {
+        let mut list = AccessList::new(ListKind::Deny);
+        list.add(
+            nets(&["192.0.2.0/24", "198.51.100.0/24", "10.0.0.0/8"]),
+            None,
+            None,
+        )
+        .unwrap();
+        let file = report(
+            "192.0.2.0/24\n\
+             192.0.2.0:255.255.255.0\n\
+             10.1.0.0/16\n\
+             203.0.113.0/24\n\
+             203.0.113.128/25\n\
+             2001:db8::/32\n",
+        );
+        let merge = list.diff(&file, ImportMode::Merge);
+        assert_eq!(
+            merge.added,
+            nets(&[
+                "10.1.0.0/16",
+                "203.0.113.0/24",
+                "203.0.113.128/25",
+                "2001:db8::/32"
+            ])
+        );
+        assert_eq!(merge.unchanged, nets(&["192.0.2.0/24"]));
+        assert!(merge.removed.is_empty());
+        assert_eq!(
+            merge.duplicates,
+            [DuplicateEntry {
+                prefix: net("192.0.2.0/24"),
+                line: 2,
+                first_line: 1
+            }]
+        );
+        assert_eq!(
+            merge.covered,
+            [
+                CoveredEntry {
+                    prefix: net("10.1.0.0/16"),
+                    line: 3,
+                    by: net("10.0.0.0/8"),
+                    by_line: None
+                },
+                CoveredEntry {
+                    prefix: net("203.0.113.128/25"),
+                    line: 5,
+                    by: net("203.0.113.0/24"),
+                    by_line: Some(4)
+                },
+            ]
+        );
+        let replace = list.diff(&file, ImportMode::Replace);
+        assert_eq!(replace.removed, nets(&["10.0.0.0/8", "198.51.100.0/24"]));
+        assert_eq!(
+            replace.covered.len(),
+            1,
+            "10.0.0.0/8 is gone after a replace"
+        );
+        // A dry run changes nothing.
+        assert_eq!(list.len().total(), 3);
+
+        let applied = list.import(&file, ImportMode::Replace).unwrap();
+        assert_eq!(applied, replace);
+        let got: Vec<IpNet> = list.entries().into_iter().map(|e| e.prefix).collect();
+        assert_eq!(
+            got,
+            nets(&[
+                "192.0.2.0/24",
+                "10.1.0.0/16",
+                "203.0.113.0/24",
+                "203.0.113.128/25",
+                "2001:db8::/32"
+            ])
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn import_ignores_entries_for_the_other_list() {
+        let mut permit = AccessList::new(ListKind::Permit);
+        let file = report("192.0.2.0/24 REJECT\n198.51.100.7 OK\n");
+        let diff = permit.import(&file, ImportMode::Merge).unwrap();
+        assert_eq!(diff.added, nets(&["198.51.100.7/32"]));
+        assert_eq!(permit.len().total(), 1);
+    }
+
+    #[test]
+    fn save_and_load_round_trip() {
+        let dir = TestDir::new("roundtrip");
+        let path = dir.0.join("deny.list");
+        let mut list = AccessList::new(ListKind::Deny);
+        list.add(
+            nets(&["198.51.100.0/24"]),
+            Some("spam run # 2 ; see ticket"),
+            None,
+        )
+        .unwrap();
+        list.add(
+            nets(&["192.0.2.7/32"]),
+            Some("temporary"),
+            Some(at(1_796_119_200)),
+        )
+        .unwrap();
+        list.add(
+            nets(&["2001:db8::/32"]),
+            None,
+            Some(at(1_796_119_200) + Duration::from_millis(900)),
+        )
+        .unwrap();
+        list.add(nets(&["0.0.0.0/0"]), None, None).unwrap();
+        list.save(&path).unwrap();
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            "# smtpguard deny list: one entry per line, PREFIX [# [expires=YYYY-MM-DDTHH:MM:SSZ] comment]\n\
+             0.0.0.0/0\n\
+             192.0.2.7/32 # expires=2026-12-01T10:00:00Z temporary\n\
+             198.51.100.0/24 # spam run # 2 ; see ticket\n\
+             2001:db8::/32 # expires=2026-12-01T10:00:00Z\n"
+        );
+        let loaded = AccessList::load(&path, ListKind::Deny).unwrap();
+        assert!(loaded.existed);
+        assert!(loaded.warnings.is_empty());
+        assert_eq!(loaded.list.entries(), list.entries());
+        // Saving again over an existing file keeps its permissions.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        list.save(&path).unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        let leftovers = fs::read_dir(&dir.0).unwrap().count();
+        assert_eq!(leftovers, 1, "no temporary files left behind");
+    }
+
+    #[test]
+    fn missing_file_is_an_empty_list_and_a_bad_file_loads_nothing() {
+        let dir = TestDir::new("load");
+        let loaded = AccessList::load(&dir.0.join("permit.list"), ListKind::Permit).unwrap();
+        assert!(!loaded.existed);
+        assert!(loaded.list.is_empty());
+
+        let path = dir.0.join("deny.list");
+        fs::write(&path, "# comments only\n").unwrap();
+        assert!(AccessList::load(&path, ListKind::Deny)
+            .unwrap()
+            .list
+            .is_empty());
+
+        fs::write(&path, "192.0.2.0/24\n192.0.2.300\n198.51.100.0/24 OK\n").unwrap();
+        let err = AccessList::load(&path, ListKind::Deny).unwrap_err();
+        let shown = err.to_string();
+        assert!(
+            shown.contains("deny.list line 2, column 9: octet \"300\" is greater than 255"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("deny.list line 3, column 17: \"OK\""),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn crash_between_write_and_rename_leaves_the_old_list() {
+        let dir = TestDir::new("crash");
+        let path = dir.0.join("deny.list");
+        let mut old = AccessList::new(ListKind::Deny);
+        old.add(nets(&["192.0.2.0/24"]), Some("old"), None).unwrap();
+        old.save(&path).unwrap();
+
+        let mut new = old.clone();
+        new.add(nets(&["198.51.100.0/24"]), None, None).unwrap();
+        // The first step of save, then "crash": no rename.
+        let temp = write_temp(&path, new.to_text().as_bytes()).unwrap();
+        assert_eq!(
+            temp.parent(),
+            path.parent(),
+            "temporary file in the same directory"
+        );
+        assert!(temp.exists());
+
+        let loaded = AccessList::load(&path, ListKind::Deny).unwrap();
+        assert_eq!(loaded.list.entries(), old.entries());
+        // The next save still works and replaces the list.
+        new.save(&path).unwrap();
+        assert_eq!(
+            AccessList::load(&path, ListKind::Deny)
+                .unwrap()
+                .list
+                .entries(),
+            new.entries()
+        );
+        // Finishing the interrupted save installs its (complete) content.
+        install_temp(&temp, &path).unwrap();
+        assert_eq!(
+            AccessList::load(&path, ListKind::Deny)
+                .unwrap()
+                .list
+                .len()
+                .total(),
+            2
+        );
+    }
+
+    #[test]
+    fn save_into_a_missing_directory_fails_and_names_the_step() {
+        let dir = TestDir::new("nodir");
+        let path = dir.0.join("missing").join("deny.list");
+        let err = AccessList::new(ListKind::Deny).save(&path).unwrap_err();
+        assert!(
+            err.to_string().starts_with(&format!(
+                "writing {} (creating the temporary file): ",
+                path.display()
+            )),
+            "{err}"
+        );
+    }
+}
