@@ -58,27 +58,10 @@ pub(super) struct RawTls {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawPolicy {
-    pub mode: Option<PolicyMode>,
-    pub enforcement: Option<Enforcement>,
+    pub mode: Option<crate::policy::Mode>,
+    pub enforcement: Option<crate::policy::Enforcement>,
     pub deny_list: Option<PathBuf>,
     pub permit_list: Option<PathBuf>,
-}
-
-/// Spelling of `smtpguard_common::Mode` in the file.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub(super) enum PolicyMode {
-    AcceptAllExceptDeny,
-    DenyAllExceptPermit,
-}
-
-/// Spelling of `smtpguard_common::Enforcement` in the file.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub(super) enum Enforcement {
-    Enforce,
-    Monitor,
-    Off,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -302,15 +302,8 @@ impl Cx<'_> {
     // ----- [policy] -------------------------------------------------------
 
     fn policy(&self, raw: raw::RawPolicy) -> Result<PolicyConfig, ConfigError> {
-        let mode = match raw.mode {
-            None | Some(raw::PolicyMode::AcceptAllExceptDeny) => PolicyMode::AcceptAllExceptDeny,
-            Some(raw::PolicyMode::DenyAllExceptPermit) => PolicyMode::DenyAllExceptPermit,
-        };
-        let enforcement = match raw.enforcement {
-            None | Some(raw::Enforcement::Enforce) => Enforcement::Enforce,
-            Some(raw::Enforcement::Monitor) => Enforcement::Monitor,
-            Some(raw::Enforcement::Off) => Enforcement::Off,
-        };
+        let mode: PolicyMode = raw.mode.unwrap_or_default();
+        let enforcement: Enforcement = raw.enforcement.unwrap_or_default();
         Ok(PolicyConfig {
             mode,
             enforcement,
