@@ -60,7 +60,7 @@ pub use list::{
     DEFAULT_PERMIT_LIST_PATH,
 };
 pub use verdict::{
-    rule_origin, CompiledRule, Enforcement, Explanation, Mode, Policy, PolicyError, Reason, Verdict,
+    CompiledRule, Enforcement, Explanation, Mode, Policy, PolicyError, Reason, Verdict,
 };
 
 /// Which of the two access lists an entry belongs to.

@@ -284,21 +284,6 @@ pub struct CompiledRule {
     pub prefix: IpNet,
     /// Permit or deny.
     pub action: Action,
-    /// Index of the rule's hit counter in `SG_HITS`: 1-based, never 0.
-    pub rule_id: u32,
-}
-
-/// The list entry behind a rule id of [`Policy::compile`]'s output: the
-/// list (deny for a prefix on both lists) and the prefix. `None` for an id
-/// not in `rules`.
-pub fn rule_origin(rules: &[CompiledRule], rule_id: u32) -> Option<(ListKind, IpNet)> {
-    let index = rules.binary_search_by_key(&rule_id, |r| r.rule_id).ok()?;
-    let rule = &rules[index];
-    let list = match rule.action {
-        Action::Deny => ListKind::Deny,
-        Action::Permit => ListKind::Permit,
-    };
-    Some((list, rule.prefix))
 }
 
 /// Mode, enforcement and the two lists.
@@ -453,10 +438,8 @@ impl Policy {
     /// kernel's single longest-prefix lookup reaches the verdict of
     /// [`Policy::decide`]; the mode is the kernel's default for a miss).
     ///
-    /// Rules are sorted by prefix (IPv4 first) and numbered from 1 in that
-    /// order, so the same lists always give the same ids; a change to the
-    /// lists renumbers the rules after it. [`rule_origin`] maps an id back
-    /// to its list entry.
+    /// Rules are sorted by prefix (IPv4 first). Rule ids (hit counters) are
+    /// the kernel sync's business: it keeps them stable across changes.
     ///
     /// # Errors
     ///
@@ -504,14 +487,12 @@ impl Policy {
         }
         Ok(merged
             .into_iter()
-            .zip(1u32..)
-            .map(|((prefix, list), rule_id)| CompiledRule {
+            .map(|(prefix, list)| CompiledRule {
                 prefix,
                 action: match list {
                     ListKind::Deny => Action::Deny,
                     ListKind::Permit => Action::Permit,
                 },
-                rule_id,
             })
             .collect())
     }
@@ -701,31 +682,21 @@ mod tests {
             ],
         );
         let rules = p.compile().unwrap();
-        let got: Vec<(String, u32, u32)> = rules
+        let got: Vec<(String, u32)> = rules
             .iter()
-            .map(|r| (r.prefix.to_string(), r.action as u32, r.rule_id))
+            .map(|r| (r.prefix.to_string(), r.action as u32))
             .collect();
         assert_eq!(
             got,
             [
-                ("192.0.2.0/24".to_string(), 2, 1),
-                ("198.51.100.0/24".to_string(), 1, 2),
-                ("198.51.100.7/32".to_string(), 2, 3),
-                ("2001:db8::/32".to_string(), 2, 4),
-                ("2001:db8:1::/48".to_string(), 1, 5),
+                ("192.0.2.0/24".to_string(), 2),
+                ("198.51.100.0/24".to_string(), 1),
+                ("198.51.100.7/32".to_string(), 2),
+                ("2001:db8::/32".to_string(), 2),
+                ("2001:db8:1::/48".to_string(), 1),
             ]
         );
-        assert_eq!(
-            rule_origin(&rules, 1),
-            Some((ListKind::Deny, net("192.0.2.0/24")))
-        );
-        assert_eq!(
-            rule_origin(&rules, 5),
-            Some((ListKind::Permit, net("2001:db8:1::/48")))
-        );
-        assert_eq!(rule_origin(&rules, 0), None);
-        assert_eq!(rule_origin(&rules, 6), None);
-        assert_eq!(p.compile().unwrap(), rules, "same lists, same ids");
+        assert_eq!(p.compile().unwrap(), rules, "same lists, same rules");
     }
 
     /// What the XDP program does with the compiled rules: one LPM lookup in
@@ -907,7 +878,6 @@ mod tests {
         assert_eq!(p.decide(ip("2001:db8:0:3::1")), Reason::DenyList);
         let rules = p.compile().unwrap();
         assert_eq!(rules.len(), 1_000_001);
-        assert_eq!(rules.last().unwrap().rule_id, 1_000_001);
         eprintln!("1M entries: built in {built:?}, 200k lookups in {looked_up:?}");
     }
 }
