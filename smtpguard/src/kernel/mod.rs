@@ -6,7 +6,9 @@ pub mod loader;
 pub mod stats;
 pub mod sync;
 
-pub use loader::{AttachMode, AttachedMode, Attachment, KernelError, XdpFilter};
+pub use loader::{
+    pump_kernel_log, AttachMode, AttachedMode, Attachment, KernelError, KernelLog, XdpFilter,
+};
 pub use stats::{CounterSnapshot, Stats};
 pub use sync::{ApplyHow, ApplyReport, MapSync, SyncError};
 

@@ -1,0 +1,122 @@
+//! Starting the parts that need no runtime: configuration, lists, the XDP
+//! program. Each step fails with an error that names what and where.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use smtpguard_common::Action;
+
+use super::state::Kernel;
+use crate::{
+    config::{Config, XdpMode},
+    kernel::{loader::DEFAULT_PIN_DIR, ApplyHow, AttachMode, Attachment, KernelLog, XdpFilter},
+    policy::{AccessList, ListKind, Policy},
+};
+
+/// Reads the configuration file, or the embedded development default.
+pub fn load_config(path: Option<&Path>) -> Result<Config> {
+    match path {
+        Some(path) => Ok(Config::load(path)?),
+        None => Ok(Config::embedded_default()?),
+    }
+}
+
+/// Loads both list files into a policy with the configured mode. A missing
+/// file is an empty list; a file with any bad line stops the start.
+pub fn load_policy(config: &Config) -> Result<Policy> {
+    let load = |kind: ListKind, path: &PathBuf| -> Result<AccessList> {
+        let loaded = AccessList::load(path, kind)
+            .with_context(|| format!("loading the {kind} from {}", path.display()))?;
+        for warning in &loaded.warnings {
+            tracing::warn!(list = %kind, "{warning}");
+        }
+        if !loaded.existed {
+            tracing::info!(list = %kind, path = %path.display(), "no list file yet: the list starts empty");
+        }
+        Ok(loaded.list)
+    };
+    let deny = load(ListKind::Deny, &config.policy.deny_list)?;
+    let permit = load(ListKind::Permit, &config.policy.permit_list)?;
+    Ok(Policy::with_lists(
+        config.policy.mode,
+        config.policy.enforcement,
+        deny,
+        permit,
+    )?)
+}
+
+/// The kernel side once started: the program with its lists loaded and
+/// attached, and its log reader.
+pub struct StartedKernel {
+    /// Program and maps.
+    pub kernel: Kernel,
+    /// Where it is attached and how.
+    pub attachments: Vec<Attachment>,
+    /// The program's drop-event log.
+    pub log: Option<KernelLog>,
+}
+
+/// Loads the XDP program, fills its lists and runtime configuration, and
+/// only then attaches it (so it never runs with empty lists). `None` when
+/// XDP is off in the configuration.
+pub fn start_kernel(config: &Config, policy: &Policy) -> Result<Option<StartedKernel>> {
+    if !config.xdp.enabled() {
+        return Ok(None);
+    }
+    let (mut filter, mut sync, stats) = XdpFilter::load()?;
+    let log = filter.take_log();
+    sync.set_runtime(
+        policy.mode().into(),
+        policy.enforcement().into(),
+        &config.server.ports(),
+        config.xdp.log_rate_per_second,
+    )?;
+    let rules: Vec<(IpNet, Action)> = policy
+        .compile()?
+        .into_iter()
+        .map(|r| (r.prefix, r.action))
+        .collect();
+    let report = sync
+        .apply(&rules, ApplyHow::Atomic)
+        .context("loading the lists into the kernel")?;
+    tracing::debug!(prefixes = report.total, "lists loaded into the XDP maps");
+    let mode = match config.xdp.mode {
+        XdpMode::Native => AttachMode::Native,
+        XdpMode::Skb => AttachMode::Skb,
+        XdpMode::Auto | XdpMode::Off => AttachMode::Auto,
+    };
+    let pin_dir = Path::new(DEFAULT_PIN_DIR);
+    let mut attachments = Vec::new();
+    for interface in &config.xdp.interfaces {
+        // Pinning needs bpffs; inside `ip netns exec` /sys/fs/bpf is hidden,
+        // and then the link lives with the process, unpinned.
+        let attached = if pin_dir.parent().is_some_and(is_bpffs) {
+            filter.attach_pinned(interface, mode, pin_dir)
+        } else {
+            filter.attach(interface, mode)
+        }
+        .with_context(|| format!("attaching the XDP program to {interface}"))?;
+        if attached.replaced_pinned {
+            tracing::info!(interface, mode = %attached.mode,
+                "replaced the XDP program left attached by the previous run, without a gap");
+        }
+        attachments.push(attached);
+    }
+    Ok(Some(StartedKernel {
+        kernel: Kernel {
+            filter,
+            sync,
+            stats,
+        },
+        attachments,
+        log,
+    }))
+}
+
+/// Whether `path` is a mounted bpffs (magic 0xcafe4a11).
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type().0 as u64 == 0xcafe_4a11)
+        .unwrap_or(false)
+}
