@@ -15,6 +15,9 @@
 
 use std::net::SocketAddr;
 
+mod proxy;
+mod received;
+
 use crate::smtp::{Envelope, ForwardPath, MailParams, RcptPolicy, Reply, ReversePath, TlsInfo};
 
 /// What the hand-off knows about the client, for PROXY/XCLIENT and the
