@@ -1,13 +1,14 @@
 //! The `Received:` trace header we prepend to every message (RFC 5321
 //! §4.4), with the RFC 3848 `with` protocol keyword and an RFC 5322 date.
 //!
-//! Shape (folded at 78 columns, continuation lines start with a tab):
+//! Shape (folded at 78 columns; continuation lines start with a tab, shown
+//! here as spaces):
 //!
 //! ```text
-//! Received: from mail.example.org ([192.0.2.10]) by mx.example.com
-//! 	(smtpguard) with ESMTPS id M1764409428123456P42Q1R9f2c4e1a07b3d5c6
-//! 	(version=TLSv1.3 cipher=TLS13_AES_256_GCM_SHA384)
-//! 	for <bob@example.com>; Sat, 29 Nov 2026 09:43:48 +0000
+//! Received: from mail.example.org ([192.0.2.10]) by mx.example.com (smtpguard)
+//!         with ESMTPS id M396330P21137Q1006Rccc88bc81c2c3b10
+//!         (version=TLSv1.3 cipher=TLS13_AES_256_GCM_SHA384) for <bob@example.com>;
+//!         Sun, 29 Nov 2026 09:43:48 +0000
 //! ```
 //!
 //! * `from`: the client's HELO/EHLO name when it is a syntactically valid
@@ -97,7 +98,8 @@ pub(crate) fn received_header(
 /// (RFC 5322 §2.2.3). A token longer than a line stays whole; the first
 /// token always stays on the field name's line.
 pub(crate) fn fold(name: &str, tokens: &[String]) -> String {
-    let mut out = String::with_capacity(name.len() + tokens.iter().map(|t| t.len() + 3).sum::<usize>());
+    let mut out =
+        String::with_capacity(name.len() + tokens.iter().map(|t| t.len() + 3).sum::<usize>());
     out.push_str(name);
     let mut line_len = name.len();
     for (i, tok) in tokens.iter().enumerate() {
@@ -161,7 +163,10 @@ pub(crate) fn rfc5322_date(t: SystemTime) -> String {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let days = secs / 86_400;
     let rem = secs % 86_400;
     let (y, m, d) = civil_from_days(days);
@@ -285,9 +290,23 @@ mod tests {
              \t(smtpguard) with SMTP id X for <postmaster>; Sun, 29 Nov 2026 09:43:48 +0000\r\n"
         );
         let h = received_header(&client(None, false, true), "mx", "X", &[], when());
-        assert!(h.starts_with("Received: from [192.0.2.10] ([192.0.2.10]) by mx (smtpguard) with SMTPS"), "{h}");
-        let h = received_header(&client(Some("[192.0.2.10]"), true, false), "mx", "X", &[], when());
-        assert!(h.starts_with("Received: from [192.0.2.10] ([192.0.2.10]) by"), "{h}");
+        assert!(
+            h.starts_with(
+                "Received: from [192.0.2.10] ([192.0.2.10]) by mx (smtpguard) with SMTPS"
+            ),
+            "{h}"
+        );
+        let h = received_header(
+            &client(Some("[192.0.2.10]"), true, false),
+            "mx",
+            "X",
+            &[],
+            when(),
+        );
+        assert!(
+            h.starts_with("Received: from [192.0.2.10] ([192.0.2.10]) by"),
+            "{h}"
+        );
     }
 
     #[test]
@@ -306,7 +325,10 @@ mod tests {
             // Only a line holding a single token that is itself too long
             // may exceed 78 characters.
             if line.len() > FOLD_AT {
-                let words = line.trim_start_matches("Received:").split_whitespace().count();
+                let words = line
+                    .trim_start_matches("Received:")
+                    .split_whitespace()
+                    .count();
                 assert!(words <= 2, "{line:?}");
             }
         }
