@@ -108,6 +108,8 @@ mod upstream;
 
 #[cfg(test)]
 mod test_util;
+#[cfg(test)]
+mod tests;
 
 use spool::{Maildir, QueueId};
 use upstream::{Connection, UpstreamError};
