@@ -91,6 +91,11 @@ struct Script {
     close_on: Option<&'static str>,
     /// Accept the connection and never say anything.
     silent: bool,
+    /// Close the connection right after acknowledging a message (as an
+    /// MTA does when it times out an idle client).
+    close_after_message: bool,
+    /// After the reply to MAIL, also send this (unasked-for) line.
+    extra_after_mail: &'static str,
 }
 
 impl Default for Script {
@@ -109,6 +114,8 @@ impl Default for Script {
             reject_rcpt: None,
             close_on: None,
             silent: false,
+            close_after_message: false,
+            extra_after_mail: "",
         }
     }
 }
@@ -208,7 +215,10 @@ async fn serve(stream: TcpStream, s: Script, t: Arc<Mutex<Transcript>>) {
             }
             "HELO" => send!("250 fake.example\r\n"),
             "XCLIENT" => send!("220 fake.example ESMTP fake\r\n"),
-            "MAIL" => send!(s.mail_reply),
+            "MAIL" => {
+                send!(s.mail_reply);
+                send!(s.extra_after_mail);
+            }
             "RCPT" => match s.reject_rcpt {
                 Some(bad) if cmd.contains(bad) => {
                     send!(format!(
@@ -238,6 +248,9 @@ async fn serve(stream: TcpStream, s: Script, t: Arc<Mutex<Transcript>>) {
                     t.messages.len()
                 };
                 send!(format!("250 2.0.0 Ok: queued as FAKE{n}\r\n"));
+                if s.close_after_message {
+                    return;
+                }
             }
             "QUIT" => {
                 send!("221 2.0.0 Bye\r\n");
@@ -421,6 +434,63 @@ async fn upstream_closing_mid_transaction_gives_451_then_reconnects() {
             .is_positive());
         assert_eq!(fake.transcript.lock().unwrap().connections, 2);
         s.close().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn dead_reused_connection_is_replaced_once() {
+    bounded(async {
+        let c = client();
+        let fake = Fake::start(Script {
+            expect_proxy: Some(proxy::header(c.peer, c.local)),
+            close_after_message: true,
+            ..Script::default()
+        })
+        .await;
+        let d = upstream(fake.addr, UpstreamProtocol::ProxyV2, Duration::from_secs(5));
+        let mut s = d.session(false);
+        let env = envelope("<alice@example.org>", &["<bob@example.com>"]);
+        for n in 1..=2 {
+            assert!(s
+                .mail(&c, &env.reverse_path, &MailParams::default())
+                .await
+                .is_positive());
+            assert!(s.rcpt(&c, &env.forward_paths[0]).await.is_positive());
+            let r = s.message(&c, &env, b"x\r\n").await;
+            assert_eq!(
+                r.to_string(),
+                format!("250 2.0.0 Ok: queued as FAKE{n}\r\n")
+            );
+        }
+        let t = fake.transcript.lock().unwrap();
+        assert_eq!(t.connections, 2);
+        // The new connection got its own PROXY header.
+        assert_eq!(t.proxy_headers.len(), 2);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn unsolicited_upstream_data_is_not_taken_as_a_reply() {
+    bounded(async {
+        let fake = Fake::start(Script {
+            extra_after_mail: "250 2.1.5 Ok (nobody asked)\r\n",
+            ..Script::default()
+        })
+        .await;
+        let d = upstream(fake.addr, UpstreamProtocol::None, Duration::from_secs(5));
+        let mut s = d.session(false);
+        let c = client();
+        let env = envelope("<alice@example.org>", &["<bob@example.com>"]);
+        assert!(s
+            .mail(&c, &env.reverse_path, &MailParams::default())
+            .await
+            .is_positive());
+        // Give the extra line time to arrive, then RCPT must not take it
+        // for its answer.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_451_441(&s.rcpt(&c, &env.forward_paths[0]).await);
     })
     .await
 }

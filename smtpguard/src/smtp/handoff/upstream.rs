@@ -265,6 +265,7 @@ impl Connection {
         if line.bytes().any(|b| b.is_ascii_control()) {
             return Err(UpstreamError::BadCommand(stage));
         }
+        self.check_idle(stage)?;
         let mut buf = Vec::with_capacity(line.len() + 2);
         buf.extend_from_slice(line.as_bytes());
         buf.extend_from_slice(b"\r\n");
@@ -282,6 +283,34 @@ impl Connection {
         self.timeout = self.timeout.min(wait);
         let _ = self.command("QUIT", "QUIT").await;
         let _ = timeout(wait, self.stream.shutdown()).await;
+    }
+
+    /// Before a command: the upstream must have said nothing since its
+    /// last reply. We never pipeline, so anything already sent was not
+    /// asked for and would be taken as the answer to the wrong command.
+    /// Typically it is a 421 (the upstream timed out an idle connection)
+    /// or EOF; either way the connection is unusable. Does not wait.
+    fn check_idle(&mut self, stage: &'static str) -> Result<(), UpstreamError> {
+        let mut chunk = [0u8; 1024];
+        loop {
+            match self.stream.try_read(&mut chunk) {
+                Ok(0) => return Err(UpstreamError::Closed(stage)),
+                Ok(n) if self.rbuf.len() < MAX_REPLY_BYTES => {
+                    self.rbuf.extend_from_slice(&chunk[..n])
+                }
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(source) => return Err(UpstreamError::Io { stage, source }),
+            }
+        }
+        if self.rbuf.is_empty() {
+            return Ok(());
+        }
+        let reply = match Reply::parse(&self.rbuf, MAX_REPLY_BYTES) {
+            Ok(Some((r, _))) => format!("unsolicited: {}", r.to_string().trim_end()),
+            _ => "unsolicited data".to_string(),
+        };
+        Err(UpstreamError::Unexpected { stage, reply })
     }
 
     async fn write_all(&mut self, bytes: &[u8], stage: &'static str) -> Result<(), UpstreamError> {
