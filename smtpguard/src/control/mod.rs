@@ -26,8 +26,10 @@
 //! code can change freely behind the [`ControlHandler`] it implements.
 
 pub mod proto;
+pub mod server;
 
 pub use proto::{Reply, Request};
+pub use server::{bind, run, serve, ControlError, ControlHandler, ControlListener, PeerInfo};
 
 /// The control socket's path when the configuration does not say
 /// (`control.socket`).
