@@ -25,9 +25,12 @@
 //! [`crate::config`]'s socket path limit, so the daemon, policy and server
 //! code can change freely behind the [`ControlHandler`] it implements.
 
+pub mod client;
 pub mod proto;
+pub mod render;
 pub mod server;
 
+pub use client::{Client, ClientError};
 pub use proto::{Reply, Request};
 pub use server::{bind, run, serve, ControlError, ControlHandler, ControlListener, PeerInfo};
 
