@@ -11,6 +11,7 @@
 //! [`config`] the validated configuration, [`control`] the operator's
 //! control socket.
 
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -1,0 +1,592 @@
+//! The control protocol: one [`Request`] enum, one [`Reply`] enum, plain
+//! data only (strings, numbers, small enums of names), JSON on the wire.
+//!
+//! The types here deliberately do not reuse the policy, kernel or config
+//! types: the daemon translates between them and these, so the wire format
+//! stays stable when the internals change, and `smtpguard --json` output is
+//! exactly these structs.
+//!
+//! # Wire shape
+//!
+//! A request is an object tagged by `"op"`:
+//!
+//! ```json
+//! {"op":"list_add","list":"deny","entries":["203.0.113.0/24"],"expires_in_secs":3600}
+//! {"op":"status"}
+//! ```
+//!
+//! A reply is an object with exactly one key naming its kind:
+//!
+//! ```json
+//! {"list_changed":{"list":"deny","added":1,"removed":0,"unchanged":0,"warnings":[],"list_size":12}}
+//! {"error":"203.0.113.0/33: prefix length 33 is longer than 32"}
+//! ```
+//!
+//! Optional fields and flags may be left out of a request (they default to
+//! `null`/`false`), so a hand-written request through `socat` stays short.
+//! Times are Unix seconds (UTC), durations whole seconds, sizes counts of
+//! entries unless a field says otherwise.
+
+use std::{collections::BTreeMap, fmt, str::FromStr};
+
+use serde::{Deserialize, Serialize};
+
+/// One of the two access lists. (The `Default`, deny, only serves
+/// `..Default::default()` when building replies.)
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListName {
+    /// `"deny"`: the deny list.
+    #[default]
+    Deny,
+    /// `"permit"`: the permit list.
+    Permit,
+}
+
+impl ListName {
+    /// The name as written on the wire and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListName::Deny => "deny",
+            ListName::Permit => "permit",
+        }
+    }
+}
+
+/// The policy mode: what happens to an address on neither list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// `"accept-all-except-deny"`: unlisted sources are accepted.
+    AcceptAllExceptDeny,
+    /// `"deny-all-except-permit"`: unlisted sources are refused.
+    DenyAllExceptPermit,
+}
+
+impl Mode {
+    /// The name as written on the wire, in the configuration file and on
+    /// the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::AcceptAllExceptDeny => "accept-all-except-deny",
+            Mode::DenyAllExceptPermit => "deny-all-except-permit",
+        }
+    }
+}
+
+/// Whether verdicts are carried out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Enforcement {
+    /// `"enforce"`: refuse what the policy refuses.
+    Enforce,
+    /// `"monitor"`: count and log what would be refused, refuse nothing.
+    Monitor,
+    /// `"off"`: judge nothing.
+    Off,
+}
+
+impl Enforcement {
+    /// The name as written on the wire, in the configuration file and on
+    /// the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Enforcement::Enforce => "enforce",
+            Enforcement::Monitor => "monitor",
+            Enforcement::Off => "off",
+        }
+    }
+}
+
+/// A policy verdict for one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// `"accept"`: the connection is let through.
+    Accept,
+    /// `"refuse"`: the SYN is dropped (XDP) or the session gets `554` (front
+    /// door), when enforcement is `enforce`.
+    Refuse,
+}
+
+impl Verdict {
+    /// `"accept"` or `"refuse"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Accept => "accept",
+            Verdict::Refuse => "refuse",
+        }
+    }
+}
+
+macro_rules! display_from_str {
+    ($($ty:ident: $($variant:ident),+;)+) => {$(
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = String;
+
+            fn from_str(s: &str) -> Result<Self, String> {
+                $(if s == $ty::$variant.as_str() {
+                    return Ok($ty::$variant);
+                })+
+                let all: &[&str] = &[$($ty::$variant.as_str()),+];
+                Err(format!("{s:?} is not one of {}", all.join(", ")))
+            }
+        }
+    )+};
+}
+
+display_from_str! {
+    ListName: Deny, Permit;
+    Mode: AcceptAllExceptDeny, DenyAllExceptPermit;
+    Enforcement: Enforce, Monitor, Off;
+    Verdict: Accept, Refuse;
+}
+
+/// A request from the CLI to the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Add entries to a list (`smtpguard deny add ...`). Answered with
+    /// [`Reply::ListChanged`].
+    ListAdd {
+        /// The list to change.
+        list: ListName,
+        /// The entries as the operator typed them (`"203.0.113.0/24"`,
+        /// `"2001:db8::1"`, ...). The daemon parses them with the same
+        /// parser as the list files; one bad entry fails the whole request.
+        entries: Vec<String>,
+        /// Remove the entries again after this many seconds; `None`: never.
+        #[serde(default)]
+        expires_in_secs: Option<u64>,
+        /// A comment stored with each entry (written to the list file after
+        /// `#`). One line.
+        #[serde(default)]
+        comment: Option<String>,
+        /// Accept entries covering every address (`0.0.0.0/0`, `::/0`),
+        /// which are refused otherwise so that a slip cannot deny (or
+        /// permit) the whole Internet.
+        #[serde(default)]
+        allow_all: bool,
+    },
+    /// Remove entries from a list (`smtpguard deny remove ...`). Answered
+    /// with [`Reply::ListChanged`].
+    ListRemove {
+        /// The list to change.
+        list: ListName,
+        /// The entries to remove, written as for [`Request::ListAdd`]; an
+        /// entry is removed when it is the same prefix (not when it merely
+        /// covers or is covered).
+        entries: Vec<String>,
+    },
+    /// Show a list's entries (`smtpguard deny list`). Answered with
+    /// [`Reply::ListEntries`].
+    ListShow {
+        /// The list to show.
+        list: ListName,
+    },
+    /// Import a list file (`smtpguard import deny FILE`). The client sends
+    /// the file's whole text; the daemon parses it. Answered with
+    /// [`Reply::ImportResult`].
+    Import {
+        /// The list to change.
+        list: ListName,
+        /// The file the text came from, as the operator named it
+        /// (`"<stdin>"` for standard input); used only in messages.
+        source_name: String,
+        /// The file's text, UTF-8.
+        text: String,
+        /// Make the list exactly the imported entries (entries not in the
+        /// text are removed); otherwise the entries are added.
+        #[serde(default)]
+        replace: bool,
+        /// Parse and compute the result without changing anything.
+        #[serde(default)]
+        dry_run: bool,
+        /// Skip lines that cannot be parsed (listing them in the reply)
+        /// instead of refusing the whole import.
+        #[serde(default)]
+        skip_invalid: bool,
+        /// As for [`Request::ListAdd`].
+        #[serde(default)]
+        allow_all: bool,
+    },
+    /// Export a list in the list file format (`smtpguard export deny`).
+    /// Answered with [`Reply::Exported`].
+    Export {
+        /// The list to export.
+        list: ListName,
+    },
+    /// Change the mode, the enforcement, or both (`smtpguard mode ...`).
+    /// `None` leaves that setting as it is. Answered with [`Reply::ModeSet`].
+    SetMode {
+        /// The new policy mode.
+        #[serde(default)]
+        mode: Option<Mode>,
+        /// The new enforcement.
+        #[serde(default)]
+        enforcement: Option<Enforcement>,
+    },
+    /// Ask what the policy says about addresses (`smtpguard check ...`).
+    /// Answered with [`Reply::Checked`].
+    Check {
+        /// IPv4 or IPv6 addresses, as typed.
+        addresses: Vec<String>,
+    },
+    /// Counters (`smtpguard stats`). Answered with [`Reply::Stats`].
+    Stats {
+        /// How many list entries to report in
+        /// [`StatsView::top_entries`] (most hits first); 0 for none.
+        #[serde(default)]
+        top: usize,
+    },
+    /// What the daemon is doing (`smtpguard status`). Answered with
+    /// [`Reply::Status`].
+    Status,
+    /// Re-read the list files and the reloadable parts of the
+    /// configuration, like SIGHUP (`smtpguard reload`). Answered with
+    /// [`Reply::Reloaded`].
+    Reload,
+}
+
+impl Request {
+    /// The request's `"op"` tag, for logs and messages.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::ListAdd { .. } => "list_add",
+            Request::ListRemove { .. } => "list_remove",
+            Request::ListShow { .. } => "list_show",
+            Request::Import { .. } => "import",
+            Request::Export { .. } => "export",
+            Request::SetMode { .. } => "set_mode",
+            Request::Check { .. } => "check",
+            Request::Stats { .. } => "stats",
+            Request::Status => "status",
+            Request::Reload => "reload",
+        }
+    }
+
+    /// Whether the request changes the daemon's state (lists, mode,
+    /// configuration), as opposed to only reading it. A dry-run import
+    /// reads only.
+    pub fn is_change(&self) -> bool {
+        match self {
+            Request::ListAdd { .. }
+            | Request::ListRemove { .. }
+            | Request::SetMode { .. }
+            | Request::Reload => true,
+            Request::Import { dry_run, .. } => !dry_run,
+            Request::ListShow { .. }
+            | Request::Export { .. }
+            | Request::Check { .. }
+            | Request::Stats { .. }
+            | Request::Status => false,
+        }
+    }
+}
+
+/// The daemon's answer to one [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    /// The request failed; nothing was changed. One line, starting in lower
+    /// case, no trailing period; the CLI prints it after
+    /// `smtpguard: error: `. On the wire: `{"error":"..."}`.
+    Error(String),
+    /// Answer to [`Request::ListAdd`] and [`Request::ListRemove`].
+    ListChanged(ListChanged),
+    /// Answer to [`Request::ListShow`].
+    ListEntries(ListEntries),
+    /// Answer to [`Request::Import`].
+    ImportResult(ImportResult),
+    /// Answer to [`Request::Export`].
+    Exported(Exported),
+    /// Answer to [`Request::SetMode`].
+    ModeSet(ModeSet),
+    /// Answer to [`Request::Check`].
+    Checked(Checked),
+    /// Answer to [`Request::Stats`].
+    Stats(StatsView),
+    /// Answer to [`Request::Status`].
+    Status(StatusView),
+    /// Answer to [`Request::Reload`].
+    Reloaded(Reloaded),
+}
+
+impl Reply {
+    /// Builds an [`Reply::Error`] from anything printable, flattened to
+    /// one line.
+    pub fn error(message: impl fmt::Display) -> Reply {
+        Reply::Error(one_line(&message.to_string()))
+    }
+
+    /// The reply's tag, for logs and messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Reply::Error(_) => "error",
+            Reply::ListChanged(_) => "list_changed",
+            Reply::ListEntries(_) => "list_entries",
+            Reply::ImportResult(_) => "import_result",
+            Reply::Exported(_) => "exported",
+            Reply::ModeSet(_) => "mode_set",
+            Reply::Checked(_) => "checked",
+            Reply::Stats(_) => "stats",
+            Reply::Status(_) => "status",
+            Reply::Reloaded(_) => "reloaded",
+        }
+    }
+}
+
+/// Replaces line breaks and other control characters with spaces, so a
+/// message stays one line.
+pub(crate) fn one_line(s: &str) -> String {
+    s.trim()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// How a list changed ([`Reply::ListChanged`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListChanged {
+    /// The list that was changed.
+    pub list: ListName,
+    /// Entries added (count).
+    pub added: u64,
+    /// Entries removed (count).
+    pub removed: u64,
+    /// Entries left as they were: already present when adding, absent
+    /// when removing (count).
+    pub unchanged: u64,
+    /// Things the operator should know that did not stop the change (an
+    /// entry covered by a broader one, an address both permitted and
+    /// denied, ...), one line each.
+    pub warnings: Vec<String>,
+    /// Entries in the list after the change (count).
+    pub list_size: u64,
+}
+
+/// One list entry as shown to the operator.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryView {
+    /// The prefix in canonical form: `"203.0.113.0/24"`, `"2001:db8::/32"`;
+    /// a single address has its full length (`"192.0.2.7/32"`).
+    pub prefix: String,
+    /// The comment stored with the entry, if any (without the `#`).
+    #[serde(default)]
+    pub comment: Option<String>,
+    /// When the entry expires, Unix seconds (UTC); `None`: never.
+    #[serde(default)]
+    pub expires_at_unix: Option<u64>,
+    /// SYNs and sessions this entry decided since the daemon started
+    /// (count); `None` when not counted (no XDP, or not known).
+    #[serde(default)]
+    pub hits: Option<u64>,
+}
+
+/// A list's entries ([`Reply::ListEntries`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListEntries {
+    /// The list shown.
+    pub list: ListName,
+    /// Its entries, IPv4 first, then in address order.
+    pub entries: Vec<EntryView>,
+}
+
+/// A line of an imported file that could not be used.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineIssue {
+    /// The file, as in [`Request::Import::source_name`].
+    pub source: String,
+    /// Line number, from 1.
+    pub line: u64,
+    /// Column of the problem, from 1, in characters.
+    pub column: u64,
+    /// What is wrong, one line.
+    pub reason: String,
+}
+
+/// The outcome of an import ([`Reply::ImportResult`]).
+///
+/// The daemon may refuse an import with [`Reply::Error`], or answer with
+/// `applied: false` and the offending lines in `skipped` (when invalid lines
+/// were found without `skip_invalid`), so that the operator sees every bad
+/// line at once; the CLI treats the latter as a failure unless it asked for
+/// a dry run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportResult {
+    /// The list imported into.
+    pub list: ListName,
+    /// Entries added (count; would be added, in a dry run).
+    pub added: u64,
+    /// Entries removed, with `replace` (count).
+    pub removed: u64,
+    /// Entries already present (count).
+    pub unchanged: u64,
+    /// Lines repeating an earlier line of the same text (count).
+    pub duplicates: u64,
+    /// Entries inside a broader entry of the same list, dropped (count).
+    pub covered: u64,
+    /// Lines that could not be parsed.
+    pub skipped: Vec<LineIssue>,
+    /// Things the operator should know, one line each.
+    pub warnings: Vec<String>,
+    /// Whether the list was changed: false for a dry run or a refused
+    /// import.
+    pub applied: bool,
+    /// Entries in the list afterwards (count; would be, in a dry run).
+    pub list_size: u64,
+}
+
+/// An exported list ([`Reply::Exported`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exported {
+    /// The list exported.
+    pub list: ListName,
+    /// The list in the list file format, one entry a line, ending in a
+    /// newline (empty for an empty list).
+    pub text: String,
+}
+
+/// The settings after [`Request::SetMode`] ([`Reply::ModeSet`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModeSet {
+    /// The policy mode now in force.
+    pub mode: Mode,
+    /// The enforcement now in force.
+    pub enforcement: Enforcement,
+}
+
+/// The policy's answers for a few addresses ([`Reply::Checked`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checked {
+    /// One result per requested address, in request order.
+    pub results: Vec<CheckView>,
+}
+
+/// What the policy says about one address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckView {
+    /// The address, canonical form (`"203.0.113.9"`, `"2001:db8::1"`).
+    pub address: String,
+    /// The policy mode the verdict was made in.
+    pub mode: Mode,
+    /// The enforcement in force: with `monitor` or `off` a `refuse`
+    /// verdict is not carried out.
+    pub enforcement: Enforcement,
+    /// The longest deny list entry covering the address, if any.
+    #[serde(default)]
+    pub deny_match: Option<EntryView>,
+    /// The longest permit list entry covering the address, if any.
+    #[serde(default)]
+    pub permit_match: Option<EntryView>,
+    /// What the policy decides (before enforcement is applied).
+    pub verdict: Verdict,
+    /// Why, in a few words naming the deciding entry, e.g.
+    /// `"deny list 203.0.113.0/24"`, `"permit list 203.0.113.77/32, longer
+    /// than deny 203.0.113.0/24"`, `"on neither list"`. One line.
+    pub reason: String,
+}
+
+/// Counters ([`Reply::Stats`]). Counters count since the daemon started
+/// (or the XDP program was loaded); gauges are current values.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsView {
+    /// The XDP program's counters by name (`"syn_dropped_deny"`,
+    /// `"syn_passed"`, ...; packets); `None` when XDP is not attached.
+    #[serde(default)]
+    pub xdp: Option<BTreeMap<String, u64>>,
+    /// The SMTP front door's counters by name (`"accepted"`,
+    /// `"rejected_policy"`, `"rejected_max_connections"`,
+    /// `"tls_handshakes"`, ...; events).
+    pub front_door: BTreeMap<String, u64>,
+    /// Current values by name (`"open_connections"`, ...), which go down as
+    /// well as up: not turned into rates by `stats --watch`.
+    #[serde(default)]
+    pub gauges: BTreeMap<String, u64>,
+    /// The list entries with the most hits, most first, at most the
+    /// requested `top`.
+    #[serde(default)]
+    pub top_entries: Vec<TopEntry>,
+}
+
+/// A list entry and its hit count, for [`StatsView::top_entries`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopEntry {
+    /// The entry's list.
+    pub list: ListName,
+    /// The entry, canonical form.
+    pub prefix: String,
+    /// SYNs and sessions it decided since the daemon started (count).
+    pub hits: u64,
+}
+
+/// An interface the XDP program is attached to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceView {
+    /// The interface name (`"eth0"`).
+    pub name: String,
+    /// How the program is attached: `"native"` or `"skb"`.
+    pub xdp_mode: String,
+}
+
+/// A list's size by address family.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListSize {
+    /// IPv4 entries (count).
+    pub ipv4: u64,
+    /// IPv6 entries (count).
+    pub ipv6: u64,
+}
+
+/// What the daemon is doing ([`Reply::Status`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusView {
+    /// The daemon's version (`"0.1.0"`).
+    pub version: String,
+    /// Seconds since the daemon started.
+    pub uptime_secs: u64,
+    /// Interfaces with the XDP program attached; empty when XDP is off.
+    pub interfaces: Vec<InterfaceView>,
+    /// The TCP ports guarded and served, ascending.
+    pub ports: Vec<u16>,
+    /// Entries in the deny list.
+    pub deny_list_size: ListSize,
+    /// Entries in the permit list.
+    pub permit_list_size: ListSize,
+    /// The policy mode.
+    pub mode: Mode,
+    /// The enforcement.
+    pub enforcement: Enforcement,
+    /// SMTP sessions open now (count).
+    pub open_connections: u64,
+    /// The cap on simultaneous sessions; `None`: unlimited.
+    #[serde(default)]
+    pub max_connections: Option<u64>,
+    /// STARTTLS: `"off"`, `"optional"` or `"required"`.
+    pub tls_mode: String,
+    /// When the server certificate expires, Unix seconds (UTC); `None`
+    /// when TLS is off.
+    #[serde(default)]
+    pub certificate_not_after_unix: Option<u64>,
+    /// Where accepted mail goes, one line: `"upstream 127.0.0.1:10025
+    /// (proxy-v2)"` or `"spool /var/spool/smtpguard"`.
+    pub delivery: String,
+    /// The control socket's path.
+    pub control_socket: String,
+}
+
+/// The outcome of [`Request::Reload`] ([`Reply::Reloaded`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reloaded {
+    /// What changed, for the operator: one or more lines (`"deny list: 3
+    /// added, 1 removed"`, `"nothing changed"`).
+    pub summary: String,
+}
