@@ -55,50 +55,9 @@ impl ListName {
     }
 }
 
-/// The policy mode: what happens to an address on neither list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// `"accept-all-except-deny"`: unlisted sources are accepted.
-    AcceptAllExceptDeny,
-    /// `"deny-all-except-permit"`: unlisted sources are refused.
-    DenyAllExceptPermit,
-}
-
-impl Mode {
-    /// The name as written on the wire, in the configuration file and on
-    /// the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::AcceptAllExceptDeny => "accept-all-except-deny",
-            Mode::DenyAllExceptPermit => "deny-all-except-permit",
-        }
-    }
-}
-
-/// Whether verdicts are carried out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Enforcement {
-    /// `"enforce"`: refuse what the policy refuses.
-    Enforce,
-    /// `"monitor"`: count and log what would be refused, refuse nothing.
-    Monitor,
-    /// `"off"`: judge nothing.
-    Off,
-}
-
-impl Enforcement {
-    /// The name as written on the wire, in the configuration file and on
-    /// the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Enforcement::Enforce => "enforce",
-            Enforcement::Monitor => "monitor",
-            Enforcement::Off => "off",
-        }
-    }
-}
+/// The policy mode and enforcement: the policy module's own types, whose
+/// serde names (`accept-all-except-deny`, `enforce`, ...) are the wire names.
+pub use crate::policy::{Enforcement, Mode};
 
 /// A policy verdict for one address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -145,8 +104,6 @@ macro_rules! display_from_str {
 
 display_from_str! {
     ListName: Deny, Permit;
-    Mode: AcceptAllExceptDeny, DenyAllExceptPermit;
-    Enforcement: Enforce, Monitor, Off;
     Verdict: Accept, Refuse;
 }
 
