@@ -1,0 +1,357 @@
+//! The daemon's answers to the control socket: each [`Request`] becomes a
+//! call on [`Daemon`] (lists, mode, reload) or a read of its state.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{anyhow, Result};
+use ipnet::IpNet;
+
+use super::state::{Daemon, KernelWrite};
+use crate::{
+    control::{
+        proto::{
+            CheckView, Checked, EntryView, Exported, ImportResult, InterfaceView, LineIssue,
+            ListChanged, ListEntries, ListName, ListSize, ModeSet, Reply, Request, StatsView,
+            StatusView, TopEntry, Verdict as WireVerdict,
+        },
+        ControlHandler, PeerInfo,
+    },
+    policy::{
+        parse_entry, parse_list, EntryOptions, ImportError, ImportMode, ImportOptions, ListEntry,
+        ListKind, Verdict,
+    },
+};
+
+/// Serves control requests against the daemon's state.
+pub struct Handler {
+    /// The daemon.
+    pub daemon: Arc<Daemon>,
+}
+
+impl ControlHandler for Handler {
+    async fn handle(&self, request: Request, peer: PeerInfo) -> Reply {
+        let op = request.op();
+        let daemon = Arc::clone(&self.daemon);
+        // List work can take a while (imports of 100k+ entries): keep it off
+        // the async threads.
+        let result = tokio::task::spawn_blocking(move || answer(&daemon, request)).await;
+        match result {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(e)) => {
+                tracing::warn!(op, uid = peer.uid, error = %format!("{e:#}"), "control request failed");
+                Reply::error(format!("{e:#}"))
+            }
+            Err(e) => Reply::error(format!("internal error: {e}")),
+        }
+    }
+}
+
+fn kind(list: ListName) -> ListKind {
+    match list {
+        ListName::Deny => ListKind::Deny,
+        ListName::Permit => ListKind::Permit,
+    }
+}
+
+fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
+    Ok(match request {
+        Request::ListAdd { list, entries, expires_in_secs, comment, allow_all } => {
+            let (prefixes, warnings) = parse_entries(&entries, allow_all)?;
+            let expires = expires_in_secs.map(|s| SystemTime::now() + Duration::from_secs(s));
+            let k = kind(list);
+            let outcome = daemon.change_policy(&[k], |p| {
+                let outcome = p.list_mut(k).add(prefixes.clone(), comment.as_deref(), expires)?;
+                Ok((outcome, KernelWrite::Prefixes(prefixes.clone())))
+            })?;
+            tracing::info!(list = %k, entries = %entries.join(" "), added = outcome.added.len(),
+                expires_in_secs, "list entries added");
+            if k == ListKind::Deny {
+                daemon.close_denied_sessions();
+            }
+            Reply::ListChanged(ListChanged {
+                list,
+                added: outcome.added.len() as u64,
+                removed: 0,
+                unchanged: outcome.updated.len() as u64,
+                warnings,
+                list_size: daemon.policy().list(k).len().total() as u64,
+            })
+        }
+        Request::ListRemove { list, entries } => {
+            let (prefixes, warnings) = parse_entries(&entries, true)?;
+            let k = kind(list);
+            let outcome = daemon.change_policy(&[k], |p| {
+                let outcome = p.list_mut(k).remove(prefixes.clone());
+                Ok((outcome, KernelWrite::Prefixes(prefixes.clone())))
+            })?;
+            tracing::info!(list = %k, entries = %entries.join(" "), removed = outcome.removed.len(),
+                "list entries removed");
+            if k == ListKind::Permit {
+                daemon.close_denied_sessions();
+            }
+            Reply::ListChanged(ListChanged {
+                list,
+                added: 0,
+                removed: outcome.removed.len() as u64,
+                unchanged: outcome.not_found.len() as u64,
+                warnings,
+                list_size: daemon.policy().list(k).len().total() as u64,
+            })
+        }
+        Request::ListShow { list } => {
+            let policy = daemon.policy();
+            let entries = policy.list(kind(list)).entries();
+            let hits = daemon.hits_by_prefix();
+            Reply::ListEntries(ListEntries {
+                list,
+                entries: entries.iter().map(|e| entry_view(e, hits.get(&e.prefix).copied())).collect(),
+            })
+        }
+        Request::Import { list, source_name, text, replace, dry_run, skip_invalid, allow_all } => {
+            import(daemon, list, &source_name, &text, replace, dry_run, skip_invalid, allow_all)?
+        }
+        Request::Export { list } => Reply::Exported(Exported {
+            list,
+            text: daemon.policy().list(kind(list)).to_text(),
+        }),
+        Request::SetMode { mode, enforcement } => {
+            let (mode, enforcement) = daemon.change_policy(&[], |p| {
+                if let Some(m) = mode {
+                    p.set_mode(m);
+                }
+                if let Some(e) = enforcement {
+                    p.set_enforcement(e);
+                }
+                Ok(((p.mode(), p.enforcement()), KernelWrite::Prefixes(Vec::new())))
+            })?;
+            tracing::info!(%mode, %enforcement,
+                "mode changed (live; set policy.mode/enforcement in the config to keep it across restarts)");
+            daemon.close_denied_sessions();
+            Reply::ModeSet(ModeSet { mode, enforcement })
+        }
+        Request::Check { addresses } => {
+            let policy = daemon.policy();
+            let mut results = Vec::new();
+            for text in &addresses {
+                let addr: IpAddr = text
+                    .trim()
+                    .parse()
+                    .map_err(|_| anyhow!("{text:?} is not an IPv4 or IPv6 address"))?;
+                let e = policy.explain(addr);
+                results.push(CheckView {
+                    address: e.address.to_string(),
+                    mode: e.mode,
+                    enforcement: e.enforcement,
+                    deny_match: e.deny_match.as_ref().map(|m| entry_view(m, None)),
+                    permit_match: e.permit_match.as_ref().map(|m| entry_view(m, None)),
+                    verdict: match e.verdict {
+                        Verdict::Deny => WireVerdict::Refuse,
+                        Verdict::Permit => WireVerdict::Accept,
+                    },
+                    reason: e.to_string(),
+                });
+            }
+            Reply::Checked(Checked { results })
+        }
+        Request::Stats { top } => Reply::Stats(stats(daemon, top)),
+        Request::Status => Reply::Status(status(daemon)),
+        Request::Reload => Reply::Reloaded(crate::control::proto::Reloaded { summary: daemon.reload()? }),
+    })
+}
+
+/// Parses CLI entries with the one entry parser; errors name the entry.
+fn parse_entries(entries: &[String], allow_all: bool) -> Result<(Vec<IpNet>, Vec<String>)> {
+    let mut prefixes = Vec::new();
+    let mut warnings = Vec::new();
+    for text in entries {
+        let parsed = parse_entry(text, EntryOptions { allow_all })
+            .map_err(|e| anyhow!("entry {text:?}, {e}; nothing was changed"))?;
+        warnings.extend(parsed.warnings.iter().map(|w| format!("entry {text:?}, {w}")));
+        prefixes.extend(parsed.prefixes);
+    }
+    if prefixes.is_empty() {
+        return Err(anyhow!("no entries given"));
+    }
+    Ok((prefixes, warnings))
+}
+
+fn entry_view(e: &ListEntry, hits: Option<u64>) -> EntryView {
+    EntryView {
+        prefix: e.prefix.to_string(),
+        comment: e.comment.clone(),
+        expires_at_unix: e.expires.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
+        hits,
+    }
+}
+
+fn line_issue(e: &ImportError) -> LineIssue {
+    let text = e.to_string();
+    let (source, line, column) = match e {
+        ImportError::Entry { source_name, line, reason } => (source_name.clone(), *line, reason.column()),
+        ImportError::BadExpiry { source_name, line, column, .. }
+        | ImportError::MissingAction { source_name, line, column }
+        | ImportError::UnknownAction { source_name, line, column, .. } => (source_name.clone(), *line, *column),
+        _ => (String::new(), e.line().unwrap_or(0), 0),
+    };
+    // The wire carries the location in its own fields; keep only the reason.
+    let prefix = format!("{source} line {line}, ");
+    let reason = text.strip_prefix(&prefix).unwrap_or(&text);
+    let reason = reason
+        .strip_prefix(&format!("column {column}: "))
+        .unwrap_or(reason)
+        .to_string();
+    LineIssue { source, line: line as u64, column: column as u64, reason }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn import(
+    daemon: &Daemon,
+    list: ListName,
+    source_name: &str,
+    text: &str,
+    replace: bool,
+    dry_run: bool,
+    skip_invalid: bool,
+    allow_all: bool,
+) -> Result<Reply> {
+    let target = kind(list);
+    let mut options = ImportOptions::new(target);
+    options.allow_all = allow_all;
+    options.skip_invalid = skip_invalid;
+    let report = match parse_list(text, source_name, &options) {
+        Ok(report) => report,
+        Err(ImportError::Rejected { errors, .. }) => {
+            return Ok(Reply::ImportResult(ImportResult {
+                list,
+                skipped: errors.iter().map(line_issue).collect(),
+                applied: false,
+                list_size: daemon.policy().list(target).len().total() as u64,
+                ..Default::default()
+            }))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mode = if replace { ImportMode::Replace } else { ImportMode::Merge };
+    let warnings: Vec<String> = report.warnings.iter().map(|w| w.to_string()).collect();
+    let skipped: Vec<LineIssue> = report.skipped.iter().map(line_issue).collect();
+    // Postfix tables can name the other list too (OK lines): merge those.
+    let other = match target {
+        ListKind::Deny => ListKind::Permit,
+        ListKind::Permit => ListKind::Deny,
+    };
+    let touches_other = report.count(other) > 0;
+    let diff = if dry_run {
+        daemon.policy().list(target).diff(&report, mode)
+    } else {
+        let touched: &[ListKind] = if touches_other { &[target, other] } else { &[target] };
+        let started = std::time::Instant::now();
+        let diff = daemon.change_policy(touched, |p| {
+            let diff = p.list_mut(target).import(&report, mode)?;
+            if touches_other {
+                p.list_mut(other).import(&report, ImportMode::Merge)?;
+            }
+            Ok((diff, KernelWrite::Everything))
+        })?;
+        tracing::info!(list = %target, source = source_name, added = diff.added.len(), removed = diff.removed.len(),
+            replace, seconds = started.elapsed().as_secs_f64(), "list imported");
+        daemon.close_denied_sessions();
+        diff
+    };
+    Ok(Reply::ImportResult(ImportResult {
+        list,
+        added: diff.added.len() as u64,
+        removed: diff.removed.len() as u64,
+        unchanged: diff.unchanged.len() as u64,
+        duplicates: diff.duplicates.len() as u64,
+        covered: diff.covered.len() as u64,
+        skipped,
+        warnings,
+        applied: !dry_run,
+        list_size: daemon.policy().list(target).len().total() as u64,
+    }))
+}
+
+fn stats(daemon: &Daemon, top: usize) -> StatsView {
+    let mut view = StatsView::default();
+    if let Some(counters) = daemon.counters() {
+        view.xdp = Some(counters.named().map(|(n, v)| (n.to_string(), v)).collect());
+    }
+    if let Some(server) = daemon.server() {
+        let m = server.metrics().snapshot();
+        let fd = &mut view.front_door;
+        fd.insert("connections_accepted".into(), m.connections_accepted);
+        fd.insert("sessions_started".into(), m.sessions_started);
+        for (reason, n) in &m.rejected {
+            fd.insert(format!("rejected_{reason}"), *n);
+        }
+        fd.insert("would_deny".into(), m.would_deny);
+        fd.insert("tls_handshakes_ok".into(), m.tls_handshakes_ok);
+        fd.insert("tls_handshakes_failed".into(), m.tls_handshakes_failed);
+        fd.insert("messages_accepted".into(), m.messages_accepted);
+        fd.insert("handoff_failures".into(), m.handoff_failures);
+        view.gauges.insert("open_connections".into(), m.open_connections as u64);
+    }
+    let policy = daemon.policy();
+    let mut hits: Vec<(IpNet, u64)> = daemon.hits_by_prefix().into_iter().collect();
+    hits.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    view.top_entries = hits
+        .into_iter()
+        .take(top)
+        .map(|(prefix, hits)| TopEntry {
+            list: if policy.list(ListKind::Deny).get(prefix).is_some() { ListName::Deny } else { ListName::Permit },
+            prefix: prefix.to_string(),
+            hits,
+        })
+        .collect();
+    view
+}
+
+fn status(daemon: &Daemon) -> StatusView {
+    let config = daemon.config();
+    let policy = daemon.policy();
+    let size = |k: ListKind| {
+        let n = policy.list(k).len();
+        ListSize { ipv4: n.v4 as u64, ipv6: n.v6 as u64 }
+    };
+    StatusView {
+        version: env!("CARGO_PKG_VERSION").into(),
+        uptime_secs: daemon.started.elapsed().as_secs(),
+        interfaces: daemon
+            .attachments
+            .iter()
+            .map(|a| InterfaceView { name: a.interface.clone(), xdp_mode: a.mode.to_string() })
+            .collect(),
+        ports: config.server.ports(),
+        deny_list_size: size(ListKind::Deny),
+        permit_list_size: size(ListKind::Permit),
+        mode: policy.mode(),
+        enforcement: policy.enforcement(),
+        open_connections: daemon.server().map(|s| s.metrics().open_connections() as u64).unwrap_or(0),
+        max_connections: config.server.max_connections.map(|n| n.get() as u64),
+        tls_mode: format!("{:?}", config.tls.mode).to_lowercase(),
+        certificate_not_after_unix: daemon.certificate_not_after(),
+        delivery: super::report::delivery_line(&config),
+        control_socket: config.control.socket.display().to_string(),
+    }
+}
+
+/// Hit counts of the entries with hits, by prefix.
+impl Daemon {
+    pub(crate) fn hits_by_prefix(&self) -> BTreeMap<IpNet, u64> {
+        let guard = self.kernel.lock().expect("kernel lock");
+        let Some(kernel) = guard.as_ref() else {
+            return BTreeMap::new();
+        };
+        kernel
+            .stats
+            .all_hits()
+            .into_iter()
+            .filter_map(|(id, n)| kernel.sync.prefix_of(id).map(|p| (p, n)))
+            .collect()
+    }
+}
