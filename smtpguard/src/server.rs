@@ -774,7 +774,11 @@ fn admit<H: HandoffFactory>(
             );
         }
         Access::Deny { reason, entry } => {
-            let reply = Reply::new(554, Some(EnhancedCode(5, 7, 1)), format!("{ip} Access denied"));
+            let reply = Reply::new(
+                554,
+                Some(EnhancedCode(5, 7, 1)),
+                format!("{ip} Access denied"),
+            );
             return refuse(metrics, stream, ip, reason.into(), entry.as_deref(), &reply);
         }
     }
@@ -960,7 +964,11 @@ mod tests {
         };
         let first = take(a).unwrap();
         assert!(take(a).is_none(), "per-address cap");
-        assert_eq!(slots.available_permits(), 1, "the refused one took no permit");
+        assert_eq!(
+            slots.available_permits(),
+            1,
+            "the refused one took no permit"
+        );
         let second = take(b).unwrap();
         assert!(take(b).is_none() && take(a).is_none());
         assert_ne!(first.session_id, second.session_id);

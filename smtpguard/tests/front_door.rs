@@ -298,7 +298,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 }
 
 fn assert_starts(reply: &str, prefix: &str) {
-    assert!(reply.starts_with(prefix), "expected {prefix:?}, got {reply:?}");
+    assert!(
+        reply.starts_with(prefix),
+        "expected {prefix:?}, got {reply:?}"
+    );
 }
 
 // ----- certificates -----------------------------------------------------------------
@@ -349,7 +352,8 @@ fn pki() -> Pki {
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(vec![HOST.to_string(), "127.0.0.1".to_string()]).unwrap();
+    let mut params =
+        CertificateParams::new(vec![HOST.to_string(), "127.0.0.1".to_string()]).unwrap();
     params.distinguished_name.push(DnType::CommonName, HOST);
     let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
 
@@ -366,10 +370,7 @@ fn pki() -> Pki {
     }
 }
 
-async fn tls_client(
-    pki: &Pki,
-    stream: TcpStream,
-) -> tokio_rustls::client::TlsStream<TcpStream> {
+async fn tls_client(pki: &Pki, stream: TcpStream) -> tokio_rustls::client::TlsStream<TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca_der.clone()).unwrap();
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -419,7 +420,12 @@ async fn swaks(addr: SocketAddr, extra: &[&str]) -> String {
     run_tool(
         Command::new("swaks")
             .args(["--server", "127.0.0.1", "--port", &addr.port().to_string()])
-            .args(["--helo", "client.example.org", "--from", "swaks@example.org"])
+            .args([
+                "--helo",
+                "client.example.org",
+                "--from",
+                "swaks@example.org",
+            ])
             .args(["--to", "rcpt@example.com", "--timeout", "10"])
             .args(extra),
     )
@@ -514,7 +520,10 @@ s.quit()
             out.contains("before 530 5.7.0 Must issue a STARTTLS command first"),
             "{out}"
         );
-        assert!(out.contains("after False"), "STARTTLS not offered again: {out}");
+        assert!(
+            out.contains("after False"),
+            "STARTTLS not offered again: {out}"
+        );
 
         let ca = pki.ca.to_str().unwrap();
         swaks(srv.addr, &["--tls", "--tls-verify", "--tls-ca-path", ca]).await;
@@ -535,7 +544,11 @@ s.quit()
         assert_eq!(snap.tls_handshakes_ok, 2);
         assert_eq!(snap.tls_handshakes_failed, 0);
         assert!(snap.rejected(Rejection::TlsRequired) >= 1);
-        logs.line_with(&["before STARTTLS", "client=127.0.0.1", "reason=\"tls_required\""]);
+        logs.line_with(&[
+            "before STARTTLS",
+            "client=127.0.0.1",
+            "reason=\"tls_required\"",
+        ]);
         drop(pki.dir);
         srv.stop().await;
     })
@@ -568,7 +581,11 @@ async fn connection_cap_and_slots_always_released() {
             "421 4.7.0 mx.example.com Error: too many connections, try again later\r\n"
         );
         fourth.expect_closed().await;
-        logs.line_with(&["connection refused", "client=127.0.0.1", "reason=\"connection_cap\""]);
+        logs.line_with(&[
+            "connection refused",
+            "client=127.0.0.1",
+            "reason=\"connection_cap\"",
+        ]);
         assert_eq!(srv.handle.metrics().open_connections(), 3);
         assert_eq!(srv.snapshot().rejected(Rejection::ConnectionCap), 1);
 
@@ -583,7 +600,10 @@ async fn connection_cap_and_slots_always_released() {
             for _ in 0..(if batch < 3 { 3 } else { 1 }) {
                 let mut c = connect(srv.addr).await;
                 c.reply().await;
-                assert_starts(&c.cmd("EHLO client.example.org").await, "250-mx.example.com");
+                assert_starts(
+                    &c.cmd("EHLO client.example.org").await,
+                    "250-mx.example.com",
+                );
                 assert_starts(&c.cmd("STARTTLS").await, "220 2.0.0");
                 // Half a ClientHello record, then RST (SO_LINGER 0).
                 let half_hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
@@ -728,7 +748,10 @@ except smtplib.SMTPConnectError as e:
         assert_starts(&c.cmd("QUIT").await, "221 ");
         srv.wait_for_no_sessions().await;
         let snap = srv.snapshot();
-        assert_eq!((snap.would_deny, snap.rejected(Rejection::NotPermitted)), (1, 0));
+        assert_eq!(
+            (snap.would_deny, snap.rejected(Rejection::NotPermitted)),
+            (1, 0)
+        );
         logs.line_with(&["would deny", "client=127.0.0.1", "reason=\"not_permitted\""]);
         srv.stop().await;
     })
@@ -797,7 +820,10 @@ async fn idle_timeout_is_per_line_not_per_byte() {
         let start = Instant::now();
         for _ in 0..5 {
             c.send("x").await;
-            if timeout(Duration::from_secs(1), c.io.fill_buf()).await.is_ok() {
+            if timeout(Duration::from_secs(1), c.io.fill_buf())
+                .await
+                .is_ok()
+            {
                 break;
             }
         }
@@ -816,7 +842,11 @@ async fn idle_timeout_is_per_line_not_per_byte() {
 
         srv.wait_for_no_sessions().await;
         assert_eq!(srv.snapshot().rejected(Rejection::IdleTimeout), 3);
-        logs.line_with(&["closing session", "client=127.0.0.1", "reason=\"idle_timeout\""]);
+        logs.line_with(&[
+            "closing session",
+            "client=127.0.0.1",
+            "reason=\"idle_timeout\"",
+        ]);
         srv.stop().await;
     })
     .await;
@@ -840,8 +870,14 @@ async fn session_duration_cap() {
             tokio::time::sleep(Duration::from_millis(500)).await;
         };
         let t = start_at.elapsed();
-        assert_eq!(reply, "421 4.4.2 mx.example.com Error: timeout exceeded\r\n");
-        assert!(t >= Duration::from_millis(2900) && t < Duration::from_secs(5), "{t:?}");
+        assert_eq!(
+            reply,
+            "421 4.4.2 mx.example.com Error: timeout exceeded\r\n"
+        );
+        assert!(
+            t >= Duration::from_millis(2900) && t < Duration::from_secs(5),
+            "{t:?}"
+        );
         c.expect_closed().await;
         srv.wait_for_no_sessions().await;
         assert_eq!(srv.snapshot().rejected(Rejection::SessionTimeout), 1);
@@ -864,7 +900,10 @@ async fn starttls_command_injection() {
         .await;
         let mut c = connect(srv.addr).await;
         c.reply().await;
-        assert_starts(&c.cmd("EHLO client.example.org").await, "250-mx.example.com");
+        assert_starts(
+            &c.cmd("EHLO client.example.org").await,
+            "250-mx.example.com",
+        );
         c.send("STARTTLS\r\nMAIL FROM:<a@example.com>\r\n").await;
         assert_eq!(c.reply().await, "220 2.0.0 Ready to start TLS\r\n");
         assert!(c.io.buffer().is_empty(), "nothing after the 220");
@@ -978,7 +1017,10 @@ async fn shutdown_closes_idle_sessions_after_the_grace() {
             "421 4.3.2 mx.example.com Service shutting down\r\n"
         );
         let t = start_at.elapsed();
-        assert!(t >= Duration::from_millis(1900), "421 came after {t:?}, before the grace");
+        assert!(
+            t >= Duration::from_millis(1900),
+            "421 came after {t:?}, before the grace"
+        );
         c.expect_closed().await;
         timeout(Duration::from_secs(5), srv.task)
             .await

@@ -69,7 +69,8 @@ pub trait Handoff: Send {
         params: &MailParams,
     ) -> impl Future<Output = Reply> + Send;
     /// `Event::NeedDecision(Step::Rcpt)`.
-    fn rcpt(&mut self, client: &ClientInfo, to: &ForwardPath) -> impl Future<Output = Reply> + Send;
+    fn rcpt(&mut self, client: &ClientInfo, to: &ForwardPath)
+        -> impl Future<Output = Reply> + Send;
     /// `Event::Message`: a 2xx only once the message is safe.
     fn message(
         &mut self,
@@ -93,7 +94,11 @@ impl Handoff for DeliverySession {
     ) -> impl Future<Output = Reply> + Send {
         DeliverySession::mail(self, client, from, params)
     }
-    fn rcpt(&mut self, client: &ClientInfo, to: &ForwardPath) -> impl Future<Output = Reply> + Send {
+    fn rcpt(
+        &mut self,
+        client: &ClientInfo,
+        to: &ForwardPath,
+    ) -> impl Future<Output = Reply> + Send {
         DeliverySession::rcpt(self, client, to)
     }
     fn message(
@@ -323,7 +328,8 @@ impl<H: Handoff> Driver<'_, H> {
                     Event::Close => {
                         self.flush(stream).await?;
                         // TLS close_notify and FIN.
-                        let _ = timeout_at(Instant::now() + FAREWELL_TIMEOUT, stream.shutdown()).await;
+                        let _ =
+                            timeout_at(Instant::now() + FAREWELL_TIMEOUT, stream.shutdown()).await;
                         // Every way to close sets `end` (see `observe`
                         // and `closing`).
                         return Err(self.end.unwrap_or(End::Internal));
@@ -759,7 +765,9 @@ mod tests {
         async fn message(&mut self, c: &ClientInfo, e: &Envelope, data: &[u8]) -> Reply {
             let line = format!("MESSAGE {} {} {}", c.session_id, e.reverse_path, data.len());
             self.seen.lock().unwrap().push(line);
-            self.message_reply.clone().unwrap_or_else(|| Reply::queued("Q1"))
+            self.message_reply
+                .clone()
+                .unwrap_or_else(|| Reply::queued("Q1"))
         }
         async fn close(&mut self) {
             self.closed.store(true, Ordering::SeqCst);
@@ -776,7 +784,11 @@ mod tests {
         }
     }
 
-    fn connection<'a>(settings: &'a ConnSettings, metrics: &'a Metrics, stop: Stop) -> Connection<'a> {
+    fn connection<'a>(
+        settings: &'a ConnSettings,
+        metrics: &'a Metrics,
+        stop: Stop,
+    ) -> Connection<'a> {
         let peer: SocketAddr = "192.0.2.1:4321".parse().unwrap();
         Connection {
             settings,
@@ -828,8 +840,18 @@ mod tests {
         assert_eq!(
             codes,
             [
-                "220 mx.ex", "250-mx.ex", "250-PIPEL", "250-SIZE ", "250-ENHAN", "250 8BITM",
-                "250 2.1.0", "250 2.1.5", "451 4.4.1", "354 End d", "250 2.0.0", "221 2.0.0"
+                "220 mx.ex",
+                "250-mx.ex",
+                "250-PIPEL",
+                "250-SIZE ",
+                "250-ENHAN",
+                "250 8BITM",
+                "250 2.1.0",
+                "250 2.1.5",
+                "451 4.4.1",
+                "354 End d",
+                "250 2.0.0",
+                "221 2.0.0"
             ]
         );
         assert_eq!(
@@ -855,7 +877,8 @@ mod tests {
         };
         let (server, mut client) = tokio::io::duplex(64 * 1024);
         let conn = connection(&settings, &metrics, Stop::default());
-        let input = "HELO c.example.org\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\n\
+        let input =
+            "HELO c.example.org\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\n\
                      DATA\r\nx\r\n.\r\nNOOP\r\n";
         client.write_all(input.as_bytes()).await.unwrap();
         let (end, lines) = tokio::join!(serve(server, conn, script), read_all(client));
