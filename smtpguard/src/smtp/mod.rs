@@ -121,6 +121,7 @@
 //! | hand-off failure (driver) | `451 4.3.0` / `451 4.4.1` |
 
 pub mod command;
+pub mod conn;
 pub mod data;
 pub mod handoff;
 pub mod reply;
