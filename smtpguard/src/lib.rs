@@ -17,6 +17,7 @@ pub mod control;
 pub mod daemon;
 pub mod kernel;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod smtp;

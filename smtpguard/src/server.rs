@@ -551,7 +551,7 @@ struct Shared<H> {
     settings: Settings,
     /// STARTTLS; `None` when TLS is off or no certificate is loaded (then
     /// STARTTLS is not advertised).
-    tls: Option<TlsAcceptor>,
+    tls: Arc<std::sync::RwLock<Option<TlsAcceptor>>>,
     /// The access lists, asked on every accept before anything is sent.
     access: Arc<dyn AccessCheck>,
     /// Makes each session's hand-off (Maildir spool or upstream MTA).
@@ -594,7 +594,7 @@ impl<H: HandoffFactory> ServerContext<H> {
                     .max_connections
                     .map(|n| Arc::new(Semaphore::new(n.get()))),
                 settings,
-                tls,
+                tls: Arc::new(std::sync::RwLock::new(tls)),
                 access,
                 handoffs,
                 sessions: Arc::new(Sessions::new()),
@@ -610,6 +610,7 @@ impl<H: HandoffFactory> ServerContext<H> {
         ServerHandle {
             sessions: Arc::clone(&self.shared.sessions),
             metrics: Arc::clone(&self.shared.metrics),
+            tls: Arc::clone(&self.shared.tls),
         }
     }
 }
@@ -619,6 +620,8 @@ impl<H: HandoffFactory> ServerContext<H> {
 pub struct ServerHandle {
     sessions: Arc<Sessions>,
     metrics: Arc<Metrics>,
+    /// The STARTTLS acceptor new sessions get; swapped by a reload.
+    tls: Arc<std::sync::RwLock<Option<TlsAcceptor>>>,
 }
 
 impl ServerHandle {
@@ -637,6 +640,13 @@ impl ServerHandle {
             }
         }
         n
+    }
+
+    /// Replaces the certificate and key for sessions that start from now
+    /// on (a reload); open sessions keep theirs. `None` stops offering
+    /// STARTTLS.
+    pub fn set_tls(&self, config: Option<Arc<tokio_rustls::rustls::ServerConfig>>) {
+        *self.tls.write().expect("tls lock") = config.map(TlsAcceptor::from);
     }
 
     /// The counters.
@@ -825,9 +835,11 @@ fn admit<H: HandoffFactory>(
                 tls: None,
                 session_id: slot.session_id.clone(),
             };
+            // The acceptor of this moment: a reload swaps it for new sessions only.
+            let tls = shared.tls.read().expect("tls lock").clone();
             let connection = Connection {
                 settings: &shared.settings.conn,
-                tls: shared.tls.as_ref(),
+                tls: tls.as_ref(),
                 metrics: &shared.metrics,
                 client,
                 stop: Stop {
@@ -977,6 +989,7 @@ mod tests {
         let handle = ServerHandle {
             sessions: Arc::clone(&sessions),
             metrics: Arc::clone(&metrics),
+            tls: Arc::default(),
         };
         assert_eq!(handle.kick(|ip| ip == a), 1);
         assert!(first.kick.is_cancelled() && !second.kick.is_cancelled());

@@ -655,7 +655,8 @@ fn system_time(unix: i64) -> SystemTime {
 
 /// `YYYY-MM-DD HH:MM:SS UTC` for seconds since the Unix epoch (proleptic
 /// Gregorian calendar; H. Hinnant's `civil_from_days`).
-fn format_utc(unix: i64) -> String {
+/// `2026-11-29 09:00:00 UTC` for a Unix time in seconds.
+pub fn format_utc(unix: i64) -> String {
     let days = unix.div_euclid(SECONDS_PER_DAY);
     let secs = unix.rem_euclid(SECONDS_PER_DAY);
     let z = days + 719_468;

@@ -23,7 +23,7 @@ use crate::{
     },
     policy::{
         parse_entry, parse_list, EntryOptions, ImportError, ImportMode, ImportOptions, ListEntry,
-        ListKind, Verdict,
+        ListKind, Reason, Verdict,
     },
 };
 
@@ -60,12 +60,20 @@ fn kind(list: ListName) -> ListKind {
 
 fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
     Ok(match request {
-        Request::ListAdd { list, entries, expires_in_secs, comment, allow_all } => {
+        Request::ListAdd {
+            list,
+            entries,
+            expires_in_secs,
+            comment,
+            allow_all,
+        } => {
             let (prefixes, warnings) = parse_entries(&entries, allow_all)?;
             let expires = expires_in_secs.map(|s| SystemTime::now() + Duration::from_secs(s));
             let k = kind(list);
             let outcome = daemon.change_policy(&[k], |p| {
-                let outcome = p.list_mut(k).add(prefixes.clone(), comment.as_deref(), expires)?;
+                let outcome = p
+                    .list_mut(k)
+                    .add(prefixes.clone(), comment.as_deref(), expires)?;
                 Ok((outcome, KernelWrite::Prefixes(prefixes.clone())))
             })?;
             tracing::info!(list = %k, entries = %entries.join(" "), added = outcome.added.len(),
@@ -109,12 +117,30 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
             let hits = daemon.hits_by_prefix();
             Reply::ListEntries(ListEntries {
                 list,
-                entries: entries.iter().map(|e| entry_view(e, hits.get(&e.prefix).copied())).collect(),
+                entries: entries
+                    .iter()
+                    .map(|e| entry_view(e, hits.get(&e.prefix).copied()))
+                    .collect(),
             })
         }
-        Request::Import { list, source_name, text, replace, dry_run, skip_invalid, allow_all } => {
-            import(daemon, list, &source_name, &text, replace, dry_run, skip_invalid, allow_all)?
-        }
+        Request::Import {
+            list,
+            source_name,
+            text,
+            replace,
+            dry_run,
+            skip_invalid,
+            allow_all,
+        } => import(
+            daemon,
+            list,
+            &source_name,
+            &text,
+            replace,
+            dry_run,
+            skip_invalid,
+            allow_all,
+        )?,
         Request::Export { list } => Reply::Exported(Exported {
             list,
             text: daemon.policy().list(kind(list)).to_text(),
@@ -127,7 +153,10 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
                 if let Some(e) = enforcement {
                     p.set_enforcement(e);
                 }
-                Ok(((p.mode(), p.enforcement()), KernelWrite::Prefixes(Vec::new())))
+                Ok((
+                    (p.mode(), p.enforcement()),
+                    KernelWrite::Prefixes(Vec::new()),
+                ))
             })?;
             tracing::info!(%mode, %enforcement,
                 "mode changed (live; set policy.mode/enforcement in the config to keep it across restarts)");
@@ -153,14 +182,33 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
                         Verdict::Deny => WireVerdict::Refuse,
                         Verdict::Permit => WireVerdict::Accept,
                     },
-                    reason: e.to_string(),
+                    reason: match e.reason {
+                        Reason::DenyList => format!(
+                            "deny list {}",
+                            e.deny_match
+                                .as_ref()
+                                .map(|m| m.prefix.to_string())
+                                .unwrap_or_default()
+                        ),
+                        Reason::Permitted => format!(
+                            "permit list {}",
+                            e.permit_match
+                                .as_ref()
+                                .map(|m| m.prefix.to_string())
+                                .unwrap_or_default()
+                        ),
+                        Reason::NotPermitted => "not on the permit list".into(),
+                        Reason::DefaultAccept => "on no list".into(),
+                    },
                 });
             }
             Reply::Checked(Checked { results })
         }
         Request::Stats { top } => Reply::Stats(stats(daemon, top)),
         Request::Status => Reply::Status(status(daemon)),
-        Request::Reload => Reply::Reloaded(crate::control::proto::Reloaded { summary: daemon.reload()? }),
+        Request::Reload => Reply::Reloaded(crate::control::proto::Reloaded {
+            summary: daemon.reload()?,
+        }),
     })
 }
 
@@ -171,7 +219,12 @@ fn parse_entries(entries: &[String], allow_all: bool) -> Result<(Vec<IpNet>, Vec
     for text in entries {
         let parsed = parse_entry(text, EntryOptions { allow_all })
             .map_err(|e| anyhow!("entry {text:?}, {e}; nothing was changed"))?;
-        warnings.extend(parsed.warnings.iter().map(|w| format!("entry {text:?}, {w}")));
+        warnings.extend(
+            parsed
+                .warnings
+                .iter()
+                .map(|w| format!("entry {text:?}, {w}")),
+        );
         prefixes.extend(parsed.prefixes);
     }
     if prefixes.is_empty() {
@@ -184,7 +237,10 @@ fn entry_view(e: &ListEntry, hits: Option<u64>) -> EntryView {
     EntryView {
         prefix: e.prefix.to_string(),
         comment: e.comment.clone(),
-        expires_at_unix: e.expires.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
+        expires_at_unix: e
+            .expires
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs()),
         hits,
     }
 }
@@ -192,10 +248,28 @@ fn entry_view(e: &ListEntry, hits: Option<u64>) -> EntryView {
 fn line_issue(e: &ImportError) -> LineIssue {
     let text = e.to_string();
     let (source, line, column) = match e {
-        ImportError::Entry { source_name, line, reason } => (source_name.clone(), *line, reason.column()),
-        ImportError::BadExpiry { source_name, line, column, .. }
-        | ImportError::MissingAction { source_name, line, column }
-        | ImportError::UnknownAction { source_name, line, column, .. } => (source_name.clone(), *line, *column),
+        ImportError::Entry {
+            source_name,
+            line,
+            reason,
+        } => (source_name.clone(), *line, reason.column()),
+        ImportError::BadExpiry {
+            source_name,
+            line,
+            column,
+            ..
+        }
+        | ImportError::MissingAction {
+            source_name,
+            line,
+            column,
+        }
+        | ImportError::UnknownAction {
+            source_name,
+            line,
+            column,
+            ..
+        } => (source_name.clone(), *line, *column),
         _ => (String::new(), e.line().unwrap_or(0), 0),
     };
     // The wire carries the location in its own fields; keep only the reason.
@@ -205,7 +279,12 @@ fn line_issue(e: &ImportError) -> LineIssue {
         .strip_prefix(&format!("column {column}: "))
         .unwrap_or(reason)
         .to_string();
-    LineIssue { source, line: line as u64, column: column as u64, reason }
+    LineIssue {
+        source,
+        line: line as u64,
+        column: column as u64,
+        reason,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -236,7 +315,11 @@ fn import(
         }
         Err(e) => return Err(e.into()),
     };
-    let mode = if replace { ImportMode::Replace } else { ImportMode::Merge };
+    let mode = if replace {
+        ImportMode::Replace
+    } else {
+        ImportMode::Merge
+    };
     let warnings: Vec<String> = report.warnings.iter().map(|w| w.to_string()).collect();
     let skipped: Vec<LineIssue> = report.skipped.iter().map(line_issue).collect();
     // Postfix tables can name the other list too (OK lines): merge those.
@@ -248,7 +331,11 @@ fn import(
     let diff = if dry_run {
         daemon.policy().list(target).diff(&report, mode)
     } else {
-        let touched: &[ListKind] = if touches_other { &[target, other] } else { &[target] };
+        let touched: &[ListKind] = if touches_other {
+            &[target, other]
+        } else {
+            &[target]
+        };
         let started = std::time::Instant::now();
         let diff = daemon.change_policy(touched, |p| {
             let diff = p.list_mut(target).import(&report, mode)?;
@@ -294,7 +381,8 @@ fn stats(daemon: &Daemon, top: usize) -> StatsView {
         fd.insert("tls_handshakes_failed".into(), m.tls_handshakes_failed);
         fd.insert("messages_accepted".into(), m.messages_accepted);
         fd.insert("handoff_failures".into(), m.handoff_failures);
-        view.gauges.insert("open_connections".into(), m.open_connections as u64);
+        view.gauges
+            .insert("open_connections".into(), m.open_connections as u64);
     }
     let policy = daemon.policy();
     let mut hits: Vec<(IpNet, u64)> = daemon.hits_by_prefix().into_iter().collect();
@@ -303,7 +391,11 @@ fn stats(daemon: &Daemon, top: usize) -> StatsView {
         .into_iter()
         .take(top)
         .map(|(prefix, hits)| TopEntry {
-            list: if policy.list(ListKind::Deny).get(prefix).is_some() { ListName::Deny } else { ListName::Permit },
+            list: if policy.list(ListKind::Deny).get(prefix).is_some() {
+                ListName::Deny
+            } else {
+                ListName::Permit
+            },
             prefix: prefix.to_string(),
             hits,
         })
@@ -316,7 +408,10 @@ fn status(daemon: &Daemon) -> StatusView {
     let policy = daemon.policy();
     let size = |k: ListKind| {
         let n = policy.list(k).len();
-        ListSize { ipv4: n.v4 as u64, ipv6: n.v6 as u64 }
+        ListSize {
+            ipv4: n.v4 as u64,
+            ipv6: n.v6 as u64,
+        }
     };
     StatusView {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -324,14 +419,20 @@ fn status(daemon: &Daemon) -> StatusView {
         interfaces: daemon
             .attachments
             .iter()
-            .map(|a| InterfaceView { name: a.interface.clone(), xdp_mode: a.mode.to_string() })
+            .map(|a| InterfaceView {
+                name: a.interface.clone(),
+                xdp_mode: a.mode.to_string(),
+            })
             .collect(),
         ports: config.server.ports(),
         deny_list_size: size(ListKind::Deny),
         permit_list_size: size(ListKind::Permit),
         mode: policy.mode(),
         enforcement: policy.enforcement(),
-        open_connections: daemon.server().map(|s| s.metrics().open_connections() as u64).unwrap_or(0),
+        open_connections: daemon
+            .server()
+            .map(|s| s.metrics().open_connections() as u64)
+            .unwrap_or(0),
         max_connections: config.server.max_connections.map(|n| n.get() as u64),
         tls_mode: format!("{:?}", config.tls.mode).to_lowercase(),
         certificate_not_after_unix: daemon.certificate_not_after(),

@@ -1,15 +1,207 @@
 //! The daemon: starts every part from the configuration, runs until
 //! SIGINT/SIGTERM, reloads on SIGHUP. See [`run`].
+//!
+//! Start order matters: everything that can refuse the configuration
+//! (TLS files, list files, the hand-off, the listen addresses, the control
+//! socket) is checked before the XDP program is attached, and the lists are
+//! in the kernel maps before the program sees a packet.
 
+pub mod control;
 pub mod report;
 pub mod startup;
 pub mod state;
 
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
 pub use state::{Daemon, Kernel, KernelWrite};
 
-/// Runs the daemon in the foreground with the configuration at `config`
-/// (the embedded development default when `None`).
-pub async fn run(config: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    let _ = config;
-    anyhow::bail!("the daemon is not wired yet")
+use crate::{
+    config::Config,
+    kernel::pump_kernel_log,
+    logging,
+    policy::ListKind,
+    server::{self, AccessCheck, ServerContext},
+    smtp::{conn::DeliveryHandoff, handoff::Delivery},
+    tls::{self, LoadedTls},
+};
+
+/// Runs the daemon in the foreground with the configuration file at
+/// `config_path` (the embedded development default when `None`), until
+/// SIGINT or SIGTERM. Errors name what could not be started and where.
+pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
+    let config = startup::load_config(config_path.as_deref())?;
+    logging::init(config.logging.format, config.logging.level);
+    if config_path.is_none() {
+        tracing::info!("no --config given: using the embedded development configuration");
+    }
+    let tls = load_tls(&config)?;
+    let policy = startup::load_policy(&config)?;
+    let delivery = Delivery::from_config(&config.delivery, &config.server.hostname)?;
+    let listeners = server::bind(&config.server.listen)?;
+    let control_listener = crate::control::bind(&config.control.socket)?;
+    let started = startup::start_kernel(&config, &policy)?;
+    let (kernel, attachments, kernel_log) = match started {
+        Some(s) => (Some(s.kernel), s.attachments, s.log),
+        None => (None, Vec::new(), None),
+    };
+
+    let daemon = Arc::new(Daemon::new(
+        config.clone(),
+        config_path,
+        policy,
+        kernel,
+        attachments,
+    ));
+    daemon.set_certificate_not_after(
+        tls.as_ref()
+            .map(|t| t.certificate.not_after_unix.max(0) as u64),
+    );
+    let access: Arc<dyn AccessCheck> = {
+        let daemon = Arc::clone(&daemon);
+        Arc::new(move |ip| daemon.access(ip))
+    };
+    let ctx = ServerContext::new(
+        server::Settings::from_config(&config.server, &config.tls),
+        tls.as_ref().map(|t| Arc::clone(&t.server_config)),
+        access,
+        DeliveryHandoff::new(delivery, &config.delivery),
+    );
+    daemon.set_server(ctx.handle());
+
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let server_task = tasks.spawn(server::run(listeners, ctx, shutdown.clone()));
+    let handler = Arc::new(control::Handler {
+        daemon: Arc::clone(&daemon),
+    });
+    tasks.spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            if let Err(e) = crate::control::run(control_listener, handler, shutdown).await {
+                tracing::error!(error = %e, "control socket failed");
+            }
+        }
+    });
+    let kernel_log_task = kernel_log.map(|log| tokio::spawn(pump_kernel_log(log)));
+    if let (Some(interval), true) = (config.logging.stats_interval, daemon.counters().is_some()) {
+        tasks.spawn(report::log_counters(
+            Arc::clone(&daemon),
+            interval,
+            shutdown.clone(),
+        ));
+    }
+    tasks.spawn(expire_entries(Arc::clone(&daemon), shutdown.clone()));
+    if let Some(address) = config.metrics.listen {
+        tasks.spawn(crate::metrics::serve(
+            address,
+            Arc::clone(&daemon),
+            shutdown.clone(),
+        ));
+    }
+    tasks.close();
+
+    let expiry = tls.as_ref().map(|t| {
+        format!(
+            "certificate {} valid until {}",
+            t.certificate.subject,
+            tls::format_utc(t.certificate.not_after_unix)
+        )
+    });
+    println!("{}", report::summary(&daemon, expiry.as_deref()));
+
+    wait_for_signals(&daemon, &shutdown, server_task).await?;
+    tasks.wait().await;
+    if let Some(task) = kernel_log_task {
+        task.abort();
+    }
+    // Detach XDP and remove its pins now, whoever still holds the daemon.
+    if let Some(mut kernel) = daemon.kernel.lock().expect("kernel lock").take() {
+        kernel.filter.detach_all();
+    }
+    tracing::info!("smtpguard stopped; XDP detached");
+    Ok(())
+}
+
+/// TLS files, when TLS is on; refuses to start on any problem with them.
+fn load_tls(config: &Config) -> Result<Option<LoadedTls>> {
+    let Some(files) = config.tls.active_files() else {
+        return Ok(None);
+    };
+    let loaded = tls::load(
+        &files.certificate,
+        &files.private_key,
+        files.ca_certificate.as_deref(),
+    )?;
+    for warning in &loaded.warnings {
+        tracing::warn!("{warning}");
+    }
+    Ok(Some(loaded))
+}
+
+/// Until SIGINT/SIGTERM (or the server ending on its own); SIGHUP reloads.
+async fn wait_for_signals(
+    daemon: &Arc<Daemon>,
+    shutdown: &CancellationToken,
+    mut server_task: tokio::task::JoinHandle<()>,
+) -> Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = sighup.recv() => {
+                let daemon = Arc::clone(daemon);
+                match tokio::task::spawn_blocking(move || daemon.reload()).await {
+                    Ok(Ok(summary)) => tracing::info!("SIGHUP: reloaded: {summary}"),
+                    Ok(Err(e)) => tracing::error!("SIGHUP: reload refused, the running configuration stays: {e:#}"),
+                    Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
+                }
+            }
+            _ = &mut server_task => {
+                tracing::error!("the SMTP server stopped on its own; shutting down");
+                break;
+            }
+        }
+    }
+    shutdown.cancel();
+    if !server_task.is_finished() {
+        let _ = server_task.await;
+    }
+    Ok(())
+}
+
+/// Removes temporary entries when they expire (checked every second: the
+/// CLI's `--for` has one-second resolution).
+async fn expire_entries(daemon: Arc<Daemon>, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let due = {
+            let policy = daemon.policy();
+            let now = std::time::SystemTime::now();
+            [ListKind::Deny, ListKind::Permit]
+                .iter()
+                .filter_map(|k| policy.list(*k).next_expiry())
+                .any(|t| t <= now)
+        };
+        if due {
+            let daemon = Arc::clone(&daemon);
+            let result = tokio::task::spawn_blocking(move || {
+                daemon.expire_entries(std::time::SystemTime::now())
+            })
+            .await;
+            if let Ok(Err(e)) = result {
+                tracing::error!("expiring temporary entries: {e:#}");
+            }
+        }
+    }
 }

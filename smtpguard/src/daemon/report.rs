@@ -87,18 +87,7 @@ pub fn summary(daemon: &Daemon, tls_expiry: Option<&str>) -> String {
         ),
     };
     let _ = writeln!(out, "  TLS:         {tls}");
-    let mail = match &config.delivery {
-        Delivery::Upstream(u) => {
-            let how = match u.protocol {
-                UpstreamProtocol::ProxyV2 => "PROXY protocol v2",
-                UpstreamProtocol::Xclient => "XCLIENT",
-                UpstreamProtocol::None => "plain SMTP",
-            };
-            format!("relayed to {} with {how}", u.address)
-        }
-        Delivery::Spool(s) => format!("spooled to {} (Maildir)", s.dir.display()),
-    };
-    let _ = writeln!(out, "  mail:        {mail}");
+    let _ = writeln!(out, "  mail:        {}", delivery_line(&config));
     let _ = write!(out, "  control:     {}", config.control.socket.display());
     out
 }
@@ -168,4 +157,20 @@ fn read_kernel(
         .filter_map(|(id, _)| kernel.sync.prefix_of(*id).map(|p| (*id, p.to_string())))
         .collect();
     Some((kernel.stats.counters(), hits, names))
+}
+
+/// Where mail goes, in words: `relayed to 127.0.0.1:10025 with PROXY
+/// protocol v2` or `spooled to /var/spool/smtpguard (Maildir)`.
+pub fn delivery_line(config: &crate::config::Config) -> String {
+    match &config.delivery {
+        Delivery::Upstream(u) => {
+            let how = match u.protocol {
+                UpstreamProtocol::ProxyV2 => "PROXY protocol v2",
+                UpstreamProtocol::Xclient => "XCLIENT",
+                UpstreamProtocol::None => "plain SMTP",
+            };
+            format!("relayed to {} with {how}", u.address)
+        }
+        Delivery::Spool(s) => format!("spooled to {} (Maildir)", s.dir.display()),
+    }
 }

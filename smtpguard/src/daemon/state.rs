@@ -9,7 +9,7 @@
 use std::{
     net::IpAddr,
     path::PathBuf,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex, OnceLock, RwLock},
     time::{Instant, SystemTime},
 };
 
@@ -20,7 +20,8 @@ use smtpguard_common::Action;
 use crate::{
     config::Config,
     kernel::{ApplyHow, Attachment, CounterSnapshot, MapSync, Stats, XdpFilter},
-    policy::{ListKind, Policy, Reason},
+    policy::{Enforcement, ListKind, Policy, Reason, Verdict},
+    server::{Access, DenyReason, ServerHandle},
 };
 
 /// The loaded XDP program and the owners of its maps.
@@ -51,6 +52,13 @@ pub struct Daemon {
     pub attachments: Vec<Attachment>,
     /// For uptime in status.
     pub started: Instant,
+    /// The running SMTP server (kicks, metrics); set once it is built.
+    server: OnceLock<ServerHandle>,
+    /// The TLS certificate's expiry (Unix seconds), for status.
+    certificate_not_after: RwLock<Option<u64>>,
+    /// When the lists last went into the kernel whole (Unix seconds) and
+    /// how long it took (seconds), for metrics.
+    last_list_load: Mutex<Option<(u64, f64)>>,
 }
 
 /// What a policy change must write into the kernel.
@@ -93,7 +101,85 @@ impl Daemon {
             kernel: Mutex::new(kernel),
             attachments,
             started: Instant::now(),
+            server: OnceLock::new(),
+            certificate_not_after: RwLock::new(None),
+            last_list_load: Mutex::new(None),
         }
+    }
+
+    /// When the lists were last loaded into the kernel whole, and how long
+    /// that took: `(unix seconds, seconds)`.
+    pub fn last_list_load(&self) -> Option<(u64, f64)> {
+        *self.last_list_load.lock().expect("load lock")
+    }
+
+    /// Records a whole-list load into the kernel.
+    pub fn record_list_load(&self, took: std::time::Duration) {
+        let at = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        *self.last_list_load.lock().expect("load lock") = Some((at, took.as_secs_f64()));
+    }
+
+    /// Records the running server's handle (once).
+    pub fn set_server(&self, handle: ServerHandle) {
+        let _ = self.server.set(handle);
+    }
+
+    /// The running server, once started.
+    pub fn server(&self) -> Option<&ServerHandle> {
+        self.server.get()
+    }
+
+    /// Records the certificate expiry shown by status.
+    pub fn set_certificate_not_after(&self, unix_seconds: Option<u64>) {
+        *self.certificate_not_after.write().expect("cert lock") = unix_seconds;
+    }
+
+    /// The certificate expiry (Unix seconds), when TLS is on.
+    pub fn certificate_not_after(&self) -> Option<u64> {
+        *self.certificate_not_after.read().expect("cert lock")
+    }
+
+    /// The front door's view of the lists for `client`.
+    pub fn access(&self, client: IpAddr) -> Access {
+        let policy = self.policy();
+        let explanation = policy.explain(client);
+        if explanation.verdict != Verdict::Deny || explanation.enforcement == Enforcement::Off {
+            return Access::Allow;
+        }
+        let (reason, entry) = match explanation.reason {
+            Reason::DenyList => (
+                DenyReason::DenyList,
+                explanation.deny_match.map(|e| e.prefix.to_string()),
+            ),
+            _ => (DenyReason::NotPermitted, None),
+        };
+        if explanation.enforcement == Enforcement::Monitor {
+            Access::WouldDeny { reason, entry }
+        } else {
+            Access::Deny { reason, entry }
+        }
+    }
+
+    /// With `close_denied_sessions` on, ends the open sessions whose
+    /// address the lists now refuse (`421 4.7.1`). Returns how many.
+    pub fn close_denied_sessions(&self) -> usize {
+        if !self.config().server.close_denied_sessions {
+            return 0;
+        }
+        let Some(server) = self.server() else {
+            return 0;
+        };
+        let closed = server.kick(|ip| matches!(self.access(ip), Access::Deny { .. }));
+        if closed > 0 {
+            tracing::info!(
+                sessions = closed,
+                "closed open sessions from addresses that are now denied"
+            );
+        }
+        closed
     }
 
     /// The configuration in force.
@@ -180,6 +266,7 @@ impl Daemon {
         .context("writing the XDP runtime configuration")?;
         match write {
             KernelWrite::Everything => {
+                let started = Instant::now();
                 let rules: Vec<(IpNet, Action)> = new
                     .compile()?
                     .into_iter()
@@ -188,6 +275,8 @@ impl Daemon {
                 sync.apply(&rules, ApplyHow::Atomic).context(
                     "loading the lists into the kernel; the previous lists stay in force",
                 )?;
+                drop(guard);
+                self.record_list_load(started.elapsed());
             }
             KernelWrite::Prefixes(prefixes) => {
                 let changes: Vec<_> = prefixes
@@ -207,6 +296,78 @@ impl Daemon {
             }
         }
         Ok(true)
+    }
+
+    /// Re-reads the configuration file, the certificates and the list files
+    /// (SIGHUP, `smtpguard reload`). Everything is read and checked first;
+    /// a bad file leaves the running configuration untouched. Lists, mode
+    /// and certificates apply without dropping sessions; settings that
+    /// need a restart (listen addresses, interfaces, limits, delivery,
+    /// control socket) are named in the returned summary.
+    pub fn reload(&self) -> Result<String> {
+        let config = super::startup::load_config(self.config_path.as_deref())?;
+        let tls = match config.tls.active_files() {
+            Some(f) => Some(crate::tls::load(
+                &f.certificate,
+                &f.private_key,
+                f.ca_certificate.as_deref(),
+            )?),
+            None => None,
+        };
+        let policy = super::startup::load_policy(&config)?;
+        let old = self.config();
+        let mut restart = Vec::new();
+        if old.server != config.server {
+            restart.push("[server]");
+        }
+        if old.xdp.interfaces != config.xdp.interfaces || old.xdp.mode != config.xdp.mode {
+            restart.push("xdp.interfaces/xdp.mode");
+        }
+        if old.delivery != config.delivery {
+            restart.push("[delivery]");
+        }
+        if old.control != config.control {
+            restart.push("[control]");
+        }
+        if old.tls.mode != config.tls.mode {
+            restart.push("tls.mode");
+        }
+        self.set_config(config.clone());
+        if let Err(e) = self.change_policy(&[], |p| {
+            *p = policy;
+            Ok(((), KernelWrite::Everything))
+        }) {
+            self.set_config((*old).clone());
+            return Err(e);
+        }
+        if let Some(server) = self.server() {
+            if config.tls.mode == old.tls.mode {
+                server.set_tls(tls.as_ref().map(|t| Arc::clone(&t.server_config)));
+            }
+        }
+        self.set_certificate_not_after(
+            tls.as_ref()
+                .map(|t| t.certificate.not_after_unix.max(0) as u64),
+        );
+        let policy = self.policy();
+        let mut summary = format!(
+            "lists reloaded (deny {}, permit {}), mode {}, {}",
+            policy.list(ListKind::Deny).len().total(),
+            policy.list(ListKind::Permit).len().total(),
+            policy.mode(),
+            policy.enforcement()
+        );
+        if tls.is_some() {
+            summary.push_str(", certificates reloaded");
+        }
+        if !restart.is_empty() {
+            summary.push_str(&format!(
+                "; changed settings that need a restart: {}",
+                restart.join(", ")
+            ));
+        }
+        tracing::info!("{summary}");
+        Ok(summary)
     }
 
     /// Expires temporary entries whose time has come; logs each.

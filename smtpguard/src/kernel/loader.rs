@@ -157,8 +157,9 @@ impl XdpFilter {
             what: "verifier rejected it".into(),
             source,
         })?;
-        let sync = MapSync::take_from(&mut ebpf)?;
-        let stats = Stats::take_from(&mut ebpf)?;
+        let hits = std::sync::Arc::new(super::hits::HitsMapping::take_from(&mut ebpf)?);
+        let sync = MapSync::take_from(&mut ebpf, std::sync::Arc::clone(&hits))?;
+        let stats = Stats::take_from(&mut ebpf, hits)?;
         Ok((
             XdpFilter {
                 ebpf,

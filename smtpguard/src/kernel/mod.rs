@@ -2,6 +2,7 @@
 //! program ([`loader`]), the one owner of its list and config maps
 //! ([`sync`]), and reading its counters ([`stats`]).
 
+mod hits;
 pub mod loader;
 pub mod stats;
 pub mod sync;

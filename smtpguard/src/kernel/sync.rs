@@ -23,7 +23,9 @@ use smtpguard_common::{
     map_names, Action, Enforcement, Mode, Rule, RuntimeConfig, MAX_PORTS, MAX_RULE_IDS,
 };
 
-use super::loader::KernelError;
+use std::sync::Arc;
+
+use super::{hits::HitsMapping, loader::KernelError};
 
 /// Errors while writing the maps.
 #[derive(Debug, thiserror::Error)]
@@ -99,10 +101,12 @@ pub struct MapSync {
     /// Rule id of every prefix ever given one and still installed; ids
     /// stay stable across applies so hit counters keep their meaning.
     ids: RuleIds,
+    /// Hit counters: an id handed to a new prefix starts from zero.
+    hits: Arc<HitsMapping>,
 }
 
 impl MapSync {
-    pub(crate) fn take_from(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
+    pub(crate) fn take_from(ebpf: &mut Ebpf, hits: Arc<HitsMapping>) -> Result<Self, KernelError> {
         fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
         where
             T: TryFrom<aya::maps::Map>,
@@ -120,6 +124,7 @@ impl MapSync {
             runtime: RuntimeConfig::zeroed(),
             installed: HashMap::new(),
             ids: RuleIds::default(),
+            hits,
         };
         sync.write_runtime()
             .map_err(|_| KernelError::Map(map_names::CONFIG))?;
@@ -261,7 +266,10 @@ impl MapSync {
                     if self.installed.len() + 1 >= MAX_RULE_IDS as usize && previous.is_none() {
                         return Err(SyncError::TooManyRules(self.installed.len() + 1));
                     }
-                    let rule_id = self.ids.assign(net);
+                    let (rule_id, fresh) = self.ids.assign(net);
+                    if fresh {
+                        self.hits.reset(rule_id);
+                    }
                     insert(
                         &mut self.v4[generation],
                         &mut self.v6[generation],
@@ -297,7 +305,10 @@ impl MapSync {
         let mut installed = HashMap::with_capacity(wanted.len());
         ids.retain(|n| wanted.contains_key(n));
         for (written, (net, action)) in wanted.iter().enumerate() {
-            let rule_id = ids.assign(*net);
+            let (rule_id, fresh) = ids.assign(*net);
+            if fresh {
+                self.hits.reset(rule_id);
+            }
             if let Err(source) = insert(
                 &mut self.v4[next],
                 &mut self.v6[next],
@@ -438,9 +449,11 @@ struct RuleIds {
 }
 
 impl RuleIds {
-    fn assign(&mut self, net: IpNet) -> u32 {
+    /// The id of `net`, giving it a free one if it has none; `true` when
+    /// the id is newly given (its hit counter must start from zero).
+    fn assign(&mut self, net: IpNet) -> (u32, bool) {
         if let Some(id) = self.by_prefix.get(&net) {
-            return *id;
+            return (*id, false);
         }
         let id = match self.free.pop() {
             Some(id) => id,
@@ -454,7 +467,7 @@ impl RuleIds {
         };
         self.by_id[id as usize] = Some(net);
         self.by_prefix.insert(net, id);
-        id
+        (id, true)
     }
 
     fn release(&mut self, net: &IpNet) {
@@ -490,13 +503,13 @@ mod tests {
         let mut ids = RuleIds::default();
         let a: IpNet = "192.0.2.0/24".parse().unwrap();
         let b: IpNet = "2001:db8::/32".parse().unwrap();
-        assert_eq!(ids.assign(a), 1);
-        assert_eq!(ids.assign(b), 2);
-        assert_eq!(ids.assign(a), 1);
+        assert_eq!(ids.assign(a), (1, true));
+        assert_eq!(ids.assign(b), (2, true));
+        assert_eq!(ids.assign(a), (1, false));
         ids.release(&a);
         assert_eq!(ids.prefix_of(1), None);
         let c: IpNet = "198.51.100.0/24".parse().unwrap();
-        assert_eq!(ids.assign(c), 1);
+        assert_eq!(ids.assign(c), (1, true));
         assert_eq!(ids.prefix_of(1), Some(c));
         assert_eq!(ids.prefix_of(2), Some(b));
     }

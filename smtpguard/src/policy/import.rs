@@ -296,7 +296,7 @@ pub enum ImportError {
         lines: usize,
     },
     /// The file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         /// Path.
         path: PathBuf,

@@ -50,7 +50,7 @@ pub const DEFAULT_PERMIT_LIST_PATH: &str = "/etc/smtpguard/permit.list";
 #[derive(Debug, thiserror::Error)]
 pub enum ListError {
     /// The list file exists but could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         /// Path of the list file.
         path: PathBuf,
@@ -61,7 +61,7 @@ pub enum ListError {
     #[error(transparent)]
     Import(#[from] ImportError),
     /// Writing the list file failed at `step`; the old file is intact.
-    #[error("writing {path} ({step}): {source}")]
+    #[error("writing {path} ({step})")]
     Write {
         /// Path of the list file.
         path: PathBuf,
@@ -628,6 +628,12 @@ impl AccessList {
     /// [`ListError::Write`] naming the step that failed; the old file is
     /// then intact and no temporary file is left behind.
     pub fn save(&self, path: &Path) -> Result<(), ListError> {
+        // First save on a fresh machine: the directory may not exist yet.
+        fs::create_dir_all(parent_dir(path)).map_err(|source| ListError::Write {
+            path: path.to_path_buf(),
+            step: "creating the directory",
+            source,
+        })?;
         let temp = write_temp(path, self.to_text().as_bytes())?;
         if let Err(e) = install_temp(&temp, path) {
             let _ = fs::remove_file(&temp);
@@ -1095,16 +1101,23 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn save_into_a_missing_directory_fails_and_names_the_step() {
+    fn save_creates_a_missing_directory() {
         let dir = TestDir::new("nodir");
         let path = dir.0.join("missing").join("deny.list");
+        AccessList::new(ListKind::Deny).save(&path).unwrap();
+        assert!(path.exists());
+    }
+
+    #[test]
+    fn save_under_a_file_fails_and_names_the_step() {
+        let dir = TestDir::new("underfile");
+        let blocker = dir.0.join("blocker");
+        fs::write(&blocker, b"not a directory").unwrap();
+        let path = blocker.join("deny.list");
         let err = AccessList::new(ListKind::Deny).save(&path).unwrap_err();
-        assert!(
-            err.to_string().starts_with(&format!(
-                "writing {} (creating the temporary file): ",
-                path.display()
-            )),
-            "{err}"
+        assert_eq!(
+            err.to_string(),
+            format!("writing {} (creating the directory)", path.display())
         );
     }
 }
