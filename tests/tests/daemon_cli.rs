@@ -1,0 +1,349 @@
+//! The daemon and its controller CLI together, in a network namespace with
+//! native XDP on a veth: live list changes reach the kernel before the CLI
+//! returns, temporary entries expire, imports replace atomically, stats and
+//! metrics agree with what was sent, and a restart restores the lists.
+
+use std::{
+    io::{Read, Write},
+    net::SocketAddr,
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use smtpguard_tests::{
+    netns::{ChildGuard, Netns, Topology, GW_V4},
+    require_root,
+};
+use socket2::{Domain, Socket, Type};
+
+const PORT: u16 = 2525;
+
+fn binary() -> PathBuf {
+    std::env::var_os("SMTPGUARD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/smtpguard"))
+}
+
+fn shared_data(file: &str) -> PathBuf {
+    std::env::var_os("SMTPGUARD_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
+        .join(file)
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "sgt-daemon-{}",
+            smtpguard_tests::netns::unique_tag()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Gateway<'a> {
+    ns: &'a Netns,
+    dir: &'a Path,
+    daemon: Option<ChildGuard>,
+}
+
+impl Gateway<'_> {
+    fn socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::File::create(self.dir.join("daemon.log")).unwrap();
+        let child = self
+            .ns
+            .command(binary().to_str().unwrap())
+            .args(["run", "--config"])
+            .arg(self.dir.join("smtpguard.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start smtpguard");
+        self.daemon = Some(ChildGuard(child));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.cli(&["status"]).status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("daemon did not come up:\n{}", self.log());
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it.
+    fn stop(&mut self) {
+        if let Some(mut guard) = self.daemon.take() {
+            let pid = guard.0.id() as i32;
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let status = guard.0.wait().unwrap();
+            assert!(status.success(), "daemon exit: {status}\n{}", self.log());
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(binary())
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "smtpguard {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&full)).unwrap()
+    }
+
+    fn xdp(&self, counter: &str) -> u64 {
+        self.json(&["stats"])["xdp"][counter].as_u64().unwrap()
+    }
+}
+
+/// Connects from `src` in `ns` to the gateway: the greeting, or the error.
+fn connect_from(ns: &Netns, src: &str) -> std::io::Result<String> {
+    ns.enter(|| {
+        let src: std::net::IpAddr = src.parse().unwrap();
+        let dst: SocketAddr = format!("{GW_V4}:{PORT}").parse().unwrap();
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        socket.bind(&SocketAddr::new(src, 0).into())?;
+        // Under the 1 s initial SYN retransmission timeout: one SYN per try.
+        socket.connect_timeout(&dst.into(), Duration::from_millis(600))?;
+        let mut stream: std::net::TcpStream = socket.into();
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = [0u8; 256];
+        let n = stream.read(&mut buf)?;
+        let _ = stream.write_all(b"QUIT\r\n");
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+}
+
+fn assert_greeted(ns: &Netns, src: &str, when: &str) {
+    let got = connect_from(ns, src);
+    assert!(
+        matches!(&got, Ok(g) if g.starts_with("220 ")),
+        "{when}: {src} should be greeted, got {got:?}"
+    );
+}
+
+fn assert_dropped(ns: &Netns, src: &str, when: &str) {
+    let got = connect_from(ns, src);
+    assert!(
+        matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::TimedOut),
+        "{when}: {src}'s SYN should be dropped, got {got:?}"
+    );
+}
+
+/// `GET /metrics` from inside `ns`.
+fn scrape(ns: &Netns, address: &str) -> String {
+    ns.enter(|| {
+        let mut s = std::net::TcpStream::connect(address).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        body
+    })
+}
+
+#[test]
+fn live_list_changes_stats_metrics_and_restart() {
+    require_root();
+    let topo = Topology::new();
+    for client in [
+        "198.51.100.10",
+        "203.0.113.9",
+        "203.0.113.10",
+        "203.0.113.11",
+    ] {
+        topo.add_client(client);
+    }
+    let dir = TempDir::new();
+    let d = dir.0.display();
+    std::fs::write(
+        dir.0.join("smtpguard.toml"),
+        format!(
+            r#"
+[server]
+hostname = "gw.example.com"
+listen = ["{GW_V4}:{PORT}"]
+[policy]
+deny_list = "{d}/deny.list"
+permit_list = "{d}/permit.list"
+[xdp]
+interfaces = ["{iface}"]
+mode = "native"
+[delivery]
+spool_dir = "{d}/spool"
+accept_domains = ["example.com"]
+[control]
+socket = "{d}/control.sock"
+[logging]
+stats_interval = "1s"
+[metrics]
+listen = "127.0.0.1:9325"
+"#,
+            iface = topo.gw_if
+        ),
+    )
+    .unwrap();
+    let mut gw = Gateway {
+        ns: &topo.gw,
+        dir: &dir.0,
+        daemon: None,
+    };
+    gw.start();
+    let net = &topo.net;
+
+    assert_greeted(net, "203.0.113.9", "before any entry");
+
+    // deny add: in the kernel by the time the CLI returns.
+    let drops = gw.xdp("drop_deny_list");
+    gw.ok(&["deny", "add", "203.0.113.9", "--comment", "spam run"]);
+    let returned = Instant::now();
+    // The very next SYN, sent as soon as the CLI has returned, is dropped:
+    // the kernel update is part of the command, not something that follows.
+    let sent_after = returned.elapsed();
+    assert_dropped(net, "203.0.113.9", "right after deny add");
+    eprintln!("deny add: the first SYN, sent {sent_after:?} after the CLI returned, was dropped");
+    assert_eq!(gw.xdp("drop_deny_list"), drops + 1);
+    let check = gw.json(&["check", "203.0.113.9"]);
+    assert_eq!(check["results"][0]["verdict"], "refuse", "{check}");
+
+    // deny remove lets it through again.
+    gw.ok(&["deny", "remove", "203.0.113.9"]);
+    assert_greeted(net, "203.0.113.9", "after deny remove");
+
+    // A temporary entry expires on its own, from kernel, list and file.
+    gw.ok(&["deny", "add", "203.0.113.10", "--for", "2s"]);
+    assert_dropped(net, "203.0.113.10", "temporary entry in force");
+    assert!(std::fs::read_to_string(dir.0.join("deny.list"))
+        .unwrap()
+        .contains("203.0.113.10/32"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_greeted(net, "203.0.113.10", "after the temporary entry expired");
+    assert!(!std::fs::read_to_string(dir.0.join("deny.list"))
+        .unwrap()
+        .contains("203.0.113.10/32"));
+    assert!(
+        gw.log().contains("temporary entry expired"),
+        "expiry not logged"
+    );
+
+    // Stats equal what was sent: count our SYNs from a fresh baseline.
+    gw.ok(&["deny", "add", "203.0.113.11"]);
+    let before = gw.json(&["stats"]);
+    for _ in 0..3 {
+        assert_dropped(net, "203.0.113.11", "stats round");
+    }
+    assert_greeted(net, "198.51.100.10", "stats round");
+    let after = gw.json(&["stats"]);
+    let delta = |k: &str| after["xdp"][k].as_u64().unwrap() - before["xdp"][k].as_u64().unwrap();
+    assert_eq!(delta("syn"), 4, "{after}");
+    assert_eq!(delta("drop_deny_list"), 3);
+    assert_eq!(delta("pass_permitted"), 1);
+    let top = &after["top_entries"][0];
+    assert_eq!(
+        (top["prefix"].as_str(), top["hits"].as_u64()),
+        (Some("203.0.113.11/32"), Some(3)),
+        "{after}"
+    );
+
+    // The metrics endpoint parses and agrees with stats.
+    let body = scrape(&topo.gw, "127.0.0.1:9325");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .expect("Prometheus text");
+    let dropped = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "smtpguard_xdp_dropped_total" && s.labels.get("reason") == Some("deny_list")
+        })
+        .expect("smtpguard_xdp_dropped_total{reason=\"deny_list\"}");
+    let stats_now = gw.xdp("drop_deny_list");
+    assert!(
+        matches!(dropped.value, prometheus_parse::Value::Counter(v) if v as u64 == stats_now),
+        "{dropped:?} vs {stats_now}"
+    );
+
+    // import --replace: the whole list switches at once.
+    let out = gw.ok(&[
+        "import",
+        "deny",
+        shared_data("spamhaus-drop.txt").to_str().unwrap(),
+        "--replace",
+    ]);
+    assert!(out.contains("989"), "{out}");
+    assert_greeted(net, "203.0.113.11", "after replace (no longer listed)");
+    let status = gw.json(&["status"]);
+    assert_eq!(status["deny_list_size"]["ipv4"], 989, "{status}");
+
+    // A garbage request gets an error reply; the daemon carries on.
+    let mut raw = UnixStream::connect(gw.socket()).unwrap();
+    raw.write_all(b"{this is not json}\n").unwrap();
+    let mut reply = [0u8; 256];
+    let n = raw.read(&mut reply).unwrap();
+    assert!(String::from_utf8_lossy(&reply[..n]).contains("error"));
+    gw.ok(&["status"]);
+
+    // Restart: the same lists come back from disk; XDP was detached between.
+    gw.ok(&["deny", "add", "203.0.113.9"]);
+    let listed = gw.ok(&["deny", "list"]);
+    gw.stop();
+    let link = String::from_utf8(
+        topo.gw
+            .command("ip")
+            .args(["link", "show", "dev", &topo.gw_if])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        !link.contains("xdp"),
+        "XDP still attached after SIGTERM: {link}"
+    );
+    gw.start();
+    assert_eq!(gw.ok(&["deny", "list"]), listed, "lists after restart");
+    assert_dropped(net, "203.0.113.9", "after restart");
+    gw.stop();
+}
