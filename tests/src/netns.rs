@@ -4,12 +4,16 @@
 
 use std::{
     fs::File,
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
     os::fd::AsFd,
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
 };
 
 use nix::sched::{setns, CloneFlags};
+use socket2::{Domain, Socket, Type};
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
@@ -61,6 +65,44 @@ impl Netns {
         let mut full = vec!["-n", self.name.as_str()];
         full.extend_from_slice(args);
         ip(&full);
+    }
+
+    /// `ip -d link show dev IFACE` inside the namespace.
+    pub fn link_details(&self, interface: &str) -> String {
+        let out = run_checked(
+            self.command("ip")
+                .args(["-d", "link", "show", "dev", interface]),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// How many XDP programs `interface` has attached (0 or 1 for a sane
+    /// interface; more would mean a program attached twice).
+    pub fn xdp_programs(&self, interface: &str) -> usize {
+        self.link_details(interface).matches("prog/xdp id").count()
+    }
+
+    /// Connects from `src` (an address of this namespace) to `dst` with a
+    /// connect timeout, and reads the server's first line: `Ok(greeting)`,
+    /// or the error (`TimedOut` when the SYN was dropped).
+    pub fn connect_from(
+        &self,
+        src: &str,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> std::io::Result<String> {
+        self.enter(|| {
+            let src: IpAddr = src.parse().expect("source address");
+            let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+            socket.bind(&SocketAddr::new(src, 0).into())?;
+            socket.connect_timeout(&dst.into(), timeout)?;
+            let mut stream: TcpStream = socket.into();
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut buf = [0u8; 256];
+            let n = stream.read(&mut buf)?;
+            let _ = stream.write_all(b"QUIT\r\n");
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
     }
 
     /// A command that runs inside the namespace (`ip netns exec`).
