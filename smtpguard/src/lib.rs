@@ -8,8 +8,11 @@
 //!   MTA or the Maildir spool.
 //!
 //! [`policy`] holds the permit/deny lists and the verdict both layers share,
-//! [`config`] the validated configuration, [`control`] the operator's
-//! control socket.
+//! [`config`] the validated configuration, [`tls`] the certificate loading.
+//! [`daemon`] starts and wires everything and owns the one path by which
+//! lists change; [`control`] is the operator's control socket and
+//! [`cli`] the command line (daemon and controller in one binary);
+//! [`logging`] and [`metrics`] are what the operator watches.
 
 pub mod cli;
 pub mod config;
