@@ -121,6 +121,8 @@ pub struct XdpFilter {
     attachments: Vec<Attachment>,
     /// Links pinned in bpffs by [`XdpFilter::attach_pinned`].
     pinned: Vec<PinnedLink>,
+    /// The directory they are pinned in, removed when empty at detach.
+    pin_dir: Option<PathBuf>,
 }
 
 /// Reader of the program's aya-log ring buffer; its records go to the `log`
@@ -165,6 +167,7 @@ impl XdpFilter {
                 ebpf,
                 attachments: Vec::new(),
                 pinned: Vec::new(),
+                pin_dir: None,
             },
             sync,
             stats,
@@ -202,6 +205,7 @@ impl XdpFilter {
             path: pin_dir.to_path_buf(),
             source,
         })?;
+        self.pin_dir = Some(pin_dir.to_path_buf());
         for candidate in [AttachedMode::Native, AttachedMode::Skb] {
             let path = pin_path(pin_dir, interface, candidate);
             if !path.exists() {
@@ -356,6 +360,10 @@ impl XdpFilter {
             if let Err(e) = pinned.unpin() {
                 tracing::warn!(error = %e, "removing pinned XDP link");
             }
+        }
+        if let Some(dir) = self.pin_dir.take() {
+            // Only succeeds when empty: another daemon's pins stay.
+            let _ = std::fs::remove_dir(dir);
         }
         let program = self.program();
         // Unloading drops every link the program owns.
