@@ -63,7 +63,17 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => e.exit(),
+        Err(e) => {
+            // One line, like every other xtask error; `--help` has the rest.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("xtask: {first} (see `cargo xtask --help`)");
+            return ExitCode::from(2);
+        }
+    };
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -88,18 +98,19 @@ fn run(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Run { release, args } => {
-            let binary = build(&root, release)?;
-            require_root("`smtpguard run` attaches an XDP program")?;
+            // Cheap checks first: no point building for a path that isn't there.
             if let Some(config) = config_arg(&args) {
                 std::fs::metadata(&config)
                     .with_context(|| format!("cannot read config file {}", config.display()))?;
             }
+            require_root("`smtpguard run` attaches an XDP program")?;
+            let binary = build(&root, release)?;
             eprintln!("xtask: running {} run {}", binary.display(), args.join(" "));
-            let status = Command::new(&binary).arg("run").args(&args).status()?;
-            if !status.success() {
-                bail!("smtpguard exited with {status}");
-            }
-            Ok(())
+            // Become the daemon: Ctrl-C then reaches it alone, and it
+            // detaches XDP before the shell prompt comes back.
+            use std::os::unix::process::CommandExt;
+            let error = Command::new(&binary).arg("run").args(&args).exec();
+            Err(error).with_context(|| format!("starting {}", binary.display()))
         }
         Cmd::Test { args } => {
             require_root("the kernel tests load XDP programs and create network namespaces")?;
