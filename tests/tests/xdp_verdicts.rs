@@ -850,3 +850,53 @@ fn tries_hold_a_million_prefixes_per_family_and_generation() {
         );
     }
 }
+
+#[test]
+fn a_list_that_does_not_fit_leaves_the_old_one_in_force() {
+    require_root();
+    let (mut filter, mut sync, _stats) = XdpFilter::load_with_capacity(8).expect("load");
+    sync.set_runtime(Mode::AcceptAllExceptDeny, Enforcement::Enforce, &PORTS, 0)
+        .unwrap();
+    sync.apply(
+        &rules_of(&[("203.0.113.0/24", Action::Deny)]),
+        ApplyHow::Atomic,
+    )
+    .unwrap();
+    let generation = sync.runtime().active_generation;
+    // Nine IPv4 prefixes into tries that hold eight.
+    let too_many: Vec<(IpNet, Action)> = (0..9)
+        .map(|i| (format!("198.51.100.{i}/32").parse().unwrap(), Action::Deny))
+        .collect();
+    let err = sync.apply(&too_many, ApplyHow::Atomic).unwrap_err();
+    assert!(
+        err.to_string().starts_with(
+            "kernel IPv4 list is full after 8 of 9 prefixes; the previous list stays in force"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        sync.runtime().active_generation,
+        generation,
+        "no switch happened"
+    );
+    assert_eq!(
+        filter.test_run(&packet::syn_v4("203.0.113.5", 25)).unwrap(),
+        XDP_DROP,
+        "old list in force"
+    );
+    assert_eq!(
+        filter
+            .test_run(&packet::syn_v4("198.51.100.1", 25))
+            .unwrap(),
+        XDP_PASS,
+        "nothing of the new one"
+    );
+    // The half-built generation was emptied: a list that fits goes in.
+    sync.apply(&too_many[..8], ApplyHow::Atomic).unwrap();
+    assert_eq!(
+        filter
+            .test_run(&packet::syn_v4("198.51.100.1", 25))
+            .unwrap(),
+        XDP_DROP
+    );
+}

@@ -139,14 +139,38 @@ impl XdpFilter {
 
     /// As [`XdpFilter::load`], from an object given in memory (tests, bench).
     pub fn load_object(object: &[u8]) -> Result<(XdpFilter, MapSync, Stats), KernelError> {
+        Self::load_with(object, None)
+    }
+
+    /// As [`XdpFilter::load`], with each LPM trie holding at most
+    /// `prefixes_per_family` prefixes instead of
+    /// `MAX_PREFIXES_PER_FAMILY`: for tests of what happens when a list
+    /// does not fit.
+    pub fn load_with_capacity(
+        prefixes_per_family: u32,
+    ) -> Result<(XdpFilter, MapSync, Stats), KernelError> {
+        Self::load_with(EBPF_OBJECT, Some(prefixes_per_family))
+    }
+
+    fn load_with(
+        object: &[u8],
+        capacity: Option<u32>,
+    ) -> Result<(XdpFilter, MapSync, Stats), KernelError> {
         if object.is_empty() {
             return Err(KernelError::NoObject);
         }
         raise_memlock_limit();
-        let mut ebpf = EbpfLoader::new()
-            .verifier_log_level(VerifierLogLevel::default())
-            .load(object)
-            .map_err(KernelError::Load)?;
+        let mut loader = EbpfLoader::new();
+        loader.verifier_log_level(VerifierLogLevel::default());
+        if let Some(capacity) = capacity {
+            for name in smtpguard_common::map_names::RULES_V4
+                .iter()
+                .chain(&smtpguard_common::map_names::RULES_V6)
+            {
+                loader.set_max_entries(name, capacity);
+            }
+        }
+        let mut ebpf = loader.load(object).map_err(KernelError::Load)?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or(KernelError::Map("(program smtpguard)"))?
