@@ -21,7 +21,14 @@ pub fn init(format: LogFormat, level: LevelFilter) {
     // default `tracing-log` feature); it fails only if already installed.
     let _ = match format {
         LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr).with_target(false))
+            .with(
+                fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_target(false)
+                    // Colour only for a person at a terminal, never into
+                    // journald or a log file.
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
             .try_init(),
         LogFormat::Json => registry
             .with(

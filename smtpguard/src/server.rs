@@ -673,8 +673,9 @@ pub async fn run<H: HandoffFactory>(
     let shared = ctx.shared;
     let tracker = TaskTracker::new();
     for listener in listeners {
-        let addr = listener.local_addr().ok();
-        tracing::info!(address = ?addr, "accepting SMTP connections");
+        if let Ok(address) = listener.local_addr() {
+            tracing::info!(%address, "accepting SMTP connections");
+        }
         tracker.spawn(accept_loop(
             listener,
             Arc::clone(&shared),

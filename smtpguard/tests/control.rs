@@ -658,7 +658,7 @@ control socket:  /run/smtpguard/control.sock
             mode: Mode::DenyAllExceptPermit,
             enforcement: Enforcement::Monitor
         }),
-        "mode deny-all-except-permit, enforcement monitor\n"
+        "mode deny-all-except-permit, enforcement monitor (live until the next restart or reload; set policy.mode/policy.enforcement in the config to keep it)\n"
     );
 }
 
@@ -712,12 +712,12 @@ fn cli_human_output() {
         let o = cli(&["--socket", sock, "mode", "monitor"]).await;
         assert_eq!(
             stdout(&o),
-            "mode accept-all-except-deny, enforcement monitor\n"
+            "mode accept-all-except-deny, enforcement monitor (live until the next restart or reload; set policy.mode/policy.enforcement in the config to keep it)\n"
         );
         let o = cli(&["--socket", sock, "mode", "deny-all-except-permit"]).await;
         assert_eq!(
             stdout(&o),
-            "mode deny-all-except-permit, enforcement enforce\n"
+            "mode deny-all-except-permit, enforcement enforce (live until the next restart or reload; set policy.mode/policy.enforcement in the config to keep it)\n"
         );
         let o = cli(&["--socket", sock, "reload"]).await;
         assert_eq!(
@@ -827,7 +827,7 @@ fn cli_import_and_export() {
         assert_eq!(o.status.code(), Some(1));
         assert_eq!(
             stdout(&o),
-            "deny list (not applied): 2 added, 1 skipped; 1000 entries\n"
+            "deny list: nothing imported, 1 invalid line(s); 1000 entries\n"
         );
         assert_eq!(
             stderr(&o),

@@ -326,5 +326,24 @@ listen = "127.0.0.1:9325"
     gw.start();
     assert_eq!(gw.ok(&["deny", "list"]), listed, "lists after restart");
     assert_dropped(net, "203.0.113.9", "after restart");
+
+    // A reload never half-applies settings the running server was built
+    // from: a new listen port is named and waits for a restart, and the
+    // kernel keeps guarding the port that is actually listening.
+    let config_path = dir.0.join("smtpguard.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(
+        &config_path,
+        config.replace(&format!(":{PORT}\""), ":2626\""),
+    )
+    .unwrap();
+    let reloaded = gw.ok(&["reload"]);
+    assert!(
+        reloaded.contains("not applied until a restart") && reloaded.contains("[server]"),
+        "{reloaded}"
+    );
+    let status = gw.json(&["status"]);
+    assert_eq!(status["ports"], serde_json::json!([PORT]), "{status}");
+    assert_dropped(net, "203.0.113.9", "after a reload that changed [server]");
     gw.stop();
 }

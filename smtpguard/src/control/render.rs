@@ -130,7 +130,14 @@ pub fn import_result(r: &ImportResult, dry_run: bool) -> String {
     let note = match (r.applied, dry_run) {
         (true, _) => "",
         (false, true) => " (dry run)",
-        (false, false) => " (not applied)",
+        (false, false) => {
+            return format!(
+                "{} list: nothing imported, {} invalid line(s); {}\n",
+                r.list,
+                r.skipped.len(),
+                entries(r.list_size)
+            )
+        }
     };
     format!(
         "{} list{note}: {}; {}\n",
@@ -161,7 +168,11 @@ pub fn line_issue(i: &LineIssue) -> String {
 
 /// `mode`: `mode accept-all-except-deny, enforcement enforce`.
 pub fn mode_set(m: &ModeSet) -> String {
-    format!("mode {}, enforcement {}\n", m.mode, m.enforcement)
+    format!(
+        "mode {}, enforcement {} (live until the next restart or reload; \
+         set policy.mode/policy.enforcement in the config to keep it)\n",
+        m.mode, m.enforcement
+    )
 }
 
 /// `check`: one line per address,

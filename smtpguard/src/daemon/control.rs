@@ -91,12 +91,19 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
             })
         }
         Request::ListRemove { list, entries } => {
-            let (prefixes, warnings) = parse_entries(&entries, true)?;
+            let (prefixes, mut warnings) = parse_entries(&entries, true)?;
             let k = kind(list);
             let outcome = daemon.change_policy(&[k], |p| {
                 let outcome = p.list_mut(k).remove(prefixes.clone());
                 Ok((outcome, KernelWrite::Prefixes(prefixes.clone())))
             })?;
+            // A typo should not pass for success: say what was not there.
+            warnings.extend(
+                outcome
+                    .not_found
+                    .iter()
+                    .map(|p| format!("{p} is not on the {k}; nothing removed for it")),
+            );
             tracing::info!(list = %k, entries = %entries.join(" "), removed = outcome.removed.len(),
                 "list entries removed");
             if k == ListKind::Permit {
@@ -328,6 +335,13 @@ fn import(
         ListKind::Permit => ListKind::Deny,
     };
     let touches_other = report.count(other) > 0;
+    let mut warnings = warnings;
+    if touches_other {
+        warnings.push(format!(
+            "{} entries of this Postfix table go to the {other} (their action says so)",
+            report.count(other)
+        ));
+    }
     let diff = if dry_run {
         daemon.policy().list(target).diff(&report, mode)
     } else {
@@ -359,7 +373,13 @@ fn import(
         skipped,
         warnings,
         applied: !dry_run,
-        list_size: daemon.policy().list(target).len().total() as u64,
+        // For a dry run: the size the list would have.
+        list_size: if dry_run {
+            (daemon.policy().list(target).len().total() + diff.added.len())
+                .saturating_sub(diff.removed.len()) as u64
+        } else {
+            daemon.policy().list(target).len().total() as u64
+        },
     }))
 }
 

@@ -40,6 +40,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     }
     let tls = load_tls(&config)?;
     let policy = startup::load_policy(&config)?;
+    startup::warn_about_delivery(&config);
     let delivery = Delivery::from_config(&config.delivery, &config.server.hostname)?;
     let listeners = server::bind(&config.server.listen)?;
     let control_listener = crate::control::bind(&config.control.socket)?;

@@ -38,12 +38,30 @@ pub fn load_policy(config: &Config) -> Result<Policy> {
     };
     let deny = load(ListKind::Deny, &config.policy.deny_list)?;
     let permit = load(ListKind::Permit, &config.policy.permit_list)?;
+    if config.policy.mode == crate::policy::Mode::DenyAllExceptPermit && permit.is_empty() {
+        tracing::warn!(
+            "mode deny-all-except-permit with an empty permit list: every client is refused \
+             (add entries with `smtpguard permit add`)"
+        );
+    }
     Ok(Policy::with_lists(
         config.policy.mode,
         config.policy.enforcement,
         deny,
         permit,
     )?)
+}
+
+/// Warns about configurations that are valid but accept no mail.
+pub fn warn_about_delivery(config: &Config) {
+    if let crate::config::Delivery::Spool(spool) = &config.delivery {
+        if spool.accept_domains.is_empty() && spool.relay_networks.is_empty() {
+            tracing::warn!(
+                "spool mode with no delivery.accept_domains and no delivery.relay_networks: \
+                 every recipient gets 550 5.7.1 Relay access denied"
+            );
+        }
+    }
 }
 
 /// The kernel side once started: the program with its lists loaded and

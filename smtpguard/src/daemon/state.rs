@@ -306,6 +306,42 @@ impl Daemon {
     /// control socket) are named in the returned summary.
     pub fn reload(&self) -> Result<String> {
         let config = super::startup::load_config(self.config_path.as_deref())?;
+        let policy = super::startup::load_policy(&config)?;
+        let running = self.config();
+        // Sections the running server, listeners, XDP attachments and
+        // control socket were built from keep their running values until a
+        // restart: changing only some of them (e.g. the XDP port set without
+        // the listeners) would leave a port unguarded. Name what differs.
+        let mut restart = Vec::new();
+        let mut config = config;
+        if running.server != config.server {
+            restart.push("[server]");
+            config.server = running.server.clone();
+        }
+        if running.xdp.interfaces != config.xdp.interfaces || running.xdp.mode != config.xdp.mode {
+            restart.push("xdp.interfaces/xdp.mode");
+            config.xdp.interfaces = running.xdp.interfaces.clone();
+            config.xdp.mode = running.xdp.mode;
+        }
+        if running.delivery != config.delivery {
+            restart.push("[delivery]");
+            config.delivery = running.delivery.clone();
+        }
+        if running.control != config.control {
+            restart.push("[control]");
+            config.control = running.control.clone();
+        }
+        if running.tls.mode != config.tls.mode {
+            restart.push("tls.mode");
+            config.tls.mode = running.tls.mode;
+        }
+        if running.logging != config.logging || running.metrics != config.metrics {
+            restart.push("[logging]/[metrics]");
+            config.logging = running.logging.clone();
+            config.metrics = running.metrics.clone();
+        }
+        let old = running;
+        // With the running TLS mode: a mode change waits for the restart.
         let tls = match config.tls.active_files() {
             Some(f) => Some(crate::tls::load(
                 &f.certificate,
@@ -314,24 +350,6 @@ impl Daemon {
             )?),
             None => None,
         };
-        let policy = super::startup::load_policy(&config)?;
-        let old = self.config();
-        let mut restart = Vec::new();
-        if old.server != config.server {
-            restart.push("[server]");
-        }
-        if old.xdp.interfaces != config.xdp.interfaces || old.xdp.mode != config.xdp.mode {
-            restart.push("xdp.interfaces/xdp.mode");
-        }
-        if old.delivery != config.delivery {
-            restart.push("[delivery]");
-        }
-        if old.control != config.control {
-            restart.push("[control]");
-        }
-        if old.tls.mode != config.tls.mode {
-            restart.push("tls.mode");
-        }
         self.set_config(config.clone());
         if let Err(e) = self.change_policy(&[], |p| {
             *p = policy;
@@ -341,9 +359,7 @@ impl Daemon {
             return Err(e);
         }
         if let Some(server) = self.server() {
-            if config.tls.mode == old.tls.mode {
-                server.set_tls(tls.as_ref().map(|t| Arc::clone(&t.server_config)));
-            }
+            server.set_tls(tls.as_ref().map(|t| Arc::clone(&t.server_config)));
         }
         self.set_certificate_not_after(
             tls.as_ref()
@@ -362,7 +378,7 @@ impl Daemon {
         }
         if !restart.is_empty() {
             summary.push_str(&format!(
-                "; changed settings that need a restart: {}",
+                "; not applied until a restart (the running values stay in force): {}",
                 restart.join(", ")
             ));
         }

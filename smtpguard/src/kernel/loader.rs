@@ -167,7 +167,7 @@ impl XdpFilter {
                 .iter()
                 .chain(&smtpguard_common::map_names::RULES_V6)
             {
-                loader.set_max_entries(name, capacity);
+                loader.map_max_entries(name, capacity);
             }
         }
         let mut ebpf = loader.load(object).map_err(KernelError::Load)?;
