@@ -1092,12 +1092,12 @@ listen = "{METRICS}"
         samples_in_text,
         "every sample line parses:\n{body}"
     );
-    let sample = |name: &str, label: Option<(&str, &str)>| -> f64 {
+    let sample = |name: &str, labels: &[(&str, &str)]| -> f64 {
         let s = scrape
             .samples
             .iter()
-            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
-            .unwrap_or_else(|| panic!("no {name} {label:?} in:\n{body}"));
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+            .unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{body}"));
         match s.value {
             prometheus_parse::Value::Counter(v)
             | prometheus_parse::Value::Gauge(v)
@@ -1106,13 +1106,27 @@ listen = "{METRICS}"
         }
     };
     assert_eq!(
-        sample("smtpguard_xdp_dropped_total", Some(("reason", "deny_list"))),
+        sample("smtpguard_xdp_dropped_total", &[("reason", "deny_list")]),
         u64_at(&stats, "/xdp/drop_deny_list") as f64
     );
-    assert_eq!(sample("smtpguard_connections_open", None), 0.0);
     assert_eq!(
-        sample("smtpguard_messages_accepted_total", None),
+        sample(
+            "smtpguard_connections_rejected_total",
+            &[("reason", "connection_cap")]
+        ),
+        1.0
+    );
+    assert_eq!(sample("smtpguard_connections_open", &[]), 0.0);
+    assert_eq!(
+        sample("smtpguard_messages_accepted_total", &[]),
         expected as f64
+    );
+    assert_eq!(
+        sample(
+            "smtpguard_list_entries",
+            &[("list", "deny"), ("family", "ipv4")]
+        ),
+        u64_at(&status, "/deny_list_size/ipv4") as f64
     );
 
     // A clean stop: SIGTERM, exit 0, XDP detached.
