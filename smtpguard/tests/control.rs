@@ -118,6 +118,7 @@ fn stats_view() -> StatsView {
                 hits: 9,
             },
         ],
+        clients: BTreeMap::new(),
     }
 }
 

@@ -472,6 +472,24 @@ pub struct StatsView {
     /// requested `top`.
     #[serde(default)]
     pub top_entries: Vec<TopEntry>,
+    /// The front door's counters by client address, canonical form
+    /// (`"198.51.100.7"`, `"2001:db8::7"`; IPv4-mapped IPv6 is IPv4), for
+    /// the first 4096 ([`crate::server::MAX_TRACKED_CLIENTS`]) addresses
+    /// seen since the daemon started; accepts from further addresses are
+    /// counted in `front_door.clients_untracked`.
+    /// Shown by `--json` only: the text output would be one line a client.
+    #[serde(default)]
+    pub clients: BTreeMap<String, ClientView>,
+}
+
+/// One client address's front-door counters, for [`StatsView::clients`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientView {
+    /// TCP connections accepted from the address (count), whatever
+    /// happened next.
+    pub accepted: u64,
+    /// Of those, refused on accept: access lists or connection caps (count).
+    pub rejected: u64,
 }
 
 /// A list entry and its hit count, for [`StatsView::top_entries`].

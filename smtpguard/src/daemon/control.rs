@@ -15,9 +15,9 @@ use super::state::{Daemon, KernelWrite};
 use crate::{
     control::{
         proto::{
-            CheckView, Checked, EntryView, Exported, ImportResult, InterfaceView, LineIssue,
-            ListChanged, ListEntries, ListName, ListSize, ModeSet, Reply, Request, StatsView,
-            StatusView, TopEntry, Verdict as WireVerdict,
+            CheckView, Checked, ClientView, EntryView, Exported, ImportResult, InterfaceView,
+            LineIssue, ListChanged, ListEntries, ListName, ListSize, ModeSet, Reply, Request,
+            StatsView, StatusView, TopEntry, Verdict as WireVerdict,
         },
         ControlHandler, PeerInfo,
     },
@@ -401,8 +401,20 @@ fn stats(daemon: &Daemon, top: usize) -> StatsView {
         fd.insert("tls_handshakes_failed".into(), m.tls_handshakes_failed);
         fd.insert("messages_accepted".into(), m.messages_accepted);
         fd.insert("handoff_failures".into(), m.handoff_failures);
+        fd.insert("clients_untracked".into(), m.clients_untracked);
         view.gauges
             .insert("open_connections".into(), m.open_connections as u64);
+        view.clients = m
+            .clients
+            .iter()
+            .map(|(ip, c)| {
+                let counts = ClientView {
+                    accepted: c.accepted,
+                    rejected: c.rejected,
+                };
+                (ip.to_string(), counts)
+            })
+            .collect();
     }
     let policy = daemon.policy();
     let mut hits: Vec<(IpNet, u64)> = daemon.hits_by_prefix().into_iter().collect();
