@@ -227,16 +227,32 @@ pub fn render(daemon: &Daemon) -> String {
     out
 }
 
-/// Serves `GET /metrics` on `address` until `shutdown`.
-pub async fn serve(address: SocketAddr, daemon: Arc<Daemon>, shutdown: CancellationToken) {
-    let listener = match TcpListener::bind(address).await {
+/// Binds the metrics address at startup, so a taken port stops the start
+/// with an error naming `metrics.listen` instead of a log line later.
+pub fn bind(address: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    use anyhow::Context;
+    let listener = std::net::TcpListener::bind(address)
+        .with_context(|| format!("metrics.listen: cannot listen on {address}"))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Serves `GET /metrics` on `listener` (from [`bind`]) until `shutdown`.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    daemon: Arc<Daemon>,
+    shutdown: CancellationToken,
+) {
+    let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!(%address, error = %e, "cannot listen for metrics; the endpoint is off");
+            tracing::error!(error = %e, "cannot serve metrics; the endpoint is off");
             return;
         }
     };
-    tracing::info!(%address, "serving Prometheus metrics on /metrics");
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(%address, "serving Prometheus metrics on /metrics");
+    }
     loop {
         let (mut stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,

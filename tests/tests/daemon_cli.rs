@@ -314,6 +314,27 @@ listen = "127.0.0.1:9325"
     assert!(String::from_utf8_lossy(&reply[..n]).contains("error"));
     gw.ok(&["status"]);
 
+    // A list file edited by hand is never silently overwritten by the CLI:
+    // the change is refused until a reload has read the file.
+    let deny_file = dir.0.join("deny.list");
+    let mut text = std::fs::read_to_string(&deny_file).unwrap();
+    text.push_str("198.51.100.200/32 # added by hand\n");
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&deny_file, text).unwrap();
+    let refused = gw.cli(&["deny", "add", "198.51.100.201"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("changed on disk"),
+        "{stderr}"
+    );
+    gw.ok(&["reload"]);
+    gw.ok(&["deny", "add", "198.51.100.201"]);
+    let listed = gw.ok(&["deny", "list"]);
+    assert!(
+        listed.contains("198.51.100.200/32") && listed.contains("198.51.100.201/32"),
+        "{listed}"
+    );
+
     // Restart: the same lists come back from disk; XDP was detached between.
     gw.ok(&["deny", "add", "203.0.113.9"]);
     let listed = gw.ok(&["deny", "list"]);

@@ -69,6 +69,12 @@ struct Cx<'a> {
     path: &'a Path,
 }
 
+/// The longest duration any key accepts: one year.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The largest connection count: far above what one host serves, far
+/// below what the semaphore behind it can hold.
+const MAX_COUNT: usize = 1_000_000;
+
 impl Cx<'_> {
     fn invalid(&self, key: &str, problem: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
@@ -438,6 +444,9 @@ impl Cx<'_> {
                     format!("= {text:?} has host bits set; write \"{}\"", net.trunc()),
                 ));
             }
+            // Clients are judged as IPv4 when they come as ::ffff:a.b.c.d,
+            // so an IPv4-mapped network must be stored as IPv4 to match.
+            let net = crate::policy::canonical_prefix(net);
             if relay_networks.contains(&net) {
                 return Err(self.invalid(&key, format!("= {text:?} is listed twice")));
             }
@@ -559,6 +568,17 @@ impl Cx<'_> {
         if duration.is_zero() && zero == Zero::Refused {
             return Err(self.invalid(key, format!("= {text:?} is zero; it must be longer")));
         }
+        // Deadlines are added to clocks; a thousand-year timeout would
+        // overflow them, and no gateway wants more than a year.
+        if duration > MAX_DURATION {
+            return Err(self.invalid(
+                key,
+                format!(
+                    "= {text:?} is longer than the most allowed, {}",
+                    humantime::format_duration(MAX_DURATION)
+                ),
+            ));
+        }
         Ok(duration)
     }
 
@@ -572,6 +592,10 @@ impl Cx<'_> {
     ) -> Result<Option<usize>, ConfigError> {
         match value {
             Scalar::Text(word) if word == "unlimited" => Ok(None),
+            Scalar::Int(n) if *n > MAX_COUNT as i64 => Err(self.invalid(
+                key,
+                format!("= {value} is more than the most allowed, {MAX_COUNT}; write \"unlimited\" for no limit"),
+            )),
             Scalar::Int(n) => usize::try_from(*n).map(Some).map_err(|_| {
                 self.invalid(key, format!("= {value} is not a count; write {expected}"))
             }),

@@ -109,7 +109,7 @@ display_from_str! {
 
 /// A request from the CLI to the daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Add entries to a list (`smtpguard deny add ...`). Answered with
     /// [`Reply::ListChanged`].
@@ -564,4 +564,19 @@ pub struct Reloaded {
     /// What changed, for the operator: one or more lines (`"deny list: 3
     /// added, 1 removed"`, `"nothing changed"`).
     pub summary: String,
+}
+
+#[cfg(test)]
+mod unknown_field_tests {
+    use super::Request;
+
+    #[test]
+    fn a_misspelt_field_is_an_error_not_a_default() {
+        let typo = r#"{"op":"list_add","list":"deny","entries":["192.0.2.1"],"expires_in_sec":60}"#;
+        let err = serde_json::from_str::<Request>(typo).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `expires_in_sec`"),
+            "{err}"
+        );
+    }
 }

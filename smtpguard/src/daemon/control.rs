@@ -27,6 +27,14 @@ use crate::{
     },
 };
 
+/// The longest `--for`: ten years, in seconds.
+const MAX_EXPIRY_SECS: u64 = 10 * 365 * 24 * 3600;
+/// The longest list-entry comment, in bytes (it goes on the entry's line).
+const MAX_COMMENT_BYTES: usize = 1024;
+/// At most this many bad lines of an import are listed in the reply (the
+/// count is always exact).
+const MAX_LISTED_ISSUES: usize = 1000;
+
 /// Serves control requests against the daemon's state.
 pub struct Handler {
     /// The daemon.
@@ -68,7 +76,22 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
             allow_all,
         } => {
             let (prefixes, warnings) = parse_entries(&entries, allow_all)?;
-            let expires = expires_in_secs.map(|s| SystemTime::now() + Duration::from_secs(s));
+            let expires = match expires_in_secs {
+                None => None,
+                Some(0) => return Err(anyhow!("an entry cannot expire after 0 seconds")),
+                Some(s) if s > MAX_EXPIRY_SECS => {
+                    return Err(anyhow!("an entry can be temporary for at most 10 years; leave out --for for a permanent one"))
+                }
+                Some(s) => Some(SystemTime::now() + Duration::from_secs(s)),
+            };
+            if comment
+                .as_ref()
+                .is_some_and(|c| c.len() > MAX_COMMENT_BYTES)
+            {
+                return Err(anyhow!(
+                    "a comment can be at most {MAX_COMMENT_BYTES} bytes; nothing was changed"
+                ));
+            }
             let k = kind(list);
             let outcome = daemon.change_policy(&[k], |p| {
                 let outcome = p
@@ -312,13 +335,28 @@ fn import(
     let report = match parse_list(text, source_name, &options) {
         Ok(report) => report,
         Err(ImportError::Rejected { errors, .. }) => {
+            let mut skipped: Vec<LineIssue> = errors
+                .iter()
+                .take(MAX_LISTED_ISSUES)
+                .map(line_issue)
+                .collect();
+            if errors.len() > MAX_LISTED_ISSUES {
+                skipped.push(LineIssue {
+                    source: source_name.to_string(),
+                    reason: format!(
+                        "... and {} more invalid lines not listed",
+                        errors.len() - MAX_LISTED_ISSUES
+                    ),
+                    ..Default::default()
+                });
+            }
             return Ok(Reply::ImportResult(ImportResult {
                 list,
-                skipped: errors.iter().map(line_issue).collect(),
+                skipped,
                 applied: false,
                 list_size: daemon.policy().list(target).len().total() as u64,
                 ..Default::default()
-            }))
+            }));
         }
         Err(e) => return Err(e.into()),
     };
@@ -328,7 +366,22 @@ fn import(
         ImportMode::Merge
     };
     let warnings: Vec<String> = report.warnings.iter().map(|w| w.to_string()).collect();
-    let skipped: Vec<LineIssue> = report.skipped.iter().map(line_issue).collect();
+    let mut skipped: Vec<LineIssue> = report
+        .skipped
+        .iter()
+        .take(MAX_LISTED_ISSUES)
+        .map(line_issue)
+        .collect();
+    if report.skipped.len() > MAX_LISTED_ISSUES {
+        skipped.push(LineIssue {
+            source: source_name.to_string(),
+            reason: format!(
+                "... and {} more skipped lines not listed",
+                report.skipped.len() - MAX_LISTED_ISSUES
+            ),
+            ..Default::default()
+        });
+    }
     // Postfix tables can name the other list too (OK lines): merge those.
     let other = match target {
         ListKind::Deny => ListKind::Permit,

@@ -44,6 +44,11 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     let delivery = Delivery::from_config(&config.delivery, &config.server.hostname)?;
     let listeners = server::bind(&config.server.listen)?;
     let control_listener = crate::control::bind(&config.control.socket)?;
+    let metrics_listener = config
+        .metrics
+        .listen
+        .map(crate::metrics::bind)
+        .transpose()?;
     let started = startup::start_kernel(&config, &policy)?;
     let (kernel, attachments, kernel_log) = match started {
         Some(s) => (Some(s.kernel), s.attachments, s.log),
@@ -96,9 +101,9 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         ));
     }
     tasks.spawn(expire_entries(Arc::clone(&daemon), shutdown.clone()));
-    if let Some(address) = config.metrics.listen {
+    if let Some(listener) = metrics_listener {
         tasks.spawn(crate::metrics::serve(
-            address,
+            listener,
             Arc::clone(&daemon),
             shutdown.clone(),
         ));

@@ -31,6 +31,15 @@ pub fn load_policy(config: &Config) -> Result<Policy> {
         for warning in &loaded.warnings {
             tracing::warn!(list = %kind, "{warning}");
         }
+        for entry in loaded
+            .list
+            .entries()
+            .iter()
+            .filter(|e| e.prefix.prefix_len() == 0)
+        {
+            tracing::warn!(list = %kind, path = %path.display(), prefix = %entry.prefix,
+                "the list file holds a whole-family entry: it covers every address of that family");
+        }
         if !loaded.existed {
             tracing::info!(list = %kind, path = %path.display(), "no list file yet: the list starts empty");
         }

@@ -59,6 +59,10 @@ pub struct Daemon {
     /// When the lists last went into the kernel whole (Unix seconds) and
     /// how long it took (seconds), for metrics.
     last_list_load: Mutex<Option<(u64, f64)>>,
+    /// Modification time and size of each list file as last read or
+    /// written by us: a file edited by hand since then is never silently
+    /// overwritten by a CLI change.
+    on_disk: Mutex<std::collections::HashMap<ListKind, Option<(SystemTime, u64)>>>,
 }
 
 /// What a policy change must write into the kernel.
@@ -93,7 +97,7 @@ impl Daemon {
         kernel: Option<Kernel>,
         attachments: Vec<Attachment>,
     ) -> Daemon {
-        Daemon {
+        let daemon = Daemon {
             config: RwLock::new(Arc::new(config)),
             config_path,
             policy: RwLock::new(Arc::new(policy)),
@@ -104,7 +108,46 @@ impl Daemon {
             server: OnceLock::new(),
             certificate_not_after: RwLock::new(None),
             last_list_load: Mutex::new(None),
+            on_disk: Mutex::new(std::collections::HashMap::new()),
+        };
+        for kind in [ListKind::Deny, ListKind::Permit] {
+            let path = list_path(&daemon.config(), kind);
+            daemon.remember_on_disk(kind, &path);
         }
+        daemon
+    }
+
+    fn fingerprint(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+        let meta = std::fs::metadata(path).ok()?;
+        Some((meta.modified().ok()?, meta.len()))
+    }
+
+    /// Records the list file as we now know it.
+    fn remember_on_disk(&self, kind: ListKind, path: &std::path::Path) {
+        self.on_disk
+            .lock()
+            .expect("disk lock")
+            .insert(kind, Self::fingerprint(path));
+    }
+
+    /// Refuses to overwrite a list file someone changed since we read it.
+    fn check_unchanged_on_disk(&self, kind: ListKind, path: &std::path::Path) -> Result<()> {
+        let known = self
+            .on_disk
+            .lock()
+            .expect("disk lock")
+            .get(&kind)
+            .copied()
+            .flatten();
+        let now = Self::fingerprint(path);
+        if now.is_some() && now != known {
+            anyhow::bail!(
+                "{} changed on disk since smtpguard read it; run `smtpguard reload` to load it \
+                 (or fix what reload reports) before changing the {kind} from the CLI",
+                path.display()
+            );
+        }
+        Ok(())
     }
 
     /// When the lists were last loaded into the kernel whole, and how long
@@ -221,7 +264,19 @@ impl Daemon {
         touched: &[ListKind],
         change: impl FnOnce(&mut Policy) -> Result<(T, KernelWrite)>,
     ) -> Result<T> {
-        let _serial = self.changes.lock().expect("changes lock");
+        let serial = self.changes.lock().expect("changes lock");
+        self.change_policy_locked(&serial, touched, change)
+    }
+
+    /// [`Daemon::change_policy`] for a caller that already holds the
+    /// change lock (reload reads the files under it, so a list change
+    /// cannot slip in between its read and its swap and be lost).
+    fn change_policy_locked<T>(
+        &self,
+        _serial: &std::sync::MutexGuard<'_, ()>,
+        touched: &[ListKind],
+        change: impl FnOnce(&mut Policy) -> Result<(T, KernelWrite)>,
+    ) -> Result<T> {
         let old = self.policy();
         let mut new = (*old).clone();
         let (outcome, write) = change(&mut new)?;
@@ -233,7 +288,10 @@ impl Daemon {
         let mut saved: Vec<(ListKind, PathBuf)> = Vec::new();
         for &kind in touched {
             let path = list_path(&config, kind);
-            if let Err(e) = new.list(kind).save(&path) {
+            let result = self
+                .check_unchanged_on_disk(kind, &path)
+                .and_then(|()| new.list(kind).save(&path).map_err(anyhow::Error::new));
+            if let Err(e) = result {
                 // Put back the files already rewritten and the kernel.
                 for (kind, path) in saved {
                     let _ = old.list(kind).save(&path);
@@ -241,8 +299,9 @@ impl Daemon {
                 if undo_kernel {
                     let _ = self.write_kernel(&new, &old, &write);
                 }
-                return Err(anyhow::Error::new(e).context("saving the list; nothing was changed"));
+                return Err(e.context("saving the list; nothing was changed"));
             }
+            self.remember_on_disk(kind, &path);
             saved.push((kind, path));
         }
         *self.policy.write().expect("policy lock") = Arc::new(new);
@@ -305,6 +364,7 @@ impl Daemon {
     /// need a restart (listen addresses, interfaces, limits, delivery,
     /// control socket) are named in the returned summary.
     pub fn reload(&self) -> Result<String> {
+        let serial = self.changes.lock().expect("changes lock");
         let config = super::startup::load_config(self.config_path.as_deref())?;
         let policy = super::startup::load_policy(&config)?;
         let running = self.config();
@@ -350,14 +410,29 @@ impl Daemon {
             )?),
             None => None,
         };
+        let live = self.policy();
+        let mode_note =
+            if (live.mode(), live.enforcement()) != (policy.mode(), policy.enforcement()) {
+                format!(
+                " (was {}, {} until now: a live `smtpguard mode` change gives way to the config)",
+                live.mode(),
+                live.enforcement()
+            )
+            } else {
+                String::new()
+            };
         self.set_config(config.clone());
-        if let Err(e) = self.change_policy(&[], |p| {
+        if let Err(e) = self.change_policy_locked(&serial, &[], |p| {
             *p = policy;
             Ok(((), KernelWrite::Everything))
         }) {
             self.set_config((*old).clone());
             return Err(e);
         }
+        for kind in [ListKind::Deny, ListKind::Permit] {
+            self.remember_on_disk(kind, &list_path(&config, kind));
+        }
+        drop(serial);
         if let Some(server) = self.server() {
             server.set_tls(tls.as_ref().map(|t| Arc::clone(&t.server_config)));
         }
@@ -367,7 +442,7 @@ impl Daemon {
         );
         let policy = self.policy();
         let mut summary = format!(
-            "lists reloaded (deny {}, permit {}), mode {}, {}",
+            "lists reloaded (deny {}, permit {}), mode {}, {}{mode_note}",
             policy.list(ListKind::Deny).len().total(),
             policy.list(ListKind::Permit).len().total(),
             policy.mode(),
@@ -383,6 +458,7 @@ impl Daemon {
             ));
         }
         tracing::info!("{summary}");
+        self.close_denied_sessions();
         Ok(summary)
     }
 
@@ -394,6 +470,9 @@ impl Daemon {
             let prefixes = expired.iter().map(|(_, e)| e.prefix).collect();
             Ok((expired, KernelWrite::Prefixes(prefixes)))
         })?;
+        if !expired.is_empty() {
+            self.close_denied_sessions();
+        }
         for (kind, entry) in &expired {
             tracing::info!(list = %kind, prefix = %entry.prefix, comment = entry.comment.as_deref().unwrap_or(""),
                 "temporary entry expired and was removed");

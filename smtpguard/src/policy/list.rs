@@ -628,6 +628,16 @@ impl AccessList {
     /// [`ListError::Write`] naming the step that failed; the old file is
     /// then intact and no temporary file is left behind.
     pub fn save(&self, path: &Path) -> Result<(), ListError> {
+        // A list kept elsewhere (version control, config management) and
+        // linked into place: write the target, keep the link.
+        let resolved;
+        let path = match fs::canonicalize(path) {
+            Ok(target) if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) => {
+                resolved = target;
+                resolved.as_path()
+            }
+            _ => path,
+        };
         // First save on a fresh machine: the directory may not exist yet.
         fs::create_dir_all(parent_dir(path)).map_err(|source| ListError::Write {
             path: path.to_path_buf(),

@@ -225,7 +225,11 @@ impl RcptPolicy for AskDriver {
 /// of `accept_domains` (exact, case-insensitive, no subdomains), when it is
 /// the bare `<postmaster>`, or when the client may relay (its address is in
 /// `relay_networks`, decided by the driver). Otherwise `550 5.7.1 Relay
-/// access denied`.
+/// access denied`. A local part that routes on by itself (`%`, `!`, or an
+/// `@` inside quotes: `user%other.example@local`, `other!user@local`) is
+/// refused too unless the client may relay: an MTA that re-injects the
+/// spooled mail may honour that routing and relay for anyone (Postfix's
+/// `reject_unauth_destination` refuses it the same way).
 #[derive(Debug, Clone, Default)]
 pub struct DomainPolicy {
     domains: HashSet<String>,
@@ -257,11 +261,47 @@ impl RcptPolicy for DomainPolicy {
         }
         match forward_path {
             ForwardPath::Postmaster => Verdict::Accept,
+            ForwardPath::Mailbox(m) if m.local_part().contains(['%', '!', '@']) => {
+                Verdict::Reject(Reply::relay_denied())
+            }
             ForwardPath::Mailbox(m) if self.domains.contains(&m.domain().to_ascii_lowercase()) => {
                 Verdict::Accept
             }
             ForwardPath::Mailbox(_) => Verdict::Reject(Reply::relay_denied()),
         }
+    }
+}
+
+#[cfg(test)]
+mod relay_tests {
+    use super::*;
+
+    #[test]
+    fn source_routed_local_parts_do_not_relay_through_an_accepted_domain() {
+        let mut policy = DomainPolicy::new(["example.com"], false);
+        let envelope = Envelope {
+            reverse_path: ReversePath::Null,
+            forward_paths: Vec::new(),
+            body: None,
+            declared_size: None,
+        };
+        for (path, accepted) in [
+            ("<user@example.com>", true),
+            ("<user%other.example@example.com>", false),
+            ("<other.example!user@example.com>", false),
+            ("<user!other.example@example.com>", false),
+            ("<\"user@other.example\"@example.com>", false),
+            ("<user@other.example>", false),
+        ] {
+            let forward = crate::smtp::command::parse_rcpt(&format!("TO:{path}")).unwrap();
+            let verdict = policy.rcpt(&forward, &envelope);
+            assert_eq!(matches!(verdict, Verdict::Accept), accepted, "{path}");
+        }
+        // A client in relay_networks may route as it likes.
+        let mut relay = DomainPolicy::new(["example.com"], true);
+        let forward =
+            crate::smtp::command::parse_rcpt("TO:<user%other.example@example.com>").unwrap();
+        assert!(matches!(relay.rcpt(&forward, &envelope), Verdict::Accept));
     }
 }
 
