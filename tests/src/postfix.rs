@@ -15,12 +15,15 @@
 //!   `mynetworks = 127.0.0.0/8`; no alias maps, no reverse DNS
 //!   (`smtpd_peername_lookup = no`).
 //! * `master.cf`: one smtpd on `127.0.0.1:<port>` with
-//!   `-o smtpd_upstream_proxy_protocol=haproxy` (PROXY v1 and v2), the
+//!   `-o smtpd_upstream_proxy_protocol=haproxy` (PROXY v1 and v2),
+//!   optionally ([`Postfix::start_in_with`]) a second one on
+//!   `127.0.0.1:<xclient port>` with
+//!   `-o smtpd_authorized_xclient_hosts=127.0.0.0/8` (XCLIENT), the
 //!   services that accept and dispose of mail, and `postlog` (`postlogd`,
 //!   for `maillog_file`), all with chroot off.
 //!
 //! Postfix logs `QUEUEID: client=unknown[ADDR]` with the address from the
-//! PROXY header, `QUEUEID: message-id=<...>` and, once discarded,
+//! PROXY header (or XCLIENT), `QUEUEID: message-id=<...>` and, once discarded,
 //! `QUEUEID: to=<...>, relay=none, ... status=sent`; [`Postfix::messages`]
 //! reads those back.
 
@@ -45,6 +48,8 @@ pub struct Postfix {
     netns: String,
     /// The PROXY-protocol smtpd's port on 127.0.0.1.
     pub port: u16,
+    /// The XCLIENT smtpd's port on 127.0.0.1, if it has one.
+    pub xclient_port: Option<u16>,
     running: bool,
     // Dropped after `drop()` has stopped Postfix.
     _dir: TempDir,
@@ -66,6 +71,17 @@ impl Postfix {
     /// Starts an instance in `ns` whose smtpd on `127.0.0.1:port` expects a
     /// PROXY header (`smtpd_upstream_proxy_protocol = haproxy`).
     pub fn start_in(ns: &Netns, port: u16) -> Result<Postfix, String> {
+        Postfix::start_in_with(ns, port, None)
+    }
+
+    /// Like [`Postfix::start_in`], plus, with `xclient_port`, a second
+    /// smtpd on `127.0.0.1:xclient_port` that trusts XCLIENT from
+    /// 127.0.0.0/8 (`smtpd_authorized_xclient_hosts`).
+    pub fn start_in_with(
+        ns: &Netns,
+        port: u16,
+        xclient_port: Option<u16>,
+    ) -> Result<Postfix, String> {
         if !Path::new(POSTFIX).exists() {
             return Err(format!("{POSTFIX} not found (Debian package postfix)"));
         }
@@ -104,8 +120,17 @@ impl Postfix {
             maillog = maillog.display(),
             root = root.display(),
         );
+        let xclient_listener = xclient_port
+            .map(|x| {
+                format!(
+                    "127.0.0.1:{x} inet n - n - - smtpd \
+                     -o smtpd_authorized_xclient_hosts=127.0.0.0/8\n"
+                )
+            })
+            .unwrap_or_default();
         let master_cf = format!(
             "127.0.0.1:{port} inet n - n - - smtpd -o smtpd_upstream_proxy_protocol=haproxy\n\
+             {xclient_listener}\
              cleanup   unix  n - n -   0 cleanup\n\
              qmgr      unix  n - n 300 1 qmgr\n\
              rewrite   unix  - - n -   - trivial-rewrite\n\
@@ -129,6 +154,7 @@ impl Postfix {
             maillog,
             netns: ns.name().to_string(),
             port,
+            xclient_port,
             running: false,
             _dir: dir,
         };
@@ -141,20 +167,25 @@ impl Postfix {
             ));
         }
         pf.running = true;
-        // `master -w` returns once the master is up; wait for the listener
+        // `master -w` returns once the master is up; wait for the listeners
         // without connecting (a probe without a PROXY header makes smtpd log
         // a warning).
-        let listening = wait_for(Duration::from_secs(10), || {
-            Command::new("ip")
-                .args(["netns", "exec", &pf.netns, "ss", "-Hltn"])
-                .arg(format!("sport = :{port}"))
-                .output()
-                .is_ok_and(|o| !o.stdout.is_empty())
-        });
-        if !listening {
-            return Err(format!("postfix not listening on {port}\n{}", pf.log()));
+        for p in std::iter::once(port).chain(xclient_port) {
+            if !wait_for(Duration::from_secs(10), || pf.listening(p)) {
+                return Err(format!("postfix not listening on {p}\n{}", pf.log()));
+            }
         }
         Ok(pf)
+    }
+
+    /// Whether something listens on TCP `port` in the instance's
+    /// namespace (`ss`, without connecting).
+    pub fn listening(&self, port: u16) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.netns, "ss", "-Hltn"])
+            .arg(format!("sport = :{port}"))
+            .output()
+            .is_ok_and(|o| !o.stdout.is_empty())
     }
 
     fn postfix(&self, verb: &str) -> Result<Output, String> {

@@ -107,8 +107,6 @@ mod spool;
 mod upstream;
 
 #[cfg(test)]
-mod postfix_tests;
-#[cfg(test)]
 mod test_util;
 #[cfg(test)]
 mod tests;

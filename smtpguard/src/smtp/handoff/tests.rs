@@ -25,7 +25,7 @@ async fn bounded<T>(f: impl Future<Output = T>) -> T {
         .expect("test took longer than 15 s")
 }
 
-pub(super) fn client() -> ClientInfo {
+fn client() -> ClientInfo {
     ClientInfo {
         peer: "192.0.2.10:40000".parse().unwrap(),
         local: "198.51.100.1:25".parse().unwrap(),
@@ -36,7 +36,7 @@ pub(super) fn client() -> ClientInfo {
     }
 }
 
-pub(super) fn envelope(from: &str, to: &[&str]) -> Envelope {
+fn envelope(from: &str, to: &[&str]) -> Envelope {
     let (reverse_path, params) = parse_mail(&format!("FROM:{from}")).unwrap();
     Envelope {
         reverse_path,
@@ -49,11 +49,7 @@ pub(super) fn envelope(from: &str, to: &[&str]) -> Envelope {
     }
 }
 
-pub(super) fn upstream(
-    addr: SocketAddr,
-    protocol: UpstreamProtocol,
-    timeout: Duration,
-) -> Delivery {
+fn upstream(addr: SocketAddr, protocol: UpstreamProtocol, timeout: Duration) -> Delivery {
     let cfg = config::Delivery::Upstream(config::UpstreamDelivery {
         address: addr,
         protocol,
