@@ -121,7 +121,7 @@ pub fn render(daemon: &Daemon) -> String {
             &passed,
         );
         let mut hits: Vec<_> = daemon.hits_by_prefix().into_iter().collect();
-        hits.sort_by(|a, b| b.1.cmp(&a.1));
+        hits.sort_by_key(|e| std::cmp::Reverse(e.1));
         let family = Family::<Labels, Counter>::default();
         let policy = daemon.policy();
         for (prefix, n) in hits.into_iter().take(TOP_ENTRIES) {

@@ -119,7 +119,7 @@ pub async fn log_counters(daemon: Arc<Daemon>, interval: Duration, shutdown: Can
         if delta.get(counter::PACKETS) == 0 {
             continue;
         }
-        top.sort_by(|a, b| b.1.cmp(&a.1));
+        top.sort_by_key(|e| std::cmp::Reverse(e.1));
         let top: Vec<String> = top
             .iter()
             .take(5)
@@ -146,9 +146,10 @@ pub async fn log_counters(daemon: Arc<Daemon>, interval: Duration, shutdown: Can
 }
 
 /// Counters, hit counts by rule id, and the prefix of each rule id with hits.
-fn read_kernel(
-    daemon: &Daemon,
-) -> Option<(CounterSnapshot, Vec<(u32, u64)>, HashMap<u32, String>)> {
+type KernelView = (CounterSnapshot, Vec<(u32, u64)>, HashMap<u32, String>);
+
+/// Reads the [`KernelView`], if XDP is loaded.
+fn read_kernel(daemon: &Daemon) -> Option<KernelView> {
     let guard = daemon.kernel.lock().expect("kernel lock");
     let kernel = guard.as_ref()?;
     let hits = kernel.stats.all_hits();
