@@ -2,6 +2,7 @@
 //! ([`packet`]) and network-namespace scaffolding that cleans up after
 //! itself ([`netns`]).
 
+pub mod bench;
 pub mod netns;
 pub mod packet;
 
