@@ -85,7 +85,7 @@ impl Settings {
                 repeat: 1_000_000,
                 v4_sizes: vec![1, 1_000, 100_000, 1_000_000],
                 batch: 10_000,
-                live_repeat: 5_000_000,
+                live_repeat: 2_000_000,
                 flood_prefixes: 100_000,
                 flood_packets: 1_000_000,
                 flood_rounds: 3,

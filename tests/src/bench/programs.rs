@@ -260,11 +260,11 @@ pub fn open_maps() -> BTreeMap<u32, (u32, u64)> {
     out
 }
 
-/// Kernel memory of the maps of type `map_type` opened since `before`.
-pub fn memlock_since(before: &BTreeSet<u32>, map_type: u32) -> u64 {
+/// Kernel memory of the maps (of type `map_type`, or all) opened since `before`.
+pub fn memlock_since(before: &BTreeSet<u32>, map_type: Option<u32>) -> u64 {
     open_maps()
         .into_iter()
-        .filter(|(id, (kind, _))| !before.contains(id) && *kind == map_type)
+        .filter(|(id, (kind, _))| !before.contains(id) && map_type.is_none_or(|t| t == *kind))
         .map(|(_, (_, memlock))| memlock)
         .sum()
 }

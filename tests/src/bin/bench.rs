@@ -80,7 +80,10 @@ fn main() {
          sender thread's time (with tick accounting it carries the softirq receive \
          path it triggers) plus any ksoftirqd time.\n\
          - Front door: a tokio load generator in the bench binary, all servers on \
-         loopback in a namespace of their own, sharing the 2 CPUs with the clients.\n\n\
+         loopback in a namespace of their own, sharing the 2 CPUs with the clients. \
+         STARTTLS is compared with Postfix, not the nginx mail proxy (not installed \
+         here; it would also need an auth_http stub). Greeting latency under a flood \
+         is measured by the end-to-end test, not here.\n\n\
          {table}",
         date = now_utc(),
         cpu = cpu_model(),
