@@ -52,6 +52,9 @@ fn probe(topo: &Topology, macs: Macs, change: impl FnOnce() -> Result<()>) -> Re
     let stop_receiving = AtomicBool::new(false);
     let gw: Ipv4Addr = GW_V4.parse().unwrap();
     std::thread::scope(|s| -> Result<Probe> {
+        // Whatever happens below (an error, a panic), the threads stop,
+        // or the scope would wait for them forever.
+        let _stop = StopOnDrop([&stop_sending, &stop_receiving]);
         let receiver = s.spawn(|| {
             topo.net.enter(|| -> Result<Vec<u32>> {
                 let sock = PacketSocket::receiver(&topo.net_if, Duration::from_millis(10))?;
@@ -121,6 +124,17 @@ fn probe(topo: &Topology, macs: Macs, change: impl FnOnce() -> Result<()>) -> Re
             first_drop,
         })
     })
+}
+
+/// Raises its flags when dropped.
+struct StopOnDrop<'a>([&'a AtomicBool; 2]);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        for flag in self.0 {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The acknowledgement number of a SYN-ACK from `gw`'s SMTP port.
@@ -197,10 +211,7 @@ fn with_nft(topo: &Topology, macs: Macs, list: &List) -> Result<Probe> {
 pub fn run(settings: &Settings) -> Result<Vec<Row>> {
     let list = lists::generated_v4(settings.flood_prefixes);
     let topo = Topology::new();
-    let macs = Macs {
-        src: sender::mac_of(&topo.net, &topo.net_if)?,
-        dst: sender::mac_of(&topo.gw, &topo.gw_if)?,
-    };
+    let macs = Macs::net_to_gw(&topo)?;
     let ours = why(with_smtpguard(&topo, macs, &list));
     let nft = why(with_nft(&topo, macs, &list));
     let command = |p: &Result<Probe, String>| -> Measured {

@@ -28,7 +28,7 @@ use super::{
     lists::{self, List},
     nft::{self, Hook},
     programs::XdpFilterPeer,
-    report::{si, thousands, Figure, Measured, Row},
+    report::{thousands, Figure, Measured, Row},
     sender::{self, Macs, PacketSocket},
     stats::{median_of_rounds, Round, Sample},
     why, Settings,
@@ -106,10 +106,7 @@ impl Bed {
         if !out.success() {
             bail!("sysctl rp_filter in the gateway namespace failed");
         }
-        let macs = Macs {
-            src: sender::mac_of(&topo.net, &topo.net_if)?,
-            dst: sender::mac_of(&topo.gw, &topo.gw_if)?,
-        };
+        let macs = Macs::net_to_gw(&topo)?;
         let list = lists::generated_v4(settings.flood_prefixes);
         // 1,024 frames from denied sources (network addresses of prefixes)
         // and different source ports, cycled.
@@ -221,6 +218,43 @@ impl Bed {
     }
 }
 
+/// Accepts and closes connections on a listener until dropped.
+struct Acceptor {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Acceptor {
+    fn spawn(listener: TcpListener) -> Result<Acceptor> {
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((conn, _)) => drop(conn),
+                        Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                    }
+                }
+            })
+        };
+        Ok(Acceptor {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Runs the section.
 pub fn run(settings: &Settings) -> Result<Vec<Row>> {
     let bed = Bed::new(settings)?;
@@ -230,19 +264,7 @@ pub fn run(settings: &Settings) -> Result<Vec<Row>> {
         .gw
         .enter(|| TcpListener::bind((GW_V4, PORT)))
         .context("listening on the gateway")?;
-    listener.set_nonblocking(true)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let acceptor = {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => drop(conn),
-                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
-                }
-            }
-        })
-    };
+    let acceptor = Acceptor::spawn(listener)?;
     let filters = [
         Guard::Smtpguard(AttachMode::Native),
         Guard::Smtpguard(AttachMode::Skb),
@@ -256,8 +278,7 @@ pub fn run(settings: &Settings) -> Result<Vec<Row>> {
         eprintln!("bench:   flood through {}", guard.label());
         results.push(why(measure(&bed, guard, settings.flood_rounds)));
     }
-    stop.store(true, Ordering::Relaxed);
-    let _ = acceptor.join();
+    drop(acceptor);
     let what = |metric: &str, mode: &str| {
         format!(
             "flood: {} SYNs from denied sources over a veth, {} on the list, {mode}: {metric}",
@@ -266,21 +287,15 @@ pub fn run(settings: &Settings) -> Result<Vec<Row>> {
         )
     };
     let figure_of = |r: &Result<Sample2, String>, rate: bool| -> Measured {
-        r.clone().map(|s| {
-            if rate {
-                Figure::new(
-                    s.rate.median,
-                    format!(
-                        "{}/s ({}–{})",
-                        si(s.rate.median).trim(),
-                        si(s.rate.min).trim(),
-                        si(s.rate.max).trim()
-                    ),
-                )
-            } else {
-                Figure::new(s.cpu.median, s.cpu.show("ns", 0))
-            }
-        })
+        r.as_ref()
+            .map(|s| {
+                if rate {
+                    Figure::rate(&s.rate, "")
+                } else {
+                    Figure::sample(&s.cpu, "ns", 0)
+                }
+            })
+            .map_err(Clone::clone)
     };
     let mut rows = Vec::new();
     for (i, mode) in ["smtpguard native XDP", "smtpguard skb-mode XDP"]

@@ -18,7 +18,7 @@ use tokio::runtime::Runtime;
 use super::{
     daemon::{self, Daemon},
     postfix::{HaProxy, Postfix},
-    report::{bytes, si, thousands, Figure, Measured, Row},
+    report::{bytes, thousands, Figure, Measured, Row},
     smtp_client::{self, Certs, Work},
     stats::{median_of_rounds, Round, Sample},
     why, Settings, TempDir,
@@ -158,17 +158,9 @@ fn rate_round<'a>(
 }
 
 fn per_second(s: &Result<Sample, String>, unit: &str) -> Measured {
-    s.clone().map(|s| {
-        Figure::new(
-            s.median,
-            format!(
-                "{}{unit}/s ({}–{})",
-                si(s.median),
-                si(s.min).trim(),
-                si(s.max).trim()
-            ),
-        )
-    })
+    s.as_ref()
+        .map(|s| Figure::rate(s, unit))
+        .map_err(Clone::clone)
 }
 
 fn addr_of<T>(peer: &Result<T, String>, addr: SocketAddr) -> Result<SocketAddr, String> {

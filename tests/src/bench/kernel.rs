@@ -18,7 +18,7 @@ use super::{
     lists::{self, List},
     nft,
     programs::{self, AyaProgram, PacketProgram, XdpFilterPeer},
-    report::{bytes, si, Figure, Measured, Row},
+    report::{bytes, Figure, Measured, Row},
     stats::{median_of_rounds, Round, Sample},
     why, Settings,
 };
@@ -233,7 +233,9 @@ fn contenders<'a>(
 const BASELINES: [&str; 2] = ["XDP_DROP only", "xdp-filter (exact addresses)"];
 
 fn ns_figure(s: &Result<Sample, String>) -> Measured {
-    s.clone().map(|s| Figure::new(s.median, s.show("ns", 1)))
+    s.as_ref()
+        .map(|s| Figure::sample(s, "ns", 1))
+        .map_err(Clone::clone)
 }
 
 /// The row for `samples` (smtpguard first), with `to_figure` per sample.
@@ -361,19 +363,12 @@ fn live_frames(
     let samples = median_of_rounds(settings.rounds, contenders(ours, drop_all, peer, measure));
     // Packets per second on one CPU from ns per frame: higher is better.
     let pps = |s: &Result<Sample, String>| {
-        s.clone().map(|s| {
-            let rate = |ns: f64| 1e9 / ns;
-            Figure::new(
-                rate(s.median),
-                format!(
-                    "{}pps ({}–{}; {:.1} ns/frame)",
-                    si(rate(s.median)),
-                    si(rate(s.max)).trim(),
-                    si(rate(s.min)).trim(),
-                    s.median
-                ),
-            )
-        })
+        s.as_ref()
+            .map(|s| {
+                Figure::rate(&s.map_decreasing(|ns| 1e9 / ns), "packets")
+                    .note(format!("{:.1} ns/frame", s.median))
+            })
+            .map_err(Clone::clone)
     };
     row(
         format!(

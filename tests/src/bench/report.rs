@@ -5,6 +5,8 @@
 
 use std::fmt::Write as _;
 
+use super::stats::Sample;
+
 /// One measured value: the number ratios are taken of, and how it reads.
 #[derive(Clone, Debug)]
 pub struct Figure {
@@ -21,6 +23,21 @@ impl Figure {
             value,
             shown: shown.into(),
         }
+    }
+
+    /// A figure from a sample: `median unit (min–max)`.
+    pub fn sample(s: &Sample, unit: &str, decimals: usize) -> Figure {
+        Figure::new(s.median, s.show(unit, decimals))
+    }
+
+    /// A per-second figure from a sample of rates: `1.23 Mconn/s (1.1 M–1.3 M)`.
+    pub fn rate(s: &Sample, unit: &str) -> Figure {
+        let spread = if s.min == s.max {
+            String::new()
+        } else {
+            format!(" ({}–{})", si(s.min).trim(), si(s.max).trim())
+        };
+        Figure::new(s.median, format!("{}{unit}/s{spread}", si(s.median)))
     }
 
     /// The same figure with `note` appended in parentheses.

@@ -196,6 +196,16 @@ pub struct Macs {
     pub dst: [u8; 6],
 }
 
+impl Macs {
+    /// From the `net` end of a topology's veth to its `gw` end.
+    pub fn net_to_gw(topo: &crate::netns::Topology) -> anyhow::Result<Macs> {
+        Ok(Macs {
+            src: mac_of(&topo.net, &topo.net_if)?,
+            dst: mac_of(&topo.gw, &topo.gw_if)?,
+        })
+    }
+}
+
 /// An Ethernet + IPv4 + TCP SYN frame with valid checksums.
 pub fn syn_frame(
     macs: Macs,

@@ -26,6 +26,16 @@ impl Sample {
         }
     }
 
+    /// The sample of `f(value)` for a decreasing `f` (e.g. a rate from a
+    /// time per item): min and max swap.
+    pub fn map_decreasing(&self, f: impl Fn(f64) -> f64) -> Sample {
+        Sample {
+            median: f(self.median),
+            min: f(self.max),
+            max: f(self.min),
+        }
+    }
+
     /// `median unit (min–max)`, with `decimals` decimals; the spread is
     /// left out for a single round.
     pub fn show(&self, unit: &str, decimals: usize) -> String {
