@@ -73,7 +73,10 @@ fn main() {
          the distinct batch runs each of its frames once (colder, and the syscall \
          overhead is in every contender alike). xdp-filter matches exact addresses \
          in hash maps: it is given one address per prefix (the network address, \
-         plus the test source), so it covers the bench's sources, not the prefixes.\n\
+         plus the test source), so it covers the bench's sources, not the prefixes. \
+         Its object (`xdpfilt_alw_ip.o`, what `xdp-filter load -p allow -f ip` \
+         attaches) is loaded by aya with its maps resized to hold the list: the \
+         xdp-filter command itself cannot go past its compiled-in 10,000 entries.\n\
          - Flood: on a veth every frame is an skb before any hook runs, so native \
          XDP is not expected to beat nftables there; the live-frames figures \
          (BPF_F_TEST_XDP_LIVE_FRAMES) show the XDP path itself. CPU per SYN is the \
