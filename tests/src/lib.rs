@@ -4,6 +4,7 @@
 //! a private Postfix ([`postfix`]), temporary directories ([`tempdir`]),
 //! and bounded waiting ([`wait_for`], [`run_bounded`]).
 
+pub mod bench;
 pub mod flood;
 pub mod netns;
 pub mod packet;

@@ -1,13 +1,17 @@
 //! `cargo xtask bench`: runs the bench binary (tests crate, release) with
-//! the freshly built XDP object. Figures come with baselines from the same
-//! run; see `tests/src/bin/bench.rs`.
+//! the freshly built XDP object and daemon. Figures come with baselines
+//! from the same run; see `tests/src/bench/mod.rs`.
 
-use std::{path::Path, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{bail, Result};
 
-/// Runs the bench and writes `bench/RESULTS.md`.
-pub fn run(root: &Path, _binary: &Path, quick: bool) -> Result<()> {
+/// Runs the bench against `binary` (the release daemon) and writes
+/// `bench/RESULTS.md`.
+pub fn run(root: &Path, binary: &Path, quick: bool) -> Result<()> {
     let object = crate::provision::ebpf_object(root);
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(root)
@@ -21,7 +25,11 @@ pub fn run(root: &Path, _binary: &Path, quick: bool) -> Result<()> {
             "--",
         ])
         .args(["--out", "bench/RESULTS.md"])
-        .env("SMTPGUARD_EBPF_OBJECT", object);
+        .env("SMTPGUARD_EBPF_OBJECT", object)
+        .env("SMTPGUARD_BIN", binary);
+    if let Some(data) = shared_data(root) {
+        cmd.env("SMTPGUARD_SHARED_DATA", data);
+    }
     if quick {
         cmd.arg("--quick");
     }
@@ -29,4 +37,13 @@ pub fn run(root: &Path, _binary: &Path, quick: bool) -> Result<()> {
         bail!("bench failed");
     }
     Ok(())
+}
+
+/// `shared/data` beside the repository, or beside the directory holding
+/// it (a git worktree under `wt/`).
+fn shared_data(root: &Path) -> Option<PathBuf> {
+    ["../shared/data", "../../shared/data"]
+        .iter()
+        .map(|d| root.join(d))
+        .find(|p| p.is_dir())
 }
