@@ -272,6 +272,18 @@ pub enum EntryError {
 impl EntryError {
     /// The 1-based column the error points at.
     pub fn column(&self) -> usize {
+        // One list of variants: `column_mut` is the only place that knows
+        // where each variant keeps its column.
+        *self.clone().column_mut()
+    }
+
+    /// The same error with its column moved right by `by` characters.
+    pub(crate) fn shifted(mut self, by: usize) -> Self {
+        *self.column_mut() += by;
+        self
+    }
+
+    fn column_mut(&mut self) -> &mut usize {
         match self {
             EntryError::Empty { column }
             | EntryError::Whitespace { column }
@@ -290,33 +302,8 @@ impl EntryError {
             | EntryError::WholeFamily { column, .. }
             | EntryError::RangeBound { column, .. }
             | EntryError::RangeMixedFamilies { column, .. }
-            | EntryError::RangeReversed { column, .. } => *column,
+            | EntryError::RangeReversed { column, .. } => column,
         }
-    }
-
-    /// The same error with its column moved right by `by` characters.
-    pub(crate) fn shifted(mut self, by: usize) -> Self {
-        match &mut self {
-            EntryError::Empty { column }
-            | EntryError::Whitespace { column }
-            | EntryError::LeadingZero { column, .. }
-            | EntryError::OctetOutOfRange { column, .. }
-            | EntryError::BadIpv4 { column, .. }
-            | EntryError::BadIpv6 { column, .. }
-            | EntryError::ZoneId { column, .. }
-            | EntryError::Hostname { column, .. }
-            | EntryError::NotAnEntry { column, .. }
-            | EntryError::BadPrefixLen { column, .. }
-            | EntryError::PrefixLenOutOfRange { column, .. }
-            | EntryError::NonContiguousNetmask { column, .. }
-            | EntryError::NetmaskOnIpv6 { column, .. }
-            | EntryError::MappedPrefixTooShort { column, .. }
-            | EntryError::WholeFamily { column, .. }
-            | EntryError::RangeBound { column, .. }
-            | EntryError::RangeMixedFamilies { column, .. }
-            | EntryError::RangeReversed { column, .. } => *column += by,
-        }
-        self
     }
 }
 
