@@ -189,7 +189,8 @@ pub mod counter {
     pub const PASS_FILTER_OFF: u32 = 19;
     /// Pass: IPsec ESP; the transport header is encrypted.
     pub const PASS_ESP: u32 = 20;
-    /// Drop events not logged because of the rate limit (not a verdict).
+    /// Drop events not logged because of the rate limit (not a verdict;
+    /// nothing is counted when the rate is 0, i.e. logging is off).
     pub const LOG_SUPPRESSED: u32 = 21;
 }
 

@@ -153,6 +153,11 @@ fn log_drop(
     rule_id: u32,
     monitor: bool,
 ) {
+    // Logging off: no clock read and no write to the shared window on
+    // the drop path, which is the flood path.
+    if cfg.log_rate_per_sec == 0 {
+        return;
+    }
     let Some(window) = SG_LOG_WINDOW.get_ptr_mut(0) else {
         return;
     };
