@@ -1,14 +1,19 @@
 //! Project automation: `cargo xtask <command>`.
 //!
-//! - `provision`: make sure the eBPF toolchain (and, as root on Debian, the
-//!   test peers) are installed; idempotent, prints what it installs.
+//! - `provision [--peers] [--check]`: make sure the eBPF toolchain (and,
+//!   with `--peers`, the test peers) are installed; idempotent, prints what
+//!   it installs. `--check` only reports what is present, missing and would
+//!   be installed.
 //! - `build`: the XDP object, then the userspace binary that embeds it.
 //! - `run [-- ARGS]`: build, then `smtpguard run ARGS` in the foreground.
-//! - `test`: build, then every test (unit, BPF_PROG_TEST_RUN, netns).
+//! - `test`: install and probe the test peers, build, then every test
+//!   binary (unit, BPF_PROG_TEST_RUN, netns), even after one fails.
 //! - `bench [--quick]`: measured figures beside their baselines.
 
 mod bench;
+mod peers;
 mod provision;
+mod testrun;
 
 use std::{
     path::{Path, PathBuf},
@@ -32,6 +37,10 @@ enum Cmd {
         /// Also install the programs the tests and bench talk to (postfix, swaks, ...).
         #[arg(long)]
         peers: bool,
+        /// Install nothing: print what is present, what is missing (toolchain,
+        /// test peers, the capabilities the tests probe) and what would be installed.
+        #[arg(long)]
+        check: bool,
     },
     /// Build the XDP object and the smtpguard binary that embeds it.
     Build {
@@ -93,10 +102,23 @@ fn main() -> ExitCode {
 fn run(cmd: Cmd) -> Result<()> {
     let root = workspace_root();
     match cmd {
-        Cmd::Provision { peers } => {
+        Cmd::Provision { check: true, .. } => {
+            let toolchain = provision::toolchain_report();
+            let peers = peers::report();
+            if !(toolchain && peers) {
+                bail!(
+                    "something is missing (see above); `cargo xtask provision --peers` installs it"
+                );
+            }
+            Ok(())
+        }
+        Cmd::Provision {
+            peers,
+            check: false,
+        } => {
             provision::toolchain()?;
             if peers {
-                provision::peers()?;
+                peers::ensure()?;
             }
             Ok(())
         }
@@ -121,26 +143,24 @@ fn run(cmd: Cmd) -> Result<()> {
         }
         Cmd::Test { args } => {
             require_root("the kernel tests load XDP programs and create network namespaces")?;
-            provision::peers()?;
+            // Every peer installed and probed before anything is built.
+            peers::ensure()?;
             let binary = build(&root, false)?;
             let object = provision::ebpf_object(&root);
-            eprintln!("xtask: running cargo test --workspace (all but the BPF-only crate)");
-            let status = Command::new(env!("CARGO"))
-                .current_dir(&root)
+            eprintln!(
+                "xtask: running cargo test --workspace --no-fail-fast (all but the BPF-only crate)"
+            );
+            let mut cmd = Command::new(env!("CARGO"));
+            cmd.current_dir(&root)
                 .args(["test", "--workspace", "--exclude", "smtpguard-ebpf"])
-                .args(&args)
                 .env("SMTPGUARD_EBPF_OBJECT", &object)
                 .env("SMTPGUARD_BIN", &binary)
-                .env("SMTPGUARD_SHARED_DATA", root.join("../shared/data"))
-                .status()?;
-            if !status.success() {
-                bail!("tests failed");
-            }
-            Ok(())
+                .env("SMTPGUARD_SHARED_DATA", root.join("../shared/data"));
+            testrun::run(cmd, &args)
         }
         Cmd::Bench { quick } => {
             require_root("the bench loads XDP programs and creates network namespaces")?;
-            provision::peers()?;
+            peers::ensure()?;
             let binary = build(&root, true)?;
             bench::run(&root, &binary, quick)
         }

@@ -31,24 +31,6 @@ const DEBIAN_TOOLCHAIN_PACKAGES: &[&str] = &[
     "libzstd-dev",
 ];
 
-/// Programs the tests and the bench run, with the Debian package of each.
-const PEERS: &[(&str, &str)] = &[
-    ("/usr/sbin/postfix", "postfix"),
-    ("/usr/bin/swaks", "swaks"),
-    ("/usr/bin/openssl", "openssl"),
-    ("/usr/sbin/ip", "iproute2"),
-    ("/usr/sbin/hping3", "hping3"),
-    ("/usr/sbin/xdp-filter", "xdp-tools"),
-    ("/usr/sbin/nft", "nftables"),
-    ("/usr/sbin/haproxy", "haproxy"),
-    ("/usr/sbin/bpftool", "bpftool"),
-    (
-        "/usr/lib/python3/dist-packages/aiosmtpd/__init__.py",
-        "python3-aiosmtpd",
-    ),
-    ("/usr/bin/python3", "python3"),
-];
-
 /// How the XDP object gets compiled.
 pub enum Toolchain {
     /// `cargo +nightly` from rustup, with rust-src.
@@ -119,13 +101,13 @@ fn manual_steps() -> String {
     )
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     command_output("id", &["-u"])
         .map(|s| s.trim() == "0")
         .unwrap_or(false)
 }
 
-fn is_debian_like() -> bool {
+pub fn is_debian_like() -> bool {
     std::fs::read_to_string("/etc/os-release")
         .map(|s| {
             s.lines().any(|l| {
@@ -149,7 +131,7 @@ fn install_debian_toolchain() -> Result<()> {
 }
 
 /// `apt-get update` then `apt-get install` of `packages`, non-interactively.
-fn apt_install(packages: &[&str]) -> Result<()> {
+pub fn apt_install(packages: &[&str]) -> Result<()> {
     eprintln!("xtask: installing with apt-get: {}", packages.join(" "));
     run_quiet(
         Command::new("apt-get").args(["update", "-q"]),
@@ -160,6 +142,62 @@ fn apt_install(packages: &[&str]) -> Result<()> {
         .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive");
     run_quiet(&mut cmd, "apt-get install")
+}
+
+/// Whether dpkg has `package` installed (not merely configured-files).
+pub fn dpkg_installed(package: &str) -> bool {
+    command_output("dpkg-query", &["-W", "-f=${db:Status-Status}", package])
+        .is_some_and(|status| status.trim() == "installed")
+}
+
+/// Prints what the eBPF toolchain has and lacks, and what `toolchain()`
+/// would install or build; installs nothing. Returns whether it is complete.
+pub fn toolchain_report() -> bool {
+    println!("eBPF toolchain:");
+    if rustup_nightly_has_rust_src() {
+        println!("  ok        rustup nightly with rust-src");
+    } else {
+        println!(
+            "  absent    rustup nightly with rust-src (optional: the Debian route is used instead)"
+        );
+        for package in DEBIAN_TOOLCHAIN_PACKAGES {
+            let state = if dpkg_installed(package) {
+                "installed"
+            } else {
+                "MISSING"
+            };
+            println!("  {state:<9} {package}");
+        }
+    }
+    let linker = linker_cache().join("bin/bpf-linker");
+    let linker_present = linker.exists() || on_path("bpf-linker").is_some();
+    if linker_present {
+        println!("  ok        bpf-linker");
+    } else {
+        println!(
+            "  MISSING   bpf-linker {BPF_LINKER_VERSION} (would be built into {})",
+            linker.display()
+        );
+    }
+    let packages: Vec<&str> = if rustup_nightly_has_rust_src() {
+        Vec::new()
+    } else {
+        DEBIAN_TOOLCHAIN_PACKAGES
+            .iter()
+            .copied()
+            .filter(|p| !dpkg_installed(p))
+            .collect()
+    };
+    match (packages.is_empty(), linker_present) {
+        (true, true) => println!("would install: nothing"),
+        (false, true) => println!("would install: {}", packages.join(" ")),
+        (true, false) => println!("would install: bpf-linker {BPF_LINKER_VERSION} (cargo install)"),
+        (false, false) => println!(
+            "would install: {}, then bpf-linker {BPF_LINKER_VERSION} (cargo install)",
+            packages.join(" ")
+        ),
+    }
+    packages.is_empty() && linker_present
 }
 
 fn linker_cache() -> PathBuf {
@@ -263,41 +301,6 @@ pub fn build_ebpf(root: &Path, toolchain: &Toolchain) -> Result<PathBuf> {
         bail!("building the XDP program failed");
     }
     Ok(ebpf_object(root))
-}
-
-/// Installs, as root on Debian/Ubuntu, the peers the tests and bench use.
-pub fn peers() -> Result<()> {
-    let mut missing: Vec<&str> = PEERS
-        .iter()
-        .filter(|(path, _)| !Path::new(path).exists())
-        .map(|(_, package)| *package)
-        .collect();
-    missing.dedup();
-    if missing.is_empty() {
-        eprintln!("xtask: test peers present (postfix, swaks, openssl, iproute2, hping3, xdp-tools, nftables, haproxy, bpftool, python3-aiosmtpd)");
-        return Ok(());
-    }
-    if !is_root() || !is_debian_like() {
-        bail!(
-            "the tests need these programs: {}; install them (Debian package names) and run again",
-            missing.join(" ")
-        );
-    }
-    if missing.contains(&"postfix") {
-        // Never let the package configure a system MTA: the tests run
-        // their own Postfix from a private config directory.
-        let mut cmd = Command::new("debconf-set-selections");
-        cmd.stdin(Stdio::piped());
-        let mut child = cmd.spawn().context("running debconf-set-selections")?;
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("piped")
-            .write_all(b"postfix postfix/main_mailer_type select No configuration\n")?;
-        child.wait()?;
-    }
-    apt_install(&missing)
 }
 
 fn command_output(program: &str, args: &[&str]) -> Option<String> {

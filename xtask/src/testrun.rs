@@ -1,0 +1,134 @@
+//! `cargo test --no-fail-fast` with its output passed through as it comes,
+//! and one summary at the end: how many tests passed and failed in all,
+//! and which test binaries failed.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    process::{Command, Stdio},
+    thread,
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Totals over every `test result:` line, and the failing binaries.
+#[derive(Default, Debug, PartialEq)]
+struct Summary {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    /// Cargo's own words for each failing binary, e.g. `-p smtpguard --test front_door`.
+    failed_binaries: Vec<String>,
+}
+
+impl Summary {
+    /// Reads one line of `cargo test` output (either stream).
+    fn read_line(&mut self, line: &str) {
+        if let Some(rest) = line.trim_start().strip_prefix("test result: ") {
+            self.passed += count_before(rest, "passed");
+            self.failed += count_before(rest, "failed");
+            self.ignored += count_before(rest, "ignored");
+        } else if let Some(rest) = line.split("to rerun pass `").nth(1) {
+            // "error: test failed, to rerun pass `-p smtpguard --test front_door`"
+            if let Some(binary) = rest.split('`').next() {
+                self.failed_binaries.push(binary.to_owned());
+            }
+        }
+    }
+}
+
+/// The number just before the word `label` in `"ok. 12 passed; 0 failed; ..."`.
+fn count_before(text: &str, label: &str) -> u64 {
+    let words: Vec<&str> = text
+        .split(|c: char| c == ';' || c.is_whitespace())
+        .filter(|w| !w.is_empty())
+        .collect();
+    words
+        .windows(2)
+        .find(|pair| pair[1] == label)
+        .and_then(|pair| pair[0].parse().ok())
+        .unwrap_or(0)
+}
+
+/// Runs `cmd` (a `cargo test` command) with `--no-fail-fast`, so every test
+/// binary runs even when one fails, and ends with a summary naming the
+/// failing binaries. Fails when any test or build step failed.
+pub fn run(mut cmd: Command, args: &[String]) -> Result<()> {
+    // `cargo test` refuses the flag twice.
+    if !args.iter().any(|a| a == "--no-fail-fast") {
+        cmd.arg("--no-fail-fast");
+    }
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("running cargo test")?;
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let out_thread = thread::spawn(move || echo(stdout, std::io::stdout()));
+    let err_summary = echo(stderr, std::io::stderr());
+    let out_summary = out_thread.join().expect("stdout reader");
+    let status = child.wait()?;
+
+    let mut summary = out_summary;
+    summary.failed_binaries.extend(err_summary.failed_binaries);
+    summary.passed += err_summary.passed;
+    summary.failed += err_summary.failed;
+    summary.ignored += err_summary.ignored;
+
+    if !summary.failed_binaries.is_empty() {
+        eprintln!(
+            "xtask: {} test binaries failed: {}",
+            summary.failed_binaries.len(),
+            summary.failed_binaries.join(", ")
+        );
+    }
+    println!(
+        "xtask: {} passed, {} failed, {} skipped",
+        summary.passed, summary.failed, summary.ignored
+    );
+    if !status.success() {
+        if summary.failed_binaries.is_empty() {
+            bail!("cargo test failed before running the tests (see its errors above)");
+        }
+        bail!("tests failed");
+    }
+    Ok(())
+}
+
+/// Copies `from` to `to` line by line as it comes, and reads each line.
+fn echo(from: impl Read, mut to: impl Write) -> Summary {
+    let mut summary = Summary::default();
+    let mut reader = BufReader::new(from);
+    let mut line = Vec::new();
+    while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+        let _ = to.write_all(&line);
+        let _ = to.flush();
+        summary.read_line(&String::from_utf8_lossy(&line));
+        line.clear();
+    }
+    summary
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_results_and_failing_binaries() {
+        let mut s = Summary::default();
+        for line in [
+            "test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s",
+            "test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.5s",
+            "error: test failed, to rerun pass `-p smtpguard --test front_door`",
+            "test foo ... ok",
+        ] {
+            s.read_line(line);
+        }
+        assert_eq!(
+            s,
+            Summary {
+                passed: 15,
+                failed: 2,
+                ignored: 1,
+                failed_binaries: vec!["-p smtpguard --test front_door".into()],
+            }
+        );
+    }
+}
