@@ -42,6 +42,10 @@ impl CounterSnapshot {
     }
 }
 
+/// How many whole reads [`Stats::counters`] makes at most while looking for
+/// two that agree.
+pub const SNAPSHOT_TRIES: usize = 16;
+
 /// Reader of `SG_COUNTERS` and `SG_HITS`.
 pub struct Stats {
     counters: PerCpuArray<MapData, u64>,
@@ -57,8 +61,30 @@ impl Stats {
         Ok(Stats { counters, hits })
     }
 
-    /// Sums every counter over all CPUs.
+    /// Sums every counter over all CPUs, as one snapshot that does not tear.
+    ///
+    /// Each counter is a separate map element, so a packet judged while they
+    /// are read one by one could be counted in `packets` but not yet in its
+    /// verdict. The counters are therefore read whole until two reads in a
+    /// row agree: no counter moved between them, so the second is the state
+    /// at one instant (the XDP program runs without preemption, in
+    /// nanoseconds, against the microseconds of a read). Under a steady flood
+    /// no two reads may agree; after [`SNAPSHOT_TRIES`] reads the last one
+    /// is returned, and the totals of such a read may be off by the few
+    /// packets judged while it ran.
     pub fn counters(&self) -> CounterSnapshot {
+        let mut last = self.read_counters();
+        for _ in 1..SNAPSHOT_TRIES {
+            let next = self.read_counters();
+            if next == last {
+                break;
+            }
+            last = next;
+        }
+        last
+    }
+
+    fn read_counters(&self) -> CounterSnapshot {
         let mut out = [0u64; COUNTER_COUNT as usize];
         for (index, slot) in out.iter_mut().enumerate() {
             if let Ok(values) = self.counters.get(&(index as u32), 0) {
