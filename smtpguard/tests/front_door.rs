@@ -6,7 +6,7 @@
 //! time, they never sleep to make a point.
 
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -182,7 +182,17 @@ async fn start(
     tls: Option<Arc<rustls::ServerConfig>>,
     access: Arc<dyn AccessCheck>,
 ) -> TestServer {
-    let listeners = server::bind(&[SocketAddr::from((Ipv4Addr::LOCALHOST, 0))]).unwrap();
+    start_on(IpAddr::from(Ipv4Addr::LOCALHOST), settings, tls, access).await
+}
+
+/// Like [`start`], listening on `ip` (an ephemeral port).
+async fn start_on(
+    ip: IpAddr,
+    settings: Settings,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    access: Arc<dyn AccessCheck>,
+) -> TestServer {
+    let listeners = server::bind(&[SocketAddr::new(ip, 0)]).unwrap();
     let addr = listeners[0].local_addr().unwrap();
     let recorder = Recorder::default();
     let ctx = ServerContext::new(settings, tls, access, recorder.clone());
@@ -412,14 +422,22 @@ async fn run_tool(cmd: &mut Command) -> String {
     stdout
 }
 
+/// Debian's Python, the one `cargo xtask test` installs and probes.
+const PYTHON: &str = "/usr/bin/python3";
+
 async fn python(script: &str, args: &[&str]) -> String {
-    run_tool(Command::new("python3").arg("-c").arg(script).args(args)).await
+    run_tool(Command::new(PYTHON).arg("-c").arg(script).args(args)).await
 }
 
 async fn swaks(addr: SocketAddr, extra: &[&str]) -> String {
     run_tool(
         Command::new("swaks")
-            .args(["--server", "127.0.0.1", "--port", &addr.port().to_string()])
+            .args([
+                "--server",
+                &addr.ip().to_string(),
+                "--port",
+                &addr.port().to_string(),
+            ])
             .args([
                 "--helo",
                 "client.example.org",
@@ -433,6 +451,33 @@ async fn swaks(addr: SocketAddr, extra: &[&str]) -> String {
 }
 
 // ----- tests ------------------------------------------------------------------------------
+
+/// swaks reaches an IPv6 listener (its IPv6 support is a Recommends that
+/// `cargo xtask test` installs on its own: libio-socket-inet6-perl).
+#[tokio::test]
+async fn swaks_over_ipv6() {
+    bounded(async {
+        let srv = start_on(
+            IpAddr::from(Ipv6Addr::LOCALHOST),
+            settings(""),
+            None,
+            Arc::new(AllowAll),
+        )
+        .await;
+        let out = swaks(srv.addr, &["--body", "over IPv6"]).await;
+        assert!(out.contains("<-  250 2.0.0"), "{out}");
+        let delivered = srv.recorder.delivered();
+        assert_eq!(delivered.len(), 1);
+        assert_eq!(
+            delivered[0].client.peer.ip(),
+            IpAddr::from(Ipv6Addr::LOCALHOST)
+        );
+        assert!(String::from_utf8_lossy(&delivered[0].data).contains("over IPv6"));
+        srv.wait_for_no_sessions().await;
+        srv.stop().await;
+    })
+    .await;
+}
 
 #[tokio::test]
 async fn message_is_handed_off_with_its_envelope() {
