@@ -3,7 +3,7 @@
 //! Two layers (see README.md for the picture):
 //! - the kernel fast path, an XDP program that drops SYNs from denied
 //!   sources ([`kernel`] loads it and owns its maps);
-//! - the SMTP front door ([`smtp`], [`server`]) that terminates what gets
+//! - the SMTP front door ([`smtp`], [`front_door`]) that terminates what gets
 //!   through: connection cap, inactivity timeout, STARTTLS, hand-off to the
 //!   MTA or the Maildir spool.
 //!
@@ -18,10 +18,10 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod front_door;
 pub mod kernel;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
-pub mod server;
 pub mod smtp;
 pub mod tls;

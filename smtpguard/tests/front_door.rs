@@ -1,6 +1,6 @@
 //! The SMTP front door end to end on loopback: real clients (Python
 //! smtplib, swaks) and raw TCP clients for the edge cases, against
-//! `server::run` with an in-memory hand-off.
+//! `front_door::run` with an in-memory hand-off.
 //!
 //! Every test is bounded by [`bounded`]; timing assertions measure elapsed
 //! time, they never sleep to make a point.
@@ -23,7 +23,7 @@ use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 
 use smtpguard::config::Config;
-use smtpguard::server::{
+use smtpguard::front_door::{
     self, Access, AccessCheck, AllowAll, DenyReason, Rejection, ServerContext, ServerHandle,
     Settings,
 };
@@ -192,13 +192,13 @@ async fn start_on(
     tls: Option<Arc<rustls::ServerConfig>>,
     access: Arc<dyn AccessCheck>,
 ) -> TestServer {
-    let listeners = server::bind(&[SocketAddr::new(ip, 0)]).unwrap();
+    let listeners = front_door::bind(&[SocketAddr::new(ip, 0)]).unwrap();
     let addr = listeners[0].local_addr().unwrap();
     let recorder = Recorder::default();
     let ctx = ServerContext::new(settings, tls, access, recorder.clone());
     let handle = ctx.handle();
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(server::run(listeners, ctx, shutdown.clone()));
+    let task = tokio::spawn(front_door::run(listeners, ctx, shutdown.clone()));
     TestServer {
         addr,
         handle,
@@ -213,7 +213,7 @@ async fn start_plain(extra: &str) -> TestServer {
 }
 
 impl TestServer {
-    fn snapshot(&self) -> server::MetricsSnapshot {
+    fn snapshot(&self) -> front_door::MetricsSnapshot {
         self.handle.metrics().snapshot()
     }
 

@@ -21,10 +21,10 @@ pub use state::{Daemon, Kernel, KernelWrite};
 
 use crate::{
     config::Config,
+    front_door::{self, AccessCheck, ServerContext},
     kernel::pump_kernel_log,
     logging,
     policy::ListKind,
-    server::{self, AccessCheck, ServerContext},
     smtp::{conn::DeliveryHandoff, handoff::Delivery},
     tls::{self, LoadedTls},
 };
@@ -42,7 +42,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     let policy = startup::load_policy(&config)?;
     startup::warn_about_delivery(&config);
     let delivery = Delivery::from_config(&config.delivery, &config.server.hostname)?;
-    let listeners = server::bind(&config.server.listen)?;
+    let listeners = front_door::bind(&config.server.listen)?;
     let control_listener = crate::control::bind(&config.control.socket)?;
     let metrics_listener = config
         .metrics
@@ -71,7 +71,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         Arc::new(move |ip| daemon.access(ip))
     };
     let ctx = ServerContext::new(
-        server::Settings::from_config(&config.server, &config.tls),
+        front_door::Settings::from_config(&config.server, &config.tls),
         tls.as_ref().map(|t| Arc::clone(&t.server_config)),
         access,
         DeliveryHandoff::new(delivery, &config.delivery),
@@ -80,7 +80,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
 
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let server_task = tasks.spawn(server::run(listeners, ctx, shutdown.clone()));
+    let server_task = tasks.spawn(front_door::run(listeners, ctx, shutdown.clone()));
     let handler = Arc::new(control::Handler {
         daemon: Arc::clone(&daemon),
     });

@@ -19,9 +19,9 @@ use smtpguard_common::Action;
 
 use crate::{
     config::Config,
+    front_door::{Access, DenyReason, ServerHandle},
     kernel::{ApplyHow, Attachment, CounterSnapshot, MapSync, Stats, XdpFilter},
     policy::{Enforcement, ListKind, Policy, Reason, Verdict},
-    server::{Access, DenyReason, ServerHandle},
 };
 
 /// The loaded XDP program and the owners of its maps.

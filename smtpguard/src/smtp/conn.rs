@@ -4,7 +4,7 @@
 //!
 //! It follows the [driver protocol](super#the-driver-protocol). The front
 //! door's checks (access lists, connection caps) happen before a connection
-//! gets here; see [`crate::server`].
+//! gets here; see [`crate::front_door`].
 //!
 //! # Deadlines
 //!
@@ -41,7 +41,7 @@ use super::{
     EnhancedCode, Envelope, Event, ForwardPath, MailParams, RcptPolicy, Reply, ReversePath,
     Session, SessionParams, Step, TlsInfo,
 };
-use crate::server::{Metrics, Rejection};
+use crate::front_door::{Metrics, Rejection};
 
 /// Bytes asked of the socket per read. The driver reads again only once
 /// the session has consumed everything, so this bounds its input buffer.
