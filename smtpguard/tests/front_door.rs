@@ -27,8 +27,7 @@ use smtpguard::front_door::{
     self, Access, AccessCheck, AllowAll, DenyReason, Rejection, ServerContext, ServerHandle,
     Settings,
 };
-use smtpguard::smtp::conn::{Handoff, HandoffFactory};
-use smtpguard::smtp::handoff::ClientInfo;
+use smtpguard::smtp::handoff::{ClientInfo, Handoff, HandoffFactory};
 use smtpguard::smtp::{
     AcceptAll, Envelope, ForwardPath, MailParams, RcptPolicy, Reply, ReversePath, TlsMode,
 };

@@ -12,7 +12,7 @@
 //! [`DeliverySession`]: smtpguard::smtp::handoff::DeliverySession
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -36,6 +36,8 @@ const PROXY_PORT: u16 = 10025;
 const XCLIENT_PORT: u16 = 10026;
 /// Our host name (`Received:`, EHLO to Postfix).
 const HOST: &str = "mx.test.example";
+/// The client address the hand-off sessions are made for.
+const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
 
 fn client(peer: &str) -> ClientInfo {
     ClientInfo {
@@ -144,7 +146,7 @@ async fn drive(pf: &mut Postfix) {
         ([127, 0, 0, 1], PROXY_PORT).into(),
         UpstreamProtocol::ProxyV2,
     );
-    let mut s = d.session(false);
+    let mut s = d.session(CLIENT);
     let r = s.mail(&c, &from, &MailParams::default()).await;
     assert_eq!(r.code, 250, "MAIL: {r}\n{}", pf.log());
     // Postfix believes the PROXY header: 192.0.2.10 is not in mynetworks,
@@ -181,7 +183,7 @@ async fn drive(pf: &mut Postfix) {
         ([127, 0, 0, 1], XCLIENT_PORT).into(),
         UpstreamProtocol::Xclient,
     );
-    let mut s2 = d2.session(false);
+    let mut s2 = d2.session(CLIENT);
     let r = s2.mail(&c2, &from, &MailParams::default()).await;
     assert_eq!(r.code, 250, "MAIL: {r}\n{}", pf.log());
     let r = s2.rcpt(&c2, elsewhere).await;
@@ -205,7 +207,7 @@ async fn drive(pf: &mut Postfix) {
         wait_for(Duration::from_secs(5), || !pf.listening(PROXY_PORT)),
         "postfix still listening after stop"
     );
-    let mut s3 = d.session(false);
+    let mut s3 = d.session(CLIENT);
     let r = s3.mail(&c, &from, &MailParams::default()).await;
     assert_eq!(
         r.to_string(),

@@ -25,7 +25,7 @@ use crate::{
     kernel::pump_kernel_log,
     logging,
     policy::ListKind,
-    smtp::{conn::DeliveryHandoff, handoff::Delivery},
+    smtp::handoff::Delivery,
     tls::{self, LoadedTls},
 };
 
@@ -74,7 +74,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         front_door::Settings::from_config(&config.server, &config.tls),
         tls.as_ref().map(|t| Arc::clone(&t.server_config)),
         access,
-        DeliveryHandoff::new(delivery, &config.delivery),
+        delivery,
     );
     daemon.set_server(ctx.handle());
 

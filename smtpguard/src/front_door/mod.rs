@@ -10,14 +10,16 @@
 //! 2. the simultaneous-connection cap (`max_connections`) and the optional
 //!    per-address cap (`max_connections_per_client`); over either:
 //!    `421 4.7.0 <host> Error: too many connections...`, then close;
-//! 3. only then a session task starts ([`crate::smtp::conn`]) and sends the
-//!    `220` greeting.
+//! 3. only then a session task starts ([`connection`], the driver) and
+//!    sends the `220` greeting.
 //!
 //! A session holds a slot (a semaphore permit plus its registry entry) that
 //! is released by a guard on every way out of the task, panics included; a
 //! rejected connection never takes one.
 //!
 //! * [`access`]: the access check asked on every accept;
+//! * [`connection`]: the tokio driver of one session (deadlines, STARTTLS,
+//!   hand-off calls);
 //! * `registry`: open sessions, their ids and kick tokens, the [`Slot`](registry)
 //!   guard;
 //! * [`counters`]: [`Metrics`] and why clients were refused ([`Rejection`]).
@@ -27,6 +29,7 @@
 //! token.
 
 pub mod access;
+pub mod connection;
 pub mod counters;
 mod registry;
 
@@ -52,8 +55,9 @@ pub use counters::{ClientCounts, Metrics, MetricsSnapshot, Rejection, MAX_TRACKE
 use registry::Sessions;
 
 use crate::config::{ServerConfig, TlsConfig, TlsMode};
-use crate::smtp::conn::{self, ConnSettings, Connection, HandoffFactory, Stop};
-use crate::smtp::handoff::ClientInfo;
+use connection::{ConnContext, ConnSettings, Stop};
+
+use crate::smtp::handoff::{ClientInfo, HandoffFactory};
 use crate::smtp::{EnhancedCode, Reply, SessionParams};
 
 /// Pending connections the kernel queues per listener (listen(2) backlog).
@@ -192,7 +196,7 @@ impl<H: HandoffFactory> ServerContext<H> {
     /// `tls`: the rustls configuration from [`crate::tls::load`] when
     /// `tls.mode` is not off (ignored when it is). `access`: the daemon's
     /// access lists. `handoffs`: usually
-    /// [`DeliveryHandoff`](crate::smtp::conn::DeliveryHandoff).
+    /// [`Delivery`](crate::smtp::handoff::Delivery).
     pub fn new(
         settings: Settings,
         tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
@@ -448,7 +452,7 @@ fn admit<H: HandoffFactory>(
             };
             // The acceptor of this moment: a reload swaps it for new sessions only.
             let tls = shared.tls.read().expect("tls lock").clone();
-            let connection = Connection {
+            let connection = ConnContext {
                 settings: &shared.settings.conn,
                 tls: tls.as_ref(),
                 metrics: &shared.metrics,
@@ -461,7 +465,7 @@ fn admit<H: HandoffFactory>(
             };
             let session = async {
                 let handoff = shared.handoffs.session(ip);
-                conn::serve(stream, connection, handoff).await
+                connection::serve(stream, connection, handoff).await
             };
             match AssertUnwindSafe(session).catch_unwind().await {
                 Ok(end) => tracing::info!(?end, "session ended"),

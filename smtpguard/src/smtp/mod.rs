@@ -3,8 +3,8 @@
 //! This module does no I/O and reads no clock. [`Session`] takes the bytes
 //! the client sent and produces [`Event`]s: replies to write, decisions to
 //! make, a message to hand off, TLS to start, the connection to close.
-//! `conn.rs` (the tokio driver: sockets, timeouts, TLS) and `handoff.rs`
-//! (upstream MTA or Maildir spool) sit on top.
+//! The front door's connection driver (sockets, timeouts, TLS) and
+//! [`handoff`] (upstream MTA or Maildir spool) sit on top.
 //!
 //! * [`reply`] — [`Reply`]/[`EnhancedCode`], the wire format, constructors
 //!   for every reply used, a parser for upstream replies.
@@ -121,7 +121,6 @@
 //! | hand-off failure (driver) | `451 4.3.0` / `451 4.4.1` |
 
 pub mod command;
-pub mod conn;
 pub mod data;
 pub mod handoff;
 pub mod reply;

@@ -2,8 +2,9 @@
 //! address by PROXY protocol v2 or XCLIENT) or into a Maildir spool.
 //!
 //! One [`Delivery`] per daemon (from the configuration); one
-//! [`DeliverySession`] per SMTP session, created by the connection driver
-//! (`smtp/conn.rs`), which calls it on the session's events:
+//! [`DeliverySession`] per SMTP session, made through [`HandoffFactory`]
+//! for the front door's connection driver, which calls it through
+//! [`Handoff`] on the session's events:
 //! - `Event::NeedDecision(Step::Mail{..})` → [`DeliverySession::mail`]
 //! - `Event::NeedDecision(Step::Rcpt{..})` → [`DeliverySession::rcpt`]
 //! - `Event::Message{..}` → [`DeliverySession::message`]
@@ -53,7 +54,7 @@
 //!
 //! [`DeliverySession::rcpt_policy`] is [`DomainPolicy`]: recipients in
 //! `accept_domains` (or `<postmaster>`) from anyone, any recipient from
-//! clients in `relay_networks` ([`Delivery::relay_allowed`]), otherwise
+//! clients in `relay_networks` (checked by [`Delivery::session`]), otherwise
 //! `550 5.7.1`.
 //!
 //! Each message becomes one file in the Maildir `spool_dir`: written to
@@ -101,6 +102,7 @@ use crate::smtp::{
     ReversePath, TlsInfo, Verdict,
 };
 
+mod factory;
 mod proxy;
 mod received;
 mod spool;
@@ -111,6 +113,7 @@ mod test_util;
 #[cfg(test)]
 mod tests;
 
+pub use factory::{Handoff, HandoffFactory};
 use spool::{Maildir, QueueId};
 use upstream::{Connection, UpstreamError};
 
@@ -191,22 +194,22 @@ impl Delivery {
         })
     }
 
-    /// Per-session state. `relay_allowed`: the client is in
-    /// `relay_networks` (spool mode relay rules).
-    pub fn session(&self, relay_allowed: bool) -> DeliverySession {
+    /// Per-session state for a session from `client`, which may relay
+    /// (send to any domain) in spool mode when its address is in
+    /// `relay_networks`.
+    pub fn session(&self, client: IpAddr) -> DeliverySession {
         DeliverySession {
             delivery: self.clone(),
-            relay_allowed,
+            relay_allowed: self.relay_allowed(client),
             upstream: None,
             txn_open: false,
         }
     }
 
-    /// Whether a client at `ip` may relay (send to any domain): spool mode,
-    /// `ip` inside one of `relay_networks` (an IPv4-mapped IPv6 address is
-    /// matched as IPv4). Always false in upstream mode, where the upstream
-    /// MTA decides. The driver passes the answer to [`Delivery::session`].
-    pub fn relay_allowed(&self, ip: IpAddr) -> bool {
+    /// Whether a client at `ip` may relay: spool mode, `ip` inside one of
+    /// `relay_networks` (an IPv4-mapped IPv6 address is matched as IPv4).
+    /// Always false in upstream mode, where the upstream MTA decides.
+    fn relay_allowed(&self, ip: IpAddr) -> bool {
         match &self.inner.mode {
             Mode::Upstream(_) => false,
             Mode::Spool { relay_networks, .. } => {
@@ -217,7 +220,8 @@ impl Delivery {
     }
 
     /// Whether this is upstream mode (every MAIL/RCPT is relayed).
-    pub fn is_upstream(&self) -> bool {
+    #[cfg(test)]
+    fn is_upstream(&self) -> bool {
         matches!(self.inner.mode, Mode::Upstream(_))
     }
 }

@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,10 @@ use crate::config::{self, SpoolDelivery, UpstreamProtocol};
 use crate::smtp::command::{parse_mail, parse_rcpt};
 
 const HOST: &str = "mx.test.example";
+/// A client outside the spool's `relay_networks`.
+const OUTSIDER: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 5));
+/// A client inside them.
+const INSIDER: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 99));
 
 /// Every test body runs under this bound, so a bug cannot hang the suite.
 async fn bounded<T>(f: impl Future<Output = T>) -> T {
@@ -278,7 +282,7 @@ async fn full_transaction_with_proxy_v2() {
         .await;
         let d = upstream(fake.addr, UpstreamProtocol::ProxyV2, Duration::from_secs(5));
         assert!(d.is_upstream());
-        let mut s = d.session(false);
+        let mut s = d.session(OUTSIDER);
         // Upstream mode: the session must ask about every MAIL and RCPT.
         let mut policy = s.rcpt_policy();
         let env = envelope(
@@ -367,7 +371,7 @@ async fn rcpt_rejection_is_passed_through() {
         })
         .await;
         let d = upstream(fake.addr, UpstreamProtocol::None, Duration::from_secs(5));
-        let mut s = d.session(false);
+        let mut s = d.session(OUTSIDER);
         let c = client();
         let env = envelope(
             "<alice@example.org>",
@@ -412,7 +416,7 @@ async fn upstream_closing_mid_transaction_gives_451_then_reconnects() {
         })
         .await;
         let d = upstream(fake.addr, UpstreamProtocol::None, Duration::from_secs(5));
-        let mut s = d.session(false);
+        let mut s = d.session(OUTSIDER);
         let c = client();
         let env = envelope("<alice@example.org>", &["<bob@example.com>"]);
         assert!(s
@@ -445,7 +449,7 @@ async fn dead_reused_connection_is_replaced_once() {
         })
         .await;
         let d = upstream(fake.addr, UpstreamProtocol::ProxyV2, Duration::from_secs(5));
-        let mut s = d.session(false);
+        let mut s = d.session(OUTSIDER);
         let env = envelope("<alice@example.org>", &["<bob@example.com>"]);
         for n in 1..=2 {
             assert!(s
@@ -476,7 +480,7 @@ async fn unsolicited_upstream_data_is_not_taken_as_a_reply() {
         })
         .await;
         let d = upstream(fake.addr, UpstreamProtocol::None, Duration::from_secs(5));
-        let mut s = d.session(false);
+        let mut s = d.session(OUTSIDER);
         let c = client();
         let env = envelope("<alice@example.org>", &["<bob@example.com>"]);
         assert!(s
@@ -499,7 +503,7 @@ async fn unreachable_upstream_gives_451() {
             UpstreamProtocol::ProxyV2,
             Duration::from_secs(5),
         );
-        let mut s = d.session(false);
+        let mut s = d.session(OUTSIDER);
         let c = client();
         let env = envelope("<alice@example.org>", &["<bob@example.com>"]);
         assert_451_441(&s.mail(&c, &env.reverse_path, &MailParams::default()).await);
@@ -520,7 +524,7 @@ async fn silent_upstream_gives_451_after_the_timeout() {
         .await;
         let timeout = Duration::from_millis(300);
         let d = upstream(fake.addr, UpstreamProtocol::ProxyV2, timeout);
-        let mut s = d.session(false);
+        let mut s = d.session(OUTSIDER);
         let c = client();
         let start = Instant::now();
         let r = s
@@ -568,7 +572,7 @@ async fn upstream_421_or_garbage_gives_451() {
             let what = format!("{:?}/{:?}", script.greeting, script.mail_reply);
             let fake = Fake::start(script).await;
             let d = upstream(fake.addr, UpstreamProtocol::None, Duration::from_secs(5));
-            let mut s = d.session(false);
+            let mut s = d.session(OUTSIDER);
             let r = s.mail(&c, &from, &MailParams::default()).await;
             assert_eq!(r, Reply::upstream_unavailable(), "{what}");
         }
@@ -583,7 +587,7 @@ async fn upstream_421_or_garbage_gives_451() {
         });
         let d = upstream(addr, UpstreamProtocol::None, Duration::from_secs(5));
         let r = d
-            .session(false)
+            .session(OUTSIDER)
             .mail(&c, &from, &MailParams::default())
             .await;
         assert_eq!(r, Reply::upstream_unavailable());
@@ -603,7 +607,7 @@ async fn temporary_and_permanent_mail_refusals_are_relayed() {
         })
         .await;
         let d = upstream(fake.addr, UpstreamProtocol::None, Duration::from_secs(5));
-        let mut s = d.session(false);
+        let mut s = d.session(OUTSIDER);
         let params = MailParams {
             size: Some(10),
             body: Some(crate::smtp::BodyType::SevenBit),
@@ -631,7 +635,7 @@ async fn temporary_and_permanent_mail_refusals_are_relayed() {
         .await;
         let d = upstream(fake.addr, UpstreamProtocol::None, Duration::from_secs(5));
         let r = d
-            .session(false)
+            .session(OUTSIDER)
             .mail(&c, &from, &MailParams::default())
             .await;
         assert_eq!(r.to_string(), "553 5.0.0 no thanks\r\n");
@@ -648,7 +652,7 @@ async fn helo_when_ehlo_is_refused() {
         })
         .await;
         let d = upstream(fake.addr, UpstreamProtocol::None, Duration::from_secs(5));
-        let mut s = d.session(false);
+        let mut s = d.session(OUTSIDER);
         let c = client();
         let (from, params) = parse_mail("FROM:<a@example.org> SIZE=5").unwrap();
         assert!(s.mail(&c, &from, &params).await.is_positive());
@@ -673,7 +677,7 @@ async fn xclient_exchange() {
         })
         .await;
         let d = upstream(fake.addr, UpstreamProtocol::Xclient, Duration::from_secs(5));
-        let mut s = d.session(false);
+        let mut s = d.session(OUTSIDER);
         let mut c = client();
         c.helo = Some("client.example.org".into());
         let env = envelope("<alice@example.org>", &["<bob@example.com>"]);
@@ -699,7 +703,7 @@ async fn xclient_exchange() {
         let fake = Fake::start(Script::default()).await;
         let d = upstream(fake.addr, UpstreamProtocol::Xclient, Duration::from_secs(5));
         let r = d
-            .session(false)
+            .session(OUTSIDER)
             .mail(&c, &env.reverse_path, &MailParams::default())
             .await;
         assert_451_441(&r);
@@ -737,7 +741,7 @@ async fn data_refused_by_upstream_is_relayed_and_reset_next_time() {
             }
         });
         let d = upstream(addr, UpstreamProtocol::None, Duration::from_secs(5));
-        let mut s = d.session(false);
+        let mut s = d.session(OUTSIDER);
         let c = client();
         let env = envelope("<a@example.org>", &["<b@example.com>"]);
         assert!(s
@@ -810,7 +814,7 @@ async fn spool_one_message() {
     let dir = tmp.path().join("Maildir");
     let d = spool(&dir);
     assert!(!d.is_upstream());
-    let mut s = d.session(false);
+    let mut s = d.session(OUTSIDER);
     let c = client();
     let env = envelope(
         "<alice@example.org>",
@@ -865,7 +869,7 @@ async fn spool_failure_gives_451_430_and_leaves_nothing() {
         let tmp = TempDir::new("maildir-fail");
         let d = spool(tmp.path());
         fs::remove_dir(tmp.path().join("new")).unwrap();
-        let mut s = d.session(true);
+        let mut s = d.session(INSIDER);
         let env = envelope("<a@example.org>", &["<b@example.com>"]);
         let r = s.message(&client(), &env, b"x\r\n").await;
         assert_eq!(r, Reply::local_error());
@@ -890,7 +894,7 @@ async fn spool_relay_rules() {
     let local = parse_rcpt("TO:<bob@Example.COM>").unwrap();
     let remote = parse_rcpt("TO:<bob@elsewhere.example>").unwrap();
 
-    let mut outsider = d.session(false).rcpt_policy();
+    let mut outsider = d.session(OUTSIDER).rcpt_policy();
     assert_eq!(outsider.rcpt(&local, &env), Verdict::Accept);
     assert_eq!(
         outsider.rcpt(&ForwardPath::Postmaster, &env),
@@ -904,12 +908,22 @@ async fn spool_relay_rules() {
         outsider.mail(&env.reverse_path, &MailParams::default()),
         Verdict::Accept
     );
-    let mut insider = d.session(true).rcpt_policy();
+    let mut insider = d.session(INSIDER).rcpt_policy();
     assert_eq!(insider.rcpt(&remote, &env), Verdict::Accept);
+    // The factory the front door uses gives the same rights, also to an
+    // IPv4-mapped address.
+    let mapped = "::ffff:192.0.2.99".parse().unwrap();
+    let mut via_factory = HandoffFactory::session(&d, mapped).rcpt_policy();
+    assert_eq!(via_factory.rcpt(&remote, &env), Verdict::Accept);
+    let mut outsider = HandoffFactory::session(&d, OUTSIDER).rcpt_policy();
+    assert_eq!(
+        outsider.rcpt(&remote, &env),
+        Verdict::Reject(Reply::relay_denied())
+    );
 
     // A driver that asks anyway gets the same answers.
     let c = client();
-    let mut s = d.session(false);
+    let mut s = d.session(OUTSIDER);
     assert_eq!(
         s.mail(&c, &env.reverse_path, &MailParams::default()).await,
         Reply::sender_ok()

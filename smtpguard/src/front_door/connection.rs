@@ -2,9 +2,9 @@
 //! switching to TLS on STARTTLS (RFC 3207), under the inactivity, session
 //! and write deadlines, and hands MAIL, RCPT and messages to a [`Handoff`].
 //!
-//! It follows the [driver protocol](super#the-driver-protocol). The front
-//! door's checks (access lists, connection caps) happen before a connection
-//! gets here; see [`crate::front_door`].
+//! It follows the [driver protocol](crate::smtp#the-driver-protocol). The
+//! front door's checks (access lists, connection caps) happen before a
+//! connection gets here; see [`super`].
 //!
 //! # Deadlines
 //!
@@ -22,26 +22,20 @@
 //! * **Writes** (`write_timeout`): each flush of replies must complete in
 //!   time, so a client that never reads cannot hold a slot.
 
-use std::future::Future;
 use std::io;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::handoff::{ClientInfo, Delivery, DeliverySession};
-use super::{
-    EnhancedCode, Envelope, Event, ForwardPath, MailParams, RcptPolicy, Reply, ReversePath,
-    Session, SessionParams, Step, TlsInfo,
-};
-use crate::front_door::{Metrics, Rejection};
+use super::counters::{Metrics, Rejection};
+use crate::smtp::handoff::{ClientInfo, Handoff};
+use crate::smtp::{EnhancedCode, Envelope, Event, Reply, Session, SessionParams, Step, TlsInfo};
 
 /// Bytes asked of the socket per read. The driver reads again only once
 /// the session has consumed everything, so this bounds its input buffer.
@@ -52,106 +46,6 @@ pub const READ_CHUNK: usize = 4096;
 /// cannot delay the end of the session, or of a shutdown, by a full
 /// `write_timeout`.
 pub const FAREWELL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The hand-off of one session, as the driver uses it. Implemented for
-/// [`DeliverySession`]; tests plug in their own.
-///
-/// Every method returns the [`Reply`] for the client (passed to
-/// [`Session::decide`], which normalises it).
-pub trait Handoff: Send {
-    /// The RCPT policy the session consults synchronously.
-    fn rcpt_policy(&self) -> Box<dyn RcptPolicy>;
-    /// `Event::NeedDecision(Step::Mail)`.
-    fn mail(
-        &mut self,
-        client: &ClientInfo,
-        from: &ReversePath,
-        params: &MailParams,
-    ) -> impl Future<Output = Reply> + Send;
-    /// `Event::NeedDecision(Step::Rcpt)`.
-    fn rcpt(&mut self, client: &ClientInfo, to: &ForwardPath)
-        -> impl Future<Output = Reply> + Send;
-    /// `Event::Message`: a 2xx only once the message is safe.
-    fn message(
-        &mut self,
-        client: &ClientInfo,
-        envelope: &Envelope,
-        data: &[u8],
-    ) -> impl Future<Output = Reply> + Send;
-    /// The session is over (called after the client connection is closed).
-    fn close(&mut self) -> impl Future<Output = ()> + Send;
-}
-
-impl Handoff for DeliverySession {
-    fn rcpt_policy(&self) -> Box<dyn RcptPolicy> {
-        DeliverySession::rcpt_policy(self)
-    }
-    fn mail(
-        &mut self,
-        client: &ClientInfo,
-        from: &ReversePath,
-        params: &MailParams,
-    ) -> impl Future<Output = Reply> + Send {
-        DeliverySession::mail(self, client, from, params)
-    }
-    fn rcpt(
-        &mut self,
-        client: &ClientInfo,
-        to: &ForwardPath,
-    ) -> impl Future<Output = Reply> + Send {
-        DeliverySession::rcpt(self, client, to)
-    }
-    fn message(
-        &mut self,
-        client: &ClientInfo,
-        envelope: &Envelope,
-        data: &[u8],
-    ) -> impl Future<Output = Reply> + Send {
-        DeliverySession::message(self, client, envelope, data)
-    }
-    fn close(&mut self) -> impl Future<Output = ()> + Send {
-        DeliverySession::close(self)
-    }
-}
-
-/// Makes one [`Handoff`] per session; the server holds one for its life.
-pub trait HandoffFactory: Send + Sync + 'static {
-    /// The per-session hand-off.
-    type Session: Handoff + 'static;
-    /// A hand-off for a session from `client` (normalised address).
-    fn session(&self, client: IpAddr) -> Self::Session;
-}
-
-/// The production [`HandoffFactory`]: a [`Delivery`] plus the
-/// `relay_networks` that decide its `relay_allowed` per client.
-#[derive(Clone)]
-pub struct DeliveryHandoff {
-    delivery: Delivery,
-    relay_networks: Vec<IpNet>,
-}
-
-impl DeliveryHandoff {
-    /// `relay_networks` from `[delivery]` (spool mode; empty for upstream
-    /// mode, where the upstream MTA decides).
-    pub fn new(delivery: Delivery, config: &crate::config::Delivery) -> DeliveryHandoff {
-        let relay_networks = match config {
-            crate::config::Delivery::Spool(s) => s.relay_networks.clone(),
-            crate::config::Delivery::Upstream(_) => Vec::new(),
-        };
-        DeliveryHandoff {
-            delivery,
-            relay_networks,
-        }
-    }
-}
-
-impl HandoffFactory for DeliveryHandoff {
-    type Session = DeliverySession;
-    fn session(&self, client: IpAddr) -> DeliverySession {
-        let relay_allowed = self.relay_networks.iter().any(|n| n.contains(&client));
-        self.delivery.session(relay_allowed)
-    }
-}
 
 /// Per-connection limits; the same for every session of a server.
 #[derive(Debug, Clone)]
@@ -193,7 +87,7 @@ impl Stop {
 }
 
 /// What one connection needs besides the socket and the hand-off.
-pub struct Connection<'a> {
+pub struct ConnContext<'a> {
     /// Limits and timeouts.
     pub settings: &'a ConnSettings,
     /// STARTTLS; `None` when TLS is off or no certificate is loaded.
@@ -247,7 +141,7 @@ pub enum End {
 /// STARTTLS, hand-offs, deadlines. Calls [`Handoff::close`] at the end and
 /// returns why the connection ended. Never panics by itself; the caller
 /// guards against panics of the hand-off.
-pub async fn serve<IO, H>(io: IO, conn: Connection<'_>, handoff: H) -> End
+pub async fn serve<IO, H>(io: IO, conn: ConnContext<'_>, handoff: H) -> End
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send,
     H: Handoff,
@@ -278,7 +172,7 @@ where
 
 /// The connection's state besides the stream.
 struct Driver<'a, H> {
-    conn: Connection<'a>,
+    conn: ConnContext<'a>,
     session: Session,
     handoff: H,
     /// Replies not yet written.
@@ -731,7 +625,7 @@ mod tests {
     use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
 
     use super::*;
-    use crate::smtp::{AcceptAll, AskDriver};
+    use crate::smtp::{AcceptAll, AskDriver, ForwardPath, MailParams, RcptPolicy, ReversePath};
 
     /// A scripted hand-off that records what it is asked.
     #[derive(Default)]
@@ -788,9 +682,9 @@ mod tests {
         settings: &'a ConnSettings,
         metrics: &'a Metrics,
         stop: Stop,
-    ) -> Connection<'a> {
+    ) -> ConnContext<'a> {
         let peer: SocketAddr = "192.0.2.1:4321".parse().unwrap();
-        Connection {
+        ConnContext {
             settings,
             tls: None,
             metrics,
