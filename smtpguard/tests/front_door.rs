@@ -165,7 +165,7 @@ fn settings(extra: &str) -> Settings {
         "[server]\nhostname = \"{HOST}\"\nlisten = [\"127.0.0.1:2525\"]\nshutdown_grace = \"1s\"\n{extra}\n"
     );
     let config = Config::from_toml_str(&toml, Path::new("front_door.toml")).unwrap();
-    Settings::from_config(&config.server, &config.tls)
+    smtpguard::daemon::settings::front_door(&config.server, &config.tls)
 }
 
 struct TestServer {

@@ -16,13 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use smtpguard::{
-    config::{self, UpstreamProtocol},
-    smtp::{
-        handoff::{ClientInfo, Delivery},
-        AskDriver, Envelope, Event, ForwardPath, MailParams, Reply, ReversePath, Session,
-        SessionParams, Step,
-    },
+use smtpguard::smtp::{
+    handoff::{ClientInfo, Delivery, DeliverySettings, UpstreamProtocol, UpstreamSettings},
+    AskDriver, Envelope, Event, ForwardPath, MailParams, Reply, ReversePath, Session,
+    SessionParams, Step,
 };
 use smtpguard_tests::{
     netns::{unique_tag, Netns},
@@ -51,12 +48,12 @@ fn client(peer: &str) -> ClientInfo {
 }
 
 fn upstream(address: SocketAddr, protocol: UpstreamProtocol) -> Delivery {
-    let cfg = config::Delivery::Upstream(config::UpstreamDelivery {
+    let cfg = DeliverySettings::Upstream(UpstreamSettings {
         address,
         protocol,
         timeout: Duration::from_secs(10),
     });
-    Delivery::from_config(&cfg, HOST).unwrap()
+    Delivery::new(&cfg, HOST).unwrap()
 }
 
 /// `from` and `to` (bracketed paths) parsed the way the connection driver

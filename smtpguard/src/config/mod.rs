@@ -260,8 +260,18 @@ impl ServerConfig {
     }
 }
 
-/// `server.bare_lf`: the session's policy (see [`crate::smtp::BareLfPolicy`]).
-pub use crate::smtp::BareLfPolicy as BareLf;
+/// `server.bare_lf`: what the SMTP session does with a bare LF or bare CR
+/// in message data, and with a command line that ends in a bare LF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareLf {
+    /// `"reject"`: the message fails with `550 5.5.2` after the final dot;
+    /// such a command line gets `500 5.5.2`.
+    Reject,
+    /// `"normalize"`: each bare LF or CR in the data becomes CRLF; command
+    /// lines ending in a bare LF are accepted.
+    Normalize,
+}
 
 /// `[tls]`: STARTTLS (RFC 3207).
 #[derive(Debug, Clone, PartialEq)]
@@ -294,8 +304,17 @@ impl TlsConfig {
     }
 }
 
-/// `tls.mode`: `"off"`, `"optional"`, `"required"` (see [`crate::smtp::TlsMode`]).
-pub use crate::smtp::TlsMode;
+/// `tls.mode`: STARTTLS (RFC 3207).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// `"off"`: STARTTLS is neither offered nor accepted.
+    Off,
+    /// `"optional"`: STARTTLS is offered; plaintext mail is accepted too.
+    Optional,
+    /// `"required"`: STARTTLS is offered, and no mail is accepted before it.
+    Required,
+}
 
 /// The PEM files of `[tls]`, given to [`crate::tls::load`]. Paths only;
 /// nothing has been read yet.

@@ -8,6 +8,7 @@
 
 pub mod control;
 pub mod report;
+pub mod settings;
 pub mod startup;
 pub mod state;
 
@@ -41,7 +42,10 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     let tls = load_tls(&config)?;
     let policy = startup::load_policy(&config)?;
     startup::warn_about_delivery(&config);
-    let delivery = Delivery::from_config(&config.delivery, &config.server.hostname)?;
+    let delivery = Delivery::new(
+        &settings::delivery(&config.delivery),
+        &config.server.hostname,
+    )?;
     let listeners = front_door::bind(&config.server.listen)?;
     let control_listener = crate::control::bind(&config.control.socket)?;
     let metrics_listener = config
@@ -71,7 +75,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         Arc::new(move |ip| daemon.access(ip))
     };
     let ctx = ServerContext::new(
-        front_door::Settings::from_config(&config.server, &config.tls),
+        settings::front_door(&config.server, &config.tls),
         tls.as_ref().map(|t| Arc::clone(&t.server_config)),
         access,
         delivery,

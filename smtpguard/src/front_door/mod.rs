@@ -54,11 +54,10 @@ pub use access::{Access, AccessCheck, AllowAll, DenyReason};
 pub use counters::{ClientCounts, Metrics, MetricsSnapshot, Rejection, MAX_TRACKED_CLIENTS};
 use registry::Sessions;
 
-use crate::config::{ServerConfig, TlsConfig, TlsMode};
 use connection::{ConnContext, ConnSettings, Stop};
 
 use crate::smtp::handoff::{ClientInfo, HandoffFactory};
-use crate::smtp::{EnhancedCode, Reply, SessionParams};
+use crate::smtp::{EnhancedCode, Reply, TlsMode};
 
 /// Pending connections the kernel queues per listener (listen(2) backlog).
 pub const LISTEN_BACKLOG: u32 = 1024;
@@ -69,7 +68,8 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(50);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 // ----- settings -------------------------------------------------------------
 
-/// The server's limits and timeouts.
+/// The server's limits and timeouts (the daemon builds them from
+/// `[server]` and `[tls]`).
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Simultaneous sessions; `None` = no limit.
@@ -81,34 +81,6 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Per-connection limits and the session parameters.
     pub conn: ConnSettings,
-}
-
-impl Settings {
-    /// From `[server]` and `[tls]`. Writes get `idle_timeout` as their
-    /// deadline too.
-    pub fn from_config(server: &ServerConfig, tls: &TlsConfig) -> Settings {
-        Settings {
-            max_connections: server.max_connections,
-            max_connections_per_client: server.max_connections_per_client,
-            shutdown_grace: server.shutdown_grace,
-            conn: ConnSettings {
-                session: SessionParams {
-                    hostname: server.hostname.clone(),
-                    tls_mode: tls.mode,
-                    tls_available: false,
-                    max_message_size: usize::try_from(server.max_message_size_bytes)
-                        .unwrap_or(usize::MAX),
-                    max_recipients: usize::try_from(server.max_recipients).unwrap_or(usize::MAX),
-                    max_errors: server.max_errors,
-                    bare_lf: server.bare_lf,
-                },
-                idle_timeout: server.idle_timeout,
-                handshake_timeout: tls.handshake_timeout,
-                max_session_duration: server.max_session_duration,
-                write_timeout: server.idle_timeout,
-            },
-        }
-    }
 }
 
 // ----- listeners ------------------------------------------------------------

@@ -19,8 +19,6 @@
 //! contains CRLF only, so re-sending it with dot-stuffing can never produce
 //! an end-of-data marker the client did not send.
 
-use serde::{Deserialize, Serialize};
-
 /// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4).
 pub const COMMAND_LINE_MAX: usize = 512;
 /// Longest text line in DATA, CRLF included (RFC 5321 §4.5.3.1.6).
@@ -28,8 +26,7 @@ pub const DATA_LINE_MAX: usize = 1000;
 
 /// What to do with bare LF / bare CR in message data (and with command
 /// lines ending in a bare LF).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum BareLfPolicy {
     /// Fail the message with `550 5.5.2` after the final dot; a command line
     /// ending in a bare LF gets `500 5.5.2`.

@@ -4,8 +4,6 @@
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
-
 use super::command::{self, ArgError, BodyType, ForwardPath, MailParams, ReversePath, Verb};
 use super::data::{
     self, BareLfPolicy, DataOutcome, DataReader, Framed, LineBuffer, COMMAND_LINE_MAX,
@@ -28,8 +26,7 @@ pub const JUNK_COMMAND_LIMIT: u32 = 100;
 pub const MAX_QUEUED_EVENTS: usize = 64;
 
 /// STARTTLS policy (RFC 3207).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum TlsMode {
     /// No STARTTLS: not advertised, the command gets `502 5.5.1`.
     #[default]

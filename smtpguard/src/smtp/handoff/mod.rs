@@ -96,7 +96,6 @@ use std::time::SystemTime;
 
 use ipnet::IpNet;
 
-use crate::config::UpstreamDelivery;
 use crate::smtp::{
     AskDriver, DomainPolicy, EnhancedCode, Envelope, ForwardPath, MailParams, RcptPolicy, Reply,
     ReversePath, TlsInfo, Verdict,
@@ -105,6 +104,7 @@ use crate::smtp::{
 mod factory;
 mod proxy;
 mod received;
+mod settings;
 mod spool;
 mod upstream;
 
@@ -114,6 +114,7 @@ mod test_util;
 mod tests;
 
 pub use factory::{Handoff, HandoffFactory};
+pub use settings::{DeliverySettings, SpoolSettings, UpstreamProtocol, UpstreamSettings};
 use spool::{Maildir, QueueId};
 use upstream::{Connection, UpstreamError};
 
@@ -135,7 +136,7 @@ pub struct ClientInfo {
     pub session_id: String,
 }
 
-/// Where accepted mail goes; built once from `config::Delivery`.
+/// Where accepted mail goes; built once from [`DeliverySettings`].
 ///
 /// Cheap to clone (one shared allocation).
 #[derive(Clone)]
@@ -150,7 +151,7 @@ struct Inner {
 }
 
 enum Mode {
-    Upstream(UpstreamDelivery),
+    Upstream(UpstreamSettings),
     Spool {
         maildir: Arc<Maildir>,
         accept_domains: Vec<String>,
@@ -171,16 +172,13 @@ impl fmt::Debug for Delivery {
 }
 
 impl Delivery {
-    /// Builds the delivery from the configuration. `hostname` is ours (for
-    /// `Received:` and the upstream EHLO). Spool mode creates the Maildir
-    /// (`tmp/`, `new/`, `cur/`) if missing; errors name the directory.
-    pub fn from_config(
-        config: &crate::config::Delivery,
-        hostname: &str,
-    ) -> Result<Delivery, HandoffError> {
-        let mode = match config {
-            crate::config::Delivery::Upstream(u) => Mode::Upstream(u.clone()),
-            crate::config::Delivery::Spool(s) => Mode::Spool {
+    /// Builds the delivery. `hostname` is ours (for `Received:` and the
+    /// upstream EHLO). Spool mode creates the Maildir (`tmp/`, `new/`,
+    /// `cur/`) if missing; errors name the directory.
+    pub fn new(settings: &DeliverySettings, hostname: &str) -> Result<Delivery, HandoffError> {
+        let mode = match settings {
+            DeliverySettings::Upstream(u) => Mode::Upstream(u.clone()),
+            DeliverySettings::Spool(s) => Mode::Spool {
                 maildir: Arc::new(Maildir::open(&s.dir, hostname)?),
                 accept_domains: s.accept_domains.clone(),
                 relay_networks: s.relay_networks.clone(),
@@ -396,7 +394,7 @@ impl DeliverySession {
 
     async fn upstream_message(
         &mut self,
-        cfg: &UpstreamDelivery,
+        cfg: &UpstreamSettings,
         client: &ClientInfo,
         envelope: &Envelope,
         id: &QueueId,
@@ -497,7 +495,7 @@ async fn mail_on(
 /// Log an upstream failure; the client's answer is `451 4.4.1`.
 fn upstream_failed(
     client: &ClientInfo,
-    cfg: &UpstreamDelivery,
+    cfg: &UpstreamSettings,
     step: &'static str,
     e: &UpstreamError,
 ) -> Reply {
@@ -513,7 +511,7 @@ fn upstream_failed(
 }
 
 /// RCPT or DATA with no upstream connection (an earlier step failed).
-fn no_connection(client: &ClientInfo, cfg: &UpstreamDelivery, step: &'static str) -> Reply {
+fn no_connection(client: &ClientInfo, cfg: &UpstreamSettings, step: &'static str) -> Reply {
     tracing::warn!(
         session = %client.session_id,
         upstream = %cfg.address,

@@ -13,7 +13,6 @@ use tokio::net::{TcpListener, TcpStream};
 use super::test_util::TempDir;
 use super::upstream::dot_stuff;
 use super::*;
-use crate::config::{self, SpoolDelivery, UpstreamProtocol};
 use crate::smtp::command::{parse_mail, parse_rcpt};
 
 const HOST: &str = "mx.test.example";
@@ -54,12 +53,12 @@ fn envelope(from: &str, to: &[&str]) -> Envelope {
 }
 
 fn upstream(addr: SocketAddr, protocol: UpstreamProtocol, timeout: Duration) -> Delivery {
-    let cfg = config::Delivery::Upstream(config::UpstreamDelivery {
+    let cfg = DeliverySettings::Upstream(UpstreamSettings {
         address: addr,
         protocol,
         timeout,
     });
-    Delivery::from_config(&cfg, HOST).unwrap()
+    Delivery::new(&cfg, HOST).unwrap()
 }
 
 fn assert_451_441(r: &Reply) {
@@ -791,7 +790,7 @@ fn futures_are_send(
 // ----- spool mode ----------------------------------------------------------
 
 fn spool(dir: &std::path::Path) -> Delivery {
-    let cfg = config::Delivery::Spool(SpoolDelivery {
+    let cfg = DeliverySettings::Spool(SpoolSettings {
         dir: dir.to_path_buf(),
         accept_domains: vec!["example.com".into()],
         relay_networks: vec![
@@ -799,7 +798,7 @@ fn spool(dir: &std::path::Path) -> Delivery {
             "2001:db8::/32".parse().unwrap(),
         ],
     });
-    Delivery::from_config(&cfg, HOST).unwrap()
+    Delivery::new(&cfg, HOST).unwrap()
 }
 
 fn files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -945,11 +944,11 @@ fn spool_dir_error_names_the_directory() {
     let tmp = TempDir::new("maildir-err");
     let file = tmp.path().join("not-a-dir");
     fs::write(&file, b"").unwrap();
-    let cfg = config::Delivery::Spool(SpoolDelivery {
+    let cfg = DeliverySettings::Spool(SpoolSettings {
         dir: file.join("Maildir"),
         accept_domains: vec![],
         relay_networks: vec![],
     });
-    let e = Delivery::from_config(&cfg, HOST).unwrap_err();
+    let e = Delivery::new(&cfg, HOST).unwrap_err();
     assert!(e.to_string().contains("not-a-dir"), "{e}");
 }

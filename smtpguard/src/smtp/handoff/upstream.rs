@@ -15,8 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
+use super::settings::{UpstreamProtocol, UpstreamSettings};
 use super::{proxy, ClientInfo};
-use crate::config::{UpstreamDelivery, UpstreamProtocol};
 use crate::smtp::{MailParams, Reply, ReplyParseError, ReversePath};
 
 /// Longest reply accepted from the upstream, all lines of a multi-line
@@ -134,7 +134,7 @@ impl Connection {
     /// XCLIENT exchange as configured, reads the greeting and EHLOs with
     /// `hostname` (HELO if EHLO is refused).
     pub(crate) async fn open(
-        cfg: &UpstreamDelivery,
+        cfg: &UpstreamSettings,
         hostname: &str,
         client: &ClientInfo,
     ) -> Result<Connection, UpstreamError> {
