@@ -20,7 +20,7 @@
 //! * [`access`]: the access check asked on every accept;
 //! * [`connection`]: the tokio driver of one session (deadlines, STARTTLS,
 //!   hand-off calls);
-//! * `registry`: open sessions, their ids and kick tokens, the [`Slot`](registry)
+//! * `registry`: open sessions, their ids and kick tokens, the `Slot`
 //!   guard;
 //! * [`counters`]: [`Metrics`] and why clients were refused ([`Rejection`]).
 //!

@@ -12,6 +12,8 @@
 //!   [`Mailbox`]), MAIL parameters.
 //! * [`data`] — bounded line framing and the DATA decoder (dot-unstuffing,
 //!   bare LF/CR policy, size limit).
+//! * [`vocabulary`] — the session's parameters, events, envelope, TLS info.
+//! * [`rcpt_policy`] — what the session asks before accepting MAIL/RCPT.
 //! * [`session`] — the state machine.
 //!
 //! # The driver protocol
@@ -116,20 +118,21 @@
 //! | too many recipients | `452 4.5.3` (not counted as an error) |
 //! | bare LF / bare CR in DATA (reject) | `550 5.5.2`; command ending in bare LF `500 5.5.2` |
 //! | text line > 1000 in DATA | `500 5.5.2` after the final dot |
-//! | relay denied ([`DomainPolicy`]) | `550 5.7.1` |
+//! | relay denied ([`DomainPolicy`](handoff::DomainPolicy)) | `550 5.7.1` |
 //! | error cap / timeout / shutdown / kicked / HTTP | `421 4.7.0` / `421 4.4.2` / `421 4.3.2` / `421 4.7.1` / `421 4.7.0`, then close |
 //! | hand-off failure (driver) | `451 4.3.0` / `451 4.4.1` |
 
 pub mod command;
 pub mod data;
 pub mod handoff;
+pub mod rcpt_policy;
 pub mod reply;
 pub mod session;
+pub mod vocabulary;
 
 pub use command::{BodyType, ForwardPath, MailParams, Mailbox, ReversePath};
 pub use data::{BareLfPolicy, COMMAND_LINE_MAX, DATA_LINE_MAX};
+pub use rcpt_policy::{AcceptAll, AskDriver, RcptDecision, RcptPolicy};
 pub use reply::{EnhancedCode, Reply, ReplyParseError};
-pub use session::{
-    AcceptAll, AskDriver, DomainPolicy, Envelope, Event, Helo, Phase, RcptPolicy, Session,
-    SessionError, SessionParams, Step, TlsInfo, TlsMode, Verdict, MAX_QUEUED_EVENTS,
-};
+pub use session::{Session, SessionError, MAX_QUEUED_EVENTS};
+pub use vocabulary::{Envelope, Event, Helo, Phase, SessionParams, Step, TlsInfo, TlsMode};

@@ -97,13 +97,14 @@ use std::time::SystemTime;
 use ipnet::IpNet;
 
 use crate::smtp::{
-    AskDriver, DomainPolicy, EnhancedCode, Envelope, ForwardPath, MailParams, RcptPolicy, Reply,
-    ReversePath, TlsInfo, Verdict,
+    AskDriver, EnhancedCode, Envelope, ForwardPath, MailParams, RcptDecision, RcptPolicy, Reply,
+    ReversePath, TlsInfo,
 };
 
 mod factory;
 mod proxy;
 mod received;
+mod relay;
 mod settings;
 mod spool;
 mod upstream;
@@ -114,6 +115,7 @@ mod test_util;
 mod tests;
 
 pub use factory::{Handoff, HandoffFactory};
+pub use relay::DomainPolicy;
 pub use settings::{DeliverySettings, SpoolSettings, UpstreamProtocol, UpstreamSettings};
 use spool::{Maildir, QueueId};
 use upstream::{Connection, UpstreamError};
@@ -342,8 +344,8 @@ impl DeliverySession {
                     declared_size: None,
                 };
                 return match self.rcpt_policy().rcpt(to, &envelope) {
-                    Verdict::Reject(r) => r,
-                    Verdict::Accept | Verdict::Ask => Reply::recipient_ok(),
+                    RcptDecision::Reject(r) => r,
+                    RcptDecision::Accept | RcptDecision::Ask => Reply::recipient_ok(),
                 };
             }
         };

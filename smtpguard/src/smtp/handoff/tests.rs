@@ -290,9 +290,9 @@ async fn full_transaction_with_proxy_v2() {
         );
         assert_eq!(
             policy.mail(&env.reverse_path, &MailParams::default()),
-            Verdict::Ask
+            RcptDecision::Ask
         );
-        assert_eq!(policy.rcpt(&env.forward_paths[0], &env), Verdict::Ask);
+        assert_eq!(policy.rcpt(&env.forward_paths[0], &env), RcptDecision::Ask);
 
         let params = MailParams {
             size: Some(123),
@@ -894,30 +894,30 @@ async fn spool_relay_rules() {
     let remote = parse_rcpt("TO:<bob@elsewhere.example>").unwrap();
 
     let mut outsider = d.session(OUTSIDER).rcpt_policy();
-    assert_eq!(outsider.rcpt(&local, &env), Verdict::Accept);
+    assert_eq!(outsider.rcpt(&local, &env), RcptDecision::Accept);
     assert_eq!(
         outsider.rcpt(&ForwardPath::Postmaster, &env),
-        Verdict::Accept
+        RcptDecision::Accept
     );
     assert_eq!(
         outsider.rcpt(&remote, &env),
-        Verdict::Reject(Reply::relay_denied())
+        RcptDecision::Reject(Reply::relay_denied())
     );
     assert_eq!(
         outsider.mail(&env.reverse_path, &MailParams::default()),
-        Verdict::Accept
+        RcptDecision::Accept
     );
     let mut insider = d.session(INSIDER).rcpt_policy();
-    assert_eq!(insider.rcpt(&remote, &env), Verdict::Accept);
+    assert_eq!(insider.rcpt(&remote, &env), RcptDecision::Accept);
     // The factory the front door uses gives the same rights, also to an
     // IPv4-mapped address.
     let mapped = "::ffff:192.0.2.99".parse().unwrap();
     let mut via_factory = HandoffFactory::session(&d, mapped).rcpt_policy();
-    assert_eq!(via_factory.rcpt(&remote, &env), Verdict::Accept);
+    assert_eq!(via_factory.rcpt(&remote, &env), RcptDecision::Accept);
     let mut outsider = HandoffFactory::session(&d, OUTSIDER).rcpt_policy();
     assert_eq!(
         outsider.rcpt(&remote, &env),
-        Verdict::Reject(Reply::relay_denied())
+        RcptDecision::Reject(Reply::relay_denied())
     );
 
     // A driver that asks anyway gets the same answers.
