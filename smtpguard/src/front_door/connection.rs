@@ -35,7 +35,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::counters::{Metrics, Rejection};
 use crate::smtp::handoff::{ClientInfo, Handoff};
-use crate::smtp::{EnhancedCode, Envelope, Event, Reply, Session, SessionParams, Step, TlsInfo};
+use crate::smtp::{
+    CloseReason, EnhancedCode, Envelope, Event, Reply, Session, SessionParams, Step, TlsInfo,
+};
 
 /// Bytes asked of the socket per read. The driver reads again only once
 /// the session has consumed everything, so this bounds its input buffer.
@@ -137,6 +139,21 @@ pub enum End {
     Internal,
 }
 
+impl From<CloseReason> for End {
+    fn from(reason: CloseReason) -> End {
+        match reason {
+            CloseReason::Quit => End::Quit,
+            CloseReason::TooManyErrors => End::TooManyErrors,
+            CloseReason::HttpRequest => End::HttpRequest,
+            CloseReason::ClosingReply => End::HandoffClosed,
+            // The driver asked for these and has recorded its End first.
+            CloseReason::Timeout => End::IdleTimeout,
+            CloseReason::Shutdown => End::Shutdown,
+            CloseReason::Kicked => End::Kicked,
+        }
+    }
+}
+
 /// Runs one SMTP session over `io` to its end: greeting, commands,
 /// STARTTLS, hand-offs, deadlines. Calls [`Handoff::close`] at the end and
 /// returns why the connection ended. Never panics by itself; the caller
@@ -149,10 +166,7 @@ where
     let mut params = conn.settings.session.clone();
     params.tls_available = conn.tls.is_some();
     let session = Session::new(params, handoff.rcpt_policy());
-    let host = &conn.settings.session.hostname;
     let mut d = Driver {
-        too_many_errors: Reply::too_many_errors(host),
-        http_request: Reply::http_request(host),
         session_deadline: conn.accepted_at + conn.settings.max_session_duration,
         conn,
         session,
@@ -185,9 +199,6 @@ struct Driver<'a, H> {
     session_deadline: Instant,
     /// Why the session is closing, once known.
     end: Option<End>,
-    /// To recognise the session's own closing replies.
-    too_many_errors: Reply,
-    http_request: Reply,
 }
 
 impl<H: Handoff> Driver<'_, H> {
@@ -219,13 +230,12 @@ impl<H: Handoff> Driver<'_, H> {
                         self.inbuf.clear();
                         self.start_tls(stream).await?;
                     }
-                    Event::Close => {
+                    Event::Close(reason) => {
+                        self.closing(End::from(reason));
                         self.flush(stream).await?;
                         // TLS close_notify and FIN.
                         let _ =
                             timeout_at(Instant::now() + FAREWELL_TIMEOUT, stream.shutdown()).await;
-                        // Every way to close sets `end` (see `observe`
-                        // and `closing`).
                         return Err(self.end.unwrap_or(End::Internal));
                     }
                 }
@@ -443,8 +453,8 @@ impl<H: Handoff> Driver<'_, H> {
         })
     }
 
-    /// Notes replies that refuse or end something, for logs and counters.
-    fn observe(&mut self, reply: &Reply) {
+    /// Notes replies that refuse something, for logs and counters.
+    fn observe(&self, reply: &Reply) {
         if reply.code == 530 {
             self.conn.metrics.reject(Rejection::TlsRequired);
             tracing::info!(
@@ -453,19 +463,12 @@ impl<H: Handoff> Driver<'_, H> {
                 "command refused before STARTTLS"
             );
         }
-        let why = match reply.code {
-            221 => End::Quit,
-            _ if *reply == self.too_many_errors => End::TooManyErrors,
-            _ if *reply == self.http_request => End::HttpRequest,
-            // Any other 421 not caused by the driver (which sets `end` first).
-            421 => End::HandoffClosed,
-            _ => return,
-        };
-        self.closing(why);
     }
 
-    /// Records why the session ends (the first reason wins) and logs and
-    /// counts it when it is a rejection.
+    /// Records why the session ends (the first reason wins: when the
+    /// driver asked the session to close, it has already said why, e.g.
+    /// which deadline expired) and logs and counts it when it is a
+    /// rejection.
     fn closing(&mut self, why: End) {
         if self.end.is_some() {
             return;

@@ -57,7 +57,7 @@ use registry::Sessions;
 use connection::{ConnContext, ConnSettings, Stop};
 
 use crate::smtp::handoff::{ClientInfo, HandoffFactory};
-use crate::smtp::{EnhancedCode, Reply, TlsMode};
+use crate::smtp::{Reply, TlsMode};
 
 /// Pending connections the kernel queues per listener (listen(2) backlog).
 pub const LISTEN_BACKLOG: u32 = 1024;
@@ -371,11 +371,7 @@ fn admit<H: HandoffFactory>(
             );
         }
         Access::Deny { reason, entry } => {
-            let reply = Reply::new(
-                554,
-                Some(EnhancedCode(5, 7, 1)),
-                format!("{ip} Access denied"),
-            );
+            let reply = Reply::access_denied(ip);
             return refuse(metrics, stream, ip, reason.into(), entry.as_deref(), &reply);
         }
     }
@@ -386,22 +382,14 @@ fn admit<H: HandoffFactory>(
         Some(slots) => match Arc::clone(slots).try_acquire_owned() {
             Ok(permit) => Some(permit),
             Err(_) => {
-                let reply = Reply::new(
-                    421,
-                    Some(EnhancedCode(4, 7, 0)),
-                    format!("{host} Error: too many connections, try again later"),
-                );
+                let reply = Reply::too_many_connections(host);
                 return refuse(metrics, stream, ip, Rejection::ConnectionCap, None, &reply);
             }
         },
     };
     let cap = shared.settings.max_connections_per_client;
     let Some(slot) = shared.sessions.register(ip, cap, permit, metrics) else {
-        let reply = Reply::new(
-            421,
-            Some(EnhancedCode(4, 7, 0)),
-            format!("{host} Error: too many connections from {ip}, try again later"),
-        );
+        let reply = Reply::too_many_connections_from(host, ip);
         return refuse(metrics, stream, ip, Rejection::PerClientCap, None, &reply);
     };
 

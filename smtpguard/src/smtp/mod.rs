@@ -45,7 +45,7 @@
 //!                 let tls = handshake(raw_socket).await?;    // on error: just close
 //!                 s.tls_established(TlsInfo { version, cipher })?;
 //!             }
-//!             Event::Close => { write_and_flush(&out); return close(); }
+//!             Event::Close(reason) => { write_and_flush(&out); return close(reason); }
 //!         }
 //!     }
 //!     write_and_flush(&out);
@@ -79,7 +79,8 @@
 //!   session also discards whatever it is fed until `tls_established`), do
 //!   not wrap a buffered reader that holds bytes into the TLS stream, and
 //!   continue with the TLS stream. The client must EHLO again.
-//! * After [`Event::Close`], close; the session ignores further input.
+//! * After [`Event::Close`], close; the session ignores further input. Its
+//!   [`CloseReason`] says why (for logs and counters).
 //! * [`Session::shutdown`] / [`Session::kicked`] / [`Session::timeout`] may be
 //!   called in any phase; they queue a 421 and Close.
 //! * Pre-greeting input (early talkers), per-session duration caps, rate
@@ -135,4 +136,6 @@ pub use data::{BareLfPolicy, COMMAND_LINE_MAX, DATA_LINE_MAX};
 pub use rcpt_policy::{AcceptAll, AskDriver, RcptDecision, RcptPolicy};
 pub use reply::{EnhancedCode, Reply, ReplyParseError};
 pub use session::{Session, SessionError, MAX_QUEUED_EVENTS};
-pub use vocabulary::{Envelope, Event, Helo, Phase, SessionParams, Step, TlsInfo, TlsMode};
+pub use vocabulary::{
+    CloseReason, Envelope, Event, Helo, Phase, SessionParams, Step, TlsInfo, TlsMode,
+};

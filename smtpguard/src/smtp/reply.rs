@@ -32,6 +32,7 @@
 //! `Display` is the same wire form, CRLFs included.
 
 use std::fmt;
+use std::net::IpAddr;
 
 /// Longest reply line on the wire, code and CRLF included (RFC 5321 §4.5.3.1.5).
 pub const MAX_REPLY_LINE: usize = 512;
@@ -354,6 +355,34 @@ impl Reply {
         )
     }
 
+    // ----- refusals on accept (the front door) ---------------------------
+
+    /// `554 5.7.1 <ip> Access denied` — the access lists refuse the client
+    /// (RFC 5321 §3.1: 554 instead of the greeting), then close.
+    pub fn access_denied(client: IpAddr) -> Reply {
+        Reply::enh(554, 7, 1, format!("{client} Access denied"))
+    }
+    /// `421 4.7.0 <host> Error: too many connections, try again later` —
+    /// `max_connections` reached, then close.
+    pub fn too_many_connections(host: &str) -> Reply {
+        Reply::enh(
+            421,
+            7,
+            0,
+            format!("{host} Error: too many connections, try again later"),
+        )
+    }
+    /// `421 4.7.0 <host> Error: too many connections from <ip>, try again
+    /// later` — `max_connections_per_client` reached, then close.
+    pub fn too_many_connections_from(host: &str, client: IpAddr) -> Reply {
+        Reply::enh(
+            421,
+            7,
+            0,
+            format!("{host} Error: too many connections from {client}, try again later"),
+        )
+    }
+
     // ----- HELO/EHLO ------------------------------------------------------
 
     /// `250 <host>` — answer to HELO (no enhanced code, RFC 2034).
@@ -527,6 +556,23 @@ mod tests {
         assert_eq!(
             Reply::tls_required().to_string(),
             "530 5.7.0 Must issue a STARTTLS command first\r\n"
+        );
+    }
+
+    #[test]
+    fn accept_time_refusals() {
+        let ip = IpAddr::from([192, 0, 2, 7]);
+        assert_eq!(
+            Reply::access_denied(ip).to_string(),
+            "554 5.7.1 192.0.2.7 Access denied\r\n"
+        );
+        assert_eq!(
+            Reply::too_many_connections("mx.example.com").to_string(),
+            "421 4.7.0 mx.example.com Error: too many connections, try again later\r\n"
+        );
+        assert_eq!(
+            Reply::too_many_connections_from("mx.example.com", ip).to_string(),
+            "421 4.7.0 mx.example.com Error: too many connections from 192.0.2.7, try again later\r\n"
         );
     }
 

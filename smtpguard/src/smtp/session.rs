@@ -11,7 +11,9 @@ use super::data::{
 };
 use super::rcpt_policy::{RcptDecision, RcptPolicy};
 use super::reply::{EnhancedCode, Reply};
-use super::vocabulary::{Envelope, Event, Helo, Phase, SessionParams, Step, TlsInfo, TlsMode};
+use super::vocabulary::{
+    CloseReason, Envelope, Event, Helo, Phase, SessionParams, Step, TlsInfo, TlsMode,
+};
 
 /// NOOP/RSET/VRFY/HELP allowed per message before each further one also
 /// counts as an error (Postfix's `smtpd_junk_command_limit`): bounds how
@@ -219,7 +221,7 @@ impl Session {
     /// No-op once closed.
     pub fn timeout(&mut self) {
         let r = Reply::timeout(&self.params.hostname);
-        self.close_with(r);
+        self.close_with(r, CloseReason::Timeout);
     }
 
     /// The daemon is shutting down: `421 4.3.2 <host> Service shutting down`
@@ -228,14 +230,14 @@ impl Session {
     /// call `decide` first). No-op once closed.
     pub fn shutdown(&mut self) {
         let r = Reply::shutting_down(&self.params.hostname);
-        self.close_with(r);
+        self.close_with(r, CloseReason::Shutdown);
     }
 
     /// The operator denied the client's address: `421 4.7.1 <host> Closing:
     /// your address was denied` and [`Event::Close`]. No-op once closed.
     pub fn kicked(&mut self) {
         let r = Reply::kicked(&self.params.hostname);
-        self.close_with(r);
+        self.close_with(r, CloseReason::Kicked);
     }
 
     // ----- introspection ----------------------------------------------------
@@ -290,7 +292,7 @@ impl Session {
     /// as errors, and a 421 closes.
     fn finish_reply(&mut self, r: Reply) {
         if r.is_closing() {
-            self.close_with(r);
+            self.close_with(r, CloseReason::ClosingReply);
         } else if r.is_negative() {
             self.error(r);
         } else {
@@ -309,16 +311,16 @@ impl Session {
         if self.params.max_errors > 0 && self.errors >= self.params.max_errors {
             tracing::debug!(errors = self.errors, "SMTP error cap reached");
             let r = Reply::too_many_errors(&self.params.hostname);
-            self.close_with(r);
+            self.close_with(r, CloseReason::TooManyErrors);
         }
     }
 
-    fn close_with(&mut self, r: Reply) {
+    fn close_with(&mut self, r: Reply, reason: CloseReason) {
         if self.is_closed() {
             return;
         }
         self.reply(r);
-        self.events.push_back(Event::Close);
+        self.events.push_back(Event::Close(reason));
         self.state = State::Closed;
         self.txn = None;
         self.line.reset();
@@ -392,7 +394,7 @@ impl Session {
             Verb::Http => {
                 tracing::debug!("HTTP request on the SMTP port");
                 let r = Reply::http_request(&self.params.hostname);
-                return self.close_with(r);
+                return self.close_with(r, CloseReason::HttpRequest);
             }
             _ => {}
         }
@@ -425,7 +427,7 @@ impl Session {
                 if !args.is_empty() {
                     return self.error(Reply::syntax("Syntax: QUIT"));
                 }
-                self.close_with(Reply::bye());
+                self.close_with(Reply::bye(), CloseReason::Quit);
             }
             Verb::Help => {
                 self.reply(Reply::help());

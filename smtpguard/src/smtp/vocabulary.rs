@@ -136,8 +136,33 @@ pub enum Event {
     /// socket, then call [`Session::tls_established`](super::Session::tls_established) (or just close if the
     /// handshake fails: nothing more may be said in plaintext).
     StartTls,
-    /// Write the replies before this one, then close the connection.
-    Close,
+    /// Write the replies before this one, then close the connection. The
+    /// reason says why, so the driver need not guess it from the replies.
+    Close(CloseReason),
+}
+
+/// Why the session closes (after its last reply), as [`Event::Close`]
+/// tells the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent QUIT (`221 2.0.0`).
+    Quit,
+    /// The error cap was reached (`421 4.7.0`).
+    TooManyErrors,
+    /// The client spoke HTTP (`421 4.7.0`).
+    HttpRequest,
+    /// A decision or the RCPT policy was a `421` (e.g. the upstream MTA is
+    /// going away), which closes the session.
+    ClosingReply,
+    /// The driver called [`Session::timeout`](super::Session::timeout)
+    /// (`421 4.4.2`).
+    Timeout,
+    /// The driver called [`Session::shutdown`](super::Session::shutdown)
+    /// (`421 4.3.2`).
+    Shutdown,
+    /// The driver called [`Session::kicked`](super::Session::kicked)
+    /// (`421 4.7.1`).
+    Kicked,
 }
 
 /// Coarse session state, e.g. for the driver to pick a timeout (RFC 5321

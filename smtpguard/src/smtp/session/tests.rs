@@ -115,7 +115,7 @@ fn codes(ev: &[Event]) -> Vec<String> {
             Event::NeedDecision(Step::Rcpt { .. }) => "?RCPT".into(),
             Event::Message { .. } => "MESSAGE".into(),
             Event::StartTls => "STARTTLS".into(),
-            Event::Close => "CLOSE".into(),
+            Event::Close(_) => "CLOSE".into(),
         })
         .collect()
 }
@@ -882,6 +882,46 @@ fn driver_initiated_closes() {
         c.s.decide(Reply::ok()),
         Err(SessionError::NotAwaitingDecision)
     );
+}
+
+/// Every way to close names its reason, so the driver never has to guess
+/// it from the reply.
+#[test]
+fn close_reasons_are_typed() {
+    fn reason(ev: &[Event]) -> Option<CloseReason> {
+        ev.iter().find_map(|e| match e {
+            Event::Close(r) => Some(*r),
+            _ => None,
+        })
+    }
+    let cases: [(&str, CloseReason); 3] = [
+        ("QUIT\r\n", CloseReason::Quit),
+        ("GET / HTTP/1.1\r\n", CloseReason::HttpRequest),
+        (
+            "BOGUS\r\nBOGUS\r\nBOGUS\r\nBOGUS\r\nBOGUS\r\nBOGUS\r\nBOGUS\r\nBOGUS\r\nBOGUS\r\nBOGUS\r\n",
+            CloseReason::TooManyErrors,
+        ),
+    ];
+    for (input, want) in cases {
+        let mut c = Client::new(params());
+        assert_eq!(reason(&c.send(input)), Some(want), "{input:?}");
+    }
+    type Action = fn(&mut Session);
+    let driver: [(Action, CloseReason); 3] = [
+        (Session::timeout, CloseReason::Timeout),
+        (Session::shutdown, CloseReason::Shutdown),
+        (Session::kicked, CloseReason::Kicked),
+    ];
+    for (act, want) in driver {
+        let mut c = Client::new(params());
+        act(&mut c.s);
+        assert_eq!(reason(&c.drain()), Some(want));
+    }
+    let mut c = Client::with_policy(params(), Box::new(AskDriver));
+    c.ehlo();
+    c.send("MAIL FROM:<a@example.org>\r\n");
+    let ev = c.decide(Reply::new(421, None, "upstream going away"));
+    assert_eq!(reason(&ev), Some(CloseReason::ClosingReply));
 }
 
 #[test]
