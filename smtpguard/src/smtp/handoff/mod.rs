@@ -42,7 +42,7 @@
 //!   (RFC 5321 §4.5.2), `.`; the reply to the final dot is returned, so
 //!   the client gets its 250 only after the upstream's.
 //! * Every upstream reply is awaited at most `upstream_timeout` and may be
-//!   at most 64 KiB long. Connection refused, timeout, a 421, a non-220
+//!   at most 64 KiB long. UpstreamConnection refused, timeout, a 421, a non-220
 //!   greeting, garbage, a lost connection, XCLIENT not offered: the client
 //!   gets `451 4.4.1` (temporary: it keeps the message and retries), the
 //!   upstream connection is dropped, and the next MAIL reconnects. Each
@@ -118,7 +118,7 @@ pub use factory::{Handoff, HandoffFactory};
 pub use relay::DomainPolicy;
 pub use settings::{DeliverySettings, SpoolSettings, UpstreamProtocol, UpstreamSettings};
 use spool::{Maildir, QueueId};
-use upstream::{Connection, UpstreamError};
+use upstream::{UpstreamConnection, UpstreamError};
 
 /// What the hand-off knows about the client, for PROXY/XCLIENT and the
 /// `Received:` trace header (RFC 5321 §4.4).
@@ -149,10 +149,10 @@ pub struct Delivery {
 struct Inner {
     /// Ours: `Received: ... by <hostname>`, the upstream EHLO.
     hostname: String,
-    mode: Mode,
+    target: Target,
 }
 
-enum Mode {
+enum Target {
     Upstream(UpstreamSettings),
     Spool {
         maildir: Arc<Maildir>,
@@ -165,9 +165,9 @@ impl fmt::Debug for Delivery {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Delivery");
         d.field("hostname", &self.inner.hostname);
-        match &self.inner.mode {
-            Mode::Upstream(u) => d.field("upstream", u),
-            Mode::Spool { maildir, .. } => d.field("spool", &maildir.dir()),
+        match &self.inner.target {
+            Target::Upstream(u) => d.field("upstream", u),
+            Target::Spool { maildir, .. } => d.field("spool", &maildir.dir()),
         };
         d.finish_non_exhaustive()
     }
@@ -178,9 +178,9 @@ impl Delivery {
     /// upstream EHLO). Spool mode creates the Maildir (`tmp/`, `new/`,
     /// `cur/`) if missing; errors name the directory.
     pub fn new(settings: &DeliverySettings, hostname: &str) -> Result<Delivery, HandoffError> {
-        let mode = match settings {
-            DeliverySettings::Upstream(u) => Mode::Upstream(u.clone()),
-            DeliverySettings::Spool(s) => Mode::Spool {
+        let target = match settings {
+            DeliverySettings::Upstream(u) => Target::Upstream(u.clone()),
+            DeliverySettings::Spool(s) => Target::Spool {
                 maildir: Arc::new(Maildir::open(&s.dir, hostname)?),
                 accept_domains: s.accept_domains.clone(),
                 relay_networks: s.relay_networks.clone(),
@@ -189,7 +189,7 @@ impl Delivery {
         Ok(Delivery {
             inner: Arc::new(Inner {
                 hostname: hostname.to_string(),
-                mode,
+                target,
             }),
         })
     }
@@ -210,9 +210,9 @@ impl Delivery {
     /// `relay_networks` (an IPv4-mapped IPv6 address is matched as IPv4).
     /// Always false in upstream mode, where the upstream MTA decides.
     fn relay_allowed(&self, ip: IpAddr) -> bool {
-        match &self.inner.mode {
-            Mode::Upstream(_) => false,
-            Mode::Spool { relay_networks, .. } => {
+        match &self.inner.target {
+            Target::Upstream(_) => false,
+            Target::Spool { relay_networks, .. } => {
                 let ip = ip.to_canonical();
                 relay_networks.iter().any(|n| n.contains(&ip))
             }
@@ -222,7 +222,7 @@ impl Delivery {
     /// Whether this is upstream mode (every MAIL/RCPT is relayed).
     #[cfg(test)]
     fn is_upstream(&self) -> bool {
-        matches!(self.inner.mode, Mode::Upstream(_))
+        matches!(self.inner.target, Target::Upstream(_))
     }
 }
 
@@ -236,7 +236,7 @@ pub struct DeliverySession {
     relay_allowed: bool,
     /// Upstream mode: the connection, once a MAIL made one and while it is
     /// healthy.
-    upstream: Option<Connection>,
+    upstream: Option<UpstreamConnection>,
     /// MAIL was sent on `upstream` and no RSET or final reply to DATA has
     /// ended that transaction since.
     txn_open: bool,
@@ -264,9 +264,9 @@ impl DeliverySession {
     /// MAIL/RCPT is asked of the driver (and so of the upstream); in spool
     /// mode `accept_domains`/`relay_networks` decide.
     pub fn rcpt_policy(&self) -> Box<dyn RcptPolicy> {
-        match &self.delivery.inner.mode {
-            Mode::Upstream(_) => Box::new(AskDriver),
-            Mode::Spool { accept_domains, .. } => {
+        match &self.delivery.inner.target {
+            Target::Upstream(_) => Box::new(AskDriver),
+            Target::Spool { accept_domains, .. } => {
                 Box::new(DomainPolicy::new(accept_domains, self.relay_allowed))
             }
         }
@@ -285,7 +285,7 @@ impl DeliverySession {
         params: &MailParams,
     ) -> Reply {
         let delivery = self.delivery.clone();
-        let Mode::Upstream(cfg) = &delivery.inner.mode else {
+        let Target::Upstream(cfg) = &delivery.inner.target else {
             return Reply::sender_ok();
         };
         if let Some(mut conn) = self.upstream.take() {
@@ -298,12 +298,12 @@ impl DeliverySession {
                 Err(e) => tracing::debug!(
                     session = %client.session_id,
                     upstream = %cfg.address,
-                    error = %e,
+                    error = %Chain(&e),
                     "reused upstream connection failed; reconnecting"
                 ),
             }
         }
-        let mut conn = match Connection::open(cfg, &delivery.inner.hostname, client).await {
+        let mut conn = match UpstreamConnection::open(cfg, &delivery.inner.hostname, client).await {
             Ok(c) => c,
             Err(e) => return upstream_failed(client, cfg, "connect", &e),
         };
@@ -320,7 +320,7 @@ impl DeliverySession {
         }
     }
 
-    fn mail_sent(&mut self, conn: Connection, r: Reply) -> Reply {
+    fn mail_sent(&mut self, conn: UpstreamConnection, r: Reply) -> Reply {
         self.upstream = Some(conn);
         // Even a refused MAIL is followed by RSET next time: harmless, and
         // the upstream's idea of the state is then certain.
@@ -334,9 +334,9 @@ impl DeliverySession {
     /// that itself; this is for a driver that asks anyway).
     pub async fn rcpt(&mut self, client: &ClientInfo, to: &ForwardPath) -> Reply {
         let delivery = self.delivery.clone();
-        let cfg = match &delivery.inner.mode {
-            Mode::Upstream(cfg) => cfg,
-            Mode::Spool { .. } => {
+        let cfg = match &delivery.inner.target {
+            Target::Upstream(cfg) => cfg,
+            Target::Spool { .. } => {
                 let envelope = Envelope {
                     reverse_path: ReversePath::Null,
                     forward_paths: Vec::new(),
@@ -383,11 +383,11 @@ impl DeliverySession {
             &envelope.forward_paths,
             SystemTime::now(),
         );
-        match &delivery.inner.mode {
-            Mode::Spool { maildir, .. } => {
+        match &delivery.inner.target {
+            Target::Spool { maildir, .. } => {
                 spool_message(maildir, client, envelope, &id, received, data).await
             }
-            Mode::Upstream(cfg) => {
+            Target::Upstream(cfg) => {
                 self.upstream_message(cfg, client, envelope, &id, &received, data)
                     .await
             }
@@ -468,7 +468,8 @@ impl DeliverySession {
     /// The session is over: QUIT the upstream connection, if any.
     pub async fn close(&mut self) {
         self.txn_open = false;
-        if let (Some(conn), Mode::Upstream(cfg)) = (self.upstream.take(), &self.delivery.inner.mode)
+        if let (Some(conn), Target::Upstream(cfg)) =
+            (self.upstream.take(), &self.delivery.inner.target)
         {
             conn.quit(upstream::QUIT_WAIT.min(cfg.timeout)).await;
         }
@@ -477,7 +478,7 @@ impl DeliverySession {
 
 /// RSET (when a transaction is open) then MAIL on an existing connection.
 async fn mail_on(
-    conn: &mut Connection,
+    conn: &mut UpstreamConnection,
     reset_first: bool,
     from: &ReversePath,
     params: &MailParams,
@@ -506,10 +507,26 @@ fn upstream_failed(
         upstream = %cfg.address,
         step,
         kind = e.kind(),
-        error = %e,
+        error = %Chain(e),
         "upstream hand-off failed; answering 451 4.4.1"
     );
     Reply::upstream_unavailable()
+}
+
+/// An error and its causes, `: `-separated, for one log field (the
+/// messages never repeat their cause, so this is how it gets logged).
+struct Chain<'a>(&'a dyn std::error::Error);
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(e) = cause {
+            write!(f, ": {e}")?;
+            cause = e.source();
+        }
+        Ok(())
+    }
 }
 
 /// RCPT or DATA with no upstream connection (an earlier step failed).

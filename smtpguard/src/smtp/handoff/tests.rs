@@ -952,3 +952,38 @@ fn spool_dir_error_names_the_directory() {
     let e = Delivery::new(&cfg, HOST).unwrap_err();
     assert!(e.to_string().contains("not-a-dir"), "{e}");
 }
+
+/// An upstream error names its cause once: in the message only the step,
+/// the cause in `source`; the log field prints the chain as before.
+#[test]
+fn upstream_errors_do_not_repeat_their_cause() {
+    let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+    let cause = refused.to_string();
+    let errors = [
+        UpstreamError::Connect(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        UpstreamError::Io {
+            stage: "DATA",
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        },
+    ];
+    for e in &errors {
+        let message = e.to_string();
+        assert!(!message.contains(&cause), "{message}");
+        let source = std::error::Error::source(e).unwrap().to_string();
+        assert_eq!(source, cause);
+        assert_eq!(Chain(e).to_string(), format!("{message}: {cause}"));
+    }
+    assert_eq!(
+        Chain(&errors[0]).to_string(),
+        format!("cannot connect: {cause}")
+    );
+    let garbage = UpstreamError::Garbage {
+        stage: "greeting",
+        source: crate::smtp::ReplyParseError::Syntax,
+    };
+    assert_eq!(garbage.to_string(), "bad reply (greeting)");
+    assert_eq!(
+        Chain(&garbage).to_string(),
+        "bad reply (greeting): malformed SMTP reply"
+    );
+}

@@ -33,17 +33,18 @@ const MAX_COMMAND_LINE: usize = 512;
 pub(crate) const QUIT_WAIT: Duration = Duration::from_secs(5);
 
 /// Why talking to the upstream failed. Every one of these makes the client
-/// see `451 4.4.1` and drops the connection.
+/// see `451 4.4.1` and drops the connection. The cause, if any, is only in
+/// [`source`](std::error::Error::source): log the whole chain.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UpstreamError {
     /// TCP connect failed.
-    #[error("cannot connect: {0}")]
+    #[error("cannot connect")]
     Connect(#[source] std::io::Error),
     /// No connection, or no complete reply, within the timeout.
     #[error("timed out ({0})")]
     Timeout(&'static str),
     /// Reading or writing failed.
-    #[error("I/O error ({stage}): {source}")]
+    #[error("I/O error ({stage})")]
     Io {
         stage: &'static str,
         #[source]
@@ -53,7 +54,7 @@ pub(crate) enum UpstreamError {
     #[error("connection closed by the upstream ({0})")]
     Closed(&'static str),
     /// Not an SMTP reply, or a reply over [`MAX_REPLY_BYTES`].
-    #[error("bad reply ({stage}): {source}")]
+    #[error("bad reply ({stage})")]
     Garbage {
         stage: &'static str,
         #[source]
@@ -120,7 +121,7 @@ impl Extensions {
 
 /// An open, greeted, EHLO'd connection to the upstream MTA.
 #[derive(Debug)]
-pub(crate) struct Connection {
+pub(crate) struct UpstreamConnection {
     stream: TcpStream,
     /// Bytes read and not yet parsed into a reply.
     rbuf: Vec<u8>,
@@ -129,7 +130,7 @@ pub(crate) struct Connection {
     address: SocketAddr,
 }
 
-impl Connection {
+impl UpstreamConnection {
     /// Connects (within the timeout), sends the PROXY v2 header or does the
     /// XCLIENT exchange as configured, reads the greeting and EHLOs with
     /// `hostname` (HELO if EHLO is refused).
@@ -137,14 +138,14 @@ impl Connection {
         cfg: &UpstreamSettings,
         hostname: &str,
         client: &ClientInfo,
-    ) -> Result<Connection, UpstreamError> {
+    ) -> Result<UpstreamConnection, UpstreamError> {
         let stream = match timeout(cfg.timeout, TcpStream::connect(cfg.address)).await {
             Err(_) => return Err(UpstreamError::Timeout("connect")),
             Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
-        let mut c = Connection {
+        let mut c = UpstreamConnection {
             stream,
             rbuf: Vec::with_capacity(1024),
             timeout: cfg.timeout,
