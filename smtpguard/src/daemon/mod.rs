@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use state::{Daemon, Kernel, KernelWrite};
+pub use state::{Daemon, KernelWrite};
 
 use crate::{
     config::Config,

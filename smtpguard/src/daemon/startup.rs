@@ -7,10 +7,9 @@ use anyhow::{Context, Result};
 use ipnet::IpNet;
 use smtpguard_common::Action;
 
-use super::state::Kernel;
 use crate::{
     config::{Config, XdpMode},
-    kernel::{loader::DEFAULT_PIN_DIR, ApplyHow, AttachMode, Attachment, KernelLog, XdpFilter},
+    kernel::{loader::DEFAULT_PIN_DIR, ApplyHow, AttachMode, Attachment, Kernel, KernelLog},
     policy::{AccessList, ListKind, Policy},
 };
 
@@ -91,9 +90,9 @@ pub fn start_kernel(config: &Config, policy: &Policy) -> Result<Option<StartedKe
     if !config.xdp.enabled() {
         return Ok(None);
     }
-    let (mut filter, mut sync, stats) = XdpFilter::load()?;
-    let log = filter.take_log();
-    sync.set_runtime(
+    let mut kernel = Kernel::load()?;
+    let log = kernel.filter.take_log();
+    kernel.sync.set_runtime(
         policy.mode().into(),
         policy.enforcement().into(),
         &config.server.ports(),
@@ -104,7 +103,8 @@ pub fn start_kernel(config: &Config, policy: &Policy) -> Result<Option<StartedKe
         .into_iter()
         .map(|r| (r.prefix, r.action))
         .collect();
-    let report = sync
+    let report = kernel
+        .sync
         .apply(&rules, ApplyHow::Atomic)
         .context("loading the lists into the kernel")?;
     tracing::debug!(prefixes = report.total, "lists loaded into the XDP maps");
@@ -119,9 +119,9 @@ pub fn start_kernel(config: &Config, policy: &Policy) -> Result<Option<StartedKe
         // Pinning needs bpffs; inside `ip netns exec` /sys/fs/bpf is hidden,
         // and then the link lives with the process, unpinned.
         let attached = if pin_dir.parent().is_some_and(is_bpffs) {
-            filter.attach_pinned(interface, mode, pin_dir)
+            kernel.filter.attach_pinned(interface, mode, pin_dir)
         } else {
-            filter.attach(interface, mode)
+            kernel.filter.attach(interface, mode)
         }
         .with_context(|| format!("attaching the XDP program to {interface}"))?;
         if attached.replaced_pinned {
@@ -131,11 +131,7 @@ pub fn start_kernel(config: &Config, policy: &Policy) -> Result<Option<StartedKe
         attachments.push(attached);
     }
     Ok(Some(StartedKernel {
-        kernel: Kernel {
-            filter,
-            sync,
-            stats,
-        },
+        kernel,
         attachments,
         log,
     }))

@@ -19,20 +19,10 @@ use smtpguard_common::Action;
 
 use crate::{
     config::Config,
-    kernel::{ApplyHow, Attachment, CounterSnapshot, MapSync, Stats, XdpFilter},
+    kernel::{ApplyHow, Attachment, CounterSnapshot, Kernel},
     policy::{Enforcement, ListKind, Policy, Reason, Verdict},
     server::{Access, DenyReason, ServerHandle},
 };
-
-/// The loaded XDP program and the owners of its maps.
-pub struct Kernel {
-    /// The program; dropping it detaches it.
-    pub filter: XdpFilter,
-    /// The one writer of the tries and the runtime config.
-    pub sync: MapSync,
-    /// Counter reader.
-    pub stats: Stats,
-}
 
 /// State shared by the front door, the control socket and the timers.
 pub struct Daemon {
@@ -238,11 +228,6 @@ impl Daemon {
     /// The policy in force.
     pub fn policy(&self) -> Arc<Policy> {
         self.policy.read().expect("policy lock").clone()
-    }
-
-    /// The verdict for a client address (IPv4-mapped addresses count as IPv4).
-    pub fn decide(&self, addr: IpAddr) -> Reason {
-        self.policy().decide(addr)
     }
 
     /// XDP counters, when XDP is on.
