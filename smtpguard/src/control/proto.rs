@@ -474,7 +474,7 @@ pub struct StatsView {
     pub top_entries: Vec<TopEntry>,
     /// The front door's counters by client address, canonical form
     /// (`"198.51.100.7"`, `"2001:db8::7"`; IPv4-mapped IPv6 is IPv4), for
-    /// the first 4096 ([`crate::server::MAX_TRACKED_CLIENTS`]) addresses
+    /// the first 4096 (the front door's `MAX_TRACKED_CLIENTS`) addresses
     /// seen since the daemon started; accepts from further addresses are
     /// counted in `front_door.clients_untracked`.
     /// Shown by `--json` only: the text output would be one line a client.

@@ -37,9 +37,8 @@ use tracing::{debug, info, warn};
 
 use super::{
     proto::{Reply, Request},
-    MAX_FRAME_BYTES,
+    MAX_FRAME_BYTES, MAX_SOCKET_PATH_BYTES,
 };
-use crate::config::MAX_SOCKET_PATH_BYTES;
 
 /// How long a connected client may take to send a complete request (or
 /// the next one) before the connection is closed.
