@@ -14,6 +14,7 @@
 //! [`cli`] the command line (daemon and controller in one binary);
 //! [`logging`] and [`metrics`] are what the operator watches.
 
+pub mod accept;
 pub mod cli;
 pub mod config;
 pub mod control;

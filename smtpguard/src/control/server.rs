@@ -27,11 +27,11 @@ use nix::sys::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{UnixListener, UnixStream},
-    task::JoinSet,
 };
 use tokio_util::{
     codec::{Framed, LinesCodec, LinesCodecError},
     sync::CancellationToken,
+    task::TaskTracker,
 };
 use tracing::{debug, info, warn};
 
@@ -39,6 +39,7 @@ use super::{
     proto::{Reply, Request},
     MAX_FRAME_BYTES, MAX_SOCKET_PATH_BYTES,
 };
+use crate::accept::accept_loop;
 
 /// How long a connected client may take to send a complete request (or
 /// the next one) before the connection is closed.
@@ -300,7 +301,8 @@ pub async fn serve<H: ControlHandler>(
 /// reply. A request that is not valid JSON gets an error reply and the
 /// connection goes on; one that is too large or not UTF-8 gets an error
 /// reply and the connection is closed. Nothing a client sends affects other
-/// clients. Failures of `accept(2)` are logged and retried.
+/// clients. Failures of `accept(2)` are logged and retried, with the
+/// back-off of [`crate::accept`].
 ///
 /// Must be called within a Tokio runtime.
 ///
@@ -322,46 +324,40 @@ pub async fn run<H: ControlHandler>(
         UnixListener::from_std(listener).map_err(io_err("serve the control socket", &file.path))?;
     let own_uid = nix::unistd::geteuid().as_raw();
     info!(path = %file.path.display(), "control socket ready");
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    connections.spawn(connection(
-                        stream,
-                        Arc::clone(&handler),
-                        own_uid,
-                        max_frame_bytes,
-                        shutdown.clone(),
-                    ));
-                }
-                Err(e) => {
-                    // EMFILE and the like: keep serving once it passes.
-                    warn!("control socket: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            Some(joined) = connections.join_next(), if !connections.is_empty() => {
-                if let Err(e) = joined {
-                    warn!("control connection task failed: {e}");
-                }
+    let connections = TaskTracker::new();
+    // Cuts off the requests still running when the shutdown grace is over.
+    let cut = CancellationToken::new();
+    accept_loop(&listener, "control socket", None, &shutdown, |accepted| {
+        let connection = connection(
+            accepted.stream,
+            Arc::clone(&handler),
+            own_uid,
+            max_frame_bytes,
+            shutdown.clone(),
+        );
+        let cut = cut.clone();
+        connections.spawn(async move {
+            tokio::select! {
+                () = cut.cancelled() => {}
+                () = connection => {}
             }
-        }
-    }
+        });
+    })
+    .await;
     // New clients now get "no such file" rather than a hang.
     drop(file);
     drop(listener);
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
+    connections.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, connections.wait())
+        .await
+        .is_err()
+    {
         warn!(
             "control requests still running {}s after shutdown; cutting them off",
             SHUTDOWN_GRACE.as_secs()
         );
-        connections.shutdown().await;
+        cut.cancel();
+        connections.wait().await;
     }
     Ok(())
 }
