@@ -2,7 +2,6 @@
 //! call on [`Daemon`] (lists, mode, reload) or a read of its state.
 
 use std::{
-    collections::BTreeMap,
     net::IpAddr,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -11,7 +10,10 @@ use std::{
 use anyhow::{anyhow, Result};
 use ipnet::IpNet;
 
-use super::state::{Daemon, KernelWrite};
+use super::{
+    snapshot::Snapshot,
+    state::{Daemon, KernelWrite},
+};
 use crate::{
     control::{
         proto::{
@@ -63,6 +65,13 @@ fn kind(list: ListName) -> ListKind {
     match list {
         ListName::Deny => ListKind::Deny,
         ListName::Permit => ListKind::Permit,
+    }
+}
+
+fn list_name(kind: ListKind) -> ListName {
+    match kind {
+        ListKind::Deny => ListName::Deny,
+        ListKind::Permit => ListName::Permit,
     }
 }
 
@@ -234,7 +243,7 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
             }
             Reply::Checked(Checked { results })
         }
-        Request::Stats { top } => Reply::Stats(stats(daemon, top)),
+        Request::Stats { top } => Reply::Stats(stats(&Snapshot::collect(daemon), top)),
         Request::Status => Reply::Status(status(daemon)),
         Request::Reload => Reply::Reloaded(crate::control::proto::Reloaded {
             summary: daemon.reload()?,
@@ -436,13 +445,14 @@ fn import(
     }))
 }
 
-fn stats(daemon: &Daemon, top: usize) -> StatsView {
+/// The `stats` reply: a view of one [`Snapshot`], its `top` entries by
+/// hits.
+fn stats(snapshot: &Snapshot, top: usize) -> StatsView {
     let mut view = StatsView::default();
-    if let Some(counters) = daemon.counters() {
+    if let Some(counters) = &snapshot.xdp {
         view.xdp = Some(counters.named().map(|(n, v)| (n.to_string(), v)).collect());
     }
-    if let Some(server) = daemon.server() {
-        let m = server.metrics().snapshot();
+    if let Some(m) = &snapshot.front_door {
         let fd = &mut view.front_door;
         fd.insert("connections_accepted".into(), m.connections_accepted);
         fd.insert("sessions_started".into(), m.sessions_started);
@@ -469,20 +479,14 @@ fn stats(daemon: &Daemon, top: usize) -> StatsView {
             })
             .collect();
     }
-    let policy = daemon.policy();
-    let mut hits: Vec<(IpNet, u64)> = daemon.hits_by_prefix().into_iter().collect();
-    hits.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    view.top_entries = hits
-        .into_iter()
+    view.top_entries = snapshot
+        .entry_hits
+        .iter()
         .take(top)
-        .map(|(prefix, hits)| TopEntry {
-            list: if policy.list(ListKind::Deny).get(prefix).is_some() {
-                ListName::Deny
-            } else {
-                ListName::Permit
-            },
-            prefix: prefix.to_string(),
-            hits,
+        .map(|e| TopEntry {
+            list: list_name(e.list),
+            prefix: e.prefix.to_string(),
+            hits: e.hits,
         })
         .collect();
     view
@@ -523,21 +527,5 @@ fn status(daemon: &Daemon) -> StatusView {
         certificate_not_after_unix: daemon.certificate_not_after(),
         delivery: super::report::delivery_line(&config),
         control_socket: config.control.socket.display().to_string(),
-    }
-}
-
-/// Hit counts of the entries with hits, by prefix.
-impl Daemon {
-    pub(crate) fn hits_by_prefix(&self) -> BTreeMap<IpNet, u64> {
-        let guard = self.kernel.lock().expect("kernel lock");
-        let Some(kernel) = guard.as_ref() else {
-            return BTreeMap::new();
-        };
-        kernel
-            .stats
-            .all_hits()
-            .into_iter()
-            .filter_map(|(id, n)| kernel.sync.prefix_of(id).map(|p| (p, n)))
-            .collect()
     }
 }

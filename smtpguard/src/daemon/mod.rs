@@ -7,7 +7,9 @@
 //! in the kernel maps before the program sees a packet.
 
 pub mod control;
+pub mod prometheus;
 pub mod report;
+pub mod snapshot;
 pub mod startup;
 pub mod state;
 
@@ -102,11 +104,11 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     }
     tasks.spawn(expire_entries(Arc::clone(&daemon), shutdown.clone()));
     if let Some(listener) = metrics_listener {
-        tasks.spawn(crate::metrics::serve(
-            listener,
-            Arc::clone(&daemon),
-            shutdown.clone(),
-        ));
+        let render: crate::metrics::Render = {
+            let daemon = Arc::clone(&daemon);
+            Arc::new(move || prometheus::render(&snapshot::Snapshot::collect(&daemon)))
+        };
+        tasks.spawn(crate::metrics::serve(listener, render, shutdown.clone()));
     }
     tasks.close();
 

@@ -7,10 +7,11 @@
 //! half-applied: the kernel, the files and the front door always agree.
 
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex, OnceLock, RwLock},
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result};
@@ -46,13 +47,34 @@ pub struct Daemon {
     server: OnceLock<ServerHandle>,
     /// The TLS certificate's expiry (Unix seconds), for status.
     certificate_not_after: RwLock<Option<u64>>,
-    /// When the lists last went into the kernel whole (Unix seconds) and
-    /// how long it took (seconds), for metrics.
-    last_list_load: Mutex<Option<(u64, f64)>>,
+    /// When the lists last went into the kernel whole, for metrics.
+    last_list_load: Mutex<Option<ListLoad>>,
     /// Modification time and size of each list file as last read or
     /// written by us: a file edited by hand since then is never silently
     /// overwritten by a CLI change.
     on_disk: Mutex<std::collections::HashMap<ListKind, Option<(SystemTime, u64)>>>,
+}
+
+/// When the lists last went into the kernel whole, and how long it took.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ListLoad {
+    /// Unix time of the load, seconds.
+    pub at_unix_secs: u64,
+    /// Its duration, seconds.
+    pub duration_secs: f64,
+}
+
+impl ListLoad {
+    /// A load that ended now after `took`.
+    pub fn now(took: Duration) -> ListLoad {
+        ListLoad {
+            at_unix_secs: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            duration_secs: took.as_secs_f64(),
+        }
+    }
 }
 
 /// What a policy change must write into the kernel.
@@ -141,18 +163,14 @@ impl Daemon {
     }
 
     /// When the lists were last loaded into the kernel whole, and how long
-    /// that took: `(unix seconds, seconds)`.
-    pub fn last_list_load(&self) -> Option<(u64, f64)> {
+    /// that took.
+    pub fn last_list_load(&self) -> Option<ListLoad> {
         *self.last_list_load.lock().expect("load lock")
     }
 
-    /// Records a whole-list load into the kernel.
-    pub fn record_list_load(&self, took: std::time::Duration) {
-        let at = SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        *self.last_list_load.lock().expect("load lock") = Some((at, took.as_secs_f64()));
+    /// Records a whole-list load into the kernel that took `took`.
+    pub fn record_list_load(&self, took: Duration) {
+        *self.last_list_load.lock().expect("load lock") = Some(ListLoad::now(took));
     }
 
     /// Records the running server's handle (once).
@@ -237,6 +255,20 @@ impl Daemon {
             .expect("kernel lock")
             .as_ref()
             .map(|k| k.stats.counters())
+    }
+
+    /// Hit counts of the entries with hits, by prefix; empty without XDP.
+    pub fn hits_by_prefix(&self) -> BTreeMap<IpNet, u64> {
+        let guard = self.kernel.lock().expect("kernel lock");
+        let Some(kernel) = guard.as_ref() else {
+            return BTreeMap::new();
+        };
+        kernel
+            .stats
+            .all_hits()
+            .into_iter()
+            .filter_map(|(id, n)| kernel.sync.prefix_of(id).map(|p| (p, n)))
+            .collect()
     }
 
     /// Applies `change` to a copy of the policy, then the kernel, then the
@@ -474,14 +506,8 @@ pub fn list_path(config: &Config, kind: ListKind) -> PathBuf {
     }
 }
 
-/// The kernel's action for `prefix` under `policy`: deny if on the deny
-/// list (deny wins on the identical prefix), permit if on the permit list.
+/// The kernel's action for `prefix` under `policy` (see
+/// [`Policy::list_holding`]).
 fn merged_action(policy: &Policy, prefix: &IpNet) -> Option<Action> {
-    if policy.list(ListKind::Deny).get(*prefix).is_some() {
-        Some(Action::Deny)
-    } else if policy.list(ListKind::Permit).get(*prefix).is_some() {
-        Some(Action::Permit)
-    } else {
-        None
-    }
+    policy.list_holding(*prefix).map(Action::from)
 }

@@ -88,6 +88,16 @@ impl ListKind {
     }
 }
 
+impl From<ListKind> for smtpguard_common::Action {
+    /// The kernel rule an entry of the list becomes.
+    fn from(kind: ListKind) -> Self {
+        match kind {
+            ListKind::Deny => smtpguard_common::Action::Deny,
+            ListKind::Permit => smtpguard_common::Action::Permit,
+        }
+    }
+}
+
 impl fmt::Display for ListKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} list", self.as_str())

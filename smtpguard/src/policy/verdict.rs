@@ -370,6 +370,17 @@ impl Policy {
         }
     }
 
+    /// The list whose rule the kernel holds for exactly `prefix`: the deny
+    /// list when the prefix is on it (deny wins on the identical prefix, as
+    /// in [`Policy::compile`]), else the permit list when it is there;
+    /// `None` when on neither. Hit counters are per kernel rule, so this is
+    /// also the list an entry's hits are counted for.
+    pub fn list_holding(&self, prefix: IpNet) -> Option<ListKind> {
+        [ListKind::Deny, ListKind::Permit]
+            .into_iter()
+            .find(|&kind| self.list(kind).get(prefix).is_some())
+    }
+
     /// Removes the due temporary entries of both lists; returns them with
     /// their list.
     pub fn expire(&mut self, now: SystemTime) -> Vec<(ListKind, ListEntry)> {
@@ -489,10 +500,7 @@ impl Policy {
             .into_iter()
             .map(|(prefix, list)| CompiledRule {
                 prefix,
-                action: match list {
-                    ListKind::Deny => Action::Deny,
-                    ListKind::Permit => Action::Permit,
-                },
+                action: list.into(),
             })
             .collect())
     }
