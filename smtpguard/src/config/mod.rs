@@ -91,7 +91,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use tracing::level_filters::LevelFilter;
 
-pub use crate::policy::{Enforcement, Mode as PolicyMode};
+pub use crate::policy::{Enforcement, PolicyMode};
 
 /// The development configuration compiled into the binary; see
 /// [`Config::embedded_default`].

@@ -31,7 +31,7 @@ pub mod render;
 pub mod server;
 
 pub use client::{Client, ClientError};
-pub use proto::{Reply, Request};
+pub use proto::{Request, Response};
 pub use server::{bind, run, serve, ControlError, ControlHandler, ControlListener, PeerInfo};
 
 /// The control socket's path when the configuration does not say

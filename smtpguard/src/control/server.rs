@@ -36,7 +36,7 @@ use tokio_util::{
 use tracing::{debug, info, warn};
 
 use super::{
-    proto::{Reply, Request},
+    proto::{Request, Response},
     MAX_FRAME_BYTES, MAX_SOCKET_PATH_BYTES,
 };
 use crate::accept::accept_loop;
@@ -57,9 +57,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// `handle` is called.
 pub trait ControlHandler: Send + Sync + 'static {
     /// Carries out `request` and says how it went. Failures are
-    /// [`Reply::Error`] (see [`Reply::error`]); a panic is caught and
+    /// [`Response::Error`] (see [`Response::error`]); a panic is caught and
     /// answered with an error too, but the daemon should not rely on that.
-    fn handle(&self, request: Request, peer: PeerInfo) -> impl Future<Output = Reply> + Send;
+    fn handle(&self, request: Request, peer: PeerInfo) -> impl Future<Output = Response> + Send;
 }
 
 /// Who is on the other end of a control connection (SO_PEERCRED: the
@@ -399,7 +399,7 @@ async fn connection<H: ControlHandler>(
                 peer.uid
             )
         };
-        let _ = send(&mut conn, &Reply::Error(message), max_frame_bytes).await;
+        let _ = send(&mut conn, &Response::Error(message), max_frame_bytes).await;
         close(conn, max_frame_bytes).await;
         return;
     }
@@ -437,7 +437,7 @@ async fn connection<H: ControlHandler>(
                     pid = peer.pid,
                     "control request refused: {message}"
                 );
-                let _ = send(&mut conn, &Reply::Error(message), max_frame_bytes).await;
+                let _ = send(&mut conn, &Response::Error(message), max_frame_bytes).await;
                 close(conn, max_frame_bytes).await;
                 return;
             }
@@ -453,7 +453,7 @@ async fn connection<H: ControlHandler>(
                     pid = peer.pid,
                     "malformed control request: {e}"
                 );
-                let reply = Reply::error(format_args!("malformed request: {e}"));
+                let reply = Response::error(format_args!("malformed request: {e}"));
                 if send(&mut conn, &reply, max_frame_bytes).await.is_err() {
                     break;
                 }
@@ -467,7 +467,7 @@ async fn connection<H: ControlHandler>(
             .await
             .unwrap_or_else(|_| {
                 warn!(op, "control handler panicked");
-                Reply::error(format_args!(
+                Response::error(format_args!(
                     "internal error while handling {op} (see the daemon's log)"
                 ))
             });
@@ -487,7 +487,7 @@ async fn connection<H: ControlHandler>(
 /// replaced by an error saying so.
 async fn send(
     conn: &mut Conn,
-    reply: &Reply,
+    reply: &Response,
     max_frame_bytes: usize,
 ) -> Result<(), LinesCodecError> {
     let mut line = serde_json::to_string(reply).expect("replies serialize");
@@ -497,7 +497,7 @@ async fn send(
             bytes = line.len(),
             "control reply too large; sending an error instead"
         );
-        line = serde_json::to_string(&Reply::error(format_args!(
+        line = serde_json::to_string(&Response::error(format_args!(
             "reply too large ({} bytes; the limit is {max_frame_bytes} bytes)",
             line.len()
         )))

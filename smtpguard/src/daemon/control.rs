@@ -17,9 +17,9 @@ use super::{
 use crate::{
     control::{
         proto::{
-            CheckView, Checked, ClientView, EntryView, Exported, ImportResult, InterfaceView,
-            LineIssue, ListChanged, ListEntries, ListName, ListSize, ModeSet, Reply, Request,
-            StatsView, StatusView, TopEntry, Verdict as WireVerdict,
+            Admission, CheckView, Checked, ClientView, EntryView, Exported, ImportResult,
+            InterfaceView, LineIssue, ListChanged, ListEntries, ListName, ListSize, ModeSet,
+            Request, Response, StatsView, StatusView, TopEntry,
         },
         ControlHandler, PeerInfo,
     },
@@ -44,7 +44,7 @@ pub struct Handler {
 }
 
 impl ControlHandler for Handler {
-    async fn handle(&self, request: Request, peer: PeerInfo) -> Reply {
+    async fn handle(&self, request: Request, peer: PeerInfo) -> Response {
         let op = request.op();
         let daemon = Arc::clone(&self.daemon);
         // List work can take a while (imports of 100k+ entries): keep it off
@@ -54,9 +54,9 @@ impl ControlHandler for Handler {
             Ok(Ok(reply)) => reply,
             Ok(Err(e)) => {
                 tracing::warn!(op, uid = peer.uid, error = %format!("{e:#}"), "control request failed");
-                Reply::error(format!("{e:#}"))
+                Response::error(format!("{e:#}"))
             }
-            Err(e) => Reply::error(format!("internal error: {e}")),
+            Err(e) => Response::error(format!("internal error: {e}")),
         }
     }
 }
@@ -75,7 +75,7 @@ fn list_name(kind: ListKind) -> ListName {
     }
 }
 
-fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
+fn answer(daemon: &Daemon, request: Request) -> Result<Response> {
     Ok(match request {
         Request::ListAdd {
             list,
@@ -113,7 +113,7 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
             if k == ListKind::Deny {
                 daemon.close_denied_sessions();
             }
-            Reply::ListChanged(ListChanged {
+            Response::ListChanged(ListChanged {
                 list,
                 added: outcome.added.len() as u64,
                 removed: 0,
@@ -141,7 +141,7 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
             if k == ListKind::Permit {
                 daemon.close_denied_sessions();
             }
-            Reply::ListChanged(ListChanged {
+            Response::ListChanged(ListChanged {
                 list,
                 added: 0,
                 removed: outcome.removed.len() as u64,
@@ -154,7 +154,7 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
             let policy = daemon.policy();
             let entries = policy.list(kind(list)).entries();
             let hits = daemon.hits_by_prefix();
-            Reply::ListEntries(ListEntries {
+            Response::ListEntries(ListEntries {
                 list,
                 entries: entries
                     .iter()
@@ -180,7 +180,7 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
             skip_invalid,
             allow_all,
         )?,
-        Request::Export { list } => Reply::Exported(Exported {
+        Request::Export { list } => Response::Exported(Exported {
             list,
             text: daemon.policy().list(kind(list)).to_text(),
         }),
@@ -200,7 +200,7 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
             tracing::info!(%mode, %enforcement,
                 "mode changed (live; set policy.mode/enforcement in the config to keep it across restarts)");
             daemon.close_denied_sessions();
-            Reply::ModeSet(ModeSet { mode, enforcement })
+            Response::ModeSet(ModeSet { mode, enforcement })
         }
         Request::Check { addresses } => {
             let policy = daemon.policy();
@@ -218,8 +218,8 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
                     deny_match: e.deny_match.as_ref().map(|m| entry_view(m, None)),
                     permit_match: e.permit_match.as_ref().map(|m| entry_view(m, None)),
                     verdict: match e.verdict {
-                        Verdict::Deny => WireVerdict::Refuse,
-                        Verdict::Permit => WireVerdict::Accept,
+                        Verdict::Deny => Admission::Refuse,
+                        Verdict::Permit => Admission::Accept,
                     },
                     reason: match e.reason {
                         Reason::DenyList => format!(
@@ -241,11 +241,11 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
                     },
                 });
             }
-            Reply::Checked(Checked { results })
+            Response::Checked(Checked { results })
         }
-        Request::Stats { top } => Reply::Stats(stats(&Snapshot::collect(daemon), top)),
-        Request::Status => Reply::Status(status(daemon)),
-        Request::Reload => Reply::Reloaded(crate::control::proto::Reloaded {
+        Request::Stats { top } => Response::Stats(stats(&Snapshot::collect(daemon), top)),
+        Request::Status => Response::Status(status(daemon)),
+        Request::Reload => Response::Reloaded(crate::control::proto::Reloaded {
             summary: daemon.reload()?,
         }),
     })
@@ -336,7 +336,7 @@ fn import(
     dry_run: bool,
     skip_invalid: bool,
     allow_all: bool,
-) -> Result<Reply> {
+) -> Result<Response> {
     let target = kind(list);
     let mut options = ImportOptions::new(target);
     options.allow_all = allow_all;
@@ -359,7 +359,7 @@ fn import(
                     ..Default::default()
                 });
             }
-            return Ok(Reply::ImportResult(ImportResult {
+            return Ok(Response::ImportResult(ImportResult {
                 list,
                 skipped,
                 applied: false,
@@ -425,7 +425,7 @@ fn import(
         daemon.close_denied_sessions();
         diff
     };
-    Ok(Reply::ImportResult(ImportResult {
+    Ok(Response::ImportResult(ImportResult {
         list,
         added: diff.added.len() as u64,
         removed: diff.removed.len() as u64,

@@ -46,7 +46,7 @@ pub fn load_policy(config: &Config) -> Result<Policy> {
     };
     let deny = load(ListKind::Deny, &config.policy.deny_list)?;
     let permit = load(ListKind::Permit, &config.policy.permit_list)?;
-    if config.policy.mode == crate::policy::Mode::DenyAllExceptPermit && permit.is_empty() {
+    if config.policy.mode == crate::policy::PolicyMode::DenyAllExceptPermit && permit.is_empty() {
         tracing::warn!(
             "mode deny-all-except-permit with an empty permit list: every client is refused \
              (add entries with `smtpguard permit add`)"
