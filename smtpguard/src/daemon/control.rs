@@ -7,12 +7,11 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{anyhow, Result};
 use ipnet::IpNet;
 
 use super::{
     snapshot::Snapshot,
-    state::{Daemon, KernelWrite},
+    state::{Daemon, DaemonError, KernelWrite},
 };
 use crate::{
     control::{
@@ -24,8 +23,8 @@ use crate::{
         ControlHandler, PeerInfo,
     },
     policy::{
-        parse_entry, parse_list, EntryOptions, ImportError, ImportMode, ImportOptions, ListEntry,
-        ListKind, Reason, Verdict,
+        parse_entry, parse_list, EntryError, EntryOptions, ImportError, ImportMode, ImportOptions,
+        ListEntry, ListKind, Reason, Verdict,
     },
 };
 
@@ -36,6 +35,46 @@ const MAX_COMMENT_BYTES: usize = 1024;
 /// At most this many bad lines of an import are listed in the reply (the
 /// count is always exact).
 const MAX_LISTED_ISSUES: usize = 1000;
+
+/// Why a control request was refused; nothing was changed. The control
+/// socket sends the message with its causes, one line.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// `--for 0`.
+    #[error("an entry cannot expire after 0 seconds")]
+    ZeroExpiry,
+    /// `--for` beyond [`MAX_EXPIRY_SECS`].
+    #[error("an entry can be temporary for at most 10 years; leave out --for for a permanent one")]
+    ExpiryTooLong,
+    /// A comment beyond [`MAX_COMMENT_BYTES`].
+    #[error("a comment can be at most {MAX_COMMENT_BYTES} bytes; nothing was changed")]
+    CommentTooLong,
+    /// An entry the entry parser refuses.
+    #[error("entry {entry:?} refused; nothing was changed")]
+    Entry {
+        /// The entry as given.
+        entry: String,
+        #[source]
+        source: EntryError,
+    },
+    /// An add or remove without entries.
+    #[error("no entries given")]
+    NoEntries,
+    /// `check` with something that is not an address.
+    #[error("{text:?} is not an IPv4 or IPv6 address")]
+    Address {
+        /// The text as given.
+        text: String,
+    },
+    /// An import the list parser refuses as a whole.
+    #[error(transparent)]
+    Import(#[from] ImportError),
+    /// The daemon refused the change or the reload.
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+}
+
+type Result<T, E = RequestError> = std::result::Result<T, E>;
 
 /// Serves control requests against the daemon's state.
 pub struct Handler {
@@ -53,8 +92,10 @@ impl ControlHandler for Handler {
         match result {
             Ok(Ok(reply)) => reply,
             Ok(Err(e)) => {
-                tracing::warn!(op, uid = peer.uid, error = %format!("{e:#}"), "control request failed");
-                Response::error(format!("{e:#}"))
+                // The message and its causes, as anyhow chains them.
+                let message = format!("{:#}", anyhow::Error::new(e));
+                tracing::warn!(op, uid = peer.uid, error = %message, "control request failed");
+                Response::error(message)
             }
             Err(e) => Response::error(format!("internal error: {e}")),
         }
@@ -87,19 +128,15 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Response> {
             let (prefixes, warnings) = parse_entries(&entries, allow_all)?;
             let expires = match expires_in_secs {
                 None => None,
-                Some(0) => return Err(anyhow!("an entry cannot expire after 0 seconds")),
-                Some(s) if s > MAX_EXPIRY_SECS => {
-                    return Err(anyhow!("an entry can be temporary for at most 10 years; leave out --for for a permanent one"))
-                }
+                Some(0) => return Err(RequestError::ZeroExpiry),
+                Some(s) if s > MAX_EXPIRY_SECS => return Err(RequestError::ExpiryTooLong),
                 Some(s) => Some(SystemTime::now() + Duration::from_secs(s)),
             };
             if comment
                 .as_ref()
                 .is_some_and(|c| c.len() > MAX_COMMENT_BYTES)
             {
-                return Err(anyhow!(
-                    "a comment can be at most {MAX_COMMENT_BYTES} bytes; nothing was changed"
-                ));
+                return Err(RequestError::CommentTooLong);
             }
             let k = kind(list);
             let outcome = daemon.change_policy(&[k], |p| {
@@ -209,7 +246,7 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Response> {
                 let addr: IpAddr = text
                     .trim()
                     .parse()
-                    .map_err(|_| anyhow!("{text:?} is not an IPv4 or IPv6 address"))?;
+                    .map_err(|_| RequestError::Address { text: text.clone() })?;
                 let e = policy.explain(addr);
                 results.push(CheckView {
                     address: e.address.to_string(),
@@ -256,8 +293,12 @@ fn parse_entries(entries: &[String], allow_all: bool) -> Result<(Vec<IpNet>, Vec
     let mut prefixes = Vec::new();
     let mut warnings = Vec::new();
     for text in entries {
-        let parsed = parse_entry(text, EntryOptions { allow_all })
-            .map_err(|e| anyhow!("entry {text:?}, {e}; nothing was changed"))?;
+        let parsed = parse_entry(text, EntryOptions { allow_all }).map_err(|source| {
+            RequestError::Entry {
+                entry: text.clone(),
+                source,
+            }
+        })?;
         warnings.extend(
             parsed
                 .warnings
@@ -267,7 +308,7 @@ fn parse_entries(entries: &[String], allow_all: bool) -> Result<(Vec<IpNet>, Vec
         prefixes.extend(parsed.prefixes);
     }
     if prefixes.is_empty() {
-        return Err(anyhow!("no entries given"));
+        return Err(RequestError::NoEntries);
     }
     Ok((prefixes, warnings))
 }

@@ -167,7 +167,7 @@ async fn wait_for_signals(
                 let daemon = Arc::clone(daemon);
                 match tokio::task::spawn_blocking(move || daemon.reload()).await {
                     Ok(Ok(summary)) => tracing::info!("SIGHUP: reloaded: {summary}"),
-                    Ok(Err(e)) => tracing::error!("SIGHUP: reload refused, the running configuration stays: {e:#}"),
+                    Ok(Err(e)) => tracing::error!("SIGHUP: reload refused, the running configuration stays: {:#}", anyhow::Error::new(e)),
                     Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
                 }
             }
@@ -208,7 +208,7 @@ async fn expire_entries(daemon: Arc<Daemon>, shutdown: CancellationToken) {
             })
             .await;
             if let Ok(Err(e)) = result {
-                tracing::error!("expiring temporary entries: {e:#}");
+                tracing::error!("expiring temporary entries: {:#}", anyhow::Error::new(e));
             }
         }
     }

@@ -14,16 +14,71 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, Result};
 use ipnet::IpNet;
 use smtpguard_common::Action;
 
 use crate::{
     config::Config,
-    kernel::{ApplyHow, Attachment, CounterSnapshot, Kernel},
-    policy::{Enforcement, ListKind, Policy, Reason, Verdict},
+    kernel::{ApplyHow, Attachment, CounterSnapshot, Kernel, SyncError},
+    policy::{Enforcement, ListError, ListKind, Policy, PolicyError, Reason, Verdict},
     server::{Access, DenyReason, ServerHandle},
+    tls::TlsError,
 };
+
+/// Why a change of the lists, the mode or the configuration was refused.
+/// Whatever the step, nothing was changed: the steps before it are undone.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A list refused the change (a bad comment, ...).
+    #[error(transparent)]
+    List(#[from] ListError),
+    /// The merged lists do not fit the kernel.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// Mode, ports or log rate could not be written into the XDP program.
+    #[error("writing the XDP runtime configuration")]
+    KernelRuntime(#[source] Box<SyncError>),
+    /// The whole lists could not be loaded into the XDP program.
+    #[error("loading the lists into the kernel; the previous lists stay in force")]
+    KernelLists(#[source] Box<SyncError>),
+    /// Single prefixes could not be written into the XDP program.
+    #[error("updating the kernel lists; nothing was changed")]
+    KernelUpdate(#[source] Box<SyncError>),
+    /// A list file was edited since the daemon read it; it is never
+    /// silently overwritten.
+    #[error(
+        "saving the list; nothing was changed: {} changed on disk since smtpguard read it; \
+         run `smtpguard reload` to load it (or fix what reload reports) before changing the \
+         {list} from the CLI",
+        path.display()
+    )]
+    ChangedOnDisk {
+        /// The list.
+        list: ListKind,
+        /// Its file.
+        path: PathBuf,
+    },
+    /// A list file could not be written.
+    #[error("saving the list; nothing was changed")]
+    Save(#[source] ListError),
+    /// Reload: the configuration or a list file could not be read.
+    #[error(transparent)]
+    Startup(Box<super::startup::StartupError>),
+    /// Reload: the configuration file could not be read.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Reload: the certificates could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+impl From<super::startup::StartupError> for DaemonError {
+    fn from(e: super::startup::StartupError) -> Self {
+        DaemonError::Startup(Box::new(e))
+    }
+}
+
+type Result<T, E = DaemonError> = std::result::Result<T, E>;
 
 /// State shared by the front door, the control socket and the timers.
 pub struct Daemon {
@@ -153,11 +208,10 @@ impl Daemon {
             .flatten();
         let now = Self::fingerprint(path);
         if now.is_some() && now != known {
-            anyhow::bail!(
-                "{} changed on disk since smtpguard read it; run `smtpguard reload` to load it \
-                 (or fix what reload reports) before changing the {kind} from the CLI",
-                path.display()
-            );
+            return Err(DaemonError::ChangedOnDisk {
+                list: kind,
+                path: path.to_path_buf(),
+            });
         }
         Ok(())
     }
@@ -307,7 +361,7 @@ impl Daemon {
             let path = list_path(&config, kind);
             let result = self
                 .check_unchanged_on_disk(kind, &path)
-                .and_then(|()| new.list(kind).save(&path).map_err(anyhow::Error::new));
+                .and_then(|()| new.list(kind).save(&path).map_err(DaemonError::Save));
             if let Err(e) = result {
                 // Put back the files already rewritten and the kernel.
                 for (kind, path) in saved {
@@ -316,7 +370,7 @@ impl Daemon {
                 if undo_kernel {
                     let _ = self.write_kernel(&new, &old, &write);
                 }
-                return Err(e.context("saving the list; nothing was changed"));
+                return Err(e);
             }
             self.remember_on_disk(kind, &path);
             saved.push((kind, path));
@@ -339,7 +393,7 @@ impl Daemon {
             &self.config().server.ports(),
             self.config().xdp.log_rate_per_second,
         )
-        .context("writing the XDP runtime configuration")?;
+        .map_err(|e| DaemonError::KernelRuntime(Box::new(e)))?;
         match write {
             KernelWrite::Everything => {
                 let started = Instant::now();
@@ -348,9 +402,8 @@ impl Daemon {
                     .into_iter()
                     .map(|r| (r.prefix, r.action))
                     .collect();
-                sync.apply(&rules, ApplyHow::Atomic).context(
-                    "loading the lists into the kernel; the previous lists stay in force",
-                )?;
+                sync.apply(&rules, ApplyHow::Atomic)
+                    .map_err(|e| DaemonError::KernelLists(Box::new(e)))?;
                 drop(guard);
                 self.record_list_load(started.elapsed());
             }
@@ -366,8 +419,7 @@ impl Daemon {
                         .map(|p| (*p, merged_action(old, p)))
                         .collect();
                     let _ = sync.update(&restore);
-                    return Err(anyhow::Error::new(e)
-                        .context("updating the kernel lists; nothing was changed"));
+                    return Err(DaemonError::KernelUpdate(Box::new(e)));
                 }
             }
         }
