@@ -21,9 +21,11 @@
 //! echo '{"op":"status"}' | socat - UNIX-CONNECT:/run/smtpguard/control.sock
 //! ```
 //!
-//! This module depends on no other part of smtpguard except the policy's
-//! mode and enforcement names (the wire names), so the daemon, config and
-//! server code can change freely behind the [`ControlHandler`] it implements.
+//! This module depends on no other part of smtpguard except the shared
+//! accept loop ([`crate::accept`]) and the policy's mode and enforcement
+//! (their serde names are the wire names), so the daemon, config and
+//! front-door code can change freely behind the [`ControlHandler`] the
+//! daemon implements.
 
 pub mod client;
 pub mod proto;

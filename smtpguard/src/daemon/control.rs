@@ -43,10 +43,10 @@ pub enum RequestError {
     /// `--for 0`.
     #[error("an entry cannot expire after 0 seconds")]
     ZeroExpiry,
-    /// `--for` beyond [`MAX_EXPIRY_SECS`].
+    /// `--for` beyond ten years.
     #[error("an entry can be temporary for at most 10 years; leave out --for for a permanent one")]
     ExpiryTooLong,
-    /// A comment beyond [`MAX_COMMENT_BYTES`].
+    /// A comment longer than 1024 bytes.
     #[error("a comment can be at most {MAX_COMMENT_BYTES} bytes; nothing was changed")]
     CommentTooLong,
     /// An entry the entry parser refuses.

@@ -5,6 +5,13 @@
 //! (TLS files, list files, the hand-off, the listen addresses, the control
 //! socket) is checked before the XDP program is attached, and the lists are
 //! in the kernel maps before the program sees a packet.
+//!
+//! - [`startup`]: the steps before the runtime (configuration, lists, XDP);
+//! - [`state`]: the shared [`Daemon`] and the one path by which lists change;
+//! - [`control`]: the answers to the control socket;
+//! - [`snapshot`]: one reading of every counter, which `stats`
+//!   ([`control`]), the Prometheus text ([`prometheus`]) and the periodic
+//!   log line ([`report`]) render.
 
 pub mod control;
 pub mod prometheus;
