@@ -50,15 +50,7 @@ impl Snapshot {
         let (xdp, hits) = {
             let guard = daemon.kernel.lock().expect("kernel lock");
             match guard.as_ref() {
-                Some(kernel) => {
-                    let hits: Vec<(IpNet, u64)> = kernel
-                        .stats
-                        .all_hits()
-                        .into_iter()
-                        .filter_map(|(id, n)| kernel.sync.prefix_of(id).map(|p| (p, n)))
-                        .collect();
-                    (Some(kernel.stats.counters()), hits)
-                }
+                Some(kernel) => (Some(kernel.stats.counters()), kernel.hits_by_prefix()),
                 None => (None, Vec::new()),
             }
         };

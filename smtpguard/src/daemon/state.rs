@@ -314,15 +314,10 @@ impl Daemon {
     /// Hit counts of the entries with hits, by prefix; empty without XDP.
     pub fn hits_by_prefix(&self) -> BTreeMap<IpNet, u64> {
         let guard = self.kernel.lock().expect("kernel lock");
-        let Some(kernel) = guard.as_ref() else {
-            return BTreeMap::new();
-        };
-        kernel
-            .stats
-            .all_hits()
-            .into_iter()
-            .filter_map(|(id, n)| kernel.sync.prefix_of(id).map(|p| (p, n)))
-            .collect()
+        guard
+            .as_ref()
+            .map(|kernel| kernel.hits_by_prefix().into_iter().collect())
+            .unwrap_or_default()
     }
 
     /// Applies `change` to a copy of the policy, then the kernel, then the

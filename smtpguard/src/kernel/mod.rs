@@ -12,6 +12,7 @@ pub mod sync;
 use std::path::PathBuf;
 
 use aya::programs::ProgramError;
+use ipnet::IpNet;
 
 pub use loader::{pump_kernel_log, AttachMode, AttachedMode, Attachment, KernelLog, XdpFilter};
 pub use stats::{CounterSnapshot, Stats};
@@ -93,5 +94,14 @@ impl Kernel {
             sync,
             stats,
         })
+    }
+
+    /// Hits of every installed rule that has any, by its prefix.
+    pub fn hits_by_prefix(&self) -> Vec<(IpNet, u64)> {
+        self.stats
+            .all_hits()
+            .into_iter()
+            .filter_map(|(id, n)| self.sync.prefix_of(id).map(|p| (p, n)))
+            .collect()
     }
 }
