@@ -206,8 +206,11 @@ impl XdpFilter {
                         self.pinned.push(pinned);
                         return Ok(attachment(interface, candidate, true));
                     }
-                    Err(e) => tracing::warn!(pin = %path.display(), error = %e,
-                        "stale pinned XDP link; attaching afresh"),
+                    Err(e) => {
+                        let cause = std::error::Error::source(&e).map(|c| c.to_string());
+                        tracing::warn!(pin = %path.display(), error = %e, cause,
+                            "stale pinned XDP link; attaching afresh");
+                    }
                 }
             }
             // A different mode was asked for, or the link is dead: drop it.
@@ -237,20 +240,28 @@ impl XdpFilter {
         Ok(attachment(interface, attached, false))
     }
 
-    fn replace_pinned(&mut self, path: &Path) -> Result<PinnedLink, String> {
-        let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
-        let fd_link: FdLink = pinned.unpin().map_err(|e| e.to_string())?;
-        let link = XdpLink::try_from(fd_link).map_err(|e| e.to_string())?;
+    /// Moves the link pinned at `path` (by an earlier run) to this program.
+    fn replace_pinned(&mut self, path: &Path) -> Result<PinnedLink, KernelError> {
+        let step = |step: &'static str| {
+            move |source: Box<dyn std::error::Error + Send + Sync>| KernelError::PinnedLink {
+                step,
+                path: path.to_path_buf(),
+                source,
+            }
+        };
+        let pinned = PinnedLink::from_pin(path).map_err(|e| step("open")(e.into()))?;
+        let fd_link: FdLink = pinned.unpin().map_err(|e| step("unpin")(e.into()))?;
+        let link = XdpLink::try_from(fd_link).map_err(|e| step("take over")(e.into()))?;
         let link_id = self
             .program()
             .attach_to_link(link)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| step("attach the program to")(e.into()))?;
         let link = self
             .program()
             .take_link(link_id)
-            .map_err(|e| e.to_string())?;
-        let fd_link = FdLink::try_from(link).map_err(|e| e.to_string())?;
-        fd_link.pin(path).map_err(|e| e.to_string())
+            .map_err(|e| step("keep")(e.into()))?;
+        let fd_link = FdLink::try_from(link).map_err(|e| step("keep")(e.into()))?;
+        fd_link.pin(path).map_err(|e| step("pin again")(e.into()))
     }
 
     fn attach_link(

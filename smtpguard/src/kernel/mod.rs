@@ -57,6 +57,17 @@ pub enum KernelError {
         #[source]
         source: ProgramError,
     },
+    /// A link pinned by an earlier run could not be moved to this program.
+    #[error("cannot {step} the pinned XDP link {}", path.display())]
+    PinnedLink {
+        /// The step that failed, e.g. `unpin`.
+        step: &'static str,
+        /// The pin.
+        path: PathBuf,
+        /// What aya reported (a pin, link or program error).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The bpffs directory for pinned links cannot be made.
     #[error("cannot create the bpffs directory {path} for pinned XDP links (is bpffs mounted on /sys/fs/bpf?)")]
     Pin {
