@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::control::{
     client::io_text,
-    proto::{Enforcement, ListName, Mode, Reply, Request, StatsView},
+    proto::{Enforcement, ListName, PolicyMode, Request, Response, StatsView},
     render, Client, DEFAULT_SOCKET,
 };
 
@@ -199,8 +199,8 @@ impl ModeSetting {
     /// The [`Request::SetMode`] it stands for.
     pub fn request(self) -> Request {
         let (mode, enforcement) = match self {
-            ModeSetting::AcceptAllExceptDeny => (Some(Mode::AcceptAllExceptDeny), None),
-            ModeSetting::DenyAllExceptPermit => (Some(Mode::DenyAllExceptPermit), None),
+            ModeSetting::AcceptAllExceptDeny => (Some(PolicyMode::AcceptAllExceptDeny), None),
+            ModeSetting::DenyAllExceptPermit => (Some(PolicyMode::DenyAllExceptPermit), None),
             ModeSetting::Enforce => (None, Some(Enforcement::Enforce)),
             ModeSetting::Monitor => (None, Some(Enforcement::Monitor)),
             ModeSetting::Off => (None, Some(Enforcement::Off)),
@@ -319,7 +319,7 @@ fn warn(message: &str) {
     eprintln!("smtpguard: warning: {message}");
 }
 
-fn unexpected(request: &Request, reply: &Reply) -> anyhow::Error {
+fn unexpected(request: &Request, reply: &Response) -> anyhow::Error {
     crate::control::ClientError::Unexpected {
         op: request.op(),
         got: reply.kind(),
@@ -350,7 +350,7 @@ async fn client_command(command: Command, client: Client, as_json: bool) -> anyh
     };
     let reply = client.call(&request).await?;
     match (&request, &reply) {
-        (Request::ListAdd { .. } | Request::ListRemove { .. }, Reply::ListChanged(c)) => {
+        (Request::ListAdd { .. } | Request::ListRemove { .. }, Response::ListChanged(c)) => {
             for w in &c.warnings {
                 warn(w);
             }
@@ -360,14 +360,14 @@ async fn client_command(command: Command, client: Client, as_json: bool) -> anyh
                 out(&render::list_changed(c))?;
             }
         }
-        (Request::ListShow { .. }, Reply::ListEntries(l)) => {
+        (Request::ListShow { .. }, Response::ListEntries(l)) => {
             if as_json {
                 json(l)?;
             } else {
                 out(&render::list_entries(l))?;
             }
         }
-        (Request::Import { dry_run, list, .. }, Reply::ImportResult(r)) => {
+        (Request::Import { dry_run, list, .. }, Response::ImportResult(r)) => {
             if as_json {
                 json(r)?;
             } else {
@@ -392,35 +392,35 @@ async fn client_command(command: Command, client: Client, as_json: bool) -> anyh
                 );
             }
         }
-        (Request::SetMode { .. }, Reply::ModeSet(m)) => {
+        (Request::SetMode { .. }, Response::ModeSet(m)) => {
             if as_json {
                 json(m)?;
             } else {
                 out(&render::mode_set(m))?;
             }
         }
-        (Request::Check { .. }, Reply::Checked(c)) => {
+        (Request::Check { .. }, Response::Checked(c)) => {
             if as_json {
                 json(c)?;
             } else {
                 out(&render::checked(c))?;
             }
         }
-        (Request::Stats { .. }, Reply::Stats(s)) => {
+        (Request::Stats { .. }, Response::Stats(s)) => {
             if as_json {
                 json(s)?;
             } else {
                 out(&render::stats(s))?;
             }
         }
-        (Request::Status, Reply::Status(s)) => {
+        (Request::Status, Response::Status(s)) => {
             if as_json {
                 json(s)?;
             } else {
                 out(&render::status(s))?;
             }
         }
-        (Request::Reload, Reply::Reloaded(r)) => {
+        (Request::Reload, Response::Reloaded(r)) => {
             if as_json {
                 json(r)?;
             } else {
@@ -491,7 +491,7 @@ async fn export(
 ) -> anyhow::Result<()> {
     let request = Request::Export { list };
     let reply = client.call(&request).await?;
-    let Reply::Exported(exported) = &reply else {
+    let Response::Exported(exported) = &reply else {
         return Err(unexpected(&request, &reply));
     };
     match file {
@@ -573,7 +573,7 @@ async fn watch_stats(
             reply = client.call(&request) => reply?,
         };
         let taken = Instant::now();
-        let Reply::Stats(stats) = reply else {
+        let Response::Stats(stats) = reply else {
             return Err(unexpected(&request, &reply));
         };
         if as_json {
@@ -657,7 +657,7 @@ mod tests {
         assert_eq!(
             ModeSetting::AcceptAllExceptDeny.request(),
             Request::SetMode {
-                mode: Some(Mode::AcceptAllExceptDeny),
+                mode: Some(PolicyMode::AcceptAllExceptDeny),
                 enforcement: None
             }
         );

@@ -12,8 +12,10 @@
 //! [`daemon`] starts and wires everything and owns the one path by which
 //! lists change; [`control`] is the operator's control socket and
 //! [`cli`] the command line (daemon and controller in one binary);
-//! [`logging`] and [`metrics`] are what the operator watches.
+//! [`logging`] and [`metrics`] are what the operator watches; [`accept`]
+//! is the accept loop every listener runs.
 
+pub mod accept;
 pub mod cli;
 pub mod config;
 pub mod control;

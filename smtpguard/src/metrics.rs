@@ -1,303 +1,242 @@
-//! The optional Prometheus endpoint (`metrics.listen`): `GET /metrics` in
-//! the Prometheus text format (version 0.0.4), built at each scrape from
-//! the same counters `smtpguard stats` shows, so the two always agree.
+//! The optional Prometheus endpoint (`metrics.listen`): `GET /metrics` over
+//! HTTP/1.1 (hyper), answered with whatever text the daemon renders at each
+//! scrape (see `daemon::prometheus`). Any other request gets `404`.
 //!
-//! Names follow the Prometheus conventions: a `smtpguard_` prefix, base
-//! units, `_total` on counters, labels for the reason
-//! (`smtpguard_xdp_dropped_total{reason="deny_list"}`).
+//! Scrapers are trusted no more than SMTP clients: a request head larger
+//! than [`MAX_REQUEST_BYTES`] is refused, one not complete within
+//! [`REQUEST_TIMEOUT`] is dropped, a connection is closed after its one
+//! answer and never lives longer than [`CONNECTION_DEADLINE`], and at most
+//! [`MAX_CONNECTIONS`] are open at once (more wait in the listen backlog).
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
-use prometheus_client::{
-    encoding::prometheus_text,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
-    registry::Registry,
+use http_body_util::Full;
+use hyper::{
+    body::{Bytes, Incoming},
+    header::CONTENT_TYPE,
+    server::conn::http1,
+    service::service_fn,
+    Method, Request, Response, StatusCode,
 };
-use smtpguard_common::counter;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
-use tokio_util::sync::CancellationToken;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::encoding::prometheus_text;
+use tokio::{net::TcpStream, sync::Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{daemon::Daemon, policy::ListKind};
+use crate::accept::serve_each;
 
-/// How many entries get a per-entry hit series (the top ones by hits).
-pub const TOP_ENTRIES: usize = 20;
+/// At most this many scrapes are served at once.
+pub const MAX_CONNECTIONS: usize = 8;
+/// The largest request head read, in bytes (hyper's smallest buffer).
+pub const MAX_REQUEST_BYTES: usize = 8192;
+/// How long a client may take to send its request head.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a connection lives, answer included.
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
 
-type Labels = Vec<(String, String)>;
+/// Renders the exposition text for one scrape (it may block: it runs on a
+/// blocking thread).
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
-fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
-    let c: Counter = Counter::default();
-    c.inc_by(value);
-    registry.register(name, help, c);
-}
-
-fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
-    let g: Gauge = Gauge::default();
-    g.set(value);
-    registry.register(name, help, g);
-}
-
-fn labelled(
-    registry: &mut Registry,
-    name: &str,
-    help: &str,
-    label: &str,
-    values: &[(String, u64)],
-) {
-    let family = Family::<Labels, Counter>::default();
-    for (value, n) in values {
-        family
-            .get_or_create(&vec![(label.to_string(), value.clone())])
-            .inc_by(*n);
-    }
-    registry.register(name, help, family);
-}
-
-/// The exposition text for the daemon's current state.
-pub fn render(daemon: &Daemon) -> String {
-    let mut r = Registry::default();
-    if let Some(c) = daemon.counters() {
-        counter(
-            &mut r,
-            "smtpguard_xdp_packets",
-            "Packets the XDP program saw.",
-            c.get(counter::PACKETS),
-        );
-        let syn = [
-            ("ipv4".to_string(), c.get(counter::SYN_V4)),
-            ("ipv6".to_string(), c.get(counter::SYN_V6)),
-        ];
-        labelled(
-            &mut r,
-            "smtpguard_xdp_syn",
-            "New-connection SYNs to the guarded ports.",
-            "family",
-            &syn,
-        );
-        let dropped = [
-            ("deny_list".to_string(), c.get(counter::DROP_DENY_LIST)),
-            (
-                "not_permitted".to_string(),
-                c.get(counter::DROP_NOT_PERMITTED),
-            ),
-        ];
-        labelled(
-            &mut r,
-            "smtpguard_xdp_dropped",
-            "SYNs dropped, by reason.",
-            "reason",
-            &dropped,
-        );
-        counter(
-            &mut r,
-            "smtpguard_xdp_would_drop",
-            "Monitor mode: SYNs that would have been dropped.",
-            c.get(counter::WOULD_DROP),
-        );
-        let passed: Vec<(String, u64)> = [
-            ("not_ip", counter::PASS_NOT_IP),
-            ("not_tcp", counter::PASS_NOT_TCP),
-            ("other_port", counter::PASS_OTHER_PORT),
-            ("not_syn", counter::PASS_NOT_SYN),
-            ("permitted", counter::PASS_PERMITTED),
-            ("malformed", counter::PASS_MALFORMED),
-            ("vlan_depth", counter::PASS_VLAN_DEPTH),
-            ("ipv6_chain", counter::PASS_IPV6_CHAIN),
-            ("fragment", counter::PASS_FRAGMENT),
-            ("filter_off", counter::PASS_FILTER_OFF),
-            ("esp", counter::PASS_ESP),
-            ("would_drop", counter::WOULD_DROP),
-        ]
-        .iter()
-        .map(|(name, index)| (name.to_string(), c.get(*index)))
-        .collect();
-        labelled(
-            &mut r,
-            "smtpguard_xdp_passed",
-            "Packets passed, by reason.",
-            "reason",
-            &passed,
-        );
-        let mut hits: Vec<_> = daemon.hits_by_prefix().into_iter().collect();
-        hits.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
-        let family = Family::<Labels, Counter>::default();
-        let policy = daemon.policy();
-        for (prefix, n) in hits.into_iter().take(TOP_ENTRIES) {
-            let list = if policy.list(ListKind::Deny).get(prefix).is_some() {
-                "deny"
-            } else {
-                "permit"
-            };
-            family
-                .get_or_create(&vec![
-                    ("list".into(), list.into()),
-                    ("prefix".into(), prefix.to_string()),
-                ])
-                .inc_by(n);
-        }
-        r.register(
-            "smtpguard_xdp_entry_hits",
-            "SYNs matched per list entry (top entries).",
-            family,
-        );
-    }
-    if let Some(server) = daemon.server() {
-        let m = server.metrics().snapshot();
-        counter(
-            &mut r,
-            "smtpguard_connections_accepted",
-            "TCP connections accepted by the front door.",
-            m.connections_accepted,
-        );
-        let rejected: Vec<(String, u64)> = m
-            .rejected
-            .iter()
-            .map(|(k, v)| (k.to_string(), *v))
-            .collect();
-        labelled(
-            &mut r,
-            "smtpguard_connections_rejected",
-            "Connections refused, by reason.",
-            "reason",
-            &rejected,
-        );
-        gauge(
-            &mut r,
-            "smtpguard_connections_open",
-            "Sessions open now.",
-            m.open_connections as i64,
-        );
-        let tls = [
-            ("ok".to_string(), m.tls_handshakes_ok),
-            ("failed".to_string(), m.tls_handshakes_failed),
-        ];
-        labelled(
-            &mut r,
-            "smtpguard_tls_handshakes",
-            "STARTTLS handshakes, by result.",
-            "result",
-            &tls,
-        );
-        counter(
-            &mut r,
-            "smtpguard_messages_accepted",
-            "Messages acknowledged with 250 (spooled or accepted upstream).",
-            m.messages_accepted,
-        );
-        counter(
-            &mut r,
-            "smtpguard_handoff_failures",
-            "Hand-offs that failed on our side (451).",
-            m.handoff_failures,
-        );
-    }
-    let policy = daemon.policy();
-    let family = Family::<Labels, Gauge>::default();
-    for kind in [ListKind::Deny, ListKind::Permit] {
-        let n = policy.list(kind).len();
-        for (fam, count) in [("ipv4", n.v4), ("ipv6", n.v6)] {
-            family
-                .get_or_create(&vec![
-                    ("list".into(), kind.as_str().into()),
-                    ("family".into(), fam.into()),
-                ])
-                .set(count as i64);
-        }
-    }
-    r.register("smtpguard_list_entries", "Entries on each list.", family);
-    if let Some((at, seconds)) = daemon.last_list_load() {
-        gauge(
-            &mut r,
-            "smtpguard_list_last_load_timestamp_seconds",
-            "When the lists were last loaded into the kernel (Unix time).",
-            at as i64,
-        );
-        let g = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-        g.set(seconds);
-        r.register(
-            "smtpguard_list_last_load_duration_seconds",
-            "How long the last list load took.",
-            g,
-        );
-    }
-    let mut out = String::new();
-    let _ = prometheus_text::encode(&mut out, &r);
-    out
+/// The endpoint could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The address is taken or not ours.
+    #[error("metrics.listen: cannot listen on {address}")]
+    Bind {
+        /// `metrics.listen`.
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The socket cannot be served by the runtime.
+    #[error("cannot serve metrics on {address}")]
+    Serve {
+        /// The bound address.
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Binds the metrics address at startup, so a taken port stops the start
 /// with an error naming `metrics.listen` instead of a log line later.
-pub fn bind(address: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
-    use anyhow::Context;
-    let listener = std::net::TcpListener::bind(address)
-        .with_context(|| format!("metrics.listen: cannot listen on {address}"))?;
-    listener.set_nonblocking(true)?;
+///
+/// # Errors
+///
+/// [`MetricsError::Bind`].
+pub fn bind(address: SocketAddr) -> Result<std::net::TcpListener, MetricsError> {
+    let bind_error = |source| MetricsError::Bind { address, source };
+    let listener = std::net::TcpListener::bind(address).map_err(bind_error)?;
+    listener.set_nonblocking(true).map_err(bind_error)?;
     Ok(listener)
 }
 
-/// Serves `GET /metrics` on `listener` (from [`bind`]) until `shutdown`.
-pub async fn serve(
-    listener: std::net::TcpListener,
-    daemon: Arc<Daemon>,
-    shutdown: CancellationToken,
-) {
-    let listener = match TcpListener::from_std(listener) {
+/// Serves `GET /metrics` on `listener` (from [`bind`]) until `shutdown`,
+/// then lets the scrapes in progress finish and returns.
+pub async fn serve(listener: std::net::TcpListener, render: Render, shutdown: CancellationToken) {
+    let address = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot serve metrics; the endpoint is off");
+        Err(source) => {
+            let e = MetricsError::Serve { address, source };
+            tracing::error!(error = %e, "the metrics endpoint is off");
             return;
         }
     };
-    if let Ok(address) = listener.local_addr() {
-        tracing::info!(%address, "serving Prometheus metrics on /metrics");
-    }
-    loop {
-        let (mut stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(s) => s,
-                Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; }
-            },
-        };
-        let daemon = Arc::clone(&daemon);
-        tokio::spawn(async move {
-            // One small request per connection, read with a deadline and a bound.
-            let mut buf = vec![0u8; 4096];
-            let mut len = 0;
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while len < buf.len() && !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf[len..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => len += n,
-                    }
+    tracing::info!(%address, "serving Prometheus metrics on /metrics");
+    let connections = TaskTracker::new();
+    let cap = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    serve_each(
+        &listener,
+        "metrics endpoint",
+        Some(cap),
+        &connections,
+        &shutdown,
+        |stream, _| connection(stream, Arc::clone(&render), shutdown.clone()),
+    )
+    .await;
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+/// One connection: one request, one answer, then close.
+async fn connection(stream: TcpStream, render: Render, shutdown: CancellationToken) {
+    let service = service_fn(move |request: Request<Incoming>| {
+        let render = Arc::clone(&render);
+        async move { Ok::<_, Infallible>(respond(&request, render).await) }
+    });
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_BYTES)
+        .keep_alive(false)
+        // As Prometheus and the old endpoint wrote them (`Content-Type`).
+        .title_case_headers(true);
+    let conn = http.serve_connection(TokioIo::new(stream), service);
+    let mut conn = std::pin::pin!(conn);
+    let served = tokio::time::timeout(CONNECTION_DEADLINE, async {
+        let mut stopping = false;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => break result,
+                () = shutdown.cancelled(), if !stopping => {
+                    stopping = true;
+                    conn.as_mut().graceful_shutdown();
                 }
-            })
-            .await;
-            if read.is_err() {
-                return;
             }
-            let request = String::from_utf8_lossy(&buf[..len]);
-            let (status, content_type, body) = if request.starts_with("GET /metrics ") {
-                let body = tokio::task::spawn_blocking(move || render(&daemon))
-                    .await
-                    .unwrap_or_default();
-                ("200 OK", prometheus_text::CONTENT_TYPE, body)
-            } else {
-                (
-                    "404 Not Found",
-                    "text/plain; charset=utf-8",
-                    "only GET /metrics is served\n".to_string(),
-                )
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
+        }
+    })
+    .await;
+    match served {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection failed"),
+        Err(_) => tracing::debug!("metrics connection over its deadline; closed"),
+    }
+}
+
+async fn respond(request: &Request<Incoming>, render: Render) -> Response<Full<Bytes>> {
+    let uri = request.uri();
+    let (status, content_type, body) =
+        if request.method() == Method::GET && uri.path() == "/metrics" && uri.query().is_none() {
+            let body = tokio::task::spawn_blocking(move || render())
+                .await
+                .unwrap_or_default();
+            (StatusCode::OK, prometheus_text::CONTENT_TYPE, body)
+        } else {
+            (
+                StatusCode::NOT_FOUND,
+                "text/plain; charset=utf-8",
+                "only GET /metrics is served\n".to_string(),
+            )
+        };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Serves a fixed text; returns the address and the shutdown token.
+    fn start() -> (SocketAddr, CancellationToken) {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let address = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let render: Render = Arc::new(|| "smtpguard_up 1\n".to_string());
+        tokio::spawn(serve(listener, render, shutdown.clone()));
+        (address, shutdown)
+    }
+
+    async fn exchange(address: SocketAddr, request: &[u8]) -> String {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut response = String::new();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            stream.read_to_string(&mut response),
+        )
+        .await
+        .expect("the endpoint closes after its answer")
+        .unwrap();
+        response
+    }
+
+    #[tokio::test]
+    async fn get_metrics_is_answered_and_the_connection_closed() {
+        let (address, shutdown) = start();
+        // No `Connection: close`: the endpoint closes anyway.
+        let response = exchange(address, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        assert!(head.contains("Content-Type: text/plain"), "{head}");
+        assert_eq!(body, "smtpguard_up 1\n");
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn anything_else_is_404() {
+        let (address, shutdown) = start();
+        for request in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            let response = exchange(address, request).await;
+            assert!(response.starts_with("HTTP/1.1 404 "), "{response}");
+            assert!(
+                response.ends_with("only GET /metrics is served\n"),
+                "{response}"
             );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(body.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
+        }
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn an_oversized_request_head_is_refused() {
+        let (address, shutdown) = start();
+        let mut request = b"GET /metrics HTTP/1.1\r\nX-Pad: ".to_vec();
+        request.extend(std::iter::repeat_n(b'a', 4 * MAX_REQUEST_BYTES));
+        request.extend(b"\r\n\r\n");
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        // The endpoint may close before the whole head is written.
+        let _ = stream.write_all(&request).await;
+        let mut response = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+            .await
+            .expect("closed");
+        let response = String::from_utf8_lossy(&response);
+        assert!(!response.contains("200"), "{response}");
+        shutdown.cancel();
     }
 }

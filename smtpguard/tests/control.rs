@@ -18,11 +18,11 @@ use std::{
 use smtpguard::control::{
     self,
     proto::{
-        CheckView, Checked, Enforcement, EntryView, Exported, ImportResult, InterfaceView,
-        LineIssue, ListChanged, ListEntries, ListName, ListSize, Mode, ModeSet, Reloaded,
-        StatsView, StatusView, TopEntry, Verdict,
+        Admission, CheckView, Checked, Enforcement, EntryView, Exported, ImportResult,
+        InterfaceView, LineIssue, ListChanged, ListEntries, ListName, ListSize, ModeSet,
+        PolicyMode, Reloaded, StatsView, StatusView, TopEntry,
     },
-    render, Client, ClientError, ControlHandler, PeerInfo, Reply, Request,
+    render, Client, ClientError, ControlHandler, PeerInfo, Request, Response,
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -75,21 +75,21 @@ fn check_view(address: &str) -> CheckView {
     if address.starts_with("203.0.113.") {
         CheckView {
             address: address.to_owned(),
-            mode: Mode::AcceptAllExceptDeny,
+            mode: PolicyMode::AcceptAllExceptDeny,
             enforcement: Enforcement::Enforce,
             deny_match: Some(entry("203.0.113.0/24")),
             permit_match: None,
-            verdict: Verdict::Refuse,
+            verdict: Admission::Refuse,
             reason: "deny list 203.0.113.0/24".into(),
         }
     } else {
         CheckView {
             address: address.to_owned(),
-            mode: Mode::AcceptAllExceptDeny,
+            mode: PolicyMode::AcceptAllExceptDeny,
             enforcement: Enforcement::Monitor,
             deny_match: None,
             permit_match: None,
-            verdict: Verdict::Accept,
+            verdict: Admission::Accept,
             reason: "on neither list".into(),
         }
     }
@@ -133,7 +133,7 @@ fn status_view() -> StatusView {
         ports: vec![25, 587],
         deny_list_size: ListSize { ipv4: 10, ipv6: 2 },
         permit_list_size: ListSize { ipv4: 1, ipv6: 0 },
-        mode: Mode::AcceptAllExceptDeny,
+        mode: PolicyMode::AcceptAllExceptDeny,
         enforcement: Enforcement::Enforce,
         open_connections: 3,
         max_connections: Some(100),
@@ -164,16 +164,16 @@ impl Mock {
     }
 }
 
-fn canned(request: &Request) -> Reply {
+fn canned(request: &Request) -> Response {
     match request {
         Request::ListAdd { list, entries, .. } | Request::ListRemove { list, entries } => {
             if entries.iter().any(|e| e == "panic") {
                 panic!("the mock was asked to panic");
             }
             if entries.iter().any(|e| e == "fail") {
-                return Reply::error("fail: not an IP address or prefix");
+                return Response::error("fail: not an IP address or prefix");
             }
-            Reply::ListChanged(ListChanged {
+            Response::ListChanged(ListChanged {
                 list: *list,
                 added: entries.len() as u64,
                 removed: 0,
@@ -182,7 +182,7 @@ fn canned(request: &Request) -> Reply {
                 list_size: 15,
             })
         }
-        Request::ListShow { list } => Reply::ListEntries(ListEntries {
+        Request::ListShow { list } => Response::ListEntries(ListEntries {
             list: *list,
             ..deny_entries()
         }),
@@ -205,7 +205,7 @@ fn canned(request: &Request) -> Reply {
                     reason: "not an IP address or prefix".into(),
                 })
                 .collect();
-            Reply::ImportResult(ImportResult {
+            Response::ImportResult(ImportResult {
                 list: *list,
                 added: (text.lines().count() - bad.len()) as u64,
                 applied: !dry_run && (bad.is_empty() || *skip_invalid),
@@ -214,27 +214,27 @@ fn canned(request: &Request) -> Reply {
                 ..Default::default()
             })
         }
-        Request::Export { list } => Reply::Exported(Exported {
+        Request::Export { list } => Response::Exported(Exported {
             list: *list,
             text: "203.0.113.0/24 # spam run\n2001:db8::/32\n".into(),
         }),
-        Request::SetMode { mode, enforcement } => Reply::ModeSet(ModeSet {
-            mode: mode.unwrap_or(Mode::AcceptAllExceptDeny),
+        Request::SetMode { mode, enforcement } => Response::ModeSet(ModeSet {
+            mode: mode.unwrap_or(PolicyMode::AcceptAllExceptDeny),
             enforcement: enforcement.unwrap_or(Enforcement::Enforce),
         }),
-        Request::Check { addresses } => Reply::Checked(Checked {
+        Request::Check { addresses } => Response::Checked(Checked {
             results: addresses.iter().map(|a| check_view(a)).collect(),
         }),
-        Request::Stats { .. } => Reply::Stats(stats_view()),
-        Request::Status => Reply::Status(status_view()),
-        Request::Reload => Reply::Reloaded(Reloaded {
+        Request::Stats { .. } => Response::Stats(stats_view()),
+        Request::Status => Response::Status(status_view()),
+        Request::Reload => Response::Reloaded(Reloaded {
             summary: "deny list: 3 added, 1 removed\npermit list: nothing changed".into(),
         }),
     }
 }
 
 impl ControlHandler for Mock {
-    async fn handle(&self, request: Request, peer: PeerInfo) -> Reply {
+    async fn handle(&self, request: Request, peer: PeerInfo) -> Response {
         self.seen.lock().unwrap().push((request.clone(), peer));
         canned(&request)
     }
@@ -406,7 +406,7 @@ fn every_request() -> Vec<Request> {
             list: ListName::Permit,
         },
         Request::SetMode {
-            mode: Some(Mode::DenyAllExceptPermit),
+            mode: Some(PolicyMode::DenyAllExceptPermit),
             enforcement: Some(Enforcement::Monitor),
         },
         Request::Check {
@@ -441,7 +441,7 @@ fn every_request_round_trips_through_the_socket() {
         };
         assert_eq!(
             client.request(&failing).await.unwrap(),
-            Reply::Error("fail: not an IP address or prefix".into())
+            Response::Error("fail: not an IP address or prefix".into())
         );
         match client.call(&failing).await {
             Err(ClientError::Daemon(m)) => assert_eq!(m, "fail: not an IP address or prefix"),
@@ -458,7 +458,7 @@ fn wire_format_is_tagged_json() {
         r#"{"op":"status"}"#
     );
     assert_eq!(
-        serde_json::to_string(&Reply::Error("no".into())).unwrap(),
+        serde_json::to_string(&Response::Error("no".into())).unwrap(),
         r#"{"error":"no"}"#
     );
     assert_eq!(
@@ -482,8 +482,8 @@ fn wire_format_is_tagged_json() {
             allow_all: false,
         }
     );
-    let reply = Reply::ModeSet(ModeSet {
-        mode: Mode::DenyAllExceptPermit,
+    let reply = Response::ModeSet(ModeSet {
+        mode: PolicyMode::DenyAllExceptPermit,
         enforcement: Enforcement::Off,
     });
     assert_eq!(
@@ -495,7 +495,10 @@ fn wire_format_is_tagged_json() {
         assert!(!json.contains('\n'));
         assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), request);
     }
-    assert_eq!(Reply::error("two\nlines"), Reply::Error("two lines".into()));
+    assert_eq!(
+        Response::error("two\nlines"),
+        Response::Error("two lines".into())
+    );
 }
 
 #[test]
@@ -517,7 +520,7 @@ fn a_large_import_is_sent_whole() {
             allow_all: false,
         };
         match daemon.client().call(&request).await.unwrap() {
-            Reply::ImportResult(r) => assert_eq!(r.added, 200_000),
+            Response::ImportResult(r) => assert_eq!(r.added, 200_000),
             other => panic!("{other:?}"),
         }
         assert_eq!(daemon.mock.seen(), vec![request]);
@@ -656,7 +659,7 @@ control socket:  /run/smtpguard/control.sock
     );
     assert_eq!(
         render::mode_set(&ModeSet {
-            mode: Mode::DenyAllExceptPermit,
+            mode: PolicyMode::DenyAllExceptPermit,
             enforcement: Enforcement::Monitor
         }),
         "mode deny-all-except-permit, enforcement monitor (live until the next restart or reload; set policy.mode/policy.enforcement in the config to keep it)\n"
@@ -747,7 +750,7 @@ fn cli_human_output() {
                     enforcement: Some(Enforcement::Monitor),
                 },
                 Request::SetMode {
-                    mode: Some(Mode::DenyAllExceptPermit),
+                    mode: Some(PolicyMode::DenyAllExceptPermit),
                     enforcement: None,
                 },
                 Request::Reload,
@@ -1108,7 +1111,7 @@ fn a_stale_socket_is_replaced() {
         let task = tokio::spawn(control::run(listener, mock, shutdown.clone()));
         assert_eq!(
             Client::new(&socket).call(&Request::Status).await.unwrap(),
-            Reply::Status(status_view())
+            Response::Status(status_view())
         );
         shutdown.cancel();
         task.await.unwrap().unwrap();
@@ -1224,9 +1227,9 @@ fn garbage_gets_an_error_reply_and_the_daemon_carries_on() {
         // Not JSON, then a good request on the same connection.
         let got = raw_exchange(&daemon.socket, b"this is not json\n{\"op\":\"reload\"}\n").await;
         assert_eq!(got.len(), 2, "{got:?}");
-        let first: Reply = serde_json::from_str(&got[0]).unwrap();
+        let first: Response = serde_json::from_str(&got[0]).unwrap();
         match first {
-            Reply::Error(m) => assert!(m.starts_with("malformed request: "), "{m}"),
+            Response::Error(m) => assert!(m.starts_with("malformed request: "), "{m}"),
             other => panic!("{other:?}"),
         }
         assert!(got[1].starts_with(r#"{"reloaded":"#), "{}", got[1]);
@@ -1259,7 +1262,7 @@ fn garbage_gets_an_error_reply_and_the_daemon_carries_on() {
         // Other clients are unaffected.
         assert_eq!(
             daemon.client().call(&Request::Status).await.unwrap(),
-            Reply::Status(status_view())
+            Response::Status(status_view())
         );
         daemon.stop().await;
     });
@@ -1295,7 +1298,7 @@ fn an_oversized_request_gets_an_error_reply() {
             allow_all: false,
         };
         match daemon.client().request(&request).await.unwrap() {
-            Reply::Error(m) => assert!(m.starts_with("reply too large ("), "{m}"),
+            Response::Error(m) => assert!(m.starts_with("reply too large ("), "{m}"),
             other => panic!("{other:?}"),
         }
         daemon.stop().await;

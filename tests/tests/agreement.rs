@@ -9,7 +9,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use smtpguard::{
     kernel::{ApplyHow, XdpFilter},
-    policy::{AccessList, Enforcement, ListKind, Mode, Policy, Verdict},
+    policy::{AccessList, Enforcement, ListKind, Policy, PolicyMode, Verdict},
 };
 use smtpguard_tests::{packet, require_root};
 
@@ -90,9 +90,9 @@ fn userspace_and_kernel_verdicts_agree() {
             }
         }
         let mode = if round % 2 == 0 {
-            Mode::AcceptAllExceptDeny
+            PolicyMode::AcceptAllExceptDeny
         } else {
-            Mode::DenyAllExceptPermit
+            PolicyMode::DenyAllExceptPermit
         };
         let policy = Policy::with_lists(mode, Enforcement::Enforce, deny, permit).unwrap();
         let rules: Vec<(IpNet, smtpguard_common::Action)> = policy

@@ -91,7 +91,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use tracing::level_filters::LevelFilter;
 
-pub use crate::policy::{Enforcement, Mode as PolicyMode};
+pub use crate::policy::{Enforcement, PolicyMode};
 
 /// The development configuration compiled into the binary; see
 /// [`Config::embedded_default`].
@@ -104,9 +104,8 @@ pub const EMBEDDED_DEFAULT_NAME: &str = "<embedded default-config.toml>";
 /// guards at most this many ([`smtpguard_common::MAX_PORTS`]).
 pub const MAX_LISTEN_PORTS: usize = smtpguard_common::MAX_PORTS;
 
-/// The longest Unix socket path Linux accepts, in bytes: `sun_path` is 108
-/// bytes including the terminating NUL (unix(7)).
-pub const MAX_SOCKET_PATH_BYTES: usize = 107;
+/// The control socket owns its path limit; validation checks against it.
+pub use crate::control::MAX_SOCKET_PATH_BYTES;
 
 /// A configuration file that could not be read, parsed or accepted.
 ///

@@ -58,7 +58,7 @@ pub(super) struct RawTls {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawPolicy {
-    pub mode: Option<crate::policy::Mode>,
+    pub mode: Option<crate::policy::PolicyMode>,
     pub enforcement: Option<crate::policy::Enforcement>,
     pub deny_list: Option<PathBuf>,
     pub permit_list: Option<PathBuf>,

@@ -10,7 +10,7 @@ use tokio::net::UnixStream;
 use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
 
 use super::{
-    proto::{one_line, Reply, Request},
+    proto::{one_line, Request, Response},
     MAX_FRAME_BYTES,
 };
 
@@ -70,7 +70,7 @@ pub enum ClientError {
         /// What was wrong.
         detail: String,
     },
-    /// The daemon answered [`Reply::Error`]: its message (kept to one
+    /// The daemon answered [`Response::Error`]: its message (kept to one
     /// line).
     #[error("{0}")]
     Daemon(String),
@@ -122,14 +122,14 @@ impl Client {
     }
 
     /// Sends `request` and returns the daemon's reply as it is, including
-    /// [`Reply::Error`].
+    /// [`Response::Error`].
     ///
     /// # Errors
     ///
     /// Anything but a reply: [`ClientError::Connect`],
     /// [`ClientError::TooLarge`], [`ClientError::Io`],
     /// [`ClientError::NoReply`], [`ClientError::BadReply`].
-    pub async fn request(&self, request: &Request) -> Result<Reply, ClientError> {
+    pub async fn request(&self, request: &Request) -> Result<Response, ClientError> {
         let line = serde_json::to_string(request).expect("requests serialize");
         if line.len() > MAX_FRAME_BYTES {
             return Err(ClientError::TooLarge {
@@ -170,15 +170,15 @@ impl Client {
         }
     }
 
-    /// Sends `request`; a [`Reply::Error`] becomes
+    /// Sends `request`; a [`Response::Error`] becomes
     /// [`ClientError::Daemon`].
     ///
     /// # Errors
     ///
     /// As [`Client::request`], plus [`ClientError::Daemon`].
-    pub async fn call(&self, request: &Request) -> Result<Reply, ClientError> {
+    pub async fn call(&self, request: &Request) -> Result<Response, ClientError> {
         match self.request(request).await? {
-            Reply::Error(message) => Err(ClientError::Daemon(one_line(&message))),
+            Response::Error(message) => Err(ClientError::Daemon(one_line(&message))),
             reply => Ok(reply),
         }
     }

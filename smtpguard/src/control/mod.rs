@@ -21,9 +21,11 @@
 //! echo '{"op":"status"}' | socat - UNIX-CONNECT:/run/smtpguard/control.sock
 //! ```
 //!
-//! This module depends on no other part of smtpguard except
-//! [`crate::config`]'s socket path limit, so the daemon, policy and server
-//! code can change freely behind the [`ControlHandler`] it implements.
+//! This module depends on no other part of smtpguard except the shared
+//! accept loop ([`crate::accept`]) and the policy's mode and enforcement
+//! (their serde names are the wire names), so the daemon, config and
+//! front-door code can change freely behind the [`ControlHandler`] the
+//! daemon implements.
 
 pub mod client;
 pub mod proto;
@@ -31,12 +33,17 @@ pub mod render;
 pub mod server;
 
 pub use client::{Client, ClientError};
-pub use proto::{Reply, Request};
+pub use proto::{Request, Response};
 pub use server::{bind, run, serve, ControlError, ControlHandler, ControlListener, PeerInfo};
 
 /// The control socket's path when the configuration does not say
 /// (`control.socket`).
 pub const DEFAULT_SOCKET: &str = "/run/smtpguard/control.sock";
+
+/// The longest Unix socket path Linux accepts, in bytes: `sun_path` is 108
+/// bytes including the terminating NUL (unix(7)). `control.socket` is
+/// checked against it when the configuration is read.
+pub const MAX_SOCKET_PATH_BYTES: usize = 107;
 
 /// The largest request or reply, in bytes of JSON (64 MiB): room for
 /// importing a list file of several megabytes sent whole, with JSON

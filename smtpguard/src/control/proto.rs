@@ -1,4 +1,4 @@
-//! The control protocol: one [`Request`] enum, one [`Reply`] enum, plain
+//! The control protocol: one [`Request`] enum, one [`Response`] enum, plain
 //! data only (strings, numbers, small enums of names), JSON on the wire.
 //!
 //! The types here deliberately do not reuse the policy, kernel or config
@@ -57,12 +57,13 @@ impl ListName {
 
 /// The policy mode and enforcement: the policy module's own types, whose
 /// serde names (`accept-all-except-deny`, `enforce`, ...) are the wire names.
-pub use crate::policy::{Enforcement, Mode};
+pub use crate::policy::{Enforcement, PolicyMode};
 
-/// A policy verdict for one address.
+/// Whether the policy admits connections from an address, as the wire
+/// says it (the policy's own `Verdict` is `permit`/`deny`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Verdict {
+pub enum Admission {
     /// `"accept"`: the connection is let through.
     Accept,
     /// `"refuse"`: the SYN is dropped (XDP) or the session gets `554` (front
@@ -70,12 +71,12 @@ pub enum Verdict {
     Refuse,
 }
 
-impl Verdict {
+impl Admission {
     /// `"accept"` or `"refuse"`.
     pub fn as_str(self) -> &'static str {
         match self {
-            Verdict::Accept => "accept",
-            Verdict::Refuse => "refuse",
+            Admission::Accept => "accept",
+            Admission::Refuse => "refuse",
         }
     }
 }
@@ -104,7 +105,7 @@ macro_rules! display_from_str {
 
 display_from_str! {
     ListName: Deny, Permit;
-    Verdict: Accept, Refuse;
+    Admission: Accept, Refuse;
 }
 
 /// A request from the CLI to the daemon.
@@ -112,7 +113,7 @@ display_from_str! {
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Add entries to a list (`smtpguard deny add ...`). Answered with
-    /// [`Reply::ListChanged`].
+    /// [`Response::ListChanged`].
     ListAdd {
         /// The list to change.
         list: ListName,
@@ -134,7 +135,7 @@ pub enum Request {
         allow_all: bool,
     },
     /// Remove entries from a list (`smtpguard deny remove ...`). Answered
-    /// with [`Reply::ListChanged`].
+    /// with [`Response::ListChanged`].
     ListRemove {
         /// The list to change.
         list: ListName,
@@ -144,14 +145,14 @@ pub enum Request {
         entries: Vec<String>,
     },
     /// Show a list's entries (`smtpguard deny list`). Answered with
-    /// [`Reply::ListEntries`].
+    /// [`Response::ListEntries`].
     ListShow {
         /// The list to show.
         list: ListName,
     },
     /// Import a list file (`smtpguard import deny FILE`). The client sends
     /// the file's whole text; the daemon parses it. Answered with
-    /// [`Reply::ImportResult`].
+    /// [`Response::ImportResult`].
     Import {
         /// The list to change.
         list: ListName,
@@ -176,28 +177,28 @@ pub enum Request {
         allow_all: bool,
     },
     /// Export a list in the list file format (`smtpguard export deny`).
-    /// Answered with [`Reply::Exported`].
+    /// Answered with [`Response::Exported`].
     Export {
         /// The list to export.
         list: ListName,
     },
     /// Change the mode, the enforcement, or both (`smtpguard mode ...`).
-    /// `None` leaves that setting as it is. Answered with [`Reply::ModeSet`].
+    /// `None` leaves that setting as it is. Answered with [`Response::ModeSet`].
     SetMode {
         /// The new policy mode.
         #[serde(default)]
-        mode: Option<Mode>,
+        mode: Option<PolicyMode>,
         /// The new enforcement.
         #[serde(default)]
         enforcement: Option<Enforcement>,
     },
     /// Ask what the policy says about addresses (`smtpguard check ...`).
-    /// Answered with [`Reply::Checked`].
+    /// Answered with [`Response::Checked`].
     Check {
         /// IPv4 or IPv6 addresses, as typed.
         addresses: Vec<String>,
     },
-    /// Counters (`smtpguard stats`). Answered with [`Reply::Stats`].
+    /// Counters (`smtpguard stats`). Answered with [`Response::Stats`].
     Stats {
         /// How many list entries to report in
         /// [`StatsView::top_entries`] (most hits first); 0 for none.
@@ -205,11 +206,11 @@ pub enum Request {
         top: usize,
     },
     /// What the daemon is doing (`smtpguard status`). Answered with
-    /// [`Reply::Status`].
+    /// [`Response::Status`].
     Status,
     /// Re-read the list files and the reloadable parts of the
     /// configuration, like SIGHUP (`smtpguard reload`). Answered with
-    /// [`Reply::Reloaded`].
+    /// [`Response::Reloaded`].
     Reload,
 }
 
@@ -249,10 +250,11 @@ impl Request {
     }
 }
 
-/// The daemon's answer to one [`Request`].
+/// The daemon's answer to one [`Request`] (a response of the control
+/// protocol, not an SMTP reply).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Reply {
+pub enum Response {
     /// The request failed; nothing was changed. One line, starting in lower
     /// case, no trailing period; the CLI prints it after
     /// `smtpguard: error: `. On the wire: `{"error":"..."}`.
@@ -277,26 +279,26 @@ pub enum Reply {
     Reloaded(Reloaded),
 }
 
-impl Reply {
-    /// Builds an [`Reply::Error`] from anything printable, flattened to
+impl Response {
+    /// Builds a [`Response::Error`] from anything printable, flattened to
     /// one line.
-    pub fn error(message: impl fmt::Display) -> Reply {
-        Reply::Error(one_line(&message.to_string()))
+    pub fn error(message: impl fmt::Display) -> Response {
+        Response::Error(one_line(&message.to_string()))
     }
 
     /// The reply's tag, for logs and messages.
     pub fn kind(&self) -> &'static str {
         match self {
-            Reply::Error(_) => "error",
-            Reply::ListChanged(_) => "list_changed",
-            Reply::ListEntries(_) => "list_entries",
-            Reply::ImportResult(_) => "import_result",
-            Reply::Exported(_) => "exported",
-            Reply::ModeSet(_) => "mode_set",
-            Reply::Checked(_) => "checked",
-            Reply::Stats(_) => "stats",
-            Reply::Status(_) => "status",
-            Reply::Reloaded(_) => "reloaded",
+            Response::Error(_) => "error",
+            Response::ListChanged(_) => "list_changed",
+            Response::ListEntries(_) => "list_entries",
+            Response::ImportResult(_) => "import_result",
+            Response::Exported(_) => "exported",
+            Response::ModeSet(_) => "mode_set",
+            Response::Checked(_) => "checked",
+            Response::Stats(_) => "stats",
+            Response::Status(_) => "status",
+            Response::Reloaded(_) => "reloaded",
         }
     }
 }
@@ -310,7 +312,7 @@ pub(crate) fn one_line(s: &str) -> String {
         .collect()
 }
 
-/// How a list changed ([`Reply::ListChanged`]).
+/// How a list changed ([`Response::ListChanged`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListChanged {
     /// The list that was changed.
@@ -348,7 +350,7 @@ pub struct EntryView {
     pub hits: Option<u64>,
 }
 
-/// A list's entries ([`Reply::ListEntries`]).
+/// A list's entries ([`Response::ListEntries`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListEntries {
     /// The list shown.
@@ -370,9 +372,9 @@ pub struct LineIssue {
     pub reason: String,
 }
 
-/// The outcome of an import ([`Reply::ImportResult`]).
+/// The outcome of an import ([`Response::ImportResult`]).
 ///
-/// The daemon may refuse an import with [`Reply::Error`], or answer with
+/// The daemon may refuse an import with [`Response::Error`], or answer with
 /// `applied: false` and the offending lines in `skipped` (when invalid lines
 /// were found without `skip_invalid`), so that the operator sees every bad
 /// line at once; the CLI treats the latter as a failure unless it asked for
@@ -402,7 +404,7 @@ pub struct ImportResult {
     pub list_size: u64,
 }
 
-/// An exported list ([`Reply::Exported`]).
+/// An exported list ([`Response::Exported`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exported {
     /// The list exported.
@@ -412,16 +414,16 @@ pub struct Exported {
     pub text: String,
 }
 
-/// The settings after [`Request::SetMode`] ([`Reply::ModeSet`]).
+/// The settings after [`Request::SetMode`] ([`Response::ModeSet`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModeSet {
     /// The policy mode now in force.
-    pub mode: Mode,
+    pub mode: PolicyMode,
     /// The enforcement now in force.
     pub enforcement: Enforcement,
 }
 
-/// The policy's answers for a few addresses ([`Reply::Checked`]).
+/// The policy's answers for a few addresses ([`Response::Checked`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checked {
     /// One result per requested address, in request order.
@@ -434,7 +436,7 @@ pub struct CheckView {
     /// The address, canonical form (`"203.0.113.9"`, `"2001:db8::1"`).
     pub address: String,
     /// The policy mode the verdict was made in.
-    pub mode: Mode,
+    pub mode: PolicyMode,
     /// The enforcement in force: with `monitor` or `off` a `refuse`
     /// verdict is not carried out.
     pub enforcement: Enforcement,
@@ -445,14 +447,14 @@ pub struct CheckView {
     #[serde(default)]
     pub permit_match: Option<EntryView>,
     /// What the policy decides (before enforcement is applied).
-    pub verdict: Verdict,
+    pub verdict: Admission,
     /// Why, in a few words naming the deciding entry, e.g.
     /// `"deny list 203.0.113.0/24"`, `"permit list 203.0.113.77/32, longer
     /// than deny 203.0.113.0/24"`, `"on neither list"`. One line.
     pub reason: String,
 }
 
-/// Counters ([`Reply::Stats`]). Counters count since the daemon started
+/// Counters ([`Response::Stats`]). Counters count since the daemon started
 /// (or the XDP program was loaded); gauges are current values.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatsView {
@@ -474,7 +476,7 @@ pub struct StatsView {
     pub top_entries: Vec<TopEntry>,
     /// The front door's counters by client address, canonical form
     /// (`"198.51.100.7"`, `"2001:db8::7"`; IPv4-mapped IPv6 is IPv4), for
-    /// the first 4096 ([`crate::front_door::MAX_TRACKED_CLIENTS`]) addresses
+    /// the first 4096 (the front door's `MAX_TRACKED_CLIENTS`) addresses
     /// seen since the daemon started; accepts from further addresses are
     /// counted in `front_door.clients_untracked`.
     /// Shown by `--json` only: the text output would be one line a client.
@@ -521,7 +523,7 @@ pub struct ListSize {
     pub ipv6: u64,
 }
 
-/// What the daemon is doing ([`Reply::Status`]).
+/// What the daemon is doing ([`Response::Status`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusView {
     /// The daemon's version (`"0.1.0"`).
@@ -537,7 +539,7 @@ pub struct StatusView {
     /// Entries in the permit list.
     pub permit_list_size: ListSize,
     /// The policy mode.
-    pub mode: Mode,
+    pub mode: PolicyMode,
     /// The enforcement.
     pub enforcement: Enforcement,
     /// SMTP sessions open now (count).
@@ -558,7 +560,7 @@ pub struct StatusView {
     pub control_socket: String,
 }
 
-/// The outcome of [`Request::Reload`] ([`Reply::Reloaded`]).
+/// The outcome of [`Request::Reload`] ([`Response::Reloaded`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reloaded {
     /// What changed, for the operator: one or more lines (`"deny list: 3

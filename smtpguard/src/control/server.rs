@@ -27,19 +27,19 @@ use nix::sys::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{UnixListener, UnixStream},
-    task::JoinSet,
 };
 use tokio_util::{
     codec::{Framed, LinesCodec, LinesCodecError},
     sync::CancellationToken,
+    task::TaskTracker,
 };
 use tracing::{debug, info, warn};
 
 use super::{
-    proto::{Reply, Request},
-    MAX_FRAME_BYTES,
+    proto::{Request, Response},
+    MAX_FRAME_BYTES, MAX_SOCKET_PATH_BYTES,
 };
-use crate::config::MAX_SOCKET_PATH_BYTES;
+use crate::accept::accept_loop;
 
 /// How long a connected client may take to send a complete request (or
 /// the next one) before the connection is closed.
@@ -57,9 +57,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// `handle` is called.
 pub trait ControlHandler: Send + Sync + 'static {
     /// Carries out `request` and says how it went. Failures are
-    /// [`Reply::Error`] (see [`Reply::error`]); a panic is caught and
+    /// [`Response::Error`] (see [`Response::error`]); a panic is caught and
     /// answered with an error too, but the daemon should not rely on that.
-    fn handle(&self, request: Request, peer: PeerInfo) -> impl Future<Output = Reply> + Send;
+    fn handle(&self, request: Request, peer: PeerInfo) -> impl Future<Output = Response> + Send;
 }
 
 /// Who is on the other end of a control connection (SO_PEERCRED: the
@@ -301,7 +301,8 @@ pub async fn serve<H: ControlHandler>(
 /// reply. A request that is not valid JSON gets an error reply and the
 /// connection goes on; one that is too large or not UTF-8 gets an error
 /// reply and the connection is closed. Nothing a client sends affects other
-/// clients. Failures of `accept(2)` are logged and retried.
+/// clients. Failures of `accept(2)` are logged and retried, with the
+/// back-off of [`crate::accept`].
 ///
 /// Must be called within a Tokio runtime.
 ///
@@ -323,46 +324,40 @@ pub async fn run<H: ControlHandler>(
         UnixListener::from_std(listener).map_err(io_err("serve the control socket", &file.path))?;
     let own_uid = nix::unistd::geteuid().as_raw();
     info!(path = %file.path.display(), "control socket ready");
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    connections.spawn(connection(
-                        stream,
-                        Arc::clone(&handler),
-                        own_uid,
-                        max_frame_bytes,
-                        shutdown.clone(),
-                    ));
-                }
-                Err(e) => {
-                    // EMFILE and the like: keep serving once it passes.
-                    warn!("control socket: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            Some(joined) = connections.join_next(), if !connections.is_empty() => {
-                if let Err(e) = joined {
-                    warn!("control connection task failed: {e}");
-                }
+    let connections = TaskTracker::new();
+    // Cuts off the requests still running when the shutdown grace is over.
+    let cut = CancellationToken::new();
+    accept_loop(&listener, "control socket", None, &shutdown, |accepted| {
+        let connection = connection(
+            accepted.stream,
+            Arc::clone(&handler),
+            own_uid,
+            max_frame_bytes,
+            shutdown.clone(),
+        );
+        let cut = cut.clone();
+        connections.spawn(async move {
+            tokio::select! {
+                () = cut.cancelled() => {}
+                () = connection => {}
             }
-        }
-    }
+        });
+    })
+    .await;
     // New clients now get "no such file" rather than a hang.
     drop(file);
     drop(listener);
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
+    connections.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, connections.wait())
+        .await
+        .is_err()
+    {
         warn!(
             "control requests still running {}s after shutdown; cutting them off",
             SHUTDOWN_GRACE.as_secs()
         );
-        connections.shutdown().await;
+        cut.cancel();
+        connections.wait().await;
     }
     Ok(())
 }
@@ -404,7 +399,7 @@ async fn connection<H: ControlHandler>(
                 peer.uid
             )
         };
-        let _ = send(&mut conn, &Reply::Error(message), max_frame_bytes).await;
+        let _ = send(&mut conn, &Response::Error(message), max_frame_bytes).await;
         close(conn, max_frame_bytes).await;
         return;
     }
@@ -442,7 +437,7 @@ async fn connection<H: ControlHandler>(
                     pid = peer.pid,
                     "control request refused: {message}"
                 );
-                let _ = send(&mut conn, &Reply::Error(message), max_frame_bytes).await;
+                let _ = send(&mut conn, &Response::Error(message), max_frame_bytes).await;
                 close(conn, max_frame_bytes).await;
                 return;
             }
@@ -458,7 +453,7 @@ async fn connection<H: ControlHandler>(
                     pid = peer.pid,
                     "malformed control request: {e}"
                 );
-                let reply = Reply::error(format_args!("malformed request: {e}"));
+                let reply = Response::error(format_args!("malformed request: {e}"));
                 if send(&mut conn, &reply, max_frame_bytes).await.is_err() {
                     break;
                 }
@@ -472,7 +467,7 @@ async fn connection<H: ControlHandler>(
             .await
             .unwrap_or_else(|_| {
                 warn!(op, "control handler panicked");
-                Reply::error(format_args!(
+                Response::error(format_args!(
                     "internal error while handling {op} (see the daemon's log)"
                 ))
             });
@@ -492,7 +487,7 @@ async fn connection<H: ControlHandler>(
 /// replaced by an error saying so.
 async fn send(
     conn: &mut Conn,
-    reply: &Reply,
+    reply: &Response,
     max_frame_bytes: usize,
 ) -> Result<(), LinesCodecError> {
     let mut line = serde_json::to_string(reply).expect("replies serialize");
@@ -502,7 +497,7 @@ async fn send(
             bytes = line.len(),
             "control reply too large; sending an error instead"
         );
-        line = serde_json::to_string(&Reply::error(format_args!(
+        line = serde_json::to_string(&Response::error(format_args!(
             "reply too large ({} bytes; the limit is {max_frame_bytes} bytes)",
             line.len()
         )))

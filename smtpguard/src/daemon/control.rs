@@ -2,28 +2,29 @@
 //! call on [`Daemon`] (lists, mode, reload) or a read of its state.
 
 use std::{
-    collections::BTreeMap,
     net::IpAddr,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{anyhow, Result};
 use ipnet::IpNet;
 
-use super::state::{Daemon, KernelWrite};
+use super::{
+    snapshot::Snapshot,
+    state::{Daemon, DaemonError, KernelWrite},
+};
 use crate::{
     control::{
         proto::{
-            CheckView, Checked, ClientView, EntryView, Exported, ImportResult, InterfaceView,
-            LineIssue, ListChanged, ListEntries, ListName, ListSize, ModeSet, Reply, Request,
-            StatsView, StatusView, TopEntry, Verdict as WireVerdict,
+            Admission, CheckView, Checked, ClientView, EntryView, Exported, ImportResult,
+            InterfaceView, LineIssue, ListChanged, ListEntries, ListName, ListSize, ModeSet,
+            Request, Response, StatsView, StatusView, TopEntry,
         },
         ControlHandler, PeerInfo,
     },
     policy::{
-        parse_entry, parse_list, EntryOptions, ImportError, ImportMode, ImportOptions, ListEntry,
-        ListKind, Reason, Verdict,
+        parse_entry, parse_list, EntryError, EntryOptions, ImportError, ImportMode, ImportOptions,
+        ListEntry, ListKind, Reason, Verdict,
     },
 };
 
@@ -35,6 +36,46 @@ const MAX_COMMENT_BYTES: usize = 1024;
 /// count is always exact).
 const MAX_LISTED_ISSUES: usize = 1000;
 
+/// Why a control request was refused; nothing was changed. The control
+/// socket sends the message with its causes, one line.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// `--for 0`.
+    #[error("an entry cannot expire after 0 seconds")]
+    ZeroExpiry,
+    /// `--for` beyond ten years.
+    #[error("an entry can be temporary for at most 10 years; leave out --for for a permanent one")]
+    ExpiryTooLong,
+    /// A comment longer than 1024 bytes.
+    #[error("a comment can be at most {MAX_COMMENT_BYTES} bytes; nothing was changed")]
+    CommentTooLong,
+    /// An entry the entry parser refuses.
+    #[error("entry {entry:?} refused; nothing was changed")]
+    Entry {
+        /// The entry as given.
+        entry: String,
+        #[source]
+        source: EntryError,
+    },
+    /// An add or remove without entries.
+    #[error("no entries given")]
+    NoEntries,
+    /// `check` with something that is not an address.
+    #[error("{text:?} is not an IPv4 or IPv6 address")]
+    Address {
+        /// The text as given.
+        text: String,
+    },
+    /// An import the list parser refuses as a whole.
+    #[error(transparent)]
+    Import(#[from] ImportError),
+    /// The daemon refused the change or the reload.
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+}
+
+type Result<T, E = RequestError> = std::result::Result<T, E>;
+
 /// Serves control requests against the daemon's state.
 pub struct Handler {
     /// The daemon.
@@ -42,7 +83,7 @@ pub struct Handler {
 }
 
 impl ControlHandler for Handler {
-    async fn handle(&self, request: Request, peer: PeerInfo) -> Reply {
+    async fn handle(&self, request: Request, peer: PeerInfo) -> Response {
         let op = request.op();
         let daemon = Arc::clone(&self.daemon);
         // List work can take a while (imports of 100k+ entries): keep it off
@@ -51,10 +92,12 @@ impl ControlHandler for Handler {
         match result {
             Ok(Ok(reply)) => reply,
             Ok(Err(e)) => {
-                tracing::warn!(op, uid = peer.uid, error = %format!("{e:#}"), "control request failed");
-                Reply::error(format!("{e:#}"))
+                // The message and its causes, as anyhow chains them.
+                let message = format!("{:#}", anyhow::Error::new(e));
+                tracing::warn!(op, uid = peer.uid, error = %message, "control request failed");
+                Response::error(message)
             }
-            Err(e) => Reply::error(format!("internal error: {e}")),
+            Err(e) => Response::error(format!("internal error: {e}")),
         }
     }
 }
@@ -66,7 +109,14 @@ fn kind(list: ListName) -> ListKind {
     }
 }
 
-fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
+fn list_name(kind: ListKind) -> ListName {
+    match kind {
+        ListKind::Deny => ListName::Deny,
+        ListKind::Permit => ListName::Permit,
+    }
+}
+
+fn answer(daemon: &Daemon, request: Request) -> Result<Response> {
     Ok(match request {
         Request::ListAdd {
             list,
@@ -78,19 +128,15 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
             let (prefixes, warnings) = parse_entries(&entries, allow_all)?;
             let expires = match expires_in_secs {
                 None => None,
-                Some(0) => return Err(anyhow!("an entry cannot expire after 0 seconds")),
-                Some(s) if s > MAX_EXPIRY_SECS => {
-                    return Err(anyhow!("an entry can be temporary for at most 10 years; leave out --for for a permanent one"))
-                }
+                Some(0) => return Err(RequestError::ZeroExpiry),
+                Some(s) if s > MAX_EXPIRY_SECS => return Err(RequestError::ExpiryTooLong),
                 Some(s) => Some(SystemTime::now() + Duration::from_secs(s)),
             };
             if comment
                 .as_ref()
                 .is_some_and(|c| c.len() > MAX_COMMENT_BYTES)
             {
-                return Err(anyhow!(
-                    "a comment can be at most {MAX_COMMENT_BYTES} bytes; nothing was changed"
-                ));
+                return Err(RequestError::CommentTooLong);
             }
             let k = kind(list);
             let outcome = daemon.change_policy(&[k], |p| {
@@ -104,7 +150,7 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
             if k == ListKind::Deny {
                 daemon.close_denied_sessions();
             }
-            Reply::ListChanged(ListChanged {
+            Response::ListChanged(ListChanged {
                 list,
                 added: outcome.added.len() as u64,
                 removed: 0,
@@ -132,7 +178,7 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
             if k == ListKind::Permit {
                 daemon.close_denied_sessions();
             }
-            Reply::ListChanged(ListChanged {
+            Response::ListChanged(ListChanged {
                 list,
                 added: 0,
                 removed: outcome.removed.len() as u64,
@@ -145,7 +191,7 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
             let policy = daemon.policy();
             let entries = policy.list(kind(list)).entries();
             let hits = daemon.hits_by_prefix();
-            Reply::ListEntries(ListEntries {
+            Response::ListEntries(ListEntries {
                 list,
                 entries: entries
                     .iter()
@@ -171,7 +217,7 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
             skip_invalid,
             allow_all,
         )?,
-        Request::Export { list } => Reply::Exported(Exported {
+        Request::Export { list } => Response::Exported(Exported {
             list,
             text: daemon.policy().list(kind(list)).to_text(),
         }),
@@ -191,7 +237,7 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
             tracing::info!(%mode, %enforcement,
                 "mode changed (live; set policy.mode/enforcement in the config to keep it across restarts)");
             daemon.close_denied_sessions();
-            Reply::ModeSet(ModeSet { mode, enforcement })
+            Response::ModeSet(ModeSet { mode, enforcement })
         }
         Request::Check { addresses } => {
             let policy = daemon.policy();
@@ -200,7 +246,7 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
                 let addr: IpAddr = text
                     .trim()
                     .parse()
-                    .map_err(|_| anyhow!("{text:?} is not an IPv4 or IPv6 address"))?;
+                    .map_err(|_| RequestError::Address { text: text.clone() })?;
                 let e = policy.explain(addr);
                 results.push(CheckView {
                     address: e.address.to_string(),
@@ -209,8 +255,8 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
                     deny_match: e.deny_match.as_ref().map(|m| entry_view(m, None)),
                     permit_match: e.permit_match.as_ref().map(|m| entry_view(m, None)),
                     verdict: match e.verdict {
-                        Verdict::Deny => WireVerdict::Refuse,
-                        Verdict::Permit => WireVerdict::Accept,
+                        Verdict::Deny => Admission::Refuse,
+                        Verdict::Permit => Admission::Accept,
                     },
                     reason: match e.reason {
                         Reason::DenyList => format!(
@@ -232,11 +278,11 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Reply> {
                     },
                 });
             }
-            Reply::Checked(Checked { results })
+            Response::Checked(Checked { results })
         }
-        Request::Stats { top } => Reply::Stats(stats(daemon, top)),
-        Request::Status => Reply::Status(status(daemon)),
-        Request::Reload => Reply::Reloaded(crate::control::proto::Reloaded {
+        Request::Stats { top } => Response::Stats(stats(&Snapshot::collect(daemon), top)),
+        Request::Status => Response::Status(status(daemon)),
+        Request::Reload => Response::Reloaded(crate::control::proto::Reloaded {
             summary: daemon.reload()?,
         }),
     })
@@ -247,8 +293,12 @@ fn parse_entries(entries: &[String], allow_all: bool) -> Result<(Vec<IpNet>, Vec
     let mut prefixes = Vec::new();
     let mut warnings = Vec::new();
     for text in entries {
-        let parsed = parse_entry(text, EntryOptions { allow_all })
-            .map_err(|e| anyhow!("entry {text:?}, {e}; nothing was changed"))?;
+        let parsed = parse_entry(text, EntryOptions { allow_all }).map_err(|source| {
+            RequestError::Entry {
+                entry: text.clone(),
+                source,
+            }
+        })?;
         warnings.extend(
             parsed
                 .warnings
@@ -258,7 +308,7 @@ fn parse_entries(entries: &[String], allow_all: bool) -> Result<(Vec<IpNet>, Vec
         prefixes.extend(parsed.prefixes);
     }
     if prefixes.is_empty() {
-        return Err(anyhow!("no entries given"));
+        return Err(RequestError::NoEntries);
     }
     Ok((prefixes, warnings))
 }
@@ -327,7 +377,7 @@ fn import(
     dry_run: bool,
     skip_invalid: bool,
     allow_all: bool,
-) -> Result<Reply> {
+) -> Result<Response> {
     let target = kind(list);
     let mut options = ImportOptions::new(target);
     options.allow_all = allow_all;
@@ -350,7 +400,7 @@ fn import(
                     ..Default::default()
                 });
             }
-            return Ok(Reply::ImportResult(ImportResult {
+            return Ok(Response::ImportResult(ImportResult {
                 list,
                 skipped,
                 applied: false,
@@ -416,7 +466,7 @@ fn import(
         daemon.close_denied_sessions();
         diff
     };
-    Ok(Reply::ImportResult(ImportResult {
+    Ok(Response::ImportResult(ImportResult {
         list,
         added: diff.added.len() as u64,
         removed: diff.removed.len() as u64,
@@ -436,13 +486,14 @@ fn import(
     }))
 }
 
-fn stats(daemon: &Daemon, top: usize) -> StatsView {
+/// The `stats` reply: a view of one [`Snapshot`], its `top` entries by
+/// hits.
+fn stats(snapshot: &Snapshot, top: usize) -> StatsView {
     let mut view = StatsView::default();
-    if let Some(counters) = daemon.counters() {
+    if let Some(counters) = &snapshot.xdp {
         view.xdp = Some(counters.named().map(|(n, v)| (n.to_string(), v)).collect());
     }
-    if let Some(server) = daemon.server() {
-        let m = server.metrics().snapshot();
+    if let Some(m) = &snapshot.front_door {
         let fd = &mut view.front_door;
         fd.insert("connections_accepted".into(), m.connections_accepted);
         fd.insert("sessions_started".into(), m.sessions_started);
@@ -469,20 +520,14 @@ fn stats(daemon: &Daemon, top: usize) -> StatsView {
             })
             .collect();
     }
-    let policy = daemon.policy();
-    let mut hits: Vec<(IpNet, u64)> = daemon.hits_by_prefix().into_iter().collect();
-    hits.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    view.top_entries = hits
-        .into_iter()
+    view.top_entries = snapshot
+        .entry_hits
+        .iter()
         .take(top)
-        .map(|(prefix, hits)| TopEntry {
-            list: if policy.list(ListKind::Deny).get(prefix).is_some() {
-                ListName::Deny
-            } else {
-                ListName::Permit
-            },
-            prefix: prefix.to_string(),
-            hits,
+        .map(|e| TopEntry {
+            list: list_name(e.list),
+            prefix: e.prefix.to_string(),
+            hits: e.hits,
         })
         .collect();
     view
@@ -523,21 +568,5 @@ fn status(daemon: &Daemon) -> StatusView {
         certificate_not_after_unix: daemon.certificate_not_after(),
         delivery: super::report::delivery_line(&config),
         control_socket: config.control.socket.display().to_string(),
-    }
-}
-
-/// Hit counts of the entries with hits, by prefix.
-impl Daemon {
-    pub(crate) fn hits_by_prefix(&self) -> BTreeMap<IpNet, u64> {
-        let guard = self.kernel.lock().expect("kernel lock");
-        let Some(kernel) = guard.as_ref() else {
-            return BTreeMap::new();
-        };
-        kernel
-            .stats
-            .all_hits()
-            .into_iter()
-            .filter_map(|(id, n)| kernel.sync.prefix_of(id).map(|p| (p, n)))
-            .collect()
     }
 }

@@ -5,10 +5,19 @@
 //! (TLS files, list files, the hand-off, the listen addresses, the control
 //! socket) is checked before the XDP program is attached, and the lists are
 //! in the kernel maps before the program sees a packet.
+//!
+//! - [`startup`]: the steps before the runtime (configuration, lists, XDP);
+//! - [`state`]: the shared [`Daemon`] and the one path by which lists change;
+//! - [`control`]: the answers to the control socket;
+//! - [`snapshot`]: one reading of every counter, which `stats`
+//!   ([`control`]), the Prometheus text ([`prometheus`]) and the periodic
+//!   log line ([`report`]) render.
 
 pub mod control;
+pub mod prometheus;
 pub mod report;
 pub mod settings;
+pub mod snapshot;
 pub mod startup;
 pub mod state;
 
@@ -18,7 +27,7 @@ use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use state::{Daemon, Kernel, KernelWrite};
+pub use state::{Daemon, KernelWrite};
 
 use crate::{
     config::Config,
@@ -106,11 +115,11 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     }
     tasks.spawn(expire_entries(Arc::clone(&daemon), shutdown.clone()));
     if let Some(listener) = metrics_listener {
-        tasks.spawn(crate::metrics::serve(
-            listener,
-            Arc::clone(&daemon),
-            shutdown.clone(),
-        ));
+        let render: crate::metrics::Render = {
+            let daemon = Arc::clone(&daemon);
+            Arc::new(move || prometheus::render(&snapshot::Snapshot::collect(&daemon)))
+        };
+        tasks.spawn(crate::metrics::serve(listener, render, shutdown.clone()));
     }
     tasks.close();
 
@@ -169,7 +178,7 @@ async fn wait_for_signals(
                 let daemon = Arc::clone(daemon);
                 match tokio::task::spawn_blocking(move || daemon.reload()).await {
                     Ok(Ok(summary)) => tracing::info!("SIGHUP: reloaded: {summary}"),
-                    Ok(Err(e)) => tracing::error!("SIGHUP: reload refused, the running configuration stays: {e:#}"),
+                    Ok(Err(e)) => tracing::error!("SIGHUP: reload refused, the running configuration stays: {:#}", anyhow::Error::new(e)),
                     Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
                 }
             }
@@ -210,7 +219,7 @@ async fn expire_entries(daemon: Arc<Daemon>, shutdown: CancellationToken) {
             })
             .await;
             if let Ok(Err(e)) = result {
-                tracing::error!("expiring temporary entries: {e:#}");
+                tracing::error!("expiring temporary entries: {:#}", anyhow::Error::new(e));
             }
         }
     }

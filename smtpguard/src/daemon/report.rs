@@ -6,7 +6,9 @@ use std::{collections::HashMap, fmt::Write as _, sync::Arc, time::Duration};
 use smtpguard_common::counter;
 use tokio_util::sync::CancellationToken;
 
-use super::state::Daemon;
+use ipnet::IpNet;
+
+use super::{snapshot::Snapshot, state::Daemon};
 use crate::{
     config::{Delivery, TlsMode, UpstreamProtocol},
     kernel::CounterSnapshot,
@@ -94,28 +96,37 @@ pub fn summary(daemon: &Daemon, tls_expiry: Option<&str>) -> String {
 
 /// Logs the XDP counters every `interval`, only when they changed: SYNs,
 /// drops per reason, passes, unparsed packets, and the entries with the
-/// most hits in that interval.
+/// most hits in that interval. A view of [`Snapshot`], as `stats` is.
 pub async fn log_counters(daemon: Arc<Daemon>, interval: Duration, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<CounterSnapshot> = None;
-    let mut last_hits: HashMap<u32, u64> = HashMap::new();
+    let mut last_hits: HashMap<IpNet, u64> = HashMap::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let Some((now, hits, names)) = read_kernel(&daemon) else {
+        let snapshot = Snapshot::collect(&daemon);
+        let Some(now) = snapshot.xdp else {
             return;
         };
         let delta = last.map(|l| now.since(&l)).unwrap_or(now);
         last = Some(now);
-        let mut top: Vec<(u32, u64)> = hits
+        let mut top: Vec<(IpNet, u64)> = snapshot
+            .entry_hits
             .iter()
-            .map(|(id, n)| (*id, n.saturating_sub(*last_hits.get(id).unwrap_or(&0))))
+            .map(|e| {
+                let before = last_hits.get(&e.prefix).copied().unwrap_or(0);
+                (e.prefix, e.hits.saturating_sub(before))
+            })
             .filter(|(_, d)| *d > 0)
             .collect();
-        last_hits = hits.into_iter().collect();
+        last_hits = snapshot
+            .entry_hits
+            .iter()
+            .map(|e| (e.prefix, e.hits))
+            .collect();
         if delta.get(counter::PACKETS) == 0 {
             continue;
         }
@@ -123,7 +134,7 @@ pub async fn log_counters(daemon: Arc<Daemon>, interval: Duration, shutdown: Can
         let top: Vec<String> = top
             .iter()
             .take(5)
-            .filter_map(|(id, n)| names.get(id).map(|p| format!("{p}={n}")))
+            .map(|(prefix, n)| format!("{prefix}={n}"))
             .collect();
         let unparsed = delta.get(counter::PASS_MALFORMED)
             + delta.get(counter::PASS_VLAN_DEPTH)
@@ -143,21 +154,6 @@ pub async fn log_counters(daemon: Arc<Daemon>, interval: Duration, shutdown: Can
             "xdp counters"
         );
     }
-}
-
-/// Counters, hit counts by rule id, and the prefix of each rule id with hits.
-type KernelReading = (CounterSnapshot, Vec<(u32, u64)>, HashMap<u32, String>);
-
-/// Reads a [`KernelReading`]; `None` without XDP.
-fn read_kernel(daemon: &Daemon) -> Option<KernelReading> {
-    let guard = daemon.kernel.lock().expect("kernel lock");
-    let kernel = guard.as_ref()?;
-    let hits = kernel.stats.all_hits();
-    let names = hits
-        .iter()
-        .filter_map(|(id, _)| kernel.sync.prefix_of(*id).map(|p| (*id, p.to_string())))
-        .collect();
-    Some((kernel.stats.counters(), hits, names))
 }
 
 /// Where mail goes, in words: `relayed to 127.0.0.1:10025 with PROXY

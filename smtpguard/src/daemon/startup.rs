@@ -3,22 +3,63 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
 use ipnet::IpNet;
 use smtpguard_common::Action;
 
-use super::state::Kernel;
 use crate::{
-    config::{Config, XdpMode},
-    kernel::{loader::DEFAULT_PIN_DIR, ApplyHow, AttachMode, Attachment, KernelLog, XdpFilter},
-    policy::{AccessList, ListKind, Policy},
+    config::{Config, ConfigError, XdpMode},
+    kernel::{
+        loader::DEFAULT_PIN_DIR, ApplyHow, AttachMode, Attachment, Kernel, KernelError, KernelLog,
+        SyncError,
+    },
+    policy::{AccessList, ListError, ListKind, Policy, PolicyError},
 };
 
+/// A part of the daemon could not be started (or, on reload, read again).
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The configuration file.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A list file.
+    #[error("loading the {list} from {}", path.display())]
+    List {
+        /// Which list.
+        list: ListKind,
+        /// Its file.
+        path: PathBuf,
+        #[source]
+        source: ListError,
+    },
+    /// The lists together: wrong kinds, or too many for the kernel.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// Loading the XDP program.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    /// Writing mode, ports and log rate into the XDP program.
+    #[error("writing the XDP runtime configuration")]
+    Runtime(#[source] Box<SyncError>),
+    /// Writing the lists into the XDP program.
+    #[error("loading the lists into the kernel")]
+    Lists(#[source] Box<SyncError>),
+    /// Attaching the XDP program.
+    #[error("attaching the XDP program to {interface}")]
+    Attach {
+        /// The interface.
+        interface: String,
+        #[source]
+        source: Box<KernelError>,
+    },
+}
+
+type Result<T, E = StartupError> = std::result::Result<T, E>;
+
 /// Reads the configuration file, or the embedded development default.
-pub fn load_config(path: Option<&Path>) -> Result<Config> {
+pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
     match path {
-        Some(path) => Ok(Config::load(path)?),
-        None => Ok(Config::embedded_default()?),
+        Some(path) => Config::load(path),
+        None => Config::embedded_default(),
     }
 }
 
@@ -26,8 +67,11 @@ pub fn load_config(path: Option<&Path>) -> Result<Config> {
 /// file is an empty list; a file with any bad line stops the start.
 pub fn load_policy(config: &Config) -> Result<Policy> {
     let load = |kind: ListKind, path: &PathBuf| -> Result<AccessList> {
-        let loaded = AccessList::load(path, kind)
-            .with_context(|| format!("loading the {kind} from {}", path.display()))?;
+        let loaded = AccessList::load(path, kind).map_err(|source| StartupError::List {
+            list: kind,
+            path: path.clone(),
+            source,
+        })?;
         for warning in &loaded.warnings {
             tracing::warn!(list = %kind, "{warning}");
         }
@@ -47,7 +91,7 @@ pub fn load_policy(config: &Config) -> Result<Policy> {
     };
     let deny = load(ListKind::Deny, &config.policy.deny_list)?;
     let permit = load(ListKind::Permit, &config.policy.permit_list)?;
-    if config.policy.mode == crate::policy::Mode::DenyAllExceptPermit && permit.is_empty() {
+    if config.policy.mode == crate::policy::PolicyMode::DenyAllExceptPermit && permit.is_empty() {
         tracing::warn!(
             "mode deny-all-except-permit with an empty permit list: every client is refused \
              (add entries with `smtpguard permit add`)"
@@ -91,22 +135,26 @@ pub fn start_kernel(config: &Config, policy: &Policy) -> Result<Option<StartedKe
     if !config.xdp.enabled() {
         return Ok(None);
     }
-    let (mut filter, mut sync, stats) = XdpFilter::load()?;
-    let log = filter.take_log();
-    sync.set_runtime(
-        policy.mode().into(),
-        policy.enforcement().into(),
-        &config.server.ports(),
-        config.xdp.log_rate_per_second,
-    )?;
+    let mut kernel = Kernel::load()?;
+    let log = kernel.filter.take_log();
+    kernel
+        .sync
+        .set_runtime(
+            policy.mode().into(),
+            policy.enforcement().into(),
+            &config.server.ports(),
+            config.xdp.log_rate_per_second,
+        )
+        .map_err(|e| StartupError::Runtime(Box::new(e)))?;
     let rules: Vec<(IpNet, Action)> = policy
         .compile()?
         .into_iter()
         .map(|r| (r.prefix, r.action))
         .collect();
-    let report = sync
+    let report = kernel
+        .sync
         .apply(&rules, ApplyHow::Atomic)
-        .context("loading the lists into the kernel")?;
+        .map_err(|e| StartupError::Lists(Box::new(e)))?;
     tracing::debug!(prefixes = report.total, "lists loaded into the XDP maps");
     let mode = match config.xdp.mode {
         XdpMode::Native => AttachMode::Native,
@@ -119,11 +167,14 @@ pub fn start_kernel(config: &Config, policy: &Policy) -> Result<Option<StartedKe
         // Pinning needs bpffs; inside `ip netns exec` /sys/fs/bpf is hidden,
         // and then the link lives with the process, unpinned.
         let attached = if pin_dir.parent().is_some_and(is_bpffs) {
-            filter.attach_pinned(interface, mode, pin_dir)
+            kernel.filter.attach_pinned(interface, mode, pin_dir)
         } else {
-            filter.attach(interface, mode)
+            kernel.filter.attach(interface, mode)
         }
-        .with_context(|| format!("attaching the XDP program to {interface}"))?;
+        .map_err(|source| StartupError::Attach {
+            interface: interface.clone(),
+            source: Box::new(source),
+        })?;
         if attached.replaced_pinned {
             tracing::info!(interface, mode = %attached.mode,
                 "replaced the XDP program left attached by the previous run, without a gap");
@@ -131,11 +182,7 @@ pub fn start_kernel(config: &Config, policy: &Policy) -> Result<Option<StartedKe
         attachments.push(attached);
     }
     Ok(Some(StartedKernel {
-        kernel: Kernel {
-            filter,
-            sync,
-            stats,
-        },
+        kernel,
         attachments,
         log,
     }))

@@ -7,32 +7,78 @@
 //! half-applied: the kernel, the files and the front door always agree.
 
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex, OnceLock, RwLock},
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, Result};
 use ipnet::IpNet;
 use smtpguard_common::Action;
 
 use crate::{
     config::Config,
     front_door::{Access, DenyReason, ServerHandle},
-    kernel::{ApplyHow, Attachment, CounterSnapshot, MapSync, Stats, XdpFilter},
-    policy::{Enforcement, ListKind, Policy, Reason, Verdict},
+    kernel::{ApplyHow, Attachment, CounterSnapshot, Kernel, SyncError},
+    policy::{Enforcement, ListError, ListKind, Policy, PolicyError, Reason, Verdict},
+    tls::TlsError,
 };
 
-/// The loaded XDP program and the owners of its maps.
-pub struct Kernel {
-    /// The program; dropping it detaches it.
-    pub filter: XdpFilter,
-    /// The one writer of the tries and the runtime config.
-    pub sync: MapSync,
-    /// Counter reader.
-    pub stats: Stats,
+/// Why a change of the lists, the mode or the configuration was refused.
+/// Whatever the step, nothing was changed: the steps before it are undone.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A list refused the change (a bad comment, ...).
+    #[error(transparent)]
+    List(#[from] ListError),
+    /// The merged lists do not fit the kernel.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// Mode, ports or log rate could not be written into the XDP program.
+    #[error("writing the XDP runtime configuration")]
+    KernelRuntime(#[source] Box<SyncError>),
+    /// The whole lists could not be loaded into the XDP program.
+    #[error("loading the lists into the kernel; the previous lists stay in force")]
+    KernelLists(#[source] Box<SyncError>),
+    /// Single prefixes could not be written into the XDP program.
+    #[error("updating the kernel lists; nothing was changed")]
+    KernelUpdate(#[source] Box<SyncError>),
+    /// A list file was edited since the daemon read it; it is never
+    /// silently overwritten.
+    #[error(
+        "saving the list; nothing was changed: {} changed on disk since smtpguard read it; \
+         run `smtpguard reload` to load it (or fix what reload reports) before changing the \
+         {list} from the CLI",
+        path.display()
+    )]
+    ChangedOnDisk {
+        /// The list.
+        list: ListKind,
+        /// Its file.
+        path: PathBuf,
+    },
+    /// A list file could not be written.
+    #[error("saving the list; nothing was changed")]
+    Save(#[source] ListError),
+    /// Reload: the configuration or a list file could not be read.
+    #[error(transparent)]
+    Startup(Box<super::startup::StartupError>),
+    /// Reload: the configuration file could not be read.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Reload: the certificates could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
+
+impl From<super::startup::StartupError> for DaemonError {
+    fn from(e: super::startup::StartupError) -> Self {
+        DaemonError::Startup(Box::new(e))
+    }
+}
+
+type Result<T, E = DaemonError> = std::result::Result<T, E>;
 
 /// State shared by the front door, the control socket and the timers.
 pub struct Daemon {
@@ -56,13 +102,34 @@ pub struct Daemon {
     server: OnceLock<ServerHandle>,
     /// The TLS certificate's expiry (Unix seconds), for status.
     certificate_not_after: RwLock<Option<u64>>,
-    /// When the lists last went into the kernel whole (Unix seconds) and
-    /// how long it took (seconds), for metrics.
-    last_list_load: Mutex<Option<(u64, f64)>>,
+    /// When the lists last went into the kernel whole, for metrics.
+    last_list_load: Mutex<Option<ListLoad>>,
     /// Modification time and size of each list file as last read or
     /// written by us: a file edited by hand since then is never silently
     /// overwritten by a CLI change.
     on_disk: Mutex<std::collections::HashMap<ListKind, Option<(SystemTime, u64)>>>,
+}
+
+/// When the lists last went into the kernel whole, and how long it took.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ListLoad {
+    /// Unix time of the load, seconds.
+    pub at_unix_secs: u64,
+    /// Its duration, seconds.
+    pub duration_secs: f64,
+}
+
+impl ListLoad {
+    /// A load that ended now after `took`.
+    pub fn now(took: Duration) -> ListLoad {
+        ListLoad {
+            at_unix_secs: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            duration_secs: took.as_secs_f64(),
+        }
+    }
 }
 
 /// What a policy change must write into the kernel.
@@ -141,28 +208,23 @@ impl Daemon {
             .flatten();
         let now = Self::fingerprint(path);
         if now.is_some() && now != known {
-            anyhow::bail!(
-                "{} changed on disk since smtpguard read it; run `smtpguard reload` to load it \
-                 (or fix what reload reports) before changing the {kind} from the CLI",
-                path.display()
-            );
+            return Err(DaemonError::ChangedOnDisk {
+                list: kind,
+                path: path.to_path_buf(),
+            });
         }
         Ok(())
     }
 
     /// When the lists were last loaded into the kernel whole, and how long
-    /// that took: `(unix seconds, seconds)`.
-    pub fn last_list_load(&self) -> Option<(u64, f64)> {
+    /// that took.
+    pub fn last_list_load(&self) -> Option<ListLoad> {
         *self.last_list_load.lock().expect("load lock")
     }
 
-    /// Records a whole-list load into the kernel.
-    pub fn record_list_load(&self, took: std::time::Duration) {
-        let at = SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        *self.last_list_load.lock().expect("load lock") = Some((at, took.as_secs_f64()));
+    /// Records a whole-list load into the kernel that took `took`.
+    pub fn record_list_load(&self, took: Duration) {
+        *self.last_list_load.lock().expect("load lock") = Some(ListLoad::now(took));
     }
 
     /// Records the running server's handle (once).
@@ -240,11 +302,6 @@ impl Daemon {
         self.policy.read().expect("policy lock").clone()
     }
 
-    /// The verdict for a client address (IPv4-mapped addresses count as IPv4).
-    pub fn decide(&self, addr: IpAddr) -> Reason {
-        self.policy().decide(addr)
-    }
-
     /// XDP counters, when XDP is on.
     pub fn counters(&self) -> Option<CounterSnapshot> {
         self.kernel
@@ -252,6 +309,15 @@ impl Daemon {
             .expect("kernel lock")
             .as_ref()
             .map(|k| k.stats.counters())
+    }
+
+    /// Hit counts of the entries with hits, by prefix; empty without XDP.
+    pub fn hits_by_prefix(&self) -> BTreeMap<IpNet, u64> {
+        let guard = self.kernel.lock().expect("kernel lock");
+        guard
+            .as_ref()
+            .map(|kernel| kernel.hits_by_prefix().into_iter().collect())
+            .unwrap_or_default()
     }
 
     /// Applies `change` to a copy of the policy, then the kernel, then the
@@ -290,7 +356,7 @@ impl Daemon {
             let path = list_path(&config, kind);
             let result = self
                 .check_unchanged_on_disk(kind, &path)
-                .and_then(|()| new.list(kind).save(&path).map_err(anyhow::Error::new));
+                .and_then(|()| new.list(kind).save(&path).map_err(DaemonError::Save));
             if let Err(e) = result {
                 // Put back the files already rewritten and the kernel.
                 for (kind, path) in saved {
@@ -299,7 +365,7 @@ impl Daemon {
                 if undo_kernel {
                     let _ = self.write_kernel(&new, &old, &write);
                 }
-                return Err(e.context("saving the list; nothing was changed"));
+                return Err(e);
             }
             self.remember_on_disk(kind, &path);
             saved.push((kind, path));
@@ -322,7 +388,7 @@ impl Daemon {
             &self.config().server.ports(),
             self.config().xdp.log_rate_per_second,
         )
-        .context("writing the XDP runtime configuration")?;
+        .map_err(|e| DaemonError::KernelRuntime(Box::new(e)))?;
         match write {
             KernelWrite::Everything => {
                 let started = Instant::now();
@@ -331,9 +397,8 @@ impl Daemon {
                     .into_iter()
                     .map(|r| (r.prefix, r.action))
                     .collect();
-                sync.apply(&rules, ApplyHow::Atomic).context(
-                    "loading the lists into the kernel; the previous lists stay in force",
-                )?;
+                sync.apply(&rules, ApplyHow::Atomic)
+                    .map_err(|e| DaemonError::KernelLists(Box::new(e)))?;
                 drop(guard);
                 self.record_list_load(started.elapsed());
             }
@@ -349,8 +414,7 @@ impl Daemon {
                         .map(|p| (*p, merged_action(old, p)))
                         .collect();
                     let _ = sync.update(&restore);
-                    return Err(anyhow::Error::new(e)
-                        .context("updating the kernel lists; nothing was changed"));
+                    return Err(DaemonError::KernelUpdate(Box::new(e)));
                 }
             }
         }
@@ -489,14 +553,8 @@ pub fn list_path(config: &Config, kind: ListKind) -> PathBuf {
     }
 }
 
-/// The kernel's action for `prefix` under `policy`: deny if on the deny
-/// list (deny wins on the identical prefix), permit if on the permit list.
+/// The kernel's action for `prefix` under `policy` (see
+/// [`Policy::list_holding`]).
 fn merged_action(policy: &Policy, prefix: &IpNet) -> Option<Action> {
-    if policy.list(ListKind::Deny).get(*prefix).is_some() {
-        Some(Action::Deny)
-    } else if policy.list(ListKind::Permit).get(*prefix).is_some() {
-        Some(Action::Permit)
-    } else {
-        None
-    }
+    policy.list_holding(*prefix).map(Action::from)
 }

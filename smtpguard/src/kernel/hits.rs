@@ -15,7 +15,7 @@ use aya::{
 };
 use smtpguard_common::{map_names, MAX_RULE_IDS};
 
-use super::loader::KernelError;
+use super::KernelError;
 
 /// The mapping; shared by [`super::Stats`] and [`super::MapSync`].
 pub(crate) struct HitsMapping {
@@ -33,8 +33,10 @@ impl HitsMapping {
 
     pub(crate) fn take_from(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
         match ebpf.take_map(map_names::HITS) {
-            Some(Map::Array(data)) => Self::new(data).ok_or(KernelError::Map(map_names::HITS)),
-            _ => Err(KernelError::Map(map_names::HITS)),
+            Some(Map::Array(data)) => {
+                Self::new(data).ok_or(KernelError::MissingMap(map_names::HITS))
+            }
+            _ => Err(KernelError::MissingMap(map_names::HITS)),
         }
     }
 

@@ -4,7 +4,6 @@
 //! same hook and detaches it when the daemon exits, even on a crash).
 
 use std::fmt;
-
 use std::path::{Path, PathBuf};
 
 use aya::{
@@ -17,39 +16,7 @@ use aya::{
 };
 use smtpguard_common::PROGRAM_NAME;
 
-use super::{stats::Stats, sync::MapSync, EBPF_OBJECT};
-
-/// Errors from loading or attaching the XDP program.
-#[derive(Debug, thiserror::Error)]
-pub enum KernelError {
-    /// This binary was built without the eBPF object.
-    #[error("this smtpguard binary was built without its XDP program; build it with `cargo xtask build`")]
-    NoObject,
-    /// The kernel or aya rejected the object (verifier, BTF, map creation).
-    #[error(
-        "loading the XDP program into the kernel failed (needs root or CAP_BPF+CAP_NET_ADMIN)"
-    )]
-    Load(#[source] aya::EbpfError),
-    /// The verifier or the attach call failed.
-    #[error("XDP program: {what}")]
-    Program {
-        /// What was being done, e.g. `attaching to eth0 in native mode`.
-        what: String,
-        #[source]
-        source: ProgramError,
-    },
-    /// The bpffs directory for pinned links cannot be made.
-    #[error("cannot create the bpffs directory {path} for pinned XDP links (is bpffs mounted on /sys/fs/bpf?)")]
-    Pin {
-        /// The directory.
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// A map the program must have is missing or has the wrong type.
-    #[error("XDP object has no usable map {0}")]
-    Map(&'static str),
-}
+use super::{stats::Stats, sync::MapSync, KernelError, EBPF_OBJECT};
 
 /// How to attach to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -118,7 +85,6 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/smtpguard";
 /// keeps the last filter in force until the next start replaces it.
 pub struct XdpFilter {
     ebpf: Ebpf,
-    attachments: Vec<Attachment>,
     /// Links pinned in bpffs by [`XdpFilter::attach_pinned`].
     pinned: Vec<PinnedLink>,
     /// The directory they are pinned in, removed when empty at detach.
@@ -134,12 +100,7 @@ impl XdpFilter {
     /// hands out the owners of its maps: [`MapSync`] for lists and config,
     /// [`Stats`] for counters. Fill the lists before [`XdpFilter::attach`].
     pub fn load() -> Result<(XdpFilter, MapSync, Stats), KernelError> {
-        Self::load_object(EBPF_OBJECT)
-    }
-
-    /// As [`XdpFilter::load`], from an object given in memory (tests, bench).
-    pub fn load_object(object: &[u8]) -> Result<(XdpFilter, MapSync, Stats), KernelError> {
-        Self::load_with(object, None)
+        Self::load_with(EBPF_OBJECT, None)
     }
 
     /// As [`XdpFilter::load`], with each LPM trie holding at most
@@ -173,7 +134,7 @@ impl XdpFilter {
         let mut ebpf = loader.load(object).map_err(KernelError::Load)?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
-            .ok_or(KernelError::Map("(program smtpguard)"))?
+            .ok_or(KernelError::MissingProgram(PROGRAM_NAME))?
             .try_into()
             .map_err(|source| KernelError::Program {
                 what: "wrong program type".into(),
@@ -189,7 +150,6 @@ impl XdpFilter {
         Ok((
             XdpFilter {
                 ebpf,
-                attachments: Vec::new(),
                 pinned: Vec::new(),
                 pin_dir: None,
             },
@@ -209,7 +169,7 @@ impl XdpFilter {
     /// The link lives as long as this `XdpFilter`.
     pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<Attachment, KernelError> {
         let (_link, attached) = self.attach_link(interface, mode)?;
-        Ok(self.record(interface, attached, false))
+        Ok(attachment(interface, attached, false))
     }
 
     /// Attaches like [`XdpFilter::attach`], and pins the bpf_link under
@@ -244,10 +204,13 @@ impl XdpFilter {
                 match self.replace_pinned(&path) {
                     Ok(pinned) => {
                         self.pinned.push(pinned);
-                        return Ok(self.record(interface, candidate, true));
+                        return Ok(attachment(interface, candidate, true));
                     }
-                    Err(e) => tracing::warn!(pin = %path.display(), error = %e,
-                        "stale pinned XDP link; attaching afresh"),
+                    Err(e) => {
+                        let cause = std::error::Error::source(&e).map(|c| c.to_string());
+                        tracing::warn!(pin = %path.display(), error = %e, cause,
+                            "stale pinned XDP link; attaching afresh");
+                    }
                 }
             }
             // A different mode was asked for, or the link is dead: drop it.
@@ -274,33 +237,31 @@ impl XdpFilter {
                 self.attach_link(interface, mode)?;
             }
         }
-        Ok(self.record(interface, attached, false))
+        Ok(attachment(interface, attached, false))
     }
 
-    fn replace_pinned(&mut self, path: &Path) -> Result<PinnedLink, String> {
-        let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
-        let fd_link: FdLink = pinned.unpin().map_err(|e| e.to_string())?;
-        let link = XdpLink::try_from(fd_link).map_err(|e| e.to_string())?;
+    /// Moves the link pinned at `path` (by an earlier run) to this program.
+    fn replace_pinned(&mut self, path: &Path) -> Result<PinnedLink, KernelError> {
+        let step = |step: &'static str| {
+            move |source: Box<dyn std::error::Error + Send + Sync>| KernelError::PinnedLink {
+                step,
+                path: path.to_path_buf(),
+                source,
+            }
+        };
+        let pinned = PinnedLink::from_pin(path).map_err(|e| step("open")(e.into()))?;
+        let fd_link: FdLink = pinned.unpin().map_err(|e| step("unpin")(e.into()))?;
+        let link = XdpLink::try_from(fd_link).map_err(|e| step("take over")(e.into()))?;
         let link_id = self
             .program()
             .attach_to_link(link)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| step("attach the program to")(e.into()))?;
         let link = self
             .program()
             .take_link(link_id)
-            .map_err(|e| e.to_string())?;
-        let fd_link = FdLink::try_from(link).map_err(|e| e.to_string())?;
-        fd_link.pin(path).map_err(|e| e.to_string())
-    }
-
-    fn record(&mut self, interface: &str, mode: AttachedMode, replaced: bool) -> Attachment {
-        let attachment = Attachment {
-            interface: interface.to_string(),
-            mode,
-            replaced_pinned: replaced,
-        };
-        self.attachments.push(attachment.clone());
-        attachment
+            .map_err(|e| step("keep")(e.into()))?;
+        let fd_link = FdLink::try_from(link).map_err(|e| step("keep")(e.into()))?;
+        fd_link.pin(path).map_err(|e| step("pin again")(e.into()))
     }
 
     fn attach_link(
@@ -344,11 +305,6 @@ impl XdpFilter {
     /// `None` if already taken.
     pub fn take_log(&mut self) -> Option<KernelLog> {
         aya_log::EbpfLogger::init(&mut self.ebpf).ok()
-    }
-
-    /// Interfaces the program is attached to.
-    pub fn attachments(&self) -> &[Attachment] {
-        &self.attachments
     }
 
     /// Runs the program once on `frame` with `BPF_PROG_TEST_RUN` and
@@ -420,7 +376,16 @@ impl XdpFilter {
         if let Err(e) = program.unload() {
             tracing::warn!(error = %e, "detaching XDP program");
         }
-        self.attachments.clear();
+    }
+}
+
+/// What an attach reports; the caller keeps the list (the daemon's status
+/// shows it), so there is one record of where the program is attached.
+fn attachment(interface: &str, mode: AttachedMode, replaced_pinned: bool) -> Attachment {
+    Attachment {
+        interface: interface.to_string(),
+        mode,
+        replaced_pinned,
     }
 }
 

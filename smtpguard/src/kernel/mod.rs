@@ -1,15 +1,20 @@
 //! The kernel fast path from userspace: loading and attaching the XDP
 //! program ([`loader`]), the one owner of its list and config maps
-//! ([`sync`]), and reading its counters ([`stats`]).
+//! ([`sync`]), and reading its counters ([`stats`]). [`Kernel`] holds the
+//! three for the daemon; [`KernelError`] is what loading them can go wrong
+//! with, for every submodule.
 
 mod hits;
 pub mod loader;
 pub mod stats;
 pub mod sync;
 
-pub use loader::{
-    pump_kernel_log, AttachMode, AttachedMode, Attachment, KernelError, KernelLog, XdpFilter,
-};
+use std::path::PathBuf;
+
+use aya::programs::ProgramError;
+use ipnet::IpNet;
+
+pub use loader::{pump_kernel_log, AttachMode, AttachedMode, Attachment, KernelLog, XdpFilter};
 pub use stats::{CounterSnapshot, Stats};
 pub use sync::{ApplyHow, ApplyReport, MapSync, SyncError};
 
@@ -22,4 +27,92 @@ static EBPF_OBJECT: &[u8] =
 /// program `smtpguard_drop_all` beside the filter.
 pub fn embedded_object() -> &'static [u8] {
     EBPF_OBJECT
+}
+
+/// Errors from loading or attaching the XDP program.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// This binary was built without the eBPF object.
+    #[error("this smtpguard binary was built without its XDP program; build it with `cargo xtask build`")]
+    NoObject,
+    /// The kernel or aya rejected the object (verifier, BTF, map creation).
+    #[error(
+        "loading the XDP program into the kernel failed (needs root or CAP_BPF+CAP_NET_ADMIN)"
+    )]
+    Load(#[source] aya::EbpfError),
+    /// The object has no program of this name.
+    #[error("XDP object has no program {0}")]
+    MissingProgram(&'static str),
+    /// A map the program must have is missing or has the wrong type.
+    #[error("XDP object has no usable map {0}")]
+    MissingMap(&'static str),
+    /// The runtime configuration record could not be zeroed at load.
+    #[error("cannot write the initial XDP runtime configuration")]
+    InitialConfig(#[source] SyncError),
+    /// The verifier or the attach call failed.
+    #[error("XDP program: {what}")]
+    Program {
+        /// What was being done, e.g. `attaching to eth0 in native mode`.
+        what: String,
+        #[source]
+        source: ProgramError,
+    },
+    /// A link pinned by an earlier run could not be moved to this program.
+    #[error("cannot {step} the pinned XDP link {}", path.display())]
+    PinnedLink {
+        /// The step that failed, e.g. `unpin`.
+        step: &'static str,
+        /// The pin.
+        path: PathBuf,
+        /// What aya reported (a pin, link or program error).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The bpffs directory for pinned links cannot be made.
+    #[error("cannot create the bpffs directory {path} for pinned XDP links (is bpffs mounted on /sys/fs/bpf?)")]
+    Pin {
+        /// The directory.
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The loaded XDP program and the owners of its maps, as the daemon holds
+/// them.
+pub struct Kernel {
+    /// The program; dropping it detaches it.
+    pub filter: XdpFilter,
+    /// The one writer of the tries and the runtime config.
+    pub sync: MapSync,
+    /// Counter reader.
+    pub stats: Stats,
+}
+
+impl Kernel {
+    /// Loads the embedded program into the kernel, not attached yet (see
+    /// [`XdpFilter::load`]): fill the lists through [`Kernel::sync`], then
+    /// attach with [`Kernel::filter`].
+    ///
+    /// # Errors
+    ///
+    /// [`KernelError::NoObject`] without an embedded object, else as
+    /// [`XdpFilter::load`].
+    pub fn load() -> Result<Kernel, KernelError> {
+        let (filter, sync, stats) = XdpFilter::load()?;
+        Ok(Kernel {
+            filter,
+            sync,
+            stats,
+        })
+    }
+
+    /// Hits of every installed rule that has any, by its prefix.
+    pub fn hits_by_prefix(&self) -> Vec<(IpNet, u64)> {
+        self.stats
+            .all_hits()
+            .into_iter()
+            .filter_map(|(id, n)| self.sync.prefix_of(id).map(|p| (p, n)))
+            .collect()
+    }
 }

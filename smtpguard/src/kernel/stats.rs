@@ -8,7 +8,7 @@ use aya::{
 };
 use smtpguard_common::{counter, map_names, COUNTER_COUNT, COUNTER_NAMES};
 
-use super::{hits::HitsMapping, loader::KernelError};
+use super::{hits::HitsMapping, KernelError};
 
 /// Totals of every verdict counter over all CPUs, indexed like
 /// `smtpguard_common::counter`.
@@ -57,7 +57,7 @@ impl Stats {
         let counters = ebpf
             .take_map(map_names::COUNTERS)
             .and_then(|m| PerCpuArray::try_from(m).ok())
-            .ok_or(KernelError::Map(map_names::COUNTERS))?;
+            .ok_or(KernelError::MissingMap(map_names::COUNTERS))?;
         Ok(Stats { counters, hits })
     }
 

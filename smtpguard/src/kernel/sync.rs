@@ -25,7 +25,7 @@ use smtpguard_common::{
 
 use std::sync::Arc;
 
-use super::{hits::HitsMapping, loader::KernelError};
+use super::{hits::HitsMapping, KernelError};
 
 /// Errors while writing the maps.
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +113,7 @@ impl MapSync {
         {
             ebpf.take_map(name)
                 .and_then(|m| T::try_from(m).ok())
-                .ok_or(KernelError::Map(name))
+                .ok_or(KernelError::MissingMap(name))
         }
         let [a4, b4] = map_names::RULES_V4;
         let [a6, b6] = map_names::RULES_V6;
@@ -126,8 +126,7 @@ impl MapSync {
             ids: RuleIds::default(),
             hits,
         };
-        sync.write_runtime()
-            .map_err(|_| KernelError::Map(map_names::CONFIG))?;
+        sync.write_runtime().map_err(KernelError::InitialConfig)?;
         Ok(sync)
     }
 

@@ -10,7 +10,7 @@
 //! passes, a denied `/32` inside a permitted `/16` is dropped, whatever the
 //! order of the lines in the files. When both lists hold the identical
 //! prefix, the deny entry wins. An address no entry covers gets the default
-//! of the [`Mode`]: `accept-all-except-deny` lets it pass,
+//! of the [`PolicyMode`]: `accept-all-except-deny` lets it pass,
 //! `deny-all-except-permit` drops it. Switching modes keeps both lists.
 //! [`Enforcement`] (`enforce`, `monitor`, `off`) says whether verdicts are
 //! carried out at all. [`Policy::explain`] shows how a verdict came about;
@@ -39,8 +39,8 @@
 mod entry;
 mod import;
 mod list;
+mod ruleset;
 mod table;
-mod verdict;
 
 use std::fmt;
 use std::str::FromStr;
@@ -59,8 +59,8 @@ pub use list::{
     ListEntry, ListError, LoadedList, RemoveOutcome, DEFAULT_DENY_LIST_PATH,
     DEFAULT_PERMIT_LIST_PATH,
 };
-pub use verdict::{
-    CompiledRule, Enforcement, Explanation, Mode, Policy, PolicyError, Reason, Verdict,
+pub use ruleset::{
+    CompiledRule, Enforcement, Explanation, Policy, PolicyError, PolicyMode, Reason, Verdict,
 };
 
 /// Which of the two access lists an entry belongs to.
@@ -84,6 +84,16 @@ impl ListKind {
         match self {
             ListKind::Deny => "deny",
             ListKind::Permit => "permit",
+        }
+    }
+}
+
+impl From<ListKind> for smtpguard_common::Action {
+    /// The kernel rule an entry of the list becomes.
+    fn from(kind: ListKind) -> Self {
+        match kind {
+            ListKind::Deny => smtpguard_common::Action::Deny,
+            ListKind::Permit => smtpguard_common::Action::Permit,
         }
     }
 }

@@ -1,10 +1,10 @@
-//! The policy: mode, enforcement, both lists, and the verdict for a source
-//! address, in userspace ([`Policy::decide`], [`Policy::explain`]) and
-//! compiled for the kernel LPM tries ([`Policy::compile`]).
+//! The ruleset in force, [`Policy`]: mode, enforcement, both lists, and the
+//! verdict for a source address, in userspace ([`Policy::decide`],
+//! [`Policy::explain`]) and compiled for the kernel LPM tries ([`Policy::compile`]).
 //!
 //! The verdict: the most specific entry covering the address decides,
 //! across both lists (longest-prefix match); an identical prefix on both
-//! lists is a deny; no entry at all leaves it to the [`Mode`].
+//! lists is a deny; no entry at all leaves it to the [`PolicyMode`].
 //! IPv4-mapped IPv6 addresses are judged as the IPv4 address they carry.
 
 use std::fmt;
@@ -55,7 +55,7 @@ pub enum PolicyError {
 /// Serialised as `accept-all-except-deny` / `deny-all-except-permit`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Mode {
+pub enum PolicyMode {
     /// "Accept all, except the deny list": unlisted sources pass.
     #[default]
     AcceptAllExceptDeny,
@@ -63,30 +63,30 @@ pub enum Mode {
     DenyAllExceptPermit,
 }
 
-impl Mode {
+impl PolicyMode {
     /// The configuration name.
     pub fn as_str(self) -> &'static str {
         match self {
-            Mode::AcceptAllExceptDeny => "accept-all-except-deny",
-            Mode::DenyAllExceptPermit => "deny-all-except-permit",
+            PolicyMode::AcceptAllExceptDeny => "accept-all-except-deny",
+            PolicyMode::DenyAllExceptPermit => "deny-all-except-permit",
         }
     }
 }
 
-impl fmt::Display for Mode {
+impl fmt::Display for PolicyMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
 }
 
-impl FromStr for Mode {
+impl FromStr for PolicyMode {
     type Err = String;
 
     /// Accepts the configuration names.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "accept-all-except-deny" => Ok(Mode::AcceptAllExceptDeny),
-            "deny-all-except-permit" => Ok(Mode::DenyAllExceptPermit),
+            "accept-all-except-deny" => Ok(PolicyMode::AcceptAllExceptDeny),
+            "deny-all-except-permit" => Ok(PolicyMode::DenyAllExceptPermit),
             _ => Err(format!(
                 "unknown mode \"{s}\" (expected accept-all-except-deny or deny-all-except-permit)"
             )),
@@ -94,11 +94,11 @@ impl FromStr for Mode {
     }
 }
 
-impl From<Mode> for smtpguard_common::Mode {
-    fn from(mode: Mode) -> Self {
+impl From<PolicyMode> for smtpguard_common::Mode {
+    fn from(mode: PolicyMode) -> Self {
         match mode {
-            Mode::AcceptAllExceptDeny => smtpguard_common::Mode::AcceptAllExceptDeny,
-            Mode::DenyAllExceptPermit => smtpguard_common::Mode::DenyAllExceptPermit,
+            PolicyMode::AcceptAllExceptDeny => smtpguard_common::Mode::AcceptAllExceptDeny,
+            PolicyMode::DenyAllExceptPermit => smtpguard_common::Mode::DenyAllExceptPermit,
         }
     }
 }
@@ -212,7 +212,7 @@ pub struct Explanation {
     /// The address judged, after IPv4-mapped normalisation.
     pub address: IpAddr,
     /// The mode in force.
-    pub mode: Mode,
+    pub mode: PolicyMode,
     /// The enforcement in force.
     pub enforcement: Enforcement,
     /// The most specific deny-list entry covering the address.
@@ -286,10 +286,10 @@ pub struct CompiledRule {
     pub action: Action,
 }
 
-/// Mode, enforcement and the two lists.
+/// PolicyMode, enforcement and the two lists.
 #[derive(Clone, Debug)]
 pub struct Policy {
-    mode: Mode,
+    mode: PolicyMode,
     enforcement: Enforcement,
     deny: AccessList,
     permit: AccessList,
@@ -297,7 +297,7 @@ pub struct Policy {
 
 impl Policy {
     /// A policy with empty lists.
-    pub fn new(mode: Mode, enforcement: Enforcement) -> Self {
+    pub fn new(mode: PolicyMode, enforcement: Enforcement) -> Self {
         Self {
             mode,
             enforcement,
@@ -313,7 +313,7 @@ impl Policy {
     /// [`PolicyError::WrongList`] if `deny` is not a deny list or `permit`
     /// not a permit list.
     pub fn with_lists(
-        mode: Mode,
+        mode: PolicyMode,
         enforcement: Enforcement,
         deny: AccessList,
         permit: AccessList,
@@ -335,12 +335,12 @@ impl Policy {
     }
 
     /// The mode.
-    pub fn mode(&self) -> Mode {
+    pub fn mode(&self) -> PolicyMode {
         self.mode
     }
 
     /// Switches the mode; both lists stay as they are.
-    pub fn set_mode(&mut self, mode: Mode) {
+    pub fn set_mode(&mut self, mode: PolicyMode) {
         self.mode = mode;
     }
 
@@ -368,6 +368,17 @@ impl Policy {
             ListKind::Deny => &mut self.deny,
             ListKind::Permit => &mut self.permit,
         }
+    }
+
+    /// The list whose rule the kernel holds for exactly `prefix`: the deny
+    /// list when the prefix is on it (deny wins on the identical prefix, as
+    /// in [`Policy::compile`]), else the permit list when it is there;
+    /// `None` when on neither. Hit counters are per kernel rule, so this is
+    /// also the list an entry's hits are counted for.
+    pub fn list_holding(&self, prefix: IpNet) -> Option<ListKind> {
+        [ListKind::Deny, ListKind::Permit]
+            .into_iter()
+            .find(|&kind| self.list(kind).get(prefix).is_some())
     }
 
     /// Removes the due temporary entries of both lists; returns them with
@@ -406,8 +417,8 @@ impl Policy {
             (Some(_), _) => Reason::DenyList,
             (None, Some(_)) => Reason::Permitted,
             (None, None) => match self.mode {
-                Mode::AcceptAllExceptDeny => Reason::DefaultAccept,
-                Mode::DenyAllExceptPermit => Reason::NotPermitted,
+                PolicyMode::AcceptAllExceptDeny => Reason::DefaultAccept,
+                PolicyMode::DenyAllExceptPermit => Reason::NotPermitted,
             },
         }
     }
@@ -489,10 +500,7 @@ impl Policy {
             .into_iter()
             .map(|(prefix, list)| CompiledRule {
                 prefix,
-                action: match list {
-                    ListKind::Deny => Action::Deny,
-                    ListKind::Permit => Action::Permit,
-                },
+                action: list.into(),
             })
             .collect())
     }
@@ -514,7 +522,7 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn policy(mode: Mode, deny: &[&str], permit: &[&str]) -> Policy {
+    fn policy(mode: PolicyMode, deny: &[&str], permit: &[&str]) -> Policy {
         let mut p = Policy::new(mode, Enforcement::Enforce);
         p.list_mut(ListKind::Deny)
             .add(deny.iter().map(|s| net(s)), Some("deny entry"), None)
@@ -528,7 +536,7 @@ mod tests {
     #[test]
     fn longest_prefix_wins_both_ways() {
         let p = policy(
-            Mode::AcceptAllExceptDeny,
+            PolicyMode::AcceptAllExceptDeny,
             &["192.0.2.0/24", "198.51.100.7/32", "2001:db8:1::/48"],
             &["192.0.2.7/32", "198.51.100.0/16", "2001:db8::/32"],
         );
@@ -542,7 +550,7 @@ mod tests {
         assert_eq!(p.decide(ip("2001:db8:2::25")), Reason::Permitted);
         assert_eq!(p.decide(ip("203.0.113.1")), Reason::DefaultAccept);
         // File order does not matter: the same lists added the other way round.
-        let mut q = Policy::new(Mode::AcceptAllExceptDeny, Enforcement::Enforce);
+        let mut q = Policy::new(PolicyMode::AcceptAllExceptDeny, Enforcement::Enforce);
         q.list_mut(ListKind::Permit)
             .add([net("192.0.2.7/32")], None, None)
             .unwrap();
@@ -555,7 +563,7 @@ mod tests {
     #[test]
     fn identical_prefix_on_both_lists_is_denied() {
         let p = policy(
-            Mode::AcceptAllExceptDeny,
+            PolicyMode::AcceptAllExceptDeny,
             &["192.0.2.0/24"],
             &["192.0.2.0/24"],
         );
@@ -568,25 +576,25 @@ mod tests {
     #[test]
     fn mode_decides_only_unlisted_sources_and_keeps_the_lists() {
         let mut p = policy(
-            Mode::AcceptAllExceptDeny,
+            PolicyMode::AcceptAllExceptDeny,
             &["192.0.2.0/24"],
             &["198.51.100.0/24"],
         );
         assert_eq!(p.decide(ip("203.0.113.9")), Reason::DefaultAccept);
-        p.set_mode(Mode::DenyAllExceptPermit);
+        p.set_mode(PolicyMode::DenyAllExceptPermit);
         assert_eq!(p.decide(ip("203.0.113.9")), Reason::NotPermitted);
         assert_eq!(p.decide(ip("198.51.100.9")), Reason::Permitted);
         assert_eq!(p.decide(ip("192.0.2.9")), Reason::DenyList);
         assert_eq!(p.list(ListKind::Deny).len().total(), 1);
         assert_eq!(p.list(ListKind::Permit).len().total(), 1);
-        p.set_mode(Mode::AcceptAllExceptDeny);
+        p.set_mode(PolicyMode::AcceptAllExceptDeny);
         assert_eq!(p.decide(ip("192.0.2.9")), Reason::DenyList);
     }
 
     #[test]
     fn ipv4_mapped_addresses_are_judged_as_ipv4() {
         let p = policy(
-            Mode::DenyAllExceptPermit,
+            PolicyMode::DenyAllExceptPermit,
             &["192.0.2.0/24", "::/8"],
             &["::ffff:198.51.100.0/120"],
         );
@@ -603,7 +611,7 @@ mod tests {
     #[test]
     fn explanation_names_entries_and_comments() {
         let mut p = policy(
-            Mode::AcceptAllExceptDeny,
+            PolicyMode::AcceptAllExceptDeny,
             &["192.0.2.0/24"],
             &["192.0.2.7/32"],
         );
@@ -636,7 +644,7 @@ mod tests {
     #[test]
     fn with_lists_checks_which_list_is_which() {
         let err = Policy::with_lists(
-            Mode::default(),
+            PolicyMode::default(),
             Enforcement::default(),
             AccessList::new(ListKind::Permit),
             AccessList::new(ListKind::Permit),
@@ -651,14 +659,14 @@ mod tests {
     #[test]
     fn names_and_kernel_values() {
         assert_eq!(
-            "deny-all-except-permit".parse::<Mode>(),
-            Ok(Mode::DenyAllExceptPermit)
+            "deny-all-except-permit".parse::<PolicyMode>(),
+            Ok(PolicyMode::DenyAllExceptPermit)
         );
-        assert_eq!(Mode::default().to_string(), "accept-all-except-deny");
+        assert_eq!(PolicyMode::default().to_string(), "accept-all-except-deny");
         assert_eq!("monitor".parse::<Enforcement>(), Ok(Enforcement::Monitor));
         assert!("block".parse::<Enforcement>().is_err());
         assert_eq!(
-            smtpguard_common::Mode::from(Mode::DenyAllExceptPermit) as u32,
+            smtpguard_common::Mode::from(PolicyMode::DenyAllExceptPermit) as u32,
             1
         );
         assert_eq!(
@@ -672,7 +680,7 @@ mod tests {
     #[test]
     fn compile_merges_identical_prefixes_deny_wins_with_ids_from_one() {
         let p = policy(
-            Mode::AcceptAllExceptDeny,
+            PolicyMode::AcceptAllExceptDeny,
             &["192.0.2.0/24", "2001:db8::/32", "198.51.100.7/32"],
             &[
                 "192.0.2.0/24",
@@ -701,13 +709,13 @@ mod tests {
 
     /// What the XDP program does with the compiled rules: one LPM lookup in
     /// the trie of the (mapped-normalised) family, the mode on a miss.
-    fn kernel_verdict(tries: &PrefixTable<Action>, mode: Mode, addr: IpAddr) -> Verdict {
+    fn kernel_verdict(tries: &PrefixTable<Action>, mode: PolicyMode, addr: IpAddr) -> Verdict {
         match tries.lpm(addr.to_canonical()) {
             Some((_, Action::Deny)) => Verdict::Deny,
             Some((_, Action::Permit)) => Verdict::Permit,
             None => match mode {
-                Mode::AcceptAllExceptDeny => Verdict::Permit,
-                Mode::DenyAllExceptPermit => Verdict::Deny,
+                PolicyMode::AcceptAllExceptDeny => Verdict::Permit,
+                PolicyMode::DenyAllExceptPermit => Verdict::Deny,
             },
         }
     }
@@ -720,7 +728,7 @@ mod tests {
             .copied()
     }
 
-    fn naive_reason(mode: Mode, deny: &[IpNet], permit: &[IpNet], addr: IpAddr) -> Reason {
+    fn naive_reason(mode: PolicyMode, deny: &[IpNet], permit: &[IpNet], addr: IpAddr) -> Reason {
         let addr = match addr {
             IpAddr::V6(a) => a.to_ipv4_mapped().map_or(addr, IpAddr::V4),
             v4 => v4,
@@ -728,7 +736,7 @@ mod tests {
         let d = naive_longest(deny, addr).map(|p| p.prefix_len());
         let p = naive_longest(permit, addr).map(|p| p.prefix_len());
         match (d, p) {
-            (None, None) if mode == Mode::AcceptAllExceptDeny => Reason::DefaultAccept,
+            (None, None) if mode == PolicyMode::AcceptAllExceptDeny => Reason::DefaultAccept,
             (None, None) => Reason::NotPermitted,
             (Some(d), Some(p)) if d >= p => Reason::DenyList,
             (Some(_), None) => Reason::DenyList,
@@ -792,9 +800,9 @@ mod tests {
             // Some identical prefixes on both lists.
             permit.extend(deny.iter().take(20).copied());
             let mode = if round % 2 == 0 {
-                Mode::AcceptAllExceptDeny
+                PolicyMode::AcceptAllExceptDeny
             } else {
-                Mode::DenyAllExceptPermit
+                PolicyMode::DenyAllExceptPermit
             };
             let mut p = Policy::new(mode, Enforcement::Enforce);
             p.list_mut(ListKind::Deny)
@@ -838,7 +846,7 @@ mod tests {
     #[test]
     fn a_million_entries_are_fine() {
         let mut rng = StdRng::seed_from_u64(7);
-        let mut p = Policy::new(Mode::AcceptAllExceptDeny, Enforcement::Enforce);
+        let mut p = Policy::new(PolicyMode::AcceptAllExceptDeny, Enforcement::Enforce);
         let v4: Vec<IpNet> = (0..600_000u32)
             .map(|i| {
                 IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::from(0x0A00_0000 + i * 8), 29).unwrap())

@@ -1,0 +1,271 @@
+//! The Prometheus view of a [`Snapshot`]: the text format (version 0.0.4)
+//! that `GET /metrics` serves ([`crate::metrics`] is the endpoint).
+//!
+//! Names follow the Prometheus conventions: a `smtpguard_` prefix, base
+//! units, `_total` on counters, labels for the reason
+//! (`smtpguard_xdp_dropped_total{reason="deny_list"}`). The XDP series and
+//! their labels come from the counter names of
+//! [`smtpguard_common::COUNTER_NAMES`].
+
+use prometheus_client::{
+    encoding::prometheus_text,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use super::snapshot::Snapshot;
+use crate::{kernel::CounterSnapshot, policy::ListKind};
+
+/// How many entries get a per-entry hit series (the top ones by hits).
+pub const TOP_ENTRIES: usize = 20;
+
+type Labels = Vec<(String, String)>;
+
+fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let c: Counter = Counter::default();
+    c.inc_by(value);
+    registry.register(name, help, c);
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
+    let g: Gauge = Gauge::default();
+    g.set(value);
+    registry.register(name, help, g);
+}
+
+fn labelled(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[(String, u64)],
+) {
+    let family = Family::<Labels, Counter>::default();
+    for (value, n) in values {
+        family
+            .get_or_create(&vec![(label.to_string(), value.clone())])
+            .inc_by(*n);
+    }
+    registry.register(name, help, family);
+}
+
+/// The XDP counters, sorted into series by their names: `syn_v4` is
+/// `smtpguard_xdp_syn{family="ipv4"}`, `drop_<reason>` is
+/// `smtpguard_xdp_dropped{reason}`, `pass_<reason>` is
+/// `smtpguard_xdp_passed{reason}`; `would_drop` passes, so it is a pass
+/// reason as well as its own series. Sums (`syn`, `passed`), the per-family
+/// drops and `log_suppressed` are not exported.
+#[derive(Default)]
+struct XdpSeries {
+    packets: u64,
+    would_drop: u64,
+    syn: Vec<(String, u64)>,
+    dropped: Vec<(String, u64)>,
+    passed: Vec<(String, u64)>,
+}
+
+impl XdpSeries {
+    fn of(counters: &CounterSnapshot) -> XdpSeries {
+        let mut series = XdpSeries::default();
+        for (name, value) in counters.named() {
+            if name == "packets" {
+                series.packets = value;
+            } else if name == "would_drop" {
+                series.would_drop = value;
+                series.passed.push((name.to_string(), value));
+            } else if let Some(family) = name.strip_prefix("syn_") {
+                series.syn.push((format!("ip{family}"), value));
+            } else if let Some(reason) = name.strip_prefix("drop_") {
+                if !matches!(reason, "v4" | "v6") {
+                    series.dropped.push((reason.to_string(), value));
+                }
+            } else if let Some(reason) = name.strip_prefix("pass_") {
+                series.passed.push((reason.to_string(), value));
+            }
+        }
+        series
+    }
+}
+
+/// The exposition text for `snapshot`.
+pub fn render(snapshot: &Snapshot) -> String {
+    let mut r = Registry::default();
+    if let Some(c) = &snapshot.xdp {
+        let xdp = XdpSeries::of(c);
+        counter(
+            &mut r,
+            "smtpguard_xdp_packets",
+            "Packets the XDP program saw.",
+            xdp.packets,
+        );
+        labelled(
+            &mut r,
+            "smtpguard_xdp_syn",
+            "New-connection SYNs to the guarded ports.",
+            "family",
+            &xdp.syn,
+        );
+        labelled(
+            &mut r,
+            "smtpguard_xdp_dropped",
+            "SYNs dropped, by reason.",
+            "reason",
+            &xdp.dropped,
+        );
+        counter(
+            &mut r,
+            "smtpguard_xdp_would_drop",
+            "Monitor mode: SYNs that would have been dropped.",
+            xdp.would_drop,
+        );
+        labelled(
+            &mut r,
+            "smtpguard_xdp_passed",
+            "Packets passed, by reason.",
+            "reason",
+            &xdp.passed,
+        );
+        let family = Family::<Labels, Counter>::default();
+        for e in snapshot.entry_hits.iter().take(TOP_ENTRIES) {
+            family
+                .get_or_create(&vec![
+                    ("list".into(), e.list.as_str().into()),
+                    ("prefix".into(), e.prefix.to_string()),
+                ])
+                .inc_by(e.hits);
+        }
+        r.register(
+            "smtpguard_xdp_entry_hits",
+            "SYNs matched per list entry (top entries).",
+            family,
+        );
+    }
+    if let Some(m) = &snapshot.front_door {
+        counter(
+            &mut r,
+            "smtpguard_connections_accepted",
+            "TCP connections accepted by the front door.",
+            m.connections_accepted,
+        );
+        let rejected: Vec<(String, u64)> = m
+            .rejected
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect();
+        labelled(
+            &mut r,
+            "smtpguard_connections_rejected",
+            "Connections refused, by reason.",
+            "reason",
+            &rejected,
+        );
+        gauge(
+            &mut r,
+            "smtpguard_connections_open",
+            "Sessions open now.",
+            m.open_connections as i64,
+        );
+        let tls = [
+            ("ok".to_string(), m.tls_handshakes_ok),
+            ("failed".to_string(), m.tls_handshakes_failed),
+        ];
+        labelled(
+            &mut r,
+            "smtpguard_tls_handshakes",
+            "STARTTLS handshakes, by result.",
+            "result",
+            &tls,
+        );
+        counter(
+            &mut r,
+            "smtpguard_messages_accepted",
+            "Messages acknowledged with 250 (spooled or accepted upstream).",
+            m.messages_accepted,
+        );
+        counter(
+            &mut r,
+            "smtpguard_handoff_failures",
+            "Hand-offs that failed on our side (451).",
+            m.handoff_failures,
+        );
+    }
+    let family = Family::<Labels, Gauge>::default();
+    for kind in [ListKind::Deny, ListKind::Permit] {
+        let n = snapshot.entries(kind);
+        for (fam, count) in [("ipv4", n.v4), ("ipv6", n.v6)] {
+            family
+                .get_or_create(&vec![
+                    ("list".into(), kind.as_str().into()),
+                    ("family".into(), fam.into()),
+                ])
+                .set(count as i64);
+        }
+    }
+    r.register("smtpguard_list_entries", "Entries on each list.", family);
+    if let Some(load) = snapshot.last_list_load {
+        gauge(
+            &mut r,
+            "smtpguard_list_last_load_timestamp_seconds",
+            "When the lists were last loaded into the kernel (Unix time).",
+            load.at_unix_secs as i64,
+        );
+        let g = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        g.set(load.duration_secs);
+        r.register(
+            "smtpguard_list_last_load_duration_seconds",
+            "How long the last list load took.",
+            g,
+        );
+    }
+    let mut out = String::new();
+    let _ = prometheus_text::encode(&mut out, &r);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use smtpguard_common::{counter, COUNTER_COUNT};
+
+    use super::*;
+
+    #[test]
+    fn xdp_series_come_from_the_counter_names() {
+        let mut values = [0u64; COUNTER_COUNT as usize];
+        for (i, v) in values.iter_mut().enumerate() {
+            *v = 100 + i as u64;
+        }
+        let xdp = XdpSeries::of(&CounterSnapshot(values));
+        let get = |list: &[(String, u64)], label: &str| {
+            list.iter().find(|(l, _)| l == label).map(|(_, v)| *v)
+        };
+        assert_eq!(xdp.packets, 100 + counter::PACKETS as u64);
+        assert_eq!(xdp.would_drop, 100 + counter::WOULD_DROP as u64);
+        assert_eq!(get(&xdp.syn, "ipv4"), Some(100 + counter::SYN_V4 as u64));
+        assert_eq!(get(&xdp.syn, "ipv6"), Some(100 + counter::SYN_V6 as u64));
+        assert_eq!(xdp.syn.len(), 2);
+        let dropped: Vec<&str> = xdp.dropped.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(dropped, ["deny_list", "not_permitted"]);
+        let passed: Vec<&str> = xdp.passed.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(
+            passed,
+            [
+                "would_drop",
+                "not_ip",
+                "not_tcp",
+                "other_port",
+                "not_syn",
+                "permitted",
+                "malformed",
+                "vlan_depth",
+                "ipv6_chain",
+                "fragment",
+                "filter_off",
+                "esp",
+            ]
+        );
+        assert_eq!(
+            get(&xdp.passed, "esp"),
+            Some(100 + counter::PASS_ESP as u64)
+        );
+    }
+}
