@@ -1,5 +1,5 @@
-//! The one accept loop every listener runs (control socket, metrics
-//! endpoint; written so the SMTP front door can use it too).
+//! The one accept loop every listener runs: the SMTP front door, the
+//! control socket and the metrics endpoint.
 //!
 //! accept(2) fails in two ways. Errors of one pending connection (the
 //! client reset it before we took it, ...) are retried at once: the next

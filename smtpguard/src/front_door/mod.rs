@@ -56,16 +56,13 @@ use registry::Sessions;
 
 use connection::{ConnContext, ConnSettings, Stop};
 
+use crate::accept;
 use crate::smtp::handoff::{ClientInfo, HandoffFactory};
 use crate::smtp::{Reply, TlsMode};
 
 /// Pending connections the kernel queues per listener (listen(2) backlog).
 pub const LISTEN_BACKLOG: u32 = 1024;
 
-/// First pause after a failed accept (e.g. out of file descriptors);
-/// doubles up to [`ACCEPT_BACKOFF_MAX`] while accepts keep failing.
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(50);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 // ----- settings -------------------------------------------------------------
 
 /// The server's limits and timeouts (the daemon builds them from
@@ -288,60 +285,19 @@ pub async fn run<H: HandoffFactory>(
     tracing::info!("SMTP server stopped");
 }
 
+/// Accepts on one listener with the shared loop ([`crate::accept`]: back-off
+/// on resource errors) and admits each connection. No cap here: the cap is
+/// checked after accept, so a client over it gets `421 4.7.0`, not silence.
 async fn accept_loop<H: HandoffFactory>(
     listener: TcpListener,
     shared: Arc<Shared<H>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = ACCEPT_BACKOFF_MIN;
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                backoff = ACCEPT_BACKOFF_MIN;
-                admit(&shared, &tracker, stream, peer);
-            }
-            Err(e) if is_per_connection(&e) => {
-                tracing::debug!(error = %e, "accept: connection failed before it was accepted");
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, pause = ?backoff, "accept failed; pausing");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-            }
-        }
-    }
-}
-
-/// Errors of one pending connection that accept(2) reports (see its
-/// man page): retry at once. Anything else (EMFILE, ENOBUFS...) backs off.
-fn is_per_connection(e: &io::Error) -> bool {
-    use io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted
-    ) || matches!(
-        e.raw_os_error(),
-        Some(
-            libc::EPROTO
-                | libc::ENOPROTOOPT
-                | libc::EHOSTDOWN
-                | libc::ENONET
-                | libc::EHOSTUNREACH
-                | libc::EOPNOTSUPP
-                | libc::ENETUNREACH
-                | libc::ENETDOWN
-                | libc::EPERM
-        )
-    )
+    accept::accept_loop(&listener, "SMTP", None, &shutdown, |a| {
+        admit(&shared, &tracker, a.stream, a.peer)
+    })
+    .await;
 }
 
 /// The checks on accept, in order, then the session task.
