@@ -187,7 +187,7 @@ pub enum TlsError {
         certificate: PathBuf,
     },
     /// The server certificate's notAfter has passed.
-    #[error("certificate in {path} expired on {}", format_utc(*.not_after_unix))]
+    #[error("certificate in {path} expired on {}", crate::time::utc(*.not_after_unix))]
     Expired {
         /// The certificate file.
         path: PathBuf,
@@ -197,7 +197,7 @@ pub enum TlsError {
     /// The server certificate's notBefore has not come yet.
     #[error(
         "certificate in {path} is not valid before {} (is the clock right?)",
-        format_utc(*.not_before_unix)
+        crate::time::utc(*.not_before_unix)
     )]
     NotYetValid {
         /// The certificate file.
@@ -270,7 +270,7 @@ impl fmt::Display for TlsWarning {
                     f,
                     "certificate {subject:?} in {} expires {when}, on {}; renew it",
                     path.display(),
-                    format_utc(*not_after_unix)
+                    crate::time::utc(*not_after_unix)
                 )
             }
             TlsWarning::ChainCertificateExpired {
@@ -281,7 +281,7 @@ impl fmt::Display for TlsWarning {
                 f,
                 "certificate {subject:?} in {} expired on {}; clients may refuse the chain",
                 path.display(),
-                format_utc(*not_after_unix)
+                crate::time::utc(*not_after_unix)
             ),
         }
     }
@@ -651,29 +651,6 @@ fn system_time(unix: i64) -> SystemTime {
     } else {
         UNIX_EPOCH - magnitude
     }
-}
-
-/// `YYYY-MM-DD HH:MM:SS UTC` for seconds since the Unix epoch (proleptic
-/// Gregorian calendar; H. Hinnant's `civil_from_days`).
-/// `2026-11-29 09:00:00 UTC` for a Unix time in seconds.
-pub fn format_utc(unix: i64) -> String {
-    let days = unix.div_euclid(SECONDS_PER_DAY);
-    let secs = unix.rem_euclid(SECONDS_PER_DAY);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
 }
 
 #[cfg(test)]
@@ -1460,16 +1437,6 @@ mod tests {
                 cert.display()
             )
         );
-    }
-
-    #[test]
-    fn utc_formatting() {
-        assert_eq!(format_utc(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(format_utc(951_782_400), "2000-02-29 00:00:00 UTC");
-        assert_eq!(format_utc(1_700_000_000), "2023-11-14 22:13:20 UTC");
-        assert_eq!(format_utc(-1), "1969-12-31 23:59:59 UTC");
-        assert_eq!(format_utc(4_102_444_799), "2099-12-31 23:59:59 UTC");
-        assert_eq!(format_utc(253_402_300_799), "9999-12-31 23:59:59 UTC");
     }
 
     #[test]
