@@ -25,5 +25,7 @@ pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod smtp;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 pub mod time;
 pub mod tls;

@@ -8,8 +8,7 @@
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroUsize;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +31,7 @@ use smtpguard::smtp::handoff::ClientInfo;
 use smtpguard::smtp::{
     AcceptAll, Envelope, ForwardPath, MailParams, RcptPolicy, Reply, ReversePath, TlsMode,
 };
+use smtpguard::testing::{self, TestPki};
 
 const HOST: &str = "mx.example.com";
 
@@ -39,12 +39,10 @@ const HOST: &str = "mx.example.com";
 /// process's RSS and so runs alone (write lock), the others share.
 static SERIAL: RwLock<()> = RwLock::const_new(());
 
-/// Every test body runs under this bound.
+/// Every test body runs under this bound, sharing [`SERIAL`].
 async fn bounded<F: Future<Output = ()>>(test: F) {
     let _shared = SERIAL.read().await;
-    timeout(Duration::from_secs(60), test)
-        .await
-        .expect("test took longer than 60 s");
+    testing::bounded(Duration::from_secs(60), test).await;
 }
 
 /// Captures the log lines of the current thread (the test's runtime runs
@@ -316,82 +314,26 @@ fn assert_starts(reply: &str, prefix: &str) {
 
 // ----- certificates -----------------------------------------------------------------
 
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "smtpguard-front-door-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn write(&self, name: &str, contents: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, contents).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A test CA and a server certificate for `mx.example.com` and 127.0.0.1,
-/// loaded through `tls::load` like the daemon does.
+/// The test PKI (a CA, and a server certificate for `mx.example.com` and
+/// 127.0.0.1), the server side loaded through `tls::load` like the daemon
+/// does.
 struct Pki {
-    dir: TempDir,
-    ca: PathBuf,
-    ca_der: rustls::pki_types::CertificateDer<'static>,
+    files: TestPki,
     server: Arc<rustls::ServerConfig>,
 }
 
 fn pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "smtpguard front door test CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params =
-        CertificateParams::new(vec![HOST.to_string(), "127.0.0.1".to_string()]).unwrap();
-    params.distinguished_name.push(DnType::CommonName, HOST);
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-
-    let dir = TempDir::new();
-    let cert_path = dir.write("server.crt", &cert.pem());
-    let key_path = dir.write("server.key", &key.serialize_pem());
-    let ca_path = dir.write("ca.crt", &ca.pem());
-    let loaded = smtpguard::tls::load(&cert_path, &key_path, None).unwrap();
+    let files = TestPki::new("smtpguard front door test CA", &[HOST, "127.0.0.1"]);
+    let loaded = smtpguard::tls::load(&files.certificate, &files.private_key, None).unwrap();
     Pki {
-        dir,
-        ca: ca_path,
-        ca_der: ca.der().clone(),
+        files,
         server: loaded.server_config,
     }
 }
 
 async fn tls_client(pki: &Pki, stream: TcpStream) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca_der.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(pki.files.ca.client_config()))
         .connect(name, stream)
         .await
         .expect("client TLS handshake")
@@ -557,7 +499,7 @@ print("after", s.has_extn("starttls"))
 s.sendmail("alice@example.org", ["bob@example.com"], "Subject: over TLS\r\n\r\nsecret\r\n")
 s.quit()
 "#,
-            &[&port, pki.ca.to_str().unwrap()],
+            &[&port, pki.files.ca_certificate.to_str().unwrap()],
         )
         .await;
         assert!(out.contains("starttls offered True"), "{out}");
@@ -570,7 +512,7 @@ s.quit()
             "STARTTLS not offered again: {out}"
         );
 
-        let ca = pki.ca.to_str().unwrap();
+        let ca = pki.files.ca_certificate.to_str().unwrap();
         swaks(srv.addr, &["--tls", "--tls-verify", "--tls-ca-path", ca]).await;
 
         let delivered = srv.recorder.delivered();
@@ -594,7 +536,7 @@ s.quit()
             "client=127.0.0.1",
             "reason=\"tls_required\"",
         ]);
-        drop(pki.dir);
+        drop(pki);
         srv.stop().await;
     })
     .await;
@@ -689,7 +631,7 @@ async fn connection_cap_and_slots_always_released() {
         drop(again);
         srv.wait_for_no_sessions().await;
         assert_eq!(srv.snapshot().rejected(Rejection::ConnectionCap), 1);
-        drop(pki.dir);
+        drop(pki);
         srv.stop().await;
     })
     .await;
@@ -968,7 +910,7 @@ async fn starttls_command_injection() {
         drop(c);
         srv.wait_for_no_sessions().await;
         assert!(srv.recorder.delivered().is_empty());
-        drop(pki.dir);
+        drop(pki);
         srv.stop().await;
     })
     .await;

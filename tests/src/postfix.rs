@@ -35,7 +35,9 @@ use std::{
     time::Duration,
 };
 
-use crate::{netns::Netns, run_bounded, tempdir::TempDir, wait_for};
+use smtpguard::testing::TempDir;
+
+use crate::{netns::Netns, run_bounded, wait_for};
 
 /// The Debian package's `postfix` command.
 pub const POSTFIX: &str = "/usr/sbin/postfix";

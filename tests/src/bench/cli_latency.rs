@@ -174,7 +174,7 @@ level = "warn"
 }
 
 fn with_smtpguard(topo: &Topology, macs: Macs, list: &List) -> Result<Probe> {
-    let dir = TempDir::new("cli")?;
+    let dir = TempDir::try_new("cli")?;
     let text: String = list.prefixes.iter().map(|p| format!("{p}\n")).collect();
     std::fs::write(dir.path().join("deny.list"), text)?;
     let daemon = Daemon::start(

@@ -87,17 +87,16 @@ struct Servers {
 
 impl Servers {
     fn start(settings: &Settings) -> Result<Servers> {
-        let certs_dir = TempDir::new("certs")?;
-        let certs = Certs::new(certs_dir.path())?;
+        let certs = Certs::new();
         let limit = settings.postfix_idle_connections + RATE_CLIENTS + 50;
         let postfix = why(Postfix::start(limit, &certs));
-        let spool_dir = TempDir::new("spool")?;
+        let spool_dir = TempDir::try_new("spool")?;
         let spool = Daemon::start(
             None,
             spool_dir.path(),
             &daemon_config(spool_dir.path(), SPOOL, &certs, None),
         )?;
-        let relay_dir = TempDir::new("relay")?;
+        let relay_dir = TempDir::try_new("relay")?;
         let relay = match &postfix {
             Ok(pf) => why(Daemon::start(
                 None,
@@ -116,7 +115,7 @@ impl Servers {
             postfix,
             haproxy,
             certs,
-            _dirs: vec![certs_dir, spool_dir, relay_dir],
+            _dirs: vec![spool_dir, relay_dir],
         })
     }
 }
@@ -331,7 +330,7 @@ fn idle_cost(
 fn idle_memory(settings: &Settings, rt: &Runtime, s: &Servers) -> Vec<Row> {
     let ours = |tls: bool| -> Measured {
         why((|| {
-            let dir = TempDir::new("memory")?;
+            let dir = TempDir::try_new("memory")?;
             let fresh = Daemon::start(
                 None,
                 dir.path(),

@@ -47,7 +47,7 @@ pub fn run(settings: &Settings) -> Result<Vec<Row>> {
     let count = if settings.quick { 200 } else { 1000 };
     let topo = Topology::new();
     topo.add_client(CLIENT);
-    let dir = TempDir::new("greeting")?;
+    let dir = TempDir::try_new("greeting")?;
     let d = dir.path().display();
     let config = format!(
         r#"

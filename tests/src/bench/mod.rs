@@ -29,6 +29,8 @@ pub mod stats;
 
 use std::path::{Path, PathBuf};
 
+pub use smtpguard::testing::TempDir;
+
 /// How much of everything to do: `--quick` or the full run.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -107,33 +109,6 @@ pub fn smtpguard_binary() -> PathBuf {
         .unwrap_or_else(|| {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/smtpguard")
         })
-}
-
-/// A temporary directory (mode 0755, so Postfix's unprivileged processes
-/// can traverse it), removed with everything in it on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    /// `/tmp/sgbench-<what>-<unique tag>`.
-    pub fn new(what: &str) -> std::io::Result<TempDir> {
-        use std::os::unix::fs::PermissionsExt;
-        let dir =
-            std::env::temp_dir().join(format!("sgbench-{what}-{}", crate::netns::unique_tag()));
-        std::fs::create_dir_all(&dir)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-        Ok(TempDir(dir))
-    }
-
-    /// The directory.
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Raises this process's open-file limit to `want`, or, where the hard

@@ -74,7 +74,7 @@ pub fn table_script(list: &List, hook: Hook, device: &str, port: Option<u16>) ->
 
 /// Runs `nft -f` on `script` inside `ns`; returns how long it took.
 pub fn load(ns: &Netns, script: &str) -> Result<Duration> {
-    let dir = TempDir::new("nft")?;
+    let dir = TempDir::try_new("nft")?;
     let path = dir.path().join("rules.nft");
     std::fs::write(&path, script)?;
     let started = Instant::now();

@@ -39,7 +39,7 @@ impl Postfix {
         if !Path::new(POSTFIX).exists() {
             bail!("{POSTFIX} not found (Debian package postfix)");
         }
-        let dir = TempDir::new("pfx")?;
+        let dir = TempDir::try_new("pfx")?;
         let root = dir.path().to_path_buf();
         let config_dir = root.join("etc");
         let queue = root.join("queue");
@@ -212,7 +212,7 @@ pub struct HaProxy {
 impl HaProxy {
     /// Starts `haproxy -db` listening on `listen`, forwarding to `upstream`.
     pub fn start(listen: SocketAddr, upstream: SocketAddr) -> Result<HaProxy> {
-        let dir = TempDir::new("haproxy")?;
+        let dir = TempDir::try_new("haproxy")?;
         let cfg = dir.path().join("haproxy.cfg");
         std::fs::write(
             &cfg,

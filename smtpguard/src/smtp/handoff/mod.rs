@@ -107,8 +107,6 @@ mod spool;
 mod upstream;
 
 #[cfg(test)]
-mod test_util;
-#[cfg(test)]
 mod tests;
 
 use spool::{Maildir, QueueId};
