@@ -300,7 +300,14 @@ pub fn build_ebpf(root: &Path, toolchain: &Toolchain) -> Result<PathBuf> {
     if !status.success() {
         bail!("building the XDP program failed");
     }
-    Ok(ebpf_object(root))
+    // smtpguard/build.rs refuses an object whose sources changed since.
+    let object = ebpf_object(root);
+    let fingerprint =
+        crate::fingerprint::fingerprint(root).context("reading the smtpguard-ebpf sources")?;
+    let record = crate::fingerprint::fingerprint_path(&object);
+    std::fs::write(&record, fingerprint)
+        .with_context(|| format!("writing {}", record.display()))?;
+    Ok(object)
 }
 
 fn command_output(program: &str, args: &[&str]) -> Option<String> {
