@@ -3,7 +3,10 @@
 //! `server::run` with an in-memory hand-off.
 //!
 //! Every test is bounded by [`bounded`]; timing assertions measure elapsed
-//! time, they never sleep to make a point.
+//! time, they never sleep to make a point. The deadline tests (idle
+//! timeout, session cap, shutdown grace) run on tokio's paused clock, as
+//! mini-redis's do: their clients' sleeps and the server's deadlines are
+//! virtual time, so they take no wall-clock seconds.
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -41,23 +44,38 @@ static SERIAL: RwLock<()> = RwLock::const_new(());
 
 /// Every test body runs under this bound, sharing [`SERIAL`].
 async fn bounded<F: Future<Output = ()>>(test: F) {
+    install_log_capture();
     let _shared = SERIAL.read().await;
     testing::bounded(Duration::from_secs(60), test).await;
 }
 
 /// Captures the log lines of the current thread (the test's runtime runs
-/// the server's tasks on it) until the guard is dropped.
+/// the server's tasks on it) until dropped.
+///
+/// One global subscriber, installed before any test body runs (see
+/// [`bounded`]), writes each thread's lines to that thread's capture. A
+/// per-test `set_default` would race: tests on paused time emit their
+/// first events at once, and a callsite first seen on a thread without a
+/// subscriber can be cached as uninteresting for every thread.
 struct Logs {
     buf: Arc<Mutex<Vec<u8>>>,
-    _guard: tracing::subscriber::DefaultGuard,
 }
 
-#[derive(Clone)]
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<Arc<Mutex<Vec<u8>>>>> =
+        const { std::cell::RefCell::new(None) };
+}
 
-impl std::io::Write for LogWriter {
+/// Writes to the current thread's capture, if any.
+struct ThreadWriter;
+
+impl std::io::Write for ThreadWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(data);
+        CAPTURE.with(|c| {
+            if let Some(buf) = &*c.borrow() {
+                buf.lock().unwrap().extend_from_slice(data);
+            }
+        });
         Ok(data.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -65,19 +83,25 @@ impl std::io::Write for LogWriter {
     }
 }
 
-impl Logs {
-    fn capture() -> Logs {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let writer = LogWriter(Arc::clone(&buf));
+/// Installs the global subscriber (once per process).
+fn install_log_capture() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
         let subscriber = tracing_subscriber::fmt()
             .with_ansi(false)
             .with_max_level(tracing::Level::INFO)
-            .with_writer(move || writer.clone())
+            .with_writer(|| ThreadWriter)
             .finish();
-        Logs {
-            buf,
-            _guard: tracing::subscriber::set_default(subscriber),
-        }
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+    });
+}
+
+impl Logs {
+    fn capture() -> Logs {
+        install_log_capture();
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        CAPTURE.with(|c| *c.borrow_mut() = Some(Arc::clone(&buf)));
+        Logs { buf }
     }
 
     /// The first captured line containing every one of `parts`.
@@ -87,6 +111,12 @@ impl Logs {
             .find(|l| parts.iter().all(|p| l.contains(p)))
             .unwrap_or_else(|| panic!("no log line with {parts:?} in:\n{text}"))
             .to_string()
+    }
+}
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        CAPTURE.with(|c| *c.borrow_mut() = None);
     }
 }
 
@@ -757,7 +787,7 @@ async fn expect_timeout<S: AsyncRead + Unpin>(c: &mut Client<S>, since: Instant)
     elapsed
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn idle_timeout_is_per_line_not_per_byte() {
     bounded(async {
         let logs = Logs::capture();
@@ -839,7 +869,7 @@ async fn idle_timeout_is_per_line_not_per_byte() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn session_duration_cap() {
     bounded(async {
         let mut s = settings(r#"idle_timeout = "2s""#);
@@ -928,6 +958,7 @@ fn rss_bytes() -> usize {
 /// session goes on, and the process's memory does not grow with it.
 #[tokio::test]
 async fn ten_mib_line_keeps_memory_bounded() {
+    install_log_capture();
     let _alone = SERIAL.write().await;
     timeout(Duration::from_secs(60), async {
         let srv = start_plain("").await;
@@ -978,7 +1009,7 @@ async fn bare_lf_in_data_is_refused() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn shutdown_closes_idle_sessions_after_the_grace() {
     bounded(async {
         let mut s = settings(r#"idle_timeout = "30s""#);

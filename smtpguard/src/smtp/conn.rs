@@ -889,7 +889,7 @@ mod tests {
 
     /// A client that never reads cannot hold the connection past the write
     /// deadline; a kick ends a stuck write at once.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn stuck_writes() {
         let (settings, metrics) = (settings(), Metrics::default());
         // 16 bytes of buffer: the greeting does not fit.
@@ -918,8 +918,10 @@ mod tests {
         assert_eq!(metrics.snapshot().rejected(Rejection::Kicked), 1);
     }
 
-    /// Only a complete line moves the inactivity deadline.
-    #[tokio::test]
+    /// Only a complete line moves the inactivity deadline. Paused time: the
+    /// client's sleeps and the deadline are tokio's virtual clock, so the
+    /// test is instant and its timings exact.
+    #[tokio::test(start_paused = true)]
     async fn deadline_is_per_line() {
         let mut settings = settings();
         settings.idle_timeout = Duration::from_millis(300);
