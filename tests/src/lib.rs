@@ -3,7 +3,6 @@
 //! network-namespace scaffolding that cleans up after itself ([`netns`]),
 //! a private Postfix ([`postfix`]), and bounded waiting ([`wait_for`], [`run_bounded`]).
 
-pub mod bench;
 pub mod flood;
 pub mod netns;
 pub mod packet;

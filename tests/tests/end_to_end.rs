@@ -571,7 +571,8 @@ fn scenario() -> Outcome {
     let key = &pki.private_key;
     let script = tmp.write("client.py", CLIENT_PY);
 
-    let postfix = Postfix::start_in(&topo.gw, UPSTREAM_PORT).unwrap_or_else(|e| panic!("{e}"));
+    let postfix = Postfix::start(postfix::Options::proxy(&topo.gw, UPSTREAM_PORT))
+        .unwrap_or_else(|e| panic!("{e}"));
     let _postfix_log = PrintPostfixLogOnFailure(&postfix);
 
     let socket = tmp.path().join("control.sock");

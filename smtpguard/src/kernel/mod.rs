@@ -17,9 +17,3 @@ pub use sync::{ApplyHow, ApplyReport, MapSync, SyncError};
 /// (see `build.rs`). Empty when the crate was built without it.
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/smtpguard.bpf.o"));
-
-/// The embedded XDP object (ELF), e.g. to load the bench's baseline
-/// program `smtpguard_drop_all` beside the filter.
-pub fn embedded_object() -> &'static [u8] {
-    EBPF_OBJECT
-}

@@ -19,7 +19,7 @@ use super::{
     stats::Sample,
     Settings, TempDir,
 };
-use crate::netns::{Topology, GW_V4};
+use smtpguard_tests::netns::{Topology, GW_V4};
 
 /// The gateway's SMTP port in this section.
 const PORT: u16 = 2525;

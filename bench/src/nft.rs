@@ -10,7 +10,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use super::{lists::List, TempDir};
-use crate::netns::Netns;
+use smtpguard_tests::netns::Netns;
 
 /// Where the drop rule hooks in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,7 +132,7 @@ pub fn dropped(ns: &Netns, hook: Hook) -> Result<u64> {
 
 /// How long `nft -f` takes to load `list` as a set, in a namespace of its own.
 pub fn load_time(list: &List) -> Result<Duration> {
-    let ns = Netns::new("nft", &crate::netns::unique_tag());
+    let ns = Netns::new("nft", &smtpguard_tests::netns::unique_tag());
     load(&ns, &table_script(list, Hook::InetPrerouting, "", None))
 }
 

@@ -26,7 +26,7 @@ use super::{
     sender::{self, Macs, PacketSocket},
     why, Settings, TempDir,
 };
-use crate::netns::{Topology, GW_V4};
+use smtpguard_tests::netns::{Topology, GW_V4};
 
 /// The gateway's SMTP port in this section.
 const PORT: u16 = 2525;

@@ -1,5 +1,7 @@
 //! `cargo xtask bench`: smtpguard's figures beside baselines measured the
-//! same way in the same run (see `src/bin/bench.rs`). Sections:
+//! same way in the same run (see `src/main.rs`). Its own crate, so the
+//! privileged test helpers (`smtpguard-tests`: namespaces, frames) are
+//! used as they are, not reshaped for it. Sections:
 //!
 //! - [`kernel`]: ns per packet through `BPF_PROG_TEST_RUN`, a batch of
 //!   distinct sources, live-frames packets per second, list load time and
@@ -17,10 +19,10 @@ pub mod daemon;
 pub mod flood;
 pub mod front_door;
 pub mod greeting;
+pub mod haproxy;
 pub mod kernel;
 pub mod lists;
 pub mod nft;
-pub mod postfix;
 pub mod programs;
 pub mod report;
 pub mod sender;
@@ -108,6 +110,18 @@ pub fn smtpguard_binary() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/smtpguard")
+        })
+}
+
+/// The bench's XDP_DROP baseline object (`smtpguard-ebpf`'s
+/// `bench-drop-all`, kept out of the production object):
+/// `SMTPGUARD_BENCH_OBJECT` (xtask sets it), else where xtask builds it.
+pub fn drop_all_object() -> PathBuf {
+    std::env::var_os("SMTPGUARD_BENCH_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/bpf/bpfel-unknown-none/release/bench-drop-all")
         })
 }
 
