@@ -203,12 +203,3 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[link_section = "license"]
 #[no_mangle]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
-
-/// Bench baseline only: drops every packet and does nothing else, so
-/// `cargo xtask bench` can put the filter's per-packet cost beside the
-/// cheapest possible XDP program, measured the same way. The daemon never
-/// loads or attaches it.
-#[xdp]
-pub fn smtpguard_drop_all(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_DROP
-}

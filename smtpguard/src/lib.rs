@@ -8,7 +8,8 @@
 //!   MTA or the Maildir spool.
 //!
 //! [`policy`] holds the permit/deny lists and the verdict both layers share,
-//! [`config`] the validated configuration, [`tls`] the certificate loading.
+//! [`config`] the validated configuration, [`tls`] the certificate loading,
+//! [`time`] the dates written in headers, lists and messages.
 //! [`daemon`] starts and wires everything and owns the one path by which
 //! lists change; [`control`] is the operator's control socket and
 //! [`cli`] the command line (daemon and controller in one binary);
@@ -26,4 +27,7 @@ pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod smtp;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
+pub mod time;
 pub mod tls;

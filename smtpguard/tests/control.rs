@@ -1,17 +1,15 @@
 //! The control socket and the CLI, end to end: a mock [`ControlHandler`]
 //! behind the real socket, the real client, and the built `smtpguard`
-//! binary (also run as an unprivileged user with `setpriv`, so these tests
-//! need root).
+//! binary. Two tests run the CLI as an unprivileged user with `setpriv`
+//! and so need root: they are `#[ignore]`d for a plain `cargo test`, and
+//! `cargo xtask test` (as root) runs them with `--include-ignored`.
 
 use std::{
     collections::BTreeMap,
     os::unix::fs::{FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
     process::Output,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -24,6 +22,7 @@ use smtpguard::control::{
     },
     render, Client, ClientError, ControlHandler, PeerInfo, Request, Response,
 };
+use smtpguard::testing::{self, TempDir};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::UnixStream,
@@ -240,31 +239,9 @@ impl ControlHandler for Mock {
     }
 }
 
-/// A unique directory under /tmp (not created: `bind` creates it), removed
-/// when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "sgctl-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        TempDir(dir)
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.0.join("run/control.sock")
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// Where a test's control socket goes: in a directory `bind` creates.
+fn socket_in(dir: &TempDir) -> PathBuf {
+    dir.join("run/control.sock")
 }
 
 /// A mock daemon serving on a fresh socket.
@@ -282,8 +259,8 @@ impl Daemon {
     }
 
     fn start_with(adjust: impl FnOnce(&mut control::ControlListener)) -> Daemon {
-        let dir = TempDir::new();
-        let socket = dir.socket();
+        let dir = TempDir::new("ctl");
+        let socket = socket_in(&dir);
         let mut listener = control::bind(&socket).expect("bind");
         adjust(&mut listener);
         let mock = Arc::new(Mock::default());
@@ -368,11 +345,7 @@ fn bounded<F: std::future::Future<Output = ()>>(body: F) {
         .enable_all()
         .build()
         .unwrap()
-        .block_on(async {
-            tokio::time::timeout(LIMIT, body)
-                .await
-                .expect("the test finished in time")
-        });
+        .block_on(testing::bounded(LIMIT, body));
 }
 
 // ------------------------------------------------------------ round trips
@@ -821,7 +794,7 @@ fn cli_import_and_export() {
     bounded(async {
         let daemon = Daemon::start();
         let sock = s(&daemon.socket);
-        let dir = &daemon.dir.0;
+        let dir = daemon.dir.path();
 
         let file = dir.join("new.list");
         std::fs::write(&file, "203.0.113.1\nbad line\n198.51.100.0/24\n").unwrap();
@@ -937,7 +910,7 @@ fn cli_import_and_export() {
 fn cli_takes_the_socket_from_the_config_file() {
     bounded(async {
         let daemon = Daemon::start();
-        let config = daemon.dir.0.join("smtpguard.toml");
+        let config = daemon.dir.join("smtpguard.toml");
         std::fs::write(
             &config,
             format!(
@@ -968,8 +941,8 @@ fn cli_takes_the_socket_from_the_config_file() {
 fn cli_errors() {
     bounded(async {
         // A stale socket file: the daemon is not running.
-        let dir = TempDir::new();
-        let socket = dir.socket();
+        let dir = TempDir::new("ctl");
+        let socket = socket_in(&dir);
         std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
         drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
         let o = cli(&["status", "--socket", s(&socket)]).await;
@@ -1083,8 +1056,8 @@ fn stats_watch_repeats_until_interrupted() {
 
 #[test]
 fn socket_is_0600_in_a_0755_directory() {
-    let dir = TempDir::new();
-    let socket = dir.socket();
+    let dir = TempDir::new("ctl");
+    let socket = socket_in(&dir);
     let listener = control::bind(&socket).unwrap();
     assert_eq!(listener.path(), socket);
     let meta = std::fs::symlink_metadata(&socket).unwrap();
@@ -1099,8 +1072,8 @@ fn socket_is_0600_in_a_0755_directory() {
 #[test]
 fn a_stale_socket_is_replaced() {
     bounded(async {
-        let dir = TempDir::new();
-        let socket = dir.socket();
+        let dir = TempDir::new("ctl");
+        let socket = socket_in(&dir);
         std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
         // What a crashed daemon leaves: a socket file nobody listens on.
         drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
@@ -1139,8 +1112,8 @@ fn a_live_socket_is_an_error() {
 
 #[test]
 fn a_file_that_is_not_a_socket_is_left_alone() {
-    let dir = TempDir::new();
-    let path = dir.socket();
+    let dir = TempDir::new("ctl");
+    let path = socket_in(&dir);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, "precious").unwrap();
     let err = control::bind(&path).unwrap_err();
@@ -1160,6 +1133,7 @@ fn a_file_that_is_not_a_socket_is_left_alone() {
 }
 
 #[test]
+#[ignore = "needs root (runs the CLI as nobody); `cargo xtask test` runs it"]
 fn a_non_root_user_cannot_open_the_socket() {
     bounded(async {
         let daemon = Daemon::start();
@@ -1178,6 +1152,7 @@ fn a_non_root_user_cannot_open_the_socket() {
 }
 
 #[test]
+#[ignore = "needs root (runs the CLI as nobody); `cargo xtask test` runs it"]
 fn peer_credentials_are_checked_even_if_the_mode_lets_anyone_connect() {
     bounded(async {
         let daemon = Daemon::start();

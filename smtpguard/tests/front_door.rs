@@ -3,13 +3,15 @@
 //! `front_door::run` with an in-memory hand-off.
 //!
 //! Every test is bounded by [`bounded`]; timing assertions measure elapsed
-//! time, they never sleep to make a point.
+//! time, they never sleep to make a point. The deadline tests (idle
+//! timeout, session cap, shutdown grace) run on tokio's paused clock, as
+//! mini-redis's do: their clients' sleeps and the server's deadlines are
+//! virtual time, so they take no wall-clock seconds.
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroUsize;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +33,7 @@ use smtpguard::smtp::handoff::{ClientInfo, Handoff, HandoffFactory};
 use smtpguard::smtp::{
     AcceptAll, Envelope, ForwardPath, MailParams, RcptPolicy, Reply, ReversePath, TlsMode,
 };
+use smtpguard::testing::{self, TestPki};
 
 const HOST: &str = "mx.example.com";
 
@@ -38,27 +41,40 @@ const HOST: &str = "mx.example.com";
 /// process's RSS and so runs alone (write lock), the others share.
 static SERIAL: RwLock<()> = RwLock::const_new(());
 
-/// Every test body runs under this bound.
+/// Every test body runs under this bound, sharing [`SERIAL`].
 async fn bounded<F: Future<Output = ()>>(test: F) {
+    install_log_capture();
     let _shared = SERIAL.read().await;
-    timeout(Duration::from_secs(60), test)
-        .await
-        .expect("test took longer than 60 s");
+    testing::bounded(Duration::from_secs(60), test).await;
 }
 
 /// Captures the log lines of the current thread (the test's runtime runs
-/// the server's tasks on it) until the guard is dropped.
+/// the server's tasks on it) until dropped.
+///
+/// One global subscriber, installed before any test body runs (see
+/// [`bounded`]), writes each thread's lines to that thread's capture. A
+/// per-test `set_default` would race: tests on paused time emit their
+/// first events at once, and a callsite first seen on a thread without a
+/// subscriber can be cached as uninteresting for every thread.
 struct Logs {
     buf: Arc<Mutex<Vec<u8>>>,
-    _guard: tracing::subscriber::DefaultGuard,
 }
 
-#[derive(Clone)]
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<Arc<Mutex<Vec<u8>>>>> =
+        const { std::cell::RefCell::new(None) };
+}
 
-impl std::io::Write for LogWriter {
+/// Writes to the current thread's capture, if any.
+struct ThreadWriter;
+
+impl std::io::Write for ThreadWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(data);
+        CAPTURE.with(|c| {
+            if let Some(buf) = &*c.borrow() {
+                buf.lock().unwrap().extend_from_slice(data);
+            }
+        });
         Ok(data.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -66,19 +82,25 @@ impl std::io::Write for LogWriter {
     }
 }
 
-impl Logs {
-    fn capture() -> Logs {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let writer = LogWriter(Arc::clone(&buf));
+/// Installs the global subscriber (once per process).
+fn install_log_capture() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
         let subscriber = tracing_subscriber::fmt()
             .with_ansi(false)
             .with_max_level(tracing::Level::INFO)
-            .with_writer(move || writer.clone())
+            .with_writer(|| ThreadWriter)
             .finish();
-        Logs {
-            buf,
-            _guard: tracing::subscriber::set_default(subscriber),
-        }
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+    });
+}
+
+impl Logs {
+    fn capture() -> Logs {
+        install_log_capture();
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        CAPTURE.with(|c| *c.borrow_mut() = Some(Arc::clone(&buf)));
+        Logs { buf }
     }
 
     /// The first captured line containing every one of `parts`.
@@ -88,6 +110,12 @@ impl Logs {
             .find(|l| parts.iter().all(|p| l.contains(p)))
             .unwrap_or_else(|| panic!("no log line with {parts:?} in:\n{text}"))
             .to_string()
+    }
+}
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        CAPTURE.with(|c| *c.borrow_mut() = None);
     }
 }
 
@@ -315,82 +343,26 @@ fn assert_starts(reply: &str, prefix: &str) {
 
 // ----- certificates -----------------------------------------------------------------
 
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "smtpguard-front-door-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn write(&self, name: &str, contents: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, contents).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A test CA and a server certificate for `mx.example.com` and 127.0.0.1,
-/// loaded through `tls::load` like the daemon does.
+/// The test PKI (a CA, and a server certificate for `mx.example.com` and
+/// 127.0.0.1), the server side loaded through `tls::load` like the daemon
+/// does.
 struct Pki {
-    dir: TempDir,
-    ca: PathBuf,
-    ca_der: rustls::pki_types::CertificateDer<'static>,
+    files: TestPki,
     server: Arc<rustls::ServerConfig>,
 }
 
 fn pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "smtpguard front door test CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params =
-        CertificateParams::new(vec![HOST.to_string(), "127.0.0.1".to_string()]).unwrap();
-    params.distinguished_name.push(DnType::CommonName, HOST);
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-
-    let dir = TempDir::new();
-    let cert_path = dir.write("server.crt", &cert.pem());
-    let key_path = dir.write("server.key", &key.serialize_pem());
-    let ca_path = dir.write("ca.crt", &ca.pem());
-    let loaded = smtpguard::tls::load(&cert_path, &key_path, None).unwrap();
+    let files = TestPki::new("smtpguard front door test CA", &[HOST, "127.0.0.1"]);
+    let loaded = smtpguard::tls::load(&files.certificate, &files.private_key, None).unwrap();
     Pki {
-        dir,
-        ca: ca_path,
-        ca_der: ca.der().clone(),
+        files,
         server: loaded.server_config,
     }
 }
 
 async fn tls_client(pki: &Pki, stream: TcpStream) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca_der.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(pki.files.ca.client_config()))
         .connect(name, stream)
         .await
         .expect("client TLS handshake")
@@ -556,7 +528,7 @@ print("after", s.has_extn("starttls"))
 s.sendmail("alice@example.org", ["bob@example.com"], "Subject: over TLS\r\n\r\nsecret\r\n")
 s.quit()
 "#,
-            &[&port, pki.ca.to_str().unwrap()],
+            &[&port, pki.files.ca_certificate.to_str().unwrap()],
         )
         .await;
         assert!(out.contains("starttls offered True"), "{out}");
@@ -569,7 +541,7 @@ s.quit()
             "STARTTLS not offered again: {out}"
         );
 
-        let ca = pki.ca.to_str().unwrap();
+        let ca = pki.files.ca_certificate.to_str().unwrap();
         swaks(srv.addr, &["--tls", "--tls-verify", "--tls-ca-path", ca]).await;
 
         let delivered = srv.recorder.delivered();
@@ -593,7 +565,7 @@ s.quit()
             "client=127.0.0.1",
             "reason=\"tls_required\"",
         ]);
-        drop(pki.dir);
+        drop(pki);
         srv.stop().await;
     })
     .await;
@@ -688,7 +660,7 @@ async fn connection_cap_and_slots_always_released() {
         drop(again);
         srv.wait_for_no_sessions().await;
         assert_eq!(srv.snapshot().rejected(Rejection::ConnectionCap), 1);
-        drop(pki.dir);
+        drop(pki);
         srv.stop().await;
     })
     .await;
@@ -814,7 +786,7 @@ async fn expect_timeout<S: AsyncRead + Unpin>(c: &mut Client<S>, since: Instant)
     elapsed
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn idle_timeout_is_per_line_not_per_byte() {
     bounded(async {
         let logs = Logs::capture();
@@ -896,7 +868,7 @@ async fn idle_timeout_is_per_line_not_per_byte() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn session_duration_cap() {
     bounded(async {
         let mut s = settings(r#"idle_timeout = "2s""#);
@@ -967,7 +939,7 @@ async fn starttls_command_injection() {
         drop(c);
         srv.wait_for_no_sessions().await;
         assert!(srv.recorder.delivered().is_empty());
-        drop(pki.dir);
+        drop(pki);
         srv.stop().await;
     })
     .await;
@@ -985,6 +957,7 @@ fn rss_bytes() -> usize {
 /// session goes on, and the process's memory does not grow with it.
 #[tokio::test]
 async fn ten_mib_line_keeps_memory_bounded() {
+    install_log_capture();
     let _alone = SERIAL.write().await;
     timeout(Duration::from_secs(60), async {
         let srv = start_plain("").await;
@@ -1035,7 +1008,7 @@ async fn bare_lf_in_data_is_refused() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn shutdown_closes_idle_sessions_after_the_grace() {
     bounded(async {
         let mut s = settings(r#"idle_timeout = "30s""#);

@@ -1,8 +1,9 @@
-//! A real Postfix as smtpguard's upstream MTA: a private instance started
-//! as root from a temporary configuration directory
-//! (`postfix -c DIR start`), inside a test network namespace, never the
-//! system MTA. Stopped (and its directory removed) on drop, also when the
-//! test fails.
+//! A real Postfix, the one fixture for the tests (smtpguard's upstream
+//! MTA) and the bench (a baseline beside the front door): a private
+//! instance started as root from a temporary configuration directory
+//! (`postfix -c DIR start`), in a test network namespace or the calling
+//! thread's, never the system MTA. Stopped (and its directory removed) on
+//! drop, also when the test fails. [`Options`] says what it runs.
 //!
 //! The instance (everything under one temp dir):
 //! * `main.cf`: `queue_directory`, `data_directory` and `maillog_file`
@@ -13,10 +14,13 @@
 //!   `local_transport = discard:` and an empty `local_recipient_maps`
 //!   (every local recipient accepted, then discarded and logged);
 //!   `mynetworks = 127.0.0.0/8`; no alias maps, no reverse DNS
-//!   (`smtpd_peername_lookup = no`).
+//!   (`smtpd_peername_lookup = no`). With [`Options::tls`], STARTTLS
+//!   offered (`smtpd_tls_security_level = may`); with
+//!   [`Options::process_limit`], `default_process_limit` and a short
+//!   `max_idle`.
 //! * `master.cf`: one smtpd on `127.0.0.1:<port>` with
 //!   `-o smtpd_upstream_proxy_protocol=haproxy` (PROXY v1 and v2),
-//!   optionally ([`Postfix::start_in_with`]) a second one on
+//!   optionally a plain one ([`Options::plain_port`]) and one on
 //!   `127.0.0.1:<xclient port>` with
 //!   `-o smtpd_authorized_xclient_hosts=127.0.0.0/8` (XCLIENT), the
 //!   services that accept and dispose of mail, and `postlog` (`postlogd`,
@@ -30,26 +34,78 @@
 use std::{
     collections::BTreeMap,
     fs,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::Duration,
 };
 
-use crate::{netns::Netns, run_bounded, tempdir::TempDir, wait_for};
+use smtpguard::testing::TempDir;
+
+use crate::{netns::Netns, run_bounded, wait_for};
 
 /// The Debian package's `postfix` command.
 pub const POSTFIX: &str = "/usr/sbin/postfix";
+
+/// What a [`Postfix`] runs. Every port is on 127.0.0.1.
+#[derive(Clone, Copy)]
+pub struct Options<'a> {
+    /// The namespace to run in (`ip netns exec`); `None`: the calling
+    /// thread's.
+    pub netns: Option<&'a Netns>,
+    /// The smtpd that expects a PROXY header
+    /// (`smtpd_upstream_proxy_protocol = haproxy`).
+    pub port: u16,
+    /// An smtpd without PROXY header, if any.
+    pub plain_port: Option<u16>,
+    /// An smtpd that trusts XCLIENT from 127.0.0.0/8
+    /// (`smtpd_authorized_xclient_hosts`), if any.
+    pub xclient_port: Option<u16>,
+    /// STARTTLS offered, with this certificate chain and key.
+    pub tls: Option<Tls<'a>>,
+    /// `default_process_limit`: at most this many smtpd processes. Idle
+    /// ones then leave after 2 s (`max_idle`), so a memory figure counts
+    /// only the processes holding its connections.
+    pub process_limit: Option<usize>,
+}
+
+/// Certificate files for STARTTLS.
+#[derive(Clone, Copy, Debug)]
+pub struct Tls<'a> {
+    /// The server certificate, then its chain, PEM.
+    pub chain: &'a Path,
+    /// The server's private key, PEM.
+    pub key: &'a Path,
+}
+
+impl<'a> Options<'a> {
+    /// Only the PROXY-protocol smtpd on `port`, in `netns`.
+    pub fn proxy(netns: &'a Netns, port: u16) -> Options<'a> {
+        Options {
+            netns: Some(netns),
+            port,
+            plain_port: None,
+            xclient_port: None,
+            tls: None,
+            process_limit: None,
+        }
+    }
+}
 
 /// A running private Postfix; stopped on drop.
 pub struct Postfix {
     config_dir: PathBuf,
     queue_dir: PathBuf,
     maillog: PathBuf,
-    netns: String,
+    netns: Option<String>,
     /// The PROXY-protocol smtpd's port on 127.0.0.1.
     pub port: u16,
+    /// The plain smtpd's port on 127.0.0.1, if it has one.
+    pub plain_port: Option<u16>,
     /// The XCLIENT smtpd's port on 127.0.0.1, if it has one.
     pub xclient_port: Option<u16>,
+    /// `default_process_limit`, if set.
+    pub process_limit: Option<usize>,
     running: bool,
     // Dropped after `drop()` has stopped Postfix.
     _dir: TempDir,
@@ -68,20 +124,14 @@ pub struct Logged {
 }
 
 impl Postfix {
-    /// Starts an instance in `ns` whose smtpd on `127.0.0.1:port` expects a
-    /// PROXY header (`smtpd_upstream_proxy_protocol = haproxy`).
-    pub fn start_in(ns: &Netns, port: u16) -> Result<Postfix, String> {
-        Postfix::start_in_with(ns, port, None)
-    }
-
-    /// Like [`Postfix::start_in`], plus, with `xclient_port`, a second
-    /// smtpd on `127.0.0.1:xclient_port` that trusts XCLIENT from
-    /// 127.0.0.0/8 (`smtpd_authorized_xclient_hosts`).
-    pub fn start_in_with(
-        ns: &Netns,
-        port: u16,
-        xclient_port: Option<u16>,
-    ) -> Result<Postfix, String> {
+    /// Starts an instance as `options` say; returns once every smtpd
+    /// listens.
+    ///
+    /// # Errors
+    ///
+    /// Postfix is not installed, its files cannot be written, or it does
+    /// not start (the message holds its log).
+    pub fn start(options: Options<'_>) -> Result<Postfix, String> {
         if !Path::new(POSTFIX).exists() {
             return Err(format!("{POSTFIX} not found (Debian package postfix)"));
         }
@@ -94,7 +144,7 @@ impl Postfix {
             set_mode(d, 0o755)?;
         }
         let maillog = root.join("maillog");
-        let main_cf = format!(
+        let mut main_cf = format!(
             "compatibility_level = 3.6\n\
              queue_directory = {queue}\n\
              data_directory = {data}\n\
@@ -120,18 +170,36 @@ impl Postfix {
             maillog = maillog.display(),
             root = root.display(),
         );
-        let xclient_listener = xclient_port
-            .map(|x| {
-                format!(
-                    "127.0.0.1:{x} inet n - n - - smtpd \
-                     -o smtpd_authorized_xclient_hosts=127.0.0.0/8\n"
-                )
-            })
-            .unwrap_or_default();
-        let master_cf = format!(
-            "127.0.0.1:{port} inet n - n - - smtpd -o smtpd_upstream_proxy_protocol=haproxy\n\
-             {xclient_listener}\
-             cleanup   unix  n - n -   0 cleanup\n\
+        if let Some(limit) = options.process_limit {
+            main_cf.push_str(&format!("default_process_limit = {limit}\nmax_idle = 2s\n"));
+        }
+        if let Some(tls) = options.tls {
+            main_cf.push_str(&format!(
+                "smtpd_tls_security_level = may\n\
+                 smtpd_tls_chain_files = {key}, {chain}\n\
+                 smtpd_tls_loglevel = 0\n",
+                key = tls.key.display(),
+                chain = tls.chain.display(),
+            ));
+        }
+        let mut master_cf = format!(
+            "127.0.0.1:{} inet n - n - - smtpd -o smtpd_upstream_proxy_protocol=haproxy\n",
+            options.port
+        );
+        if let Some(p) = options.plain_port {
+            master_cf.push_str(&format!("127.0.0.1:{p} inet n - n - - smtpd\n"));
+        }
+        if let Some(x) = options.xclient_port {
+            master_cf.push_str(&format!(
+                "127.0.0.1:{x} inet n - n - - smtpd \
+                 -o smtpd_authorized_xclient_hosts=127.0.0.0/8\n"
+            ));
+        }
+        if options.tls.is_some() {
+            master_cf.push_str("tlsmgr    unix  - - n 1000? 1 tlsmgr\n");
+        }
+        master_cf.push_str(
+            "cleanup   unix  n - n -   0 cleanup\n\
              qmgr      unix  n - n 300 1 qmgr\n\
              rewrite   unix  - - n -   - trivial-rewrite\n\
              bounce    unix  - - n -   0 bounce\n\
@@ -144,7 +212,7 @@ impl Postfix {
              discard   unix  - - n -   - discard\n\
              anvil     unix  - - n -   1 anvil\n\
              scache    unix  - - n -   1 scache\n\
-             postlog   unix-dgram n - n - 1 postlogd\n"
+             postlog   unix-dgram n - n - 1 postlogd\n",
         );
         fs::write(config_dir.join("main.cf"), main_cf).map_err(|e| e.to_string())?;
         fs::write(config_dir.join("master.cf"), master_cf).map_err(|e| e.to_string())?;
@@ -152,9 +220,11 @@ impl Postfix {
             config_dir,
             queue_dir,
             maillog,
-            netns: ns.name().to_string(),
-            port,
-            xclient_port,
+            netns: options.netns.map(|ns| ns.name().to_string()),
+            port: options.port,
+            plain_port: options.plain_port,
+            xclient_port: options.xclient_port,
+            process_limit: options.process_limit,
             running: false,
             _dir: dir,
         };
@@ -170,7 +240,8 @@ impl Postfix {
         // `master -w` returns once the master is up; wait for the listeners
         // without connecting (a probe without a PROXY header makes smtpd log
         // a warning).
-        for p in std::iter::once(port).chain(xclient_port) {
+        let ports = [Some(pf.port), pf.plain_port, pf.xclient_port];
+        for p in ports.into_iter().flatten() {
             if !wait_for(Duration::from_secs(10), || pf.listening(p)) {
                 return Err(format!("postfix not listening on {p}\n{}", pf.log()));
             }
@@ -178,19 +249,42 @@ impl Postfix {
         Ok(pf)
     }
 
+    /// The PROXY-protocol smtpd's address.
+    pub fn proxied(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    /// The plain smtpd's address, if it has one.
+    pub fn plain(&self) -> Option<SocketAddr> {
+        self.plain_port
+            .map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p)))
+    }
+
+    /// A command run in the instance's namespace.
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns, program]);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+
     /// Whether something listens on TCP `port` in the instance's
     /// namespace (`ss`, without connecting).
     pub fn listening(&self, port: u16) -> bool {
-        Command::new("ip")
-            .args(["netns", "exec", &self.netns, "ss", "-Hltn"])
+        self.command("ss")
+            .arg("-Hltn")
             .arg(format!("sport = :{port}"))
             .output()
             .is_ok_and(|o| !o.stdout.is_empty())
     }
 
     fn postfix(&self, verb: &str) -> Result<Output, String> {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.netns, POSTFIX, "-c"])
+        let mut cmd = self.command(POSTFIX);
+        cmd.arg("-c")
             .arg(&self.config_dir)
             .arg(verb)
             .env_remove("MAIL_CONFIG")
@@ -207,6 +301,40 @@ impl Postfix {
             .trim()
             .parse()
             .ok()
+    }
+
+    /// The smtpd processes of this instance (children of its master).
+    pub fn smtpd_pids(&self) -> Vec<i32> {
+        let Some(master) = self.master_pid() else {
+            return Vec::new();
+        };
+        let Ok(proc) = fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        proc.flatten()
+            .filter_map(|entry| entry.file_name().to_string_lossy().parse::<i32>().ok())
+            .filter(|pid| {
+                let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                    return false;
+                };
+                // "pid (comm) state ppid ...": comm may hold spaces, so split at ')'.
+                let Some((head, rest)) = stat.rsplit_once(')') else {
+                    return false;
+                };
+                let ppid = rest
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|p| p.parse::<i32>().ok());
+                head.ends_with("(smtpd") && ppid == Some(master)
+            })
+            .collect()
+    }
+
+    /// Waits up to `limit` until no smtpd process is left (with
+    /// [`Options::process_limit`] they leave after 2 s idle); whether
+    /// none is.
+    pub fn wait_idle(&self, limit: Duration) -> bool {
+        wait_for(limit, || self.smtpd_pids().is_empty())
     }
 
     /// Stops the instance (`postfix stop`, which waits for the master to

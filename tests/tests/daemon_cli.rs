@@ -13,6 +13,7 @@ use std::{
 };
 
 use serde_json::Value;
+use smtpguard::testing::TempDir;
 use smtpguard_tests::{
     netns::{ChildGuard, Netns, Topology, GW_V4},
     require_root,
@@ -31,26 +32,6 @@ fn shared_data(file: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
         .join(file)
-}
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
-            "sgt-daemon-{}",
-            smtpguard_tests::netns::unique_tag()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 struct Gateway<'a> {
@@ -186,10 +167,10 @@ fn live_list_changes_stats_metrics_and_restart() {
     ] {
         topo.add_client(client);
     }
-    let dir = TempDir::new();
-    let d = dir.0.display();
+    let dir = TempDir::new("daemon");
+    let d = dir.path().display();
     std::fs::write(
-        dir.0.join("smtpguard.toml"),
+        dir.join("smtpguard.toml"),
         format!(
             r#"
 [server]
@@ -217,7 +198,7 @@ listen = "127.0.0.1:9325"
     .unwrap();
     let mut gw = Gateway {
         ns: &topo.gw,
-        dir: &dir.0,
+        dir: dir.path(),
         daemon: None,
     };
     gw.start();
@@ -245,12 +226,12 @@ listen = "127.0.0.1:9325"
     // A temporary entry expires on its own, from kernel, list and file.
     gw.ok(&["deny", "add", "203.0.113.10", "--for", "2s"]);
     assert_dropped(net, "203.0.113.10", "temporary entry in force");
-    assert!(std::fs::read_to_string(dir.0.join("deny.list"))
+    assert!(std::fs::read_to_string(dir.join("deny.list"))
         .unwrap()
         .contains("203.0.113.10/32"));
     std::thread::sleep(Duration::from_secs(3));
     assert_greeted(net, "203.0.113.10", "after the temporary entry expired");
-    assert!(!std::fs::read_to_string(dir.0.join("deny.list"))
+    assert!(!std::fs::read_to_string(dir.join("deny.list"))
         .unwrap()
         .contains("203.0.113.10/32"));
     assert!(
@@ -316,7 +297,7 @@ listen = "127.0.0.1:9325"
 
     // A list file edited by hand is never silently overwritten by the CLI:
     // the change is refused until a reload has read the file.
-    let deny_file = dir.0.join("deny.list");
+    let deny_file = dir.join("deny.list");
     let mut text = std::fs::read_to_string(&deny_file).unwrap();
     text.push_str("198.51.100.200/32 # added by hand\n");
     std::thread::sleep(Duration::from_millis(20));
@@ -351,7 +332,7 @@ listen = "127.0.0.1:9325"
     // A reload never half-applies settings the running server was built
     // from: a new listen port is named and waits for a restart, and the
     // kernel keeps guarding the port that is actually listening.
-    let config_path = dir.0.join("smtpguard.toml");
+    let config_path = dir.join("smtpguard.toml");
     let config = std::fs::read_to_string(&config_path).unwrap();
     std::fs::write(
         &config_path,

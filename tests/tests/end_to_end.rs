@@ -33,13 +33,12 @@ use std::{
 };
 
 use serde_json::Value;
+use smtpguard::testing::{TempDir, TestPki};
 use smtpguard_tests::{
     flood::{self, FrameSender, Plan, Progress},
     netns::{Netns, Topology, GW_V4, GW_V6},
     postfix::{self, Postfix},
-    require_root, run_bounded,
-    tempdir::TempDir,
-    wait_for,
+    require_root, run_bounded, wait_for,
 };
 use socket2::{Domain, Socket, Type};
 
@@ -563,34 +562,17 @@ fn scenario() -> Outcome {
     }
 
     // TLS: a CA and a server certificate for the gateway's addresses.
-    let (ca_pem, cert_pem, key_pem) = {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "smtpguard end-to-end test CA");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec![
-            "mx.gw.example".to_string(),
-            GW_V4.to_string(),
-            GW_V6.to_string(),
-        ])
-        .unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "mx.gw.example");
-        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-        (ca.pem(), cert.pem(), key.serialize_pem())
-    };
-    let ca = tmp.write("ca.crt", ca_pem);
-    let cert = tmp.write("server.crt", cert_pem);
-    let key = tmp.write("server.key", key_pem);
+    let pki = TestPki::new(
+        "smtpguard end-to-end test CA",
+        &["mx.gw.example", GW_V4, GW_V6],
+    );
+    let ca = &pki.ca_certificate;
+    let cert = &pki.certificate;
+    let key = &pki.private_key;
     let script = tmp.write("client.py", CLIENT_PY);
 
-    let postfix = Postfix::start_in(&topo.gw, UPSTREAM_PORT).unwrap_or_else(|e| panic!("{e}"));
+    let postfix = Postfix::start(postfix::Options::proxy(&topo.gw, UPSTREAM_PORT))
+        .unwrap_or_else(|e| panic!("{e}"));
     let _postfix_log = PrintPostfixLogOnFailure(&postfix);
 
     let socket = tmp.path().join("control.sock");

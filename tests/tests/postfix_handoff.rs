@@ -23,7 +23,7 @@ use smtpguard::smtp::{
 };
 use smtpguard_tests::{
     netns::{unique_tag, Netns},
-    postfix::Postfix,
+    postfix::{self, Postfix},
     require_root, wait_for,
 };
 
@@ -103,8 +103,11 @@ fn real_postfix_accepts_with_proxy_v2_and_xclient_then_451_when_stopped() {
     require_root();
     let started = Instant::now();
     let ns = Netns::new("pfx", &unique_tag());
-    let mut pf = Postfix::start_in_with(&ns, PROXY_PORT, Some(XCLIENT_PORT))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut pf = Postfix::start(postfix::Options {
+        xclient_port: Some(XCLIENT_PORT),
+        ..postfix::Options::proxy(&ns, PROXY_PORT)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     // A current-thread runtime: every socket is made on this thread, inside
     // the namespace.
     let result = ns.enter(|| {

@@ -1,6 +1,6 @@
-//! `cargo xtask bench`: runs the bench binary (tests crate, release) with
-//! the freshly built XDP object and daemon. Figures come with baselines
-//! from the same run; see `tests/src/bench/mod.rs`.
+//! `cargo xtask bench`: runs the bench crate (`bench/`, release) with the
+//! freshly built XDP objects and daemon. Figures come with baselines from
+//! the same run; see `bench/src/lib.rs`.
 
 use std::{
     path::{Path, PathBuf},
@@ -19,13 +19,17 @@ pub fn run(root: &Path, binary: &Path, quick: bool) -> Result<()> {
             "run",
             "--release",
             "--package",
-            "smtpguard-tests",
+            "smtpguard-bench",
             "--bin",
             "bench",
             "--",
         ])
         .args(["--out", "bench/RESULTS.md"])
         .env("SMTPGUARD_EBPF_OBJECT", object)
+        .env(
+            "SMTPGUARD_BENCH_OBJECT",
+            crate::provision::bench_object(root),
+        )
         .env("SMTPGUARD_BIN", binary);
     if let Some(data) = shared_data(root) {
         cmd.env("SMTPGUARD_SHARED_DATA", data);

@@ -11,6 +11,8 @@
 //! - `bench [--quick]`: measured figures beside their baselines.
 
 mod bench;
+#[path = "../../smtpguard-ebpf/fingerprint.rs"]
+mod fingerprint;
 mod peers;
 mod provision;
 mod testrun;

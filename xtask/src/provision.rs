@@ -265,7 +265,14 @@ pub fn ebpf_object(root: &Path) -> PathBuf {
     root.join("target/bpf/bpfel-unknown-none/release/smtpguard")
 }
 
-/// Compiles `smtpguard-ebpf` for `bpfel-unknown-none`; returns the object path.
+/// Where the bench's XDP_DROP baseline object ends up (built beside the
+/// production object, never embedded).
+pub fn bench_object(root: &Path) -> PathBuf {
+    root.join("target/bpf/bpfel-unknown-none/release/bench-drop-all")
+}
+
+/// Compiles `smtpguard-ebpf` for `bpfel-unknown-none` (the production
+/// object and the bench's baseline); returns the production object's path.
 pub fn build_ebpf(root: &Path, toolchain: &Toolchain) -> Result<PathBuf> {
     eprintln!("xtask: building the XDP program (smtpguard-ebpf)");
     let path = format!(
@@ -300,7 +307,14 @@ pub fn build_ebpf(root: &Path, toolchain: &Toolchain) -> Result<PathBuf> {
     if !status.success() {
         bail!("building the XDP program failed");
     }
-    Ok(ebpf_object(root))
+    // smtpguard/build.rs refuses an object whose sources changed since.
+    let object = ebpf_object(root);
+    let fingerprint =
+        crate::fingerprint::fingerprint(root).context("reading the smtpguard-ebpf sources")?;
+    let record = crate::fingerprint::fingerprint_path(&object);
+    std::fs::write(&record, fingerprint)
+        .with_context(|| format!("writing {}", record.display()))?;
+    Ok(object)
 }
 
 fn command_output(program: &str, args: &[&str]) -> Option<String> {

@@ -50,14 +50,18 @@ fn count_before(text: &str, label: &str) -> u64 {
 }
 
 /// Runs `cmd` (a `cargo test` command) with `--no-fail-fast`, so every test
-/// binary runs even when one fails, and ends with a summary naming the
-/// failing binaries. Fails when any test or build step failed.
+/// binary runs even when one fails, and with `--include-ignored`, so the
+/// tests a plain `cargo test` leaves out for needing root run too; ends
+/// with a summary naming the failing binaries. Fails when any test or
+/// build step failed.
 pub fn run(mut cmd: Command, args: &[String]) -> Result<()> {
     // `cargo test` refuses the flag twice.
     if !args.iter().any(|a| a == "--no-fail-fast") {
         cmd.arg("--no-fail-fast");
     }
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(with_ignored(args))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().context("running cargo test")?;
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
@@ -92,6 +96,23 @@ pub fn run(mut cmd: Command, args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `args` for `cargo test` with `--include-ignored` for the test binaries
+/// (after the `--` that starts their arguments, added if missing).
+fn with_ignored(args: &[String]) -> Vec<String> {
+    let mut args = args.to_vec();
+    if args
+        .iter()
+        .any(|a| a == "--include-ignored" || a == "--ignored")
+    {
+        return args;
+    }
+    match args.iter().position(|a| a == "--") {
+        Some(i) => args.insert(i + 1, "--include-ignored".into()),
+        None => args.extend(["--".into(), "--include-ignored".into()]),
+    }
+    args
+}
+
 /// Copies `from` to `to` line by line as it comes, and reads each line.
 fn echo(from: impl Read, mut to: impl Write) -> Summary {
     let mut summary = Summary::default();
@@ -109,6 +130,24 @@ fn echo(from: impl Read, mut to: impl Write) -> Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ignored_tests_are_included() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(with_ignored(&[]), args(&["--", "--include-ignored"]));
+        assert_eq!(
+            with_ignored(&args(&["front_door"])),
+            args(&["front_door", "--", "--include-ignored"])
+        );
+        assert_eq!(
+            with_ignored(&args(&["-p", "smtpguard", "--", "--nocapture"])),
+            args(&["-p", "smtpguard", "--", "--include-ignored", "--nocapture"])
+        );
+        assert_eq!(
+            with_ignored(&args(&["--", "--ignored"])),
+            args(&["--", "--ignored"])
+        );
+    }
 
     #[test]
     fn reads_results_and_failing_binaries() {

@@ -8,7 +8,7 @@
 
 use std::{
     fmt::Write as _,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use super::proto::{
@@ -18,16 +18,12 @@ use super::proto::{
 
 /// A Unix time (seconds, UTC) as RFC 3339, e.g. `2026-11-29T12:00:00Z`.
 pub fn time(unix_secs: u64) -> String {
-    match UNIX_EPOCH.checked_add(Duration::from_secs(unix_secs)) {
-        Some(t) if unix_secs < 253_402_300_800 => humantime::format_rfc3339_seconds(t).to_string(),
-        // Past year 9999: humantime cannot format it.
-        _ => format!("@{unix_secs}"),
-    }
+    crate::time::rfc3339_unix(unix_secs)
 }
 
 /// A system time as RFC 3339 seconds, for `stats --watch` headers.
 pub fn now() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+    crate::time::rfc3339(SystemTime::now())
 }
 
 /// Lays out rows in columns separated by two spaces; columns listed in

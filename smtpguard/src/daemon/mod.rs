@@ -127,7 +127,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         format!(
             "certificate {} valid until {}",
             t.certificate.subject,
-            tls::format_utc(t.certificate.not_after_unix)
+            crate::time::utc(t.certificate.not_after_unix)
         )
     });
     println!("{}", report::summary(&daemon, expiry.as_deref()));

@@ -786,7 +786,7 @@ mod tests {
 
     /// A client that never reads cannot hold the connection past the write
     /// deadline; a kick ends a stuck write at once.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn stuck_writes() {
         let (settings, metrics) = (settings(), Metrics::default());
         // 16 bytes of buffer: the greeting does not fit.
@@ -815,8 +815,53 @@ mod tests {
         assert_eq!(metrics.snapshot().rejected(Rejection::Kicked), 1);
     }
 
-    /// Only a complete line moves the inactivity deadline.
-    #[tokio::test]
+    /// A client that says STARTTLS and then never starts the handshake is
+    /// cut at the smaller of `handshake_timeout` and `idle_timeout`, on
+    /// tokio's paused clock (exact, and instant).
+    #[tokio::test(start_paused = true)]
+    async fn handshake_deadline() {
+        let pki = crate::testing::TestPki::new("conn test CA", &["mx.example.com"]);
+        let loaded = crate::tls::load(&pki.certificate, &pki.private_key, None).unwrap();
+        let acceptor = TlsAcceptor::from(loaded.server_config);
+        let metrics = Metrics::default();
+        // Says STARTTLS, then nothing: (how it ended, after how long, replies).
+        let stall = |settings: ConnSettings| {
+            let (acceptor, metrics) = (&acceptor, &metrics);
+            async move {
+                let mut conn = connection(&settings, metrics, Stop::default());
+                conn.tls = Some(acceptor);
+                let (server, mut client) = tokio::io::duplex(64 * 1024);
+                client
+                    .write_all(b"EHLO client.example.org\r\nSTARTTLS\r\n")
+                    .await
+                    .unwrap();
+                let started = Instant::now();
+                let (end, lines) =
+                    tokio::join!(serve(server, conn, Script::default()), read_all(client));
+                (end, started.elapsed(), lines)
+            }
+        };
+        let mut settings = settings();
+        settings.session.tls_mode = crate::smtp::TlsMode::Optional;
+
+        settings.handshake_timeout = Duration::from_secs(2);
+        let (end, after, lines) = stall(settings.clone()).await;
+        assert_eq!(end, End::TlsFailed);
+        assert_eq!(after, Duration::from_secs(2));
+        assert_eq!(lines.last().unwrap(), "220 2.0.0 Ready to start TLS");
+        assert_eq!(metrics.snapshot().tls_handshakes_failed, 1);
+
+        // The idle timeout is the smaller: it applies.
+        settings.handshake_timeout = Duration::from_secs(30);
+        let (end, after, _) = stall(settings.clone()).await;
+        assert_eq!(end, End::TlsFailed);
+        assert_eq!(after, settings.idle_timeout);
+    }
+
+    /// Only a complete line moves the inactivity deadline. Paused time: the
+    /// client's sleeps and the deadline are tokio's virtual clock, so the
+    /// test is instant and its timings exact.
+    #[tokio::test(start_paused = true)]
     async fn deadline_is_per_line() {
         let mut settings = settings();
         settings.idle_timeout = Duration::from_millis(300);

@@ -23,12 +23,6 @@ pub use sync::{ApplyHow, ApplyReport, MapSync, SyncError};
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/smtpguard.bpf.o"));
 
-/// The embedded XDP object (ELF), e.g. to load the bench's baseline
-/// program `smtpguard_drop_all` beside the filter.
-pub fn embedded_object() -> &'static [u8] {
-    EBPF_OBJECT
-}
-
 /// Errors from loading or attaching the XDP program.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {

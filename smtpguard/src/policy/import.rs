@@ -679,7 +679,7 @@ impl Importer<'_> {
             text: stamp.to_string(),
             reason,
         };
-        let expires = humantime::parse_rfc3339(stamp)
+        let expires = crate::time::parse_rfc3339(stamp)
             .map_err(|_| bad("expected an RFC 3339 UTC time such as 2026-12-01T10:00:00Z"))?;
         let remaining = rest[end..].trim();
         if remaining.starts_with("expires=") {

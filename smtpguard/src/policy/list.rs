@@ -564,7 +564,7 @@ impl AccessList {
             if entry.expires.is_some() || entry.comment.is_some() {
                 out.push_str(" #");
                 if let Some(t) = entry.expires {
-                    let _ = write!(out, " expires={}", humantime::format_rfc3339_seconds(t));
+                    let _ = write!(out, " expires={}", crate::time::rfc3339(t));
                 }
                 if let Some(c) = &entry.comment {
                     out.push(' ');

@@ -110,8 +110,6 @@ mod spool;
 mod upstream;
 
 #[cfg(test)]
-mod test_util;
-#[cfg(test)]
 mod tests;
 
 pub use factory::{Handoff, HandoffFactory};

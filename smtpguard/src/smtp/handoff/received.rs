@@ -27,7 +27,7 @@
 //! * The date is UTC (`+0000`).
 
 use std::net::IpAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use super::ClientInfo;
 use crate::smtp::command::valid_domain;
@@ -89,7 +89,7 @@ pub(crate) fn received_header(
     if let Some(last) = tokens.last_mut() {
         last.push(';');
     }
-    tokens.push(rfc5322_date(now));
+    tokens.push(crate::time::rfc5322(now));
     fold("Received:", &tokens)
 }
 
@@ -156,54 +156,12 @@ fn comment_safe(s: &str) -> String {
         .collect()
 }
 
-/// RFC 5322 §3.3 date-time in UTC: `Sat, 29 Nov 2026 09:43:48 +0000`.
-/// Times before 1970 are clamped to the epoch.
-pub(crate) fn rfc5322_date(t: SystemTime) -> String {
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{}, {} {} {} {:02}:{:02}:{:02} +0000",
-        DAYS[(days % 7) as usize],
-        d,
-        MONTHS[(m - 1) as usize],
-        y,
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Proleptic Gregorian (year, month 1..=12, day 1..=31) of a day count
-/// since 1970-01-01, by the usual era/day-of-era arithmetic (eras of 400
-/// years = 146097 days, years starting in March so the leap day is last).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468; // days since 0000-03-01
-    let era = z / 146_097;
-    let doe = z % 146_097; // [0, 146096]
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
-    let mp = (5 * doy + 2) / 153; // [0, 11], March = 0
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m, d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::smtp::command::parse_rcpt;
     use crate::smtp::TlsInfo;
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     fn client(helo: Option<&str>, esmtp: bool, tls: bool) -> ClientInfo {
         ClientInfo {
@@ -222,21 +180,6 @@ mod tests {
     /// 2026-11-29 09:43:48 UTC.
     fn when() -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(1_795_945_428)
-    }
-
-    #[test]
-    fn dates() {
-        assert_eq!(rfc5322_date(UNIX_EPOCH), "Thu, 1 Jan 1970 00:00:00 +0000");
-        assert_eq!(rfc5322_date(when()), "Sun, 29 Nov 2026 09:43:48 +0000");
-        // Leap day, and the last second of a leap year.
-        assert_eq!(
-            rfc5322_date(UNIX_EPOCH + Duration::from_secs(951_782_400)),
-            "Tue, 29 Feb 2000 00:00:00 +0000"
-        );
-        assert_eq!(
-            rfc5322_date(UNIX_EPOCH + Duration::from_secs(1_735_689_599)),
-            "Tue, 31 Dec 2024 23:59:59 +0000"
-        );
     }
 
     #[test]

@@ -154,7 +154,7 @@ impl Maildir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smtp::handoff::test_util::TempDir;
+    use crate::testing::TempDir;
     use std::collections::HashSet;
 
     #[test]

@@ -2,7 +2,6 @@
 //! here with tokio (loopback only), and into a temporary Maildir.
 
 use std::fs;
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,10 +9,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::test_util::TempDir;
 use super::upstream::dot_stuff;
 use super::*;
 use crate::smtp::command::{parse_mail, parse_rcpt};
+use crate::testing::{bounded, TempDir};
 
 const HOST: &str = "mx.test.example";
 /// A client outside the spool's `relay_networks`.
@@ -22,11 +21,7 @@ const OUTSIDER: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 5));
 const INSIDER: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 99));
 
 /// Every test body runs under this bound, so a bug cannot hang the suite.
-async fn bounded<T>(f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(15), f)
-        .await
-        .expect("test took longer than 15 s")
-}
+const LIMIT: Duration = Duration::from_secs(15);
 
 fn client() -> ClientInfo {
     ClientInfo {
@@ -272,7 +267,7 @@ async fn closed_port() -> SocketAddr {
 
 #[tokio::test]
 async fn full_transaction_with_proxy_v2() {
-    bounded(async {
+    bounded(LIMIT, async {
         let c = client();
         let fake = Fake::start(Script {
             expect_proxy: Some(proxy::header(c.peer, c.local)),
@@ -363,7 +358,7 @@ async fn full_transaction_with_proxy_v2() {
 
 #[tokio::test]
 async fn rcpt_rejection_is_passed_through() {
-    bounded(async {
+    bounded(LIMIT, async {
         let fake = Fake::start(Script {
             reject_rcpt: Some("nobody@example.com"),
             ..Script::default()
@@ -408,7 +403,7 @@ async fn rcpt_rejection_is_passed_through() {
 
 #[tokio::test]
 async fn upstream_closing_mid_transaction_gives_451_then_reconnects() {
-    bounded(async {
+    bounded(LIMIT, async {
         let fake = Fake::start(Script {
             close_on: Some("DATA"),
             ..Script::default()
@@ -439,7 +434,7 @@ async fn upstream_closing_mid_transaction_gives_451_then_reconnects() {
 
 #[tokio::test]
 async fn dead_reused_connection_is_replaced_once() {
-    bounded(async {
+    bounded(LIMIT, async {
         let c = client();
         let fake = Fake::start(Script {
             expect_proxy: Some(proxy::header(c.peer, c.local)),
@@ -472,7 +467,7 @@ async fn dead_reused_connection_is_replaced_once() {
 
 #[tokio::test]
 async fn unsolicited_upstream_data_is_not_taken_as_a_reply() {
-    bounded(async {
+    bounded(LIMIT, async {
         let fake = Fake::start(Script {
             extra_after_mail: "250 2.1.5 Ok (nobody asked)\r\n",
             ..Script::default()
@@ -496,7 +491,7 @@ async fn unsolicited_upstream_data_is_not_taken_as_a_reply() {
 
 #[tokio::test]
 async fn unreachable_upstream_gives_451() {
-    bounded(async {
+    bounded(LIMIT, async {
         let d = upstream(
             closed_port().await,
             UpstreamProtocol::ProxyV2,
@@ -515,7 +510,7 @@ async fn unreachable_upstream_gives_451() {
 
 #[tokio::test]
 async fn silent_upstream_gives_451_after_the_timeout() {
-    bounded(async {
+    bounded(LIMIT, async {
         let fake = Fake::start(Script {
             silent: true,
             ..Script::default()
@@ -543,7 +538,7 @@ async fn silent_upstream_gives_451_after_the_timeout() {
 
 #[tokio::test]
 async fn upstream_421_or_garbage_gives_451() {
-    bounded(async {
+    bounded(LIMIT, async {
         let c = client();
         let from = envelope("<a@example.org>", &[]).reverse_path;
         for script in [
@@ -596,7 +591,7 @@ async fn upstream_421_or_garbage_gives_451() {
 
 #[tokio::test]
 async fn temporary_and_permanent_mail_refusals_are_relayed() {
-    bounded(async {
+    bounded(LIMIT, async {
         let c = client();
         let from = envelope("<a@example.org>", &[]).reverse_path;
         let fake = Fake::start(Script {
@@ -644,7 +639,7 @@ async fn temporary_and_permanent_mail_refusals_are_relayed() {
 
 #[tokio::test]
 async fn helo_when_ehlo_is_refused() {
-    bounded(async {
+    bounded(LIMIT, async {
         let fake = Fake::start(Script {
             refuse_ehlo: true,
             ..Script::default()
@@ -669,7 +664,7 @@ async fn helo_when_ehlo_is_refused() {
 
 #[tokio::test]
 async fn xclient_exchange() {
-    bounded(async {
+    bounded(LIMIT, async {
         let fake = Fake::start(Script {
             extensions: vec!["PIPELINING", "SIZE 1000", "XCLIENT NAME ADDR PROTO HELO PORT LOGIN"],
             ..Script::default()
@@ -713,7 +708,7 @@ async fn xclient_exchange() {
 
 #[tokio::test]
 async fn data_refused_by_upstream_is_relayed_and_reset_next_time() {
-    bounded(async {
+    bounded(LIMIT, async {
         // A fake that answers DATA with 554 and otherwise behaves.
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -854,17 +849,17 @@ async fn spool_one_message() {
 
 #[tokio::test]
 async fn spool_message_current_thread_runtime() {
-    bounded(spool_one_message()).await
+    bounded(LIMIT, spool_one_message()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spool_message_multi_thread_runtime() {
-    bounded(spool_one_message()).await
+    bounded(LIMIT, spool_one_message()).await
 }
 
 #[tokio::test]
 async fn spool_failure_gives_451_430_and_leaves_nothing() {
-    bounded(async {
+    bounded(LIMIT, async {
         let tmp = TempDir::new("maildir-fail");
         let d = spool(tmp.path());
         fs::remove_dir(tmp.path().join("new")).unwrap();

@@ -17,7 +17,7 @@ use aya::{
     util::nr_cpus,
     Ebpf, EbpfLoader,
 };
-use smtpguard::kernel::{embedded_object, XdpFilter};
+use smtpguard::kernel::XdpFilter;
 
 /// An XDP program that can be test-run on a frame.
 pub trait PacketProgram {
@@ -94,10 +94,14 @@ impl PacketProgram for AyaProgram {
     }
 }
 
-/// `smtpguard_drop_all` from smtpguard's own object: returns `XDP_DROP` and
-/// nothing else, the floor every per-packet figure is compared with.
+/// `smtpguard_drop_all` from the bench's own XDP object (see
+/// [`crate::drop_all_object`]): returns `XDP_DROP` and nothing else, the
+/// floor every per-packet figure is compared with.
 pub fn drop_all() -> Result<AyaProgram> {
-    AyaProgram::load(Ebpf::load(embedded_object())?, "smtpguard_drop_all")
+    let path = crate::drop_all_object();
+    let ebpf = Ebpf::load_file(&path)
+        .with_context(|| format!("loading {} (`cargo xtask bench` builds it)", path.display()))?;
+    AyaProgram::load(ebpf, "smtpguard_drop_all")
 }
 
 /// xdp-filter's IP filter with policy "allow" (`xdpfilt_alw_ip.o`, shipped
@@ -202,8 +206,10 @@ struct PrivateBpffs(PathBuf);
 
 impl PrivateBpffs {
     fn mount() -> Result<PrivateBpffs> {
-        let dir =
-            std::env::temp_dir().join(format!("sgbench-bpffs-{}", crate::netns::unique_tag()));
+        let dir = std::env::temp_dir().join(format!(
+            "sgbench-bpffs-{}",
+            smtpguard_tests::netns::unique_tag()
+        ));
         std::fs::create_dir_all(&dir)?;
         let mounted = nix::mount::mount(
             Some("bpf"),

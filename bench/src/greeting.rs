@@ -19,7 +19,7 @@ use super::{
     stats::Sample,
     Settings, TempDir,
 };
-use crate::netns::{Topology, GW_V4};
+use smtpguard_tests::netns::{Topology, GW_V4};
 
 /// The gateway's SMTP port in this section.
 const PORT: u16 = 2525;
@@ -47,7 +47,7 @@ pub fn run(settings: &Settings) -> Result<Vec<Row>> {
     let count = if settings.quick { 200 } else { 1000 };
     let topo = Topology::new();
     topo.add_client(CLIENT);
-    let dir = TempDir::new("greeting")?;
+    let dir = TempDir::try_new("greeting")?;
     let d = dir.path().display();
     let config = format!(
         r#"

@@ -6,7 +6,7 @@
 use std::{
     future::Future,
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -17,20 +17,18 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use rustls_pki_types::ServerName;
+use smtpguard::testing::TestPki;
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader},
     net::TcpStream,
 };
-use tokio_rustls::{
-    rustls::{self, client::Resumption, RootCertStore},
-    TlsConnector,
-};
+use tokio_rustls::{rustls::client::Resumption, TlsConnector};
 
 /// The server name in the bench's certificate.
 pub const SERVER_NAME: &str = "mx.bench.example";
 
-/// A CA and a server certificate signed by it (ECDSA P-256), as files for
-/// the servers and as a client configuration that trusts the CA.
+/// The test PKI (a CA and a server certificate for [`SERVER_NAME`]) as
+/// files for the servers, and a client configuration that trusts the CA.
 pub struct Certs {
     /// Server certificate then CA certificate, PEM.
     pub chain: PathBuf,
@@ -39,42 +37,28 @@ pub struct Certs {
     /// Client side: trusts the CA, no session resumption (every handshake
     /// is a full one, for every server alike).
     pub connector: TlsConnector,
+    /// Owns the files.
+    _pki: TestPki,
 }
 
 impl Certs {
-    /// Makes the certificates under `dir`.
-    pub fn new(dir: &Path) -> Result<Certs> {
-        let ca_key = rcgen::KeyPair::generate()?;
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "smtpguard bench CA");
-        let ca = ca_params.self_signed(&ca_key)?;
-        let key = rcgen::KeyPair::generate()?;
-        let mut params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, SERVER_NAME);
-        let cert = params.signed_by(&key, &ca, &ca_key)?;
-        let chain = dir.join("chain.pem");
-        let key_path = dir.join("key.pem");
-        std::fs::write(&chain, format!("{}{}", cert.pem(), ca.pem()))?;
-        std::fs::write(&key_path, key.serialize_pem())?;
-        let mut roots = RootCertStore::empty();
-        roots.add(ca.der().clone())?;
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    /// Makes the certificates (in a temporary directory of their own).
+    pub fn new() -> Certs {
+        let pki = TestPki::new("smtpguard bench CA", &[SERVER_NAME]);
+        let mut config = pki.ca.client_config();
         config.resumption = Resumption::disabled();
-        Ok(Certs {
-            chain,
-            key: key_path,
+        Certs {
+            chain: pki.chain.clone(),
+            key: pki.private_key.clone(),
             connector: TlsConnector::from(Arc::new(config)),
-        })
+            _pki: pki,
+        }
+    }
+}
+
+impl Default for Certs {
+    fn default() -> Certs {
+        Certs::new()
     }
 }
 

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use super::{lists::List, TempDir};
-use crate::netns::Netns;
+use smtpguard_tests::netns::Netns;
 
 /// Where the drop rule hooks in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,7 +74,7 @@ pub fn table_script(list: &List, hook: Hook, device: &str, port: Option<u16>) ->
 
 /// Runs `nft -f` on `script` inside `ns`; returns how long it took.
 pub fn load(ns: &Netns, script: &str) -> Result<Duration> {
-    let dir = TempDir::new("nft")?;
+    let dir = TempDir::try_new("nft")?;
     let path = dir.path().join("rules.nft");
     std::fs::write(&path, script)?;
     let started = Instant::now();
@@ -132,7 +132,7 @@ pub fn dropped(ns: &Netns, hook: Hook) -> Result<u64> {
 
 /// How long `nft -f` takes to load `list` as a set, in a namespace of its own.
 pub fn load_time(list: &List) -> Result<Duration> {
-    let ns = Netns::new("nft", &crate::netns::unique_tag());
+    let ns = Netns::new("nft", &smtpguard_tests::netns::unique_tag());
     load(&ns, &table_script(list, Hook::InetPrerouting, "", None))
 }
 

@@ -33,7 +33,7 @@ use super::{
     stats::{median_of_rounds, Round, Sample},
     why, Settings,
 };
-use crate::netns::{Topology, GW_V4};
+use smtpguard_tests::netns::{Topology, GW_V4};
 
 /// The gateway's SMTP port in this section.
 const PORT: u16 = 2525;

@@ -26,7 +26,7 @@ use super::{
     sender::{self, Macs, PacketSocket},
     why, Settings, TempDir,
 };
-use crate::netns::{Topology, GW_V4};
+use smtpguard_tests::netns::{Topology, GW_V4};
 
 /// The gateway's SMTP port in this section.
 const PORT: u16 = 2525;
@@ -174,7 +174,7 @@ level = "warn"
 }
 
 fn with_smtpguard(topo: &Topology, macs: Macs, list: &List) -> Result<Probe> {
-    let dir = TempDir::new("cli")?;
+    let dir = TempDir::try_new("cli")?;
     let text: String = list.prefixes.iter().map(|p| format!("{p}\n")).collect();
     std::fs::write(dir.path().join("deny.list"), text)?;
     let daemon = Daemon::start(

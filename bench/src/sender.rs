@@ -198,7 +198,7 @@ pub struct Macs {
 
 impl Macs {
     /// From the `net` end of a topology's veth to its `gw` end.
-    pub fn net_to_gw(topo: &crate::netns::Topology) -> anyhow::Result<Macs> {
+    pub fn net_to_gw(topo: &smtpguard_tests::netns::Topology) -> anyhow::Result<Macs> {
         Ok(Macs {
             src: mac_of(&topo.net, &topo.net_if)?,
             dst: mac_of(&topo.gw, &topo.gw_if)?,
@@ -225,7 +225,7 @@ pub fn syn_frame(
 }
 
 /// The MAC address of `interface` in namespace `ns` (`ip -j link show`).
-pub fn mac_of(ns: &crate::netns::Netns, interface: &str) -> anyhow::Result<[u8; 6]> {
+pub fn mac_of(ns: &smtpguard_tests::netns::Netns, interface: &str) -> anyhow::Result<[u8; 6]> {
     let out = ns
         .command("ip")
         .args(["-br", "link", "show", "dev", interface])

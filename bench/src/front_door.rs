@@ -17,14 +17,21 @@ use tokio::runtime::Runtime;
 
 use super::{
     daemon::{self, Daemon},
-    postfix::{HaProxy, Postfix},
+    haproxy::HaProxy,
     report::{bytes, thousands, Figure, Measured, Row},
     smtp_client::{self, Certs, Work},
     stats::{median_of_rounds, Round, Sample},
     why, Settings, TempDir,
 };
-use crate::netns::{unique_tag, Netns};
+use smtpguard_tests::{
+    netns::{unique_tag, Netns},
+    postfix::{self, Postfix},
+};
 
+/// Postfix's smtpd ports on 127.0.0.1: plain (STARTTLS offered), and
+/// behind a PROXY v2 header (for smtpguard and HAProxy).
+const POSTFIX_PLAIN: u16 = 10025;
+const POSTFIX_PROXIED: u16 = 10026;
 const SPOOL: &str = "127.0.0.1:2525";
 const RELAY: &str = "127.0.0.1:2526";
 const HAPROXY: &str = "127.0.0.1:2527";
@@ -85,29 +92,43 @@ struct Servers {
     _dirs: Vec<TempDir>,
 }
 
+/// The bench's Postfix's plain smtpd (it always has one).
+fn plain(pf: &Postfix) -> SocketAddr {
+    pf.plain().expect("the bench's Postfix has a plain smtpd")
+}
+
 impl Servers {
     fn start(settings: &Settings) -> Result<Servers> {
-        let certs_dir = TempDir::new("certs")?;
-        let certs = Certs::new(certs_dir.path())?;
+        let certs = Certs::new();
         let limit = settings.postfix_idle_connections + RATE_CLIENTS + 50;
-        let postfix = why(Postfix::start(limit, &certs));
-        let spool_dir = TempDir::new("spool")?;
+        let postfix = Postfix::start(postfix::Options {
+            netns: None,
+            port: POSTFIX_PROXIED,
+            plain_port: Some(POSTFIX_PLAIN),
+            xclient_port: None,
+            tls: Some(postfix::Tls {
+                chain: &certs.chain,
+                key: &certs.key,
+            }),
+            process_limit: Some(limit),
+        });
+        let spool_dir = TempDir::try_new("spool")?;
         let spool = Daemon::start(
             None,
             spool_dir.path(),
             &daemon_config(spool_dir.path(), SPOOL, &certs, None),
         )?;
-        let relay_dir = TempDir::new("relay")?;
+        let relay_dir = TempDir::try_new("relay")?;
         let relay = match &postfix {
             Ok(pf) => why(Daemon::start(
                 None,
                 relay_dir.path(),
-                &daemon_config(relay_dir.path(), RELAY, &certs, Some(pf.proxied)),
+                &daemon_config(relay_dir.path(), RELAY, &certs, Some(pf.proxied())),
             )),
             Err(e) => Err(format!("needs Postfix: {e}")),
         };
         let haproxy = match &postfix {
-            Ok(pf) => why(HaProxy::start(HAPROXY.parse()?, pf.proxied)),
+            Ok(pf) => why(HaProxy::start(HAPROXY.parse()?, pf.proxied())),
             Err(e) => Err(format!("needs Postfix: {e}")),
         };
         Ok(Servers {
@@ -116,7 +137,7 @@ impl Servers {
             postfix,
             haproxy,
             certs,
-            _dirs: vec![certs_dir, spool_dir, relay_dir],
+            _dirs: vec![spool_dir, relay_dir],
         })
     }
 }
@@ -172,7 +193,7 @@ fn greet_work(addr: SocketAddr) -> Work {
 }
 
 fn connection_rate(settings: &Settings, rt: &Runtime, s: &Servers) -> Row {
-    let pf_plain = s.postfix.as_ref().map(|p| p.plain).map_err(Clone::clone);
+    let pf_plain = s.postfix.as_ref().map(plain).map_err(Clone::clone);
     let samples = median_of_rounds(
         settings.rate_rounds,
         vec![
@@ -213,7 +234,7 @@ fn handshake_rate(settings: &Settings, rt: &Runtime, s: &Servers) -> Row {
             Box::pin(async move { smtp_client::starttls(addr, &connector).await.map(|_| 1) })
         })
     };
-    let pf_plain = s.postfix.as_ref().map(|p| p.plain).map_err(Clone::clone);
+    let pf_plain = s.postfix.as_ref().map(plain).map_err(Clone::clone);
     let samples = median_of_rounds(
         settings.rate_rounds,
         vec![
@@ -252,7 +273,7 @@ fn message_rate(settings: &Settings, rt: &Runtime, s: &Servers) -> Vec<Row> {
             ))
         })
     };
-    let pf_plain = s.postfix.as_ref().map(|p| p.plain).map_err(Clone::clone);
+    let pf_plain = s.postfix.as_ref().map(plain).map_err(Clone::clone);
     let samples = median_of_rounds(
         settings.rate_rounds,
         vec![
@@ -331,7 +352,7 @@ fn idle_cost(
 fn idle_memory(settings: &Settings, rt: &Runtime, s: &Servers) -> Vec<Row> {
     let ours = |tls: bool| -> Measured {
         why((|| {
-            let dir = TempDir::new("memory")?;
+            let dir = TempDir::try_new("memory")?;
             let fresh = Daemon::start(
                 None,
                 dir.path(),
@@ -363,15 +384,23 @@ fn idle_memory(settings: &Settings, rt: &Runtime, s: &Servers) -> Vec<Row> {
             let e = s.postfix.as_ref().err().cloned().unwrap_or_default();
             return [Err(e.clone()), Err(e)];
         };
-        let n = settings.postfix_idle_connections.min(pf.process_limit - 10);
+        let n = settings
+            .postfix_idle_connections
+            .min(pf.process_limit.expect("Servers::start sets it") - 10);
         let sum = |f: fn(u32) -> Result<u64>| -> Result<u64> {
-            Ok(pf.smtpd_pids()?.into_iter().filter_map(|p| f(p).ok()).sum())
+            Ok(pf
+                .smtpd_pids()
+                .into_iter()
+                .filter_map(|p| f(p.unsigned_abs()).ok())
+                .sum())
         };
         let run = |f: fn(u32) -> Result<u64>| -> Result<f64> {
-            pf.wait_idle()?;
+            if !pf.wait_idle(std::time::Duration::from_secs(15)) {
+                anyhow::bail!("Postfix smtpd processes did not go idle");
+            }
             // Processes exist only while sessions do: measure the total.
             let held = rt.block_on(smtp_client::open_many(
-                pf.plain,
+                plain(pf),
                 n,
                 50,
                 tls.then(|| s.certs.connector.clone()),

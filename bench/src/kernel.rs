@@ -22,7 +22,7 @@ use super::{
     stats::{median_of_rounds, Round, Sample},
     why, Settings,
 };
-use crate::packet::{self, ethertype, Ext, V4Opts};
+use smtpguard_tests::packet::{self, ethertype, Ext, V4Opts};
 
 /// The guarded SMTP port in the test frames.
 const PORT: u16 = 25;

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use super::smtpguard_binary;
-use crate::netns::Netns;
+use smtpguard_tests::netns::Netns;
 
 /// A running daemon.
 pub struct Daemon {

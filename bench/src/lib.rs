@@ -1,5 +1,7 @@
 //! `cargo xtask bench`: smtpguard's figures beside baselines measured the
-//! same way in the same run (see `src/bin/bench.rs`). Sections:
+//! same way in the same run (see `src/main.rs`). Its own crate, so the
+//! privileged test helpers (`smtpguard-tests`: namespaces, frames) are
+//! used as they are, not reshaped for it. Sections:
 //!
 //! - [`kernel`]: ns per packet through `BPF_PROG_TEST_RUN`, a batch of
 //!   distinct sources, live-frames packets per second, list load time and
@@ -17,10 +19,10 @@ pub mod daemon;
 pub mod flood;
 pub mod front_door;
 pub mod greeting;
+pub mod haproxy;
 pub mod kernel;
 pub mod lists;
 pub mod nft;
-pub mod postfix;
 pub mod programs;
 pub mod report;
 pub mod sender;
@@ -28,6 +30,8 @@ pub mod smtp_client;
 pub mod stats;
 
 use std::path::{Path, PathBuf};
+
+pub use smtpguard::testing::TempDir;
 
 /// How much of everything to do: `--quick` or the full run.
 #[derive(Clone, Debug)]
@@ -109,31 +113,16 @@ pub fn smtpguard_binary() -> PathBuf {
         })
 }
 
-/// A temporary directory (mode 0755, so Postfix's unprivileged processes
-/// can traverse it), removed with everything in it on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    /// `/tmp/sgbench-<what>-<unique tag>`.
-    pub fn new(what: &str) -> std::io::Result<TempDir> {
-        use std::os::unix::fs::PermissionsExt;
-        let dir =
-            std::env::temp_dir().join(format!("sgbench-{what}-{}", crate::netns::unique_tag()));
-        std::fs::create_dir_all(&dir)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-        Ok(TempDir(dir))
-    }
-
-    /// The directory.
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// The bench's XDP_DROP baseline object (`smtpguard-ebpf`'s
+/// `bench-drop-all`, kept out of the production object):
+/// `SMTPGUARD_BENCH_OBJECT` (xtask sets it), else where xtask builds it.
+pub fn drop_all_object() -> PathBuf {
+    std::env::var_os("SMTPGUARD_BENCH_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/bpf/bpfel-unknown-none/release/bench-drop-all")
+        })
 }
 
 /// Raises this process's open-file limit to `want`, or, where the hard

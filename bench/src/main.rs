@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: smtpguard's figures beside baselines measured the
 //! same way in the same run. Prints a markdown table and writes it to
 //! `bench/RESULTS.md`. Nothing here is a pass/fail timer. The sections
-//! live in `smtpguard_tests::bench`.
+//! live in this crate's library (`smtpguard_bench`).
 //!
 //! Usage: `bench [--quick] [--out PATH] [--only SECTION]`, SECTION one of
 //! `kernel`, `flood`, `greeting`, `sync`, `front-door` (for working on one section; the
@@ -9,12 +9,10 @@
 
 use std::{panic::AssertUnwindSafe, time::Instant};
 
-use smtpguard_tests::{
-    bench::{
-        cli_latency, flood, front_door, greeting, kernel, report::Report, report::Row, Settings,
-    },
-    require_root,
+use smtpguard_bench::{
+    cli_latency, flood, front_door, greeting, kernel, report::Report, report::Row, Settings,
 };
+use smtpguard_tests::require_root;
 
 fn main() {
     require_root();
@@ -31,7 +29,7 @@ fn main() {
         .and_then(|i| args.get(i + 1).cloned());
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let mut settings = Settings::new(quick);
-    let nofile = smtpguard_tests::bench::raise_nofile_limit(200_000);
+    let nofile = smtpguard_bench::raise_nofile_limit(200_000);
     settings.idle_connections = settings.idle_connections.min(nofile as usize - 1000);
     let started = Instant::now();
 
