@@ -49,7 +49,7 @@ impl PacketSocket {
             libc::bind(
                 fd.as_raw_fd(),
                 &addr as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                size_of::<libc::sockaddr_ll>() as u32,
             )
         };
         if rc != 0 {
@@ -99,7 +99,7 @@ impl PacketSocket {
                 libc::SOL_SOCKET,
                 libc::SO_RCVTIMEO,
                 &tv as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as u32,
+                size_of::<libc::timeval>() as u32,
             )
         };
         if rc != 0 {
@@ -126,6 +126,7 @@ impl PacketSocket {
             // SAFETY: zeroed mmsghdr is valid; each points at an iovec above.
             let mut msgs: Vec<libc::mmsghdr> = (0..n)
                 .map(|i| {
+                    // SAFETY: mmsghdr is plain C data; all zeroes is a valid value.
                     let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
                     m.msg_hdr.msg_iov = &mut iovs[(next + i) % frames.len()];
                     m.msg_hdr.msg_iovlen = 1;

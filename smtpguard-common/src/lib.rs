@@ -229,9 +229,12 @@ pub const IPV6_MAX_EXTENSION_HEADERS: u32 = 8;
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are repr(C), Copy, have no padding the compiler
-    // adds (explicit `_pad` fields) and are valid for any bit pattern.
+    // SAFETY (all three): repr(C), Copy, no padding the compiler adds
+    // (explicit `_pad` fields), valid for any bit pattern.
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::Rule {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::RuntimeConfig {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::LogWindow {}
 }

@@ -57,7 +57,7 @@ pub type PassReason = u32;
 fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, PassReason> {
     let start = ctx.data();
     let end = ctx.data_end();
-    if offset > MAX_HEADER_OFFSET || start + offset + core::mem::size_of::<T>() > end {
+    if offset > MAX_HEADER_OFFSET || start + offset + size_of::<T>() > end {
         return Err(counter::PASS_MALFORMED);
     }
     // SAFETY: bounds checked just above; the packet has no alignment guarantee.

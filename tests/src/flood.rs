@@ -68,7 +68,7 @@ impl FrameSender {
                 frame.len(),
                 0,
                 (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
             )
         };
         if n >= 0 {

@@ -15,7 +15,7 @@ pub fn smtpguard_drop_all(_ctx: XdpContext) -> u32 {
 
 #[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     loop {}
 }
 

@@ -26,10 +26,11 @@ pub(crate) struct HitsMapping {
 // SAFETY: the mapping lives as long as the struct; every access is an
 // atomic load or store of an aligned u64, as the kernel's are atomic adds.
 unsafe impl Send for HitsMapping {}
+// SAFETY: as for Send.
 unsafe impl Sync for HitsMapping {}
 
 impl HitsMapping {
-    const LEN: usize = MAX_RULE_IDS as usize * std::mem::size_of::<u64>();
+    const LEN: usize = MAX_RULE_IDS as usize * size_of::<u64>();
 
     pub(crate) fn take_from(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
         match ebpf.take_map(map_names::HITS) {

@@ -536,7 +536,7 @@ fn data_session(bare_lf: BareLfPolicy) -> Client {
 fn bare_lf_and_cr_in_data() {
     // (body, policy, replies after the body, handed-off data)
     type Case<'a> = (&'a [u8], BareLfPolicy, &'a [&'a str], Option<&'a [u8]>);
-    let cases: &[Case] = &[
+    let cases: &[Case<'_>] = &[
         (b"a\nb\r\n.\r\n", BareLfPolicy::Reject, &["550 5.5.2"], None),
         (b"a\rb\r\n.\r\n", BareLfPolicy::Reject, &["550 5.5.2"], None),
         (
