@@ -9,8 +9,11 @@
 //! - `test`: install and probe the test peers, build, then every test
 //!   binary (unit, BPF_PROG_TEST_RUN, netns), even after one fails.
 //! - `bench [--quick]`: measured figures beside their baselines.
+//! - `fuzz --minutes N [--target NAME]`: every cargo-fuzz target in `fuzz/`
+//!   for N minutes each; crashes land in `fuzz/artifacts/`.
 
 mod bench;
+mod fuzz;
 mod peers;
 mod provision;
 mod testrun;
@@ -68,6 +71,22 @@ enum Cmd {
         /// A quick look (under 2 minutes) instead of the full run.
         #[arg(long)]
         quick: bool,
+    },
+    /// Run every fuzz target in fuzz/ under libFuzzer (needs cargo-fuzz).
+    Fuzz {
+        /// Minutes per target.
+        #[arg(long, default_value_t = 1)]
+        minutes: u64,
+        /// Only this target (session_feed, smtp_command, list_entry,
+        /// control_request, upstream_reply).
+        #[arg(long)]
+        target: Option<String>,
+        /// Targets fuzzed side by side (each takes one core).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// libFuzzer's sanitizer: `address`, or `none` where ASan is missing.
+        #[arg(long, default_value = "address")]
+        sanitizer: String,
     },
 }
 
@@ -156,7 +175,10 @@ fn run(cmd: Cmd) -> Result<()> {
                 .env("SMTPGUARD_EBPF_OBJECT", &object)
                 .env("SMTPGUARD_BIN", &binary)
                 .env("SMTPGUARD_SHARED_DATA", root.join("../shared/data"));
-            testrun::run(cmd, &args)
+            let tests = testrun::run(cmd, &args);
+            // The fuzz targets' checks, bounded, even when a test failed.
+            let fuzz_checks = fuzz::bounded_tests(&root);
+            tests.and(fuzz_checks)
         }
         Cmd::Bench { quick } => {
             require_root("the bench loads XDP programs and creates network namespaces")?;
@@ -164,6 +186,20 @@ fn run(cmd: Cmd) -> Result<()> {
             let binary = build(&root, true)?;
             bench::run(&root, &binary, quick)
         }
+        Cmd::Fuzz {
+            minutes,
+            target,
+            jobs,
+            sanitizer,
+        } => fuzz::run(
+            &root,
+            &fuzz::Options {
+                minutes,
+                target,
+                jobs,
+                sanitizer,
+            },
+        ),
     }
 }
 
