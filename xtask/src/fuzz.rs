@@ -128,14 +128,12 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
 pub fn bounded_tests(root: &Path) -> Result<()> {
     eprintln!("xtask: running the fuzz targets' checks as bounded property tests (fuzz/)");
     let mut cmd = Command::new(env!("CARGO"));
-    // The main target directory: the smtpguard build is shared.
-    cmd.current_dir(root).args([
-        "test",
-        "--manifest-path",
-        "fuzz/Cargo.toml",
-        "--target-dir",
-        "target",
-    ]);
+    // The main target directory and the same embedded object as the main
+    // tests (`cargo xtask test` built it): the smtpguard build is shared.
+    cmd.current_dir(root)
+        .args(["test", "--manifest-path", "fuzz/Cargo.toml"])
+        .args(["--target-dir", "target"])
+        .env("SMTPGUARD_EBPF_OBJECT", crate::provision::ebpf_object(root));
     crate::testrun::run(cmd, &[])
 }
 
