@@ -169,15 +169,24 @@ fn cargo_fuzz(dir: &Path, toolchain: &str) -> Command {
         c.arg("fuzz").env("RUSTC_BOOTSTRAP", "1");
         c
     };
-    // xtask runs under cargo, whose variables would pin the stable tools.
-    for var in [
-        "CARGO",
-        "RUSTC",
-        "RUSTDOC",
-        "RUSTUP_TOOLCHAIN",
-        "CARGO_TARGET_DIR",
-    ] {
-        cmd.env_remove(var);
+    // xtask runs under `cargo run`, whose variables (the stable tools,
+    // xtask's own CARGO_PKG_* and LD_LIBRARY_PATH) would pin the toolchain
+    // and make this build differ from one started in a shell, so that each
+    // rebuilds the other's dependencies (seen: ring, rustls).
+    for (var, _) in std::env::vars_os() {
+        let name = var.to_string_lossy();
+        if (name.starts_with("CARGO") && name != "CARGO_HOME")
+            || name.starts_with("RUSTUP_TOOLCHAIN")
+            || [
+                "RUSTC",
+                "RUSTDOC",
+                "LD_LIBRARY_PATH",
+                "RUST_RECURSION_COUNT",
+            ]
+            .contains(&&*name)
+        {
+            cmd.env_remove(&var);
+        }
     }
     cmd.current_dir(dir);
     cmd
