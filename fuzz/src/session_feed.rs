@@ -18,7 +18,6 @@
 //! - up to the first STARTTLS (after which the driver drops what it had read,
 //!   so the cut matters by design), the events do not depend on the cut.
 
-use arbitrary::Arbitrary;
 use smtpguard::smtp::{
     command::MAX_PATH, AcceptAll, AskDriver, BareLfPolicy, DomainPolicy, Event, Phase, RcptPolicy,
     Reply, Session, SessionParams, Step, TlsInfo, TlsMode, MAX_QUEUED_EVENTS,
@@ -29,7 +28,7 @@ use smtpguard::smtp::{
 pub const EVENTS_PER_LINE: usize = 3;
 
 /// One client connection.
-#[derive(Debug, Clone, Arbitrary)]
+#[derive(Debug, Clone)]
 pub struct Input {
     /// The session's parameters and recipient policy.
     pub settings: Settings,
@@ -43,7 +42,7 @@ pub struct Input {
 }
 
 /// The parts of `SessionParams` and the policy worth varying.
-#[derive(Debug, Clone, Copy, Arbitrary)]
+#[derive(Debug, Clone, Copy)]
 pub struct Settings {
     /// STARTTLS off, optional or required.
     pub tls_mode: Tls,
@@ -62,7 +61,7 @@ pub struct Settings {
 }
 
 /// `TlsMode`, owned here so it can derive `Arbitrary`.
-#[derive(Debug, Clone, Copy, Arbitrary)]
+#[derive(Debug, Clone, Copy)]
 pub enum Tls {
     /// `TlsMode::Off`.
     Off,
@@ -73,7 +72,7 @@ pub enum Tls {
 }
 
 /// The recipient policy.
-#[derive(Debug, Clone, Copy, Arbitrary)]
+#[derive(Debug, Clone, Copy)]
 pub enum Policy {
     /// `AcceptAll`.
     AcceptAll,
@@ -87,7 +86,7 @@ pub enum Policy {
 }
 
 /// How the driver answers a decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Arbitrary)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     /// `250`, no enhanced code (the session fills it in).
     Accept,
@@ -104,6 +103,66 @@ pub enum Decision {
         /// A class for the enhanced code, possibly wrong.
         class: u8,
     },
+}
+
+/// Length of the header [`Input::from_bytes`] reads before the client's bytes.
+pub const HEADER_LEN: usize = 12;
+
+impl Input {
+    /// The fuzzer's bytes as a connection: a [`HEADER_LEN`]-byte header,
+    /// then exactly what the client sends, so that seeds are plain SMTP
+    /// transcripts and dictionary words land in the client's bytes. `None`
+    /// when shorter than the header.
+    ///
+    /// | byte | meaning |
+    /// |---|---|
+    /// | 0 | TLS mode: 0 off, 1 optional, 2 required (mod 3) |
+    /// | 1 | bit 0 TLS available, bit 1 normalise bare LF, bits 2-3 policy: accept all, ask driver, domain, domain with relay |
+    /// | 2-3 | `max_message_size`, little-endian |
+    /// | 4 | `max_recipients` |
+    /// | 5 | `max_errors` |
+    /// | 6, 7 | two read sizes, used in turn (0 reads 1 byte) |
+    /// | 8 | four decisions, two bits each: accept, 451, 550, 421 |
+    /// | 9 | non-zero: a fifth decision, an odd reply of this enhanced class |
+    /// | 10-11 | its basic code, little-endian |
+    pub fn from_bytes(data: &[u8]) -> Option<Input> {
+        let (h, bytes) = data.split_first_chunk::<HEADER_LEN>()?;
+        let settings = Settings {
+            tls_mode: [Tls::Off, Tls::Optional, Tls::Required][usize::from(h[0] % 3)],
+            tls_available: h[1] & 1 != 0,
+            normalize_bare_lf: h[1] & 2 != 0,
+            policy: match (h[1] >> 2) & 3 {
+                0 => Policy::AcceptAll,
+                1 => Policy::AskDriver,
+                n => Policy::Domain {
+                    relay_allowed: n == 3,
+                },
+            },
+            max_message_size: u16::from_le_bytes([h[2], h[3]]),
+            max_recipients: h[4],
+            max_errors: h[5],
+        };
+        let mut decisions: Vec<Decision> = (0..4)
+            .map(|i| match (h[8] >> (2 * i)) & 3 {
+                0 => Decision::Accept,
+                1 => Decision::TempFail,
+                2 => Decision::Reject,
+                _ => Decision::Close,
+            })
+            .collect();
+        if h[9] != 0 {
+            decisions.push(Decision::Odd {
+                code: u16::from_le_bytes([h[10], h[11]]),
+                class: h[9],
+            });
+        }
+        Some(Input {
+            settings,
+            reads: vec![u16::from(h[6]), u16::from(h[7])],
+            decisions,
+            bytes: bytes.to_vec(),
+        })
+    }
 }
 
 impl Decision {

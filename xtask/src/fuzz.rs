@@ -208,7 +208,14 @@ fn fuzz_one(
     let before: Vec<PathBuf> = artifact_files(&artifacts);
     let out = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let mut cmd = cargo_fuzz(dir, toolchain);
-    cmd.args(["run", "--sanitizer", &options.sanitizer, target, "--"])
+    cmd.args(["run", "--sanitizer", &options.sanitizer, target]);
+    // libFuzzer adds what it finds to the first directory; committed seeds
+    // (fuzz/seeds/<target>) are read only.
+    let seeds = dir.join("seeds").join(target);
+    if seeds.is_dir() {
+        cmd.arg(&corpus).arg(&seeds);
+    }
+    cmd.arg("--")
         .arg(format!("-max_total_time={}", options.minutes * 60))
         .arg("-print_final_stats=1")
         .arg("-timeout=10");
