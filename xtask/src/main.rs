@@ -9,10 +9,13 @@
 //! - `test`: install and probe the test peers, build, then every test
 //!   binary (unit, BPF_PROG_TEST_RUN, netns), even after one fails.
 //! - `bench [--quick]`: measured figures beside their baselines.
+//! - `fuzz --minutes N [--target NAME]`: every cargo-fuzz target in `fuzz/`
+//!   for N minutes each; crashes land in `fuzz/artifacts/`.
 
 mod bench;
 #[path = "../../smtpguard-ebpf/fingerprint.rs"]
 mod fingerprint;
+mod fuzz;
 mod peers;
 mod provision;
 mod testrun;
@@ -70,6 +73,22 @@ enum Cmd {
         /// A quick look (under 2 minutes) instead of the full run.
         #[arg(long)]
         quick: bool,
+    },
+    /// Run every fuzz target in fuzz/ under libFuzzer (needs cargo-fuzz).
+    Fuzz {
+        /// Minutes per target.
+        #[arg(long, default_value_t = 1)]
+        minutes: u64,
+        /// Only this target (session_feed, smtp_command, list_entry,
+        /// control_request, upstream_reply).
+        #[arg(long)]
+        target: Option<String>,
+        /// Targets fuzzed side by side (each takes one core).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// libFuzzer's sanitizer: `address`, or `none` where ASan is missing.
+        #[arg(long, default_value = "address")]
+        sanitizer: String,
     },
 }
 
@@ -158,7 +177,9 @@ fn run(cmd: Cmd) -> Result<()> {
                 .env("SMTPGUARD_EBPF_OBJECT", &object)
                 .env("SMTPGUARD_BIN", &binary)
                 .env("SMTPGUARD_SHARED_DATA", root.join("../shared/data"));
-            testrun::run(cmd, &args)
+            // Then the fuzz targets' checks as bounded property tests, even
+            // when a test failed; one summary over both.
+            testrun::run(vec![cmd, fuzz::bounded_tests(&root)], &args)
         }
         Cmd::Bench { quick } => {
             require_root("the bench loads XDP programs and creates network namespaces")?;
@@ -166,6 +187,20 @@ fn run(cmd: Cmd) -> Result<()> {
             let binary = build(&root, true)?;
             bench::run(&root, &binary, quick)
         }
+        Cmd::Fuzz {
+            minutes,
+            target,
+            jobs,
+            sanitizer,
+        } => fuzz::run(
+            &root,
+            &fuzz::Options {
+                minutes,
+                target,
+                jobs,
+                sanitizer,
+            },
+        ),
     }
 }
 

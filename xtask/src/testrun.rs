@@ -49,12 +49,44 @@ fn count_before(text: &str, label: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs `cmd` (a `cargo test` command) with `--no-fail-fast`, so every test
-/// binary runs even when one fails, and with `--include-ignored`, so the
-/// tests a plain `cargo test` leaves out for needing root run too; ends
-/// with a summary naming the failing binaries. Fails when any test or
-/// build step failed.
-pub fn run(mut cmd: Command, args: &[String]) -> Result<()> {
+/// Runs each `cargo test` command in turn with `--no-fail-fast`, so every
+/// test binary runs even when one fails (and every command runs even when
+/// an earlier one failed); `args` go to the first command only. Ends with
+/// one summary over all of them naming the failing binaries. Fails when
+/// any test or build step failed.
+pub fn run(commands: Vec<Command>, args: &[String]) -> Result<()> {
+    let mut total = Summary::default();
+    let mut build_failed = false;
+    for (i, cmd) in commands.into_iter().enumerate() {
+        let (summary, ok) = run_one(cmd, if i == 0 { args } else { &[] })?;
+        build_failed |= !ok && summary.failed_binaries.is_empty();
+        total.passed += summary.passed;
+        total.failed += summary.failed;
+        total.ignored += summary.ignored;
+        total.failed_binaries.extend(summary.failed_binaries);
+    }
+    if !total.failed_binaries.is_empty() {
+        eprintln!(
+            "xtask: {} test binaries failed: {}",
+            total.failed_binaries.len(),
+            total.failed_binaries.join(", ")
+        );
+    }
+    println!(
+        "xtask: {} passed, {} failed, {} skipped",
+        total.passed, total.failed, total.ignored
+    );
+    if build_failed {
+        bail!("cargo test failed before running the tests (see its errors above)");
+    }
+    if !total.failed_binaries.is_empty() {
+        bail!("tests failed");
+    }
+    Ok(())
+}
+
+/// One `cargo test`: its summary, and whether it exited successfully.
+fn run_one(mut cmd: Command, args: &[String]) -> Result<(Summary, bool)> {
     // `cargo test` refuses the flag twice.
     if !args.iter().any(|a| a == "--no-fail-fast") {
         cmd.arg("--no-fail-fast");
@@ -67,33 +99,13 @@ pub fn run(mut cmd: Command, args: &[String]) -> Result<()> {
     let stderr = child.stderr.take().expect("piped");
     let out_thread = thread::spawn(move || echo(stdout, std::io::stdout()));
     let err_summary = echo(stderr, std::io::stderr());
-    let out_summary = out_thread.join().expect("stdout reader");
+    let mut summary = out_thread.join().expect("stdout reader");
     let status = child.wait()?;
-
-    let mut summary = out_summary;
     summary.failed_binaries.extend(err_summary.failed_binaries);
     summary.passed += err_summary.passed;
     summary.failed += err_summary.failed;
     summary.ignored += err_summary.ignored;
-
-    if !summary.failed_binaries.is_empty() {
-        eprintln!(
-            "xtask: {} test binaries failed: {}",
-            summary.failed_binaries.len(),
-            summary.failed_binaries.join(", ")
-        );
-    }
-    println!(
-        "xtask: {} passed, {} failed, {} skipped",
-        summary.passed, summary.failed, summary.ignored
-    );
-    if !status.success() {
-        if summary.failed_binaries.is_empty() {
-            bail!("cargo test failed before running the tests (see its errors above)");
-        }
-        bail!("tests failed");
-    }
-    Ok(())
+    Ok((summary, status.success()))
 }
 
 /// `args` for `cargo test` with `--include-ignored` for the test binaries

@@ -20,22 +20,34 @@ pub const MAX_PATH: usize = 256;
 
 /// A command verb, recognised case-insensitively.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verb {
+pub enum Verb {
+    /// `EHLO` (RFC 5321 §4.1.1.1).
     Ehlo,
+    /// `HELO`.
     Helo,
+    /// `STARTTLS` (RFC 3207).
     StartTls,
+    /// `MAIL FROM:`.
     Mail,
+    /// `RCPT TO:`.
     Rcpt,
+    /// `DATA`.
     Data,
+    /// `RSET`.
     Rset,
+    /// `NOOP`.
     Noop,
+    /// `QUIT`.
     Quit,
+    /// `HELP`.
     Help,
+    /// `VRFY`.
     Vrfy,
     /// Known SMTP verbs we do not implement (EXPN, TURN, BDAT, AUTH, ...).
     NotImplemented,
     /// `GET`, `POST`, ...: an HTTP client on the SMTP port.
     Http,
+    /// Anything else.
     Unknown,
 }
 
@@ -78,7 +90,7 @@ impl Verb {
 /// Split a command line (without its line terminator) into verb and
 /// arguments. `None` when the line is empty or contains bytes that cannot
 /// appear in a command (controls other than HT, bare CR, 8-bit).
-pub(crate) fn split_line(line: &[u8]) -> Option<(Verb, &str)> {
+pub fn split_line(line: &[u8]) -> Option<(Verb, &str)> {
     if line.is_empty()
         || !line
             .iter()
@@ -216,7 +228,7 @@ pub struct MailParams {
 
 /// Why MAIL or RCPT arguments were refused; the session maps each to a reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum ArgError {
+pub enum ArgError {
     /// Not `FROM:`/`TO:` followed by something path-like → 501 5.5.4.
     Syntax,
     /// The path itself is malformed → 501 5.1.7 / 501 5.1.3.
@@ -228,7 +240,7 @@ pub(crate) enum ArgError {
 }
 
 /// Parse the arguments of MAIL: `FROM:<path> [params]`.
-pub(crate) fn parse_mail(args: &str) -> Result<(ReversePath, MailParams), ArgError> {
+pub fn parse_mail(args: &str) -> Result<(ReversePath, MailParams), ArgError> {
     let rest = strip_prefix_ci(args, "FROM:").ok_or(ArgError::Syntax)?;
     let rest = rest.trim_start_matches(' ');
     let (path, rest) = parse_path(rest, false)?;
@@ -265,7 +277,7 @@ pub(crate) fn parse_mail(args: &str) -> Result<(ReversePath, MailParams), ArgErr
 }
 
 /// Parse the arguments of RCPT: `TO:<path>`; no parameters are supported.
-pub(crate) fn parse_rcpt(args: &str) -> Result<ForwardPath, ArgError> {
+pub fn parse_rcpt(args: &str) -> Result<ForwardPath, ArgError> {
     let rest = strip_prefix_ci(args, "TO:").ok_or(ArgError::Syntax)?;
     let rest = rest.trim_start_matches(' ');
     let (path, rest) = parse_path(rest, true)?;
