@@ -40,7 +40,11 @@
 //!   `8BITMIME`.
 //! * The message: `DATA`, `354`, our `Received:` then the body dot-stuffed
 //!   (RFC 5321 §4.5.2), `.`; the reply to the final dot is returned, so
-//!   the client gets its 250 only after the upstream's.
+//!   the client gets its 250 only after the upstream's. Anything the
+//!   upstream sends between its `354` and our final dot (a `250` in the
+//!   same write as the `354`, say) is not an answer to the message: the
+//!   client gets `451 4.3.0`, the message is not acknowledged, and the
+//!   upstream connection is dropped (as for extra replies after RCPT).
 //! * Every upstream reply is awaited at most `upstream_timeout` and may be
 //!   at most 64 KiB long. UpstreamConnection refused, timeout, a 421, a non-220
 //!   greeting, garbage, a lost connection, XCLIENT not offered: the client
@@ -428,6 +432,18 @@ impl DeliverySession {
         self.txn_open = false;
         let r = match conn.send_message(received.as_bytes(), data).await {
             Ok(r) => r,
+            Err(e @ UpstreamError::Unsolicited { .. }) => {
+                // e.g. `354` and `250` in one write: whatever the upstream
+                // finally says about the message, it was not asked in
+                // order. Not acknowledged; the client retries later.
+                tracing::warn!(
+                    session = %client.session_id,
+                    upstream = %cfg.address,
+                    error = %Chain(&e),
+                    "upstream replied before the end of data; answering 451 4.3.0"
+                );
+                return Reply::local_error();
+            }
             Err(e) => return upstream_failed(client, cfg, "end of data", &e),
         };
         if r.code == 421 || !(200..=599).contains(&r.code) || r.class() == 3 {

@@ -71,6 +71,11 @@ pub(crate) enum UpstreamError {
     /// A command we were about to send contains control characters.
     #[error("refusing to send a command with control characters ({0})")]
     BadCommand(&'static str),
+    /// The upstream sent something nobody asked for yet (e.g. a `250`
+    /// together with its `354`, before the message was sent): it cannot
+    /// be taken as the answer to what we send next.
+    #[error("unsolicited reply ({stage}): {reply}")]
+    Unsolicited { stage: &'static str, reply: String },
 }
 
 impl UpstreamError {
@@ -85,6 +90,7 @@ impl UpstreamError {
             UpstreamError::Unexpected { .. } => "reply",
             UpstreamError::NoXclient => "no-xclient",
             UpstreamError::BadCommand(_) => "bad-command",
+            UpstreamError::Unsolicited { .. } => "unsolicited",
         }
     }
 }
@@ -235,7 +241,10 @@ impl UpstreamConnection {
 
     /// Sends the message after a 354: `header` (our `Received:`, ending
     /// in CRLF) and `data` dot-stuffed, then `.` CRLF. Returns the reply to
-    /// the final dot.
+    /// the final dot. Anything the upstream says before the final dot is
+    /// sent (a `250` in the same write as its `354`, say) is
+    /// [`UpstreamError::Unsolicited`]: only a reply read after the whole
+    /// message went out can be its answer.
     pub(crate) async fn send_message(
         &mut self,
         header: &[u8],
@@ -243,15 +252,18 @@ impl UpstreamConnection {
     ) -> Result<Reply, UpstreamError> {
         let mut out = Vec::with_capacity(WRITE_CHUNK + header.len() + 1024);
         let mut stuffer = DotStuffer::new();
+        self.check_idle("after 354")?;
         stuffer.push(header, &mut out);
         for piece in data.chunks(WRITE_CHUNK) {
             stuffer.push(piece, &mut out);
             if out.len() >= WRITE_CHUNK {
+                self.check_idle("message body")?;
                 self.write_all(&out, "message body").await?;
                 out.clear();
             }
         }
         stuffer.finish(&mut out);
+        self.check_idle("message body")?;
         self.write_all(&out, "message body").await?;
         self.read_reply("end of data").await
     }
@@ -308,10 +320,10 @@ impl UpstreamConnection {
             return Ok(());
         }
         let reply = match Reply::parse(&self.rbuf, MAX_REPLY_BYTES) {
-            Ok(Some((r, _))) => format!("unsolicited: {}", r.to_string().trim_end()),
-            _ => "unsolicited data".to_string(),
+            Ok(Some((r, _))) => r.to_string().trim_end().replace("\r\n", " | "),
+            _ => "data that is not a reply".to_string(),
         };
-        Err(UpstreamError::Unexpected { stage, reply })
+        Err(UpstreamError::Unsolicited { stage, reply })
     }
 
     async fn write_all(&mut self, bytes: &[u8], stage: &'static str) -> Result<(), UpstreamError> {
