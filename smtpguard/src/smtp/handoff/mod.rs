@@ -85,9 +85,13 @@
 //! and can be trusted; fields further down came from the client (which can
 //! write its own `X-Smtpguard-Rcpt:` there, so tools must stop at the
 //! first `Received:`). To re-inject a spooled message, e.g.:
-//! `sendmail -f <Return-Path> <each X-Smtpguard-Rcpt> < file`, after
+//! `sendmail -i -f <Return-Path> <each X-Smtpguard-Rcpt> < file`, after
 //! removing the `Return-Path:` and `X-Smtpguard-Rcpt:` lines (they list
-//! every recipient, Bcc included). A message is at most
+//! every recipient, Bcc included). `-i` matters: the file is not
+//! dot-stuffed, so a line that is a lone `.` (`..` from the client) is
+//! stored as `.`, and sendmail without `-i` stops reading there
+//! (`tests/tests/postfix_handoff.rs` re-injects such a message into
+//! Postfix and compares). A message is at most
 //! `max_message_size` plus these few lines.
 //!
 //! Logged per message (info): session id, queue id, size in bytes,
