@@ -51,6 +51,12 @@
 //!   gets `451 4.4.1` (temporary: it keeps the message and retries), the
 //!   upstream connection is dropped, and the next MAIL reconnects. Each
 //!   such failure is logged (warn) with the session id and the step.
+//! * A loop (the upstream leads back to smtpguard, which the
+//!   configuration check could not see, e.g. through NAT): a session whose
+//!   client address and port are the local end of one of this delivery's
+//!   open upstream connections gets `451 4.4.6` at MAIL (RFC 3463 X.4.6,
+//!   routing loop detected), logged as an error, and opens no upstream
+//!   connection of its own, so the cascade stops at the second hop.
 //! * [`DeliverySession::close`] sends QUIT and waits at most 5 s (or the
 //!   upstream timeout, if shorter) for the answer.
 //!
@@ -124,7 +130,7 @@ pub use factory::{Handoff, HandoffFactory};
 pub use relay::DomainPolicy;
 pub use settings::{DeliverySettings, SpoolSettings, UpstreamProtocol, UpstreamSettings};
 use spool::{Maildir, QueueId};
-use upstream::{UpstreamConnection, UpstreamError};
+use upstream::{OwnConnections, UpstreamConnection, UpstreamError};
 
 /// What the hand-off knows about the client, for PROXY/XCLIENT and the
 /// `Received:` trace header (RFC 5321 §4.4).
@@ -156,6 +162,9 @@ struct Inner {
     /// Ours: `Received: ... by <hostname>`, the upstream EHLO.
     hostname: String,
     target: Target,
+    /// Upstream mode: the local addresses of our open upstream
+    /// connections, to recognise a session that is one of them (a loop).
+    own: Arc<OwnConnections>,
 }
 
 enum Target {
@@ -196,6 +205,7 @@ impl Delivery {
             inner: Arc::new(Inner {
                 hostname: hostname.to_string(),
                 target,
+                own: Arc::default(),
             }),
         })
     }
@@ -294,6 +304,16 @@ impl DeliverySession {
         let Target::Upstream(cfg) = &delivery.inner.target else {
             return Reply::sender_ok();
         };
+        if delivery.inner.own.contains(client.peer) {
+            tracing::error!(
+                session = %client.session_id,
+                upstream = %cfg.address,
+                client = %client.peer,
+                "mail loop: this session comes from our own upstream connection \
+                 (delivery.upstream leads back to smtpguard); answering 451 4.4.6"
+            );
+            return Reply::mail_loop();
+        }
         if let Some(mut conn) = self.upstream.take() {
             let reset_first = std::mem::replace(&mut self.txn_open, false);
             match mail_on(&mut conn, reset_first, from, params).await {
@@ -309,7 +329,14 @@ impl DeliverySession {
                 ),
             }
         }
-        let mut conn = match UpstreamConnection::open(cfg, &delivery.inner.hostname, client).await {
+        let mut conn = match UpstreamConnection::open(
+            cfg,
+            &delivery.inner.hostname,
+            client,
+            &delivery.inner.own,
+        )
+        .await
+        {
             Ok(c) => c,
             Err(e) => return upstream_failed(client, cfg, "connect", &e),
         };

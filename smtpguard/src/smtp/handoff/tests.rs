@@ -124,6 +124,8 @@ impl Default for Script {
 #[derive(Debug, Default)]
 struct Transcript {
     connections: usize,
+    /// The peer address of each connection (our upstream side).
+    peers: Vec<SocketAddr>,
     /// The PROXY header bytes, per connection (when one was expected).
     proxy_headers: Vec<Vec<u8>>,
     /// Command lines, without CRLF, in order.
@@ -145,8 +147,12 @@ impl Fake {
         let transcript = Arc::new(Mutex::new(Transcript::default()));
         let t = Arc::clone(&transcript);
         tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                t.lock().unwrap().connections += 1;
+            while let Ok((stream, peer)) = listener.accept().await {
+                {
+                    let mut t = t.lock().unwrap();
+                    t.connections += 1;
+                    t.peers.push(peer);
+                }
                 tokio::spawn(serve(stream, script.clone(), Arc::clone(&t)));
             }
         });
@@ -532,6 +538,47 @@ async fn early_reply_after_354_is_not_taken_as_the_final_reply() {
             .is_positive());
         s.close().await;
         assert_eq!(fake.transcript.lock().unwrap().connections, 2);
+    })
+    .await
+}
+
+/// A session whose client is one of our own open upstream connections
+/// (the upstream leads back to us) is a loop: 451 4.4.6 at MAIL, and no
+/// further upstream connection; once that connection is closed its
+/// address is no longer ours.
+#[tokio::test]
+async fn session_from_our_own_upstream_connection_is_a_loop() {
+    bounded(LIMIT, async {
+        let fake = Fake::start(Script::default()).await;
+        let d = upstream(fake.addr, UpstreamProtocol::None, Duration::from_secs(5));
+        let mut outer = d.session(OUTSIDER);
+        let c = client();
+        let env = envelope("<alice@example.org>", &["<bob@example.com>"]);
+        assert!(outer
+            .mail(&c, &env.reverse_path, &MailParams::default())
+            .await
+            .is_positive());
+        let ours = fake.transcript.lock().unwrap().peers[0];
+        // The same connection arriving back at our listener.
+        let looped = ClientInfo {
+            peer: ours,
+            local: fake.addr,
+            ..client()
+        };
+        let mut inner = d.session(ours.ip());
+        let r = inner
+            .mail(&looped, &env.reverse_path, &MailParams::default())
+            .await;
+        assert_eq!(r, Reply::mail_loop(), "got {r}");
+        assert_eq!(r.to_string().get(..9), Some("451 4.4.6"));
+        assert_eq!(fake.transcript.lock().unwrap().connections, 1);
+        // Closed: that address is no longer one of ours.
+        outer.close().await;
+        let r = inner
+            .mail(&looped, &env.reverse_path, &MailParams::default())
+            .await;
+        assert!(r.is_positive(), "{r}");
+        inner.close().await;
     })
     .await
 }

@@ -8,7 +8,9 @@
 //! off while it makes progress). Commands are sent one at a time (no
 //! pipelining: the driver asks one MAIL/RCPT at a time anyway).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -125,9 +127,53 @@ impl Extensions {
     }
 }
 
+/// The local addresses of this delivery's open upstream connections
+/// (IPv4-mapped normalised to IPv4): a session whose client is one of
+/// them is smtpguard talking to itself.
+#[derive(Debug, Default)]
+pub(crate) struct OwnConnections {
+    addrs: Mutex<HashSet<SocketAddr>>,
+}
+
+impl OwnConnections {
+    /// Whether `peer` is the local end of one of our upstream connections.
+    pub(crate) fn contains(&self, peer: SocketAddr) -> bool {
+        let peer = canonical(peer);
+        self.addrs
+            .lock()
+            .expect("own connections lock")
+            .contains(&peer)
+    }
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// Keeps a connection's local address in [`OwnConnections`] while it is open.
+#[derive(Debug)]
+struct OwnAddr {
+    set: Arc<OwnConnections>,
+    addr: Option<SocketAddr>,
+}
+
+impl Drop for OwnAddr {
+    fn drop(&mut self) {
+        if let Some(a) = self.addr {
+            self.set
+                .addrs
+                .lock()
+                .expect("own connections lock")
+                .remove(&a);
+        }
+    }
+}
+
 /// An open, greeted, EHLO'd connection to the upstream MTA.
 #[derive(Debug)]
 pub(crate) struct UpstreamConnection {
+    /// Our local address, registered while the connection lives.
+    _own: OwnAddr,
     stream: TcpStream,
     /// Bytes read and not yet parsed into a reply.
     rbuf: Vec<u8>,
@@ -140,10 +186,12 @@ impl UpstreamConnection {
     /// Connects (within the timeout), sends the PROXY v2 header or does the
     /// XCLIENT exchange as configured, reads the greeting and EHLOs with
     /// `hostname` (HELO if EHLO is refused).
+    /// The connection's local address is in `own` while it is open.
     pub(crate) async fn open(
         cfg: &UpstreamSettings,
         hostname: &str,
         client: &ClientInfo,
+        own: &Arc<OwnConnections>,
     ) -> Result<UpstreamConnection, UpstreamError> {
         let stream = match timeout(cfg.timeout, TcpStream::connect(cfg.address)).await {
             Err(_) => return Err(UpstreamError::Timeout("connect")),
@@ -151,7 +199,15 @@ impl UpstreamConnection {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok().map(canonical);
+        if let Some(a) = local {
+            own.addrs.lock().expect("own connections lock").insert(a);
+        }
         let mut c = UpstreamConnection {
+            _own: OwnAddr {
+                set: Arc::clone(own),
+                addr: local,
+            },
             stream,
             rbuf: Vec::with_capacity(1024),
             timeout: cfg.timeout,
