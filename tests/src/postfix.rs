@@ -352,6 +352,23 @@ impl Postfix {
         Ok(())
     }
 
+    /// The instance's configuration directory (for `sendmail -C`,
+    /// `postcat -c`).
+    pub fn config_dir(&self) -> &Path {
+        &self.config_dir
+    }
+
+    /// The files in the `maildrop` queue: what `sendmail` submitted (the
+    /// instance runs no `pickup`, so they stay there to be read with
+    /// `postcat`).
+    pub fn maildrop(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = fs::read_dir(self.queue_dir.join("maildrop"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.sort();
+        files
+    }
+
     /// The whole log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.maillog).unwrap_or_default()

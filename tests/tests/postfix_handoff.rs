@@ -17,14 +17,16 @@ use std::{
 };
 
 use smtpguard::smtp::{
-    handoff::{ClientInfo, Delivery, DeliverySettings, UpstreamProtocol, UpstreamSettings},
+    handoff::{
+        ClientInfo, Delivery, DeliverySettings, SpoolSettings, UpstreamProtocol, UpstreamSettings,
+    },
     AskDriver, Envelope, Event, ForwardPath, MailParams, Reply, ReversePath, Session,
     SessionParams, Step,
 };
 use smtpguard_tests::{
     netns::{unique_tag, Netns},
     postfix::{self, Postfix},
-    require_root, wait_for,
+    require_root, run_bounded, wait_for,
 };
 
 /// The PROXY-protocol smtpd, inside the test namespace.
@@ -213,4 +215,119 @@ async fn drive(pf: &mut Postfix) {
         r.to_string(),
         "451 4.4.1 Error: upstream not responding\r\n"
     );
+}
+
+/// The spool's re-injection recipe (`smtp::handoff` docs, README): strip
+/// the envelope lines smtpguard wrote above its `Received:`, then
+/// `sendmail -i -f <Return-Path> <each X-Smtpguard-Rcpt> < file`. The
+/// spool stores the message un-stuffed, so a client's `..` line is stored
+/// as `.`; without `-i`, sendmail stops reading there and the rest of the
+/// message is lost. The message Postfix queued must equal the spooled one.
+#[test]
+fn spooled_message_with_a_lone_dot_line_reinjects_whole_into_postfix() {
+    require_root();
+    let ns = Netns::new("pfr", &unique_tag());
+    let pf =
+        Postfix::start(postfix::Options::proxy(&ns, PROXY_PORT)).unwrap_or_else(|e| panic!("{e}"));
+    let spool = smtpguard::testing::TempDir::new("reinject");
+    let d = Delivery::new(
+        &DeliverySettings::Spool(SpoolSettings {
+            dir: spool.path().to_path_buf(),
+            accept_domains: vec!["example.com".into()],
+            relay_networks: vec![],
+        }),
+        HOST,
+    )
+    .unwrap();
+    let (from, rcpts) = paths("<alice@example.org>", &["<bob@example.com>"]);
+    let env = Envelope {
+        reverse_path: from,
+        forward_paths: rcpts,
+        body: None,
+        declared_size: None,
+    };
+    // As the client sent it: "..", "...x" (dot-stuffed); as stored: ".", "..x".
+    let data = b"From: alice@example.org\r\nTo: bob@example.com\r\nSubject: dots\r\n\r\nbefore\r\n.\r\n..x\r\nafter the dot\r\n";
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let r = rt.block_on(async {
+        let mut s = d.session(CLIENT);
+        s.message(&client("192.0.2.10:40000"), &env, data).await
+    });
+    assert_eq!(r.code, 250, "{r}");
+    let new: Vec<_> = std::fs::read_dir(spool.path().join("new"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(new.len(), 1, "{new:?}");
+    let spooled = std::fs::read_to_string(&new[0]).unwrap();
+
+    // The recipe: envelope from the lines above Received:, which go.
+    let mut sender = String::new();
+    let mut recipients = Vec::new();
+    let mut message = String::new();
+    let mut in_envelope = true;
+    for line in spooled.split_inclusive("\r\n") {
+        if in_envelope {
+            if let Some(p) = line.strip_prefix("Return-Path: ") {
+                sender = p.trim_end().trim_matches(['<', '>']).to_string();
+                continue;
+            }
+            if let Some(p) = line.strip_prefix("X-Smtpguard-Rcpt: ") {
+                recipients.push(p.trim_end().trim_matches(['<', '>']).to_string());
+                continue;
+            }
+            in_envelope = false;
+        }
+        message.push_str(line);
+    }
+    assert_eq!(sender, "alice@example.org");
+    assert_eq!(recipients, ["bob@example.com"]);
+    assert!(message.starts_with("Received: "), "{message}");
+    assert!(message.contains("\r\n.\r\n"), "{message}");
+    let file = spool.path().join("message.eml");
+    std::fs::write(&file, &message).unwrap();
+
+    let queued = |flags: &[&str]| -> String {
+        let before = pf.maildrop();
+        let mut cmd = std::process::Command::new("/usr/sbin/sendmail");
+        cmd.arg("-C")
+            .arg(pf.config_dir())
+            .args(flags)
+            .arg("-f")
+            .arg(&sender)
+            .args(&recipients)
+            .env_remove("MAIL_CONFIG")
+            .stdin(std::fs::File::open(&file).unwrap())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let out = run_bounded(cmd, Duration::from_secs(20)).unwrap();
+        assert!(out.status.success(), "sendmail {flags:?}: {out:?}");
+        let after = pf.maildrop();
+        let added: Vec<_> = after.iter().filter(|f| !before.contains(f)).collect();
+        assert_eq!(added.len(), 1, "maildrop: {after:?}");
+        let mut cmd = std::process::Command::new("/usr/sbin/postcat");
+        cmd.arg("-c")
+            .arg(pf.config_dir())
+            .args(["-b", "-h"])
+            .arg(added[0])
+            .env_remove("MAIL_CONFIG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let out = run_bounded(cmd, Duration::from_secs(20)).unwrap();
+        assert!(out.status.success(), "postcat: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let want = message.replace("\r\n", "\n");
+    // The recipe as documented: the whole message.
+    let got = queued(&["-i"]);
+    assert_eq!(got, want);
+    // Without -i (the recipe before the fix) the message ends at the dot.
+    let cut = queued(&[]);
+    assert!(cut.ends_with("before\n"), "{cut}");
+    assert_ne!(cut, want);
+    drop(pf);
 }

@@ -412,6 +412,10 @@ pub enum Delivery {
 pub struct UpstreamDelivery {
     /// `upstream`: the MTA's SMTP address, `"IP:port"` (no host names: the
     /// configuration is read before, and independently of, DNS).
+    /// Refused when it is one of smtpguard's own listeners (the same
+    /// address and port, or a wildcard listener `0.0.0.0` / `[::]` on the
+    /// port and a loopback address or an address of this host): mail
+    /// would loop back into smtpguard.
     pub address: SocketAddr,
     /// `upstream_protocol`: how the MTA learns the real client address.
     ///
@@ -454,7 +458,8 @@ pub struct SpoolDelivery {
     pub accept_domains: Vec<String>,
     /// `relay_networks`: clients in these networks may send to any domain.
     /// Written `"192.0.2.0/24"`, `"2001:db8::/32"`, `"192.0.2.7/32"`; host
-    /// bits must be zero.
+    /// bits must be zero. A `/0` (every client: an open relay) is refused
+    /// unless `allow_open_relay = true` (spool delivery only).
     ///
     /// Default: `[]`.
     pub relay_networks: Vec<IpNet>,

@@ -81,6 +81,7 @@ pub(super) struct RawDelivery {
     pub spool_dir: Option<PathBuf>,
     pub accept_domains: Option<Vec<String>>,
     pub relay_networks: Option<Vec<String>>,
+    pub allow_open_relay: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

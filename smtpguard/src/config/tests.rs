@@ -594,6 +594,92 @@ fn relay_network_with_host_bits() {
 }
 
 #[test]
+fn open_relay_needs_allow_open_relay() {
+    for net in ["0.0.0.0/0", "::/0", "::ffff:0.0.0.0/96"] {
+        assert_eq!(
+            invalid(&format!(
+                "[delivery]\nrelay_networks = [\"192.0.2.0/24\", \"{net}\"]"
+            )),
+            format!(
+                "/etc/smtpguard/smtpguard.toml: delivery.relay_networks[1] = \"{net}\" lets \
+                 every client relay (an open relay); set delivery.allow_open_relay = true if \
+                 that is really meant"
+            )
+        );
+        let c = Config::from_toml_str(
+            &format!("[delivery]\nrelay_networks = [\"{net}\"]\nallow_open_relay = true"),
+            Path::new(FILE),
+        )
+        .unwrap();
+        let Delivery::Spool(spool) = c.delivery else {
+            panic!("not spool")
+        };
+        assert_eq!(spool.relay_networks[0].prefix_len(), 0);
+    }
+    assert_eq!(
+        invalid("[delivery]\nupstream = \"192.0.2.1:10025\"\nallow_open_relay = true"),
+        "/etc/smtpguard/smtpguard.toml: delivery.allow_open_relay applies only to spool \
+         delivery, but delivery.upstream is set"
+    );
+}
+
+#[test]
+fn upstream_must_not_be_our_own_listener() {
+    for (listen, upstream) in [
+        ("127.0.0.1:2525", "127.0.0.1:2525"),
+        ("0.0.0.0:25", "127.0.0.1:25"),
+        ("0.0.0.0:25", "127.0.0.2:25"),
+        ("[::]:25", "[::1]:25"),
+        ("[::]:25", "127.0.0.1:25"),
+        ("127.0.0.1:25", "0.0.0.0:25"),
+        ("127.0.0.1:25", "[::ffff:127.0.0.1]:25"),
+    ] {
+        let text =
+            format!("[server]\nlisten = [\"{listen}\"]\n[delivery]\nupstream = \"{upstream}\"");
+        assert_eq!(
+            invalid(&text),
+            format!(
+                "/etc/smtpguard/smtpguard.toml: delivery.upstream = \"{upstream}\" is \
+                 smtpguard's own listener {listen} (server.listen): mail would loop back \
+                 into smtpguard; give the MTA's address"
+            ),
+            "{listen} {upstream}"
+        );
+    }
+    // Another port, or a non-local address on the same port, is fine.
+    for (listen, upstream) in [
+        ("0.0.0.0:25", "127.0.0.1:10025"),
+        ("127.0.0.1:25", "198.51.100.7:25"),
+        ("[::1]:25", "127.0.0.1:25"),
+    ] {
+        let text =
+            format!("[server]\nlisten = [\"{listen}\"]\n[delivery]\nupstream = \"{upstream}\"");
+        Config::from_toml_str(&text, Path::new(FILE)).expect(&text);
+    }
+}
+
+#[test]
+fn upstream_loop_counts_the_hosts_own_addresses() {
+    use super::validate::upstream_is_own_listener as own;
+    let local: Vec<std::net::IpAddr> =
+        vec!["192.0.2.5".parse().unwrap(), "2001:db8::5".parse().unwrap()];
+    let wild4 = [addr("0.0.0.0:25")];
+    let wild6 = [addr("[::]:25")];
+    assert_eq!(own(&wild4, addr("192.0.2.5:25"), &local), Some(wild4[0]));
+    assert_eq!(
+        own(&wild6, addr("[2001:db8::5]:25"), &local),
+        Some(wild6[0])
+    );
+    assert_eq!(own(&wild6, addr("192.0.2.5:25"), &local), Some(wild6[0]));
+    assert_eq!(own(&wild4, addr("192.0.2.6:25"), &local), None);
+    assert_eq!(own(&wild4, addr("192.0.2.5:26"), &local), None);
+    assert_eq!(
+        own(&[addr("192.0.2.9:25")], addr("192.0.2.5:25"), &local),
+        None
+    );
+}
+
+#[test]
 fn bad_accept_domain() {
     assert_eq!(
         invalid("[delivery]\naccept_domains = [\"example..com\"]"),

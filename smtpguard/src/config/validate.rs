@@ -46,7 +46,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
     let cx = Cx { path };
-    Ok(Config {
+    let config = Config {
         server: cx.server(raw.server)?,
         tls: cx.tls(raw.tls)?,
         policy: cx.policy(raw.policy)?,
@@ -55,6 +55,67 @@ pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErro
         control: cx.control(raw.control)?,
         logging: cx.logging(raw.logging)?,
         metrics: cx.metrics(raw.metrics)?,
+    };
+    if let Delivery::Upstream(up) = &config.delivery {
+        let local = host_addresses();
+        if let Some(listener) = upstream_is_own_listener(&config.server.listen, up.address, &local)
+        {
+            return Err(cx.invalid(
+                "delivery.upstream",
+                format!(
+                    "= \"{}\" is smtpguard's own listener {listener} (server.listen): mail \
+                     would loop back into smtpguard; give the MTA's address",
+                    up.address
+                ),
+            ));
+        }
+    }
+    Ok(config)
+}
+
+/// The addresses of this host's interfaces (empty if they cannot be
+/// listed; loopback and the wildcard are judged without them).
+fn host_addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter_map(|ifa| {
+            let a = ifa.address?;
+            if let Some(v4) = a.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect()
+}
+
+/// The listener in `listen` that a connection to `upstream` would reach,
+/// if any: same port, and the same address, or a wildcard listener
+/// (`0.0.0.0`, `[::]`) and an address of this host (`local`, loopback,
+/// the unspecified address). `[::]` counts for IPv4 too (it may be
+/// dual-stack). IPv4-mapped IPv6 is judged as IPv4.
+pub(super) fn upstream_is_own_listener(
+    listen: &[SocketAddr],
+    upstream: SocketAddr,
+    local: &[IpAddr],
+) -> Option<SocketAddr> {
+    let target = upstream.ip().to_canonical();
+    let is_local = target.is_loopback()
+        || target.is_unspecified()
+        || local.iter().any(|a| a.to_canonical() == target);
+    listen.iter().copied().find(|l| {
+        if l.port() != upstream.port() {
+            return false;
+        }
+        let ip = l.ip().to_canonical();
+        if ip.is_unspecified() {
+            let family_ok = l.is_ipv6() || target.is_ipv4();
+            return family_ok && is_local;
+        }
+        // Connecting to 0.0.0.0 / [::] reaches the host itself.
+        ip == target || (target.is_unspecified() && ip.is_ipv4() == target.is_ipv4())
     })
 }
 
@@ -370,6 +431,7 @@ impl Cx<'_> {
                 ("delivery.spool_dir", raw.spool_dir.is_some()),
                 ("delivery.accept_domains", raw.accept_domains.is_some()),
                 ("delivery.relay_networks", raw.relay_networks.is_some()),
+                ("delivery.allow_open_relay", raw.allow_open_relay.is_some()),
             ] {
                 if present {
                     return Err(self.invalid(
@@ -447,6 +509,15 @@ impl Cx<'_> {
             // Clients are judged as IPv4 when they come as ::ffff:a.b.c.d,
             // so an IPv4-mapped network must be stored as IPv4 to match.
             let net = crate::policy::canonical_prefix(net);
+            if net.prefix_len() == 0 && raw.allow_open_relay != Some(true) {
+                return Err(self.invalid(
+                    &key,
+                    format!(
+                        "= {text:?} lets every client relay (an open relay); set \
+                         delivery.allow_open_relay = true if that is really meant"
+                    ),
+                ));
+            }
             if relay_networks.contains(&net) {
                 return Err(self.invalid(&key, format!("= {text:?} is listed twice")));
             }

@@ -464,6 +464,19 @@ impl Reply {
     pub fn local_error() -> Reply {
         Reply::enh(451, 3, 0, "Error: local error in processing")
     }
+    /// `451 4.4.6 Error: mail loop: this client is smtpguard's own upstream
+    /// connection` — the hand-off found that a session comes from one of
+    /// its own connections to the upstream (the upstream leads back to
+    /// smtpguard). RFC 3463 X.4.6 (routing loop detected), temporary so
+    /// the message is kept while the configuration is fixed.
+    pub fn mail_loop() -> Reply {
+        Reply::enh(
+            451,
+            4,
+            6,
+            "Error: mail loop: this client is smtpguard's own upstream connection",
+        )
+    }
     /// `451 4.4.1 Error: upstream not responding` — for the hand-off when
     /// the upstream MTA cannot be reached (X.4.1 no answer from host).
     pub fn upstream_unavailable() -> Reply {

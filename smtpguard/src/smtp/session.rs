@@ -15,7 +15,7 @@ use super::vocabulary::{
     CloseReason, Envelope, Event, Helo, Phase, SessionParams, Step, TlsInfo, TlsMode,
 };
 
-/// NOOP/RSET/VRFY/HELP allowed per message before each further one also
+/// NOOP/RSET/VRFY/HELP and repeated EHLO/HELO allowed per message before each further one also
 /// counts as an error (Postfix's `smtpd_junk_command_limit`): bounds how
 /// long a client can keep a session busy without sending mail.
 pub const JUNK_COMMAND_LIMIT: u32 = 100;
@@ -456,6 +456,9 @@ impl Session {
         };
         // RFC 5321 §4.1.4: a (new) EHLO/HELO resets any transaction.
         self.txn = None;
+        // A repeat (not the first, nor the one after STARTTLS) is junk: it
+        // must not keep a slot busy forever.
+        let repeated = self.helo.is_some();
         self.helo = Some(Helo {
             name: name.to_string(),
             extended,
@@ -479,6 +482,9 @@ impl Session {
             Reply::helo(host)
         };
         self.reply(r);
+        if repeated {
+            self.junk_command();
+        }
     }
 
     fn cmd_starttls(&mut self, args: &str) {

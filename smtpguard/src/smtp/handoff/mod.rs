@@ -40,13 +40,23 @@
 //!   `8BITMIME`.
 //! * The message: `DATA`, `354`, our `Received:` then the body dot-stuffed
 //!   (RFC 5321 §4.5.2), `.`; the reply to the final dot is returned, so
-//!   the client gets its 250 only after the upstream's.
+//!   the client gets its 250 only after the upstream's. Anything the
+//!   upstream sends between its `354` and our final dot (a `250` in the
+//!   same write as the `354`, say) is not an answer to the message: the
+//!   client gets `451 4.3.0`, the message is not acknowledged, and the
+//!   upstream connection is dropped (as for extra replies after RCPT).
 //! * Every upstream reply is awaited at most `upstream_timeout` and may be
 //!   at most 64 KiB long. UpstreamConnection refused, timeout, a 421, a non-220
 //!   greeting, garbage, a lost connection, XCLIENT not offered: the client
 //!   gets `451 4.4.1` (temporary: it keeps the message and retries), the
 //!   upstream connection is dropped, and the next MAIL reconnects. Each
 //!   such failure is logged (warn) with the session id and the step.
+//! * A loop (the upstream leads back to smtpguard, which the
+//!   configuration check could not see, e.g. through NAT): a session whose
+//!   client address and port are the local end of one of this delivery's
+//!   open upstream connections gets `451 4.4.6` at MAIL (RFC 3463 X.4.6,
+//!   routing loop detected), logged as an error, and opens no upstream
+//!   connection of its own, so the cascade stops at the second hop.
 //! * [`DeliverySession::close`] sends QUIT and waits at most 5 s (or the
 //!   upstream timeout, if shorter) for the answer.
 //!
@@ -81,9 +91,13 @@
 //! and can be trusted; fields further down came from the client (which can
 //! write its own `X-Smtpguard-Rcpt:` there, so tools must stop at the
 //! first `Received:`). To re-inject a spooled message, e.g.:
-//! `sendmail -f <Return-Path> <each X-Smtpguard-Rcpt> < file`, after
+//! `sendmail -i -f <Return-Path> <each X-Smtpguard-Rcpt> < file`, after
 //! removing the `Return-Path:` and `X-Smtpguard-Rcpt:` lines (they list
-//! every recipient, Bcc included). A message is at most
+//! every recipient, Bcc included). `-i` matters: the file is not
+//! dot-stuffed, so a line that is a lone `.` (`..` from the client) is
+//! stored as `.`, and sendmail without `-i` stops reading there
+//! (`tests/tests/postfix_handoff.rs` re-injects such a message into
+//! Postfix and compares). A message is at most
 //! `max_message_size` plus these few lines.
 //!
 //! Logged per message (info): session id, queue id, size in bytes,
@@ -116,7 +130,7 @@ pub use factory::{Handoff, HandoffFactory};
 pub use relay::DomainPolicy;
 pub use settings::{DeliverySettings, SpoolSettings, UpstreamProtocol, UpstreamSettings};
 use spool::{Maildir, QueueId};
-use upstream::{UpstreamConnection, UpstreamError};
+use upstream::{OwnConnections, UpstreamConnection, UpstreamError};
 
 /// What the hand-off knows about the client, for PROXY/XCLIENT and the
 /// `Received:` trace header (RFC 5321 §4.4).
@@ -148,6 +162,9 @@ struct Inner {
     /// Ours: `Received: ... by <hostname>`, the upstream EHLO.
     hostname: String,
     target: Target,
+    /// Upstream mode: the local addresses of our open upstream
+    /// connections, to recognise a session that is one of them (a loop).
+    own: Arc<OwnConnections>,
 }
 
 enum Target {
@@ -188,6 +205,7 @@ impl Delivery {
             inner: Arc::new(Inner {
                 hostname: hostname.to_string(),
                 target,
+                own: Arc::default(),
             }),
         })
     }
@@ -286,6 +304,16 @@ impl DeliverySession {
         let Target::Upstream(cfg) = &delivery.inner.target else {
             return Reply::sender_ok();
         };
+        if delivery.inner.own.contains(client.peer) {
+            tracing::error!(
+                session = %client.session_id,
+                upstream = %cfg.address,
+                client = %client.peer,
+                "mail loop: this session comes from our own upstream connection \
+                 (delivery.upstream leads back to smtpguard); answering 451 4.4.6"
+            );
+            return Reply::mail_loop();
+        }
         if let Some(mut conn) = self.upstream.take() {
             let reset_first = std::mem::replace(&mut self.txn_open, false);
             match mail_on(&mut conn, reset_first, from, params).await {
@@ -301,7 +329,14 @@ impl DeliverySession {
                 ),
             }
         }
-        let mut conn = match UpstreamConnection::open(cfg, &delivery.inner.hostname, client).await {
+        let mut conn = match UpstreamConnection::open(
+            cfg,
+            &delivery.inner.hostname,
+            client,
+            &delivery.inner.own,
+        )
+        .await
+        {
             Ok(c) => c,
             Err(e) => return upstream_failed(client, cfg, "connect", &e),
         };
@@ -428,6 +463,18 @@ impl DeliverySession {
         self.txn_open = false;
         let r = match conn.send_message(received.as_bytes(), data).await {
             Ok(r) => r,
+            Err(e @ UpstreamError::Unsolicited { .. }) => {
+                // e.g. `354` and `250` in one write: whatever the upstream
+                // finally says about the message, it was not asked in
+                // order. Not acknowledged; the client retries later.
+                tracing::warn!(
+                    session = %client.session_id,
+                    upstream = %cfg.address,
+                    error = %Chain(&e),
+                    "upstream replied before the end of data; answering 451 4.3.0"
+                );
+                return Reply::local_error();
+            }
             Err(e) => return upstream_failed(client, cfg, "end of data", &e),
         };
         if r.code == 421 || !(200..=599).contains(&r.code) || r.class() == 3 {

@@ -5,16 +5,21 @@
 //! follow the Maildir convention `<unix seconds>.<unique>.<host>`, with
 //! `<unique>` = `M<microseconds>P<pid>Q<counter>R<64 random bits, hex>`,
 //! which is also the queue id in `250 2.0.0 Ok: queued as <id>`, in the
-//! `Received:` header and in the logs.
+//! `Received:` header and in the logs. Opening the spool removes files
+//! left in `tmp/` for more than 36 hours (a crash before the rename).
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::HandoffError;
+
+/// Files in `tmp/` older than this are leftovers of a crash and are
+/// removed when the spool is opened (the Maildir convention: 36 hours).
+pub(crate) const STALE_TMP_AGE: Duration = Duration::from_secs(36 * 3600);
 
 /// Process-wide message counter, part of every queue id.
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -104,7 +109,55 @@ impl Maildir {
             .open(&probe)
             .map_err(err(&md.dir.join("tmp")))?;
         let _ = fs::remove_file(&probe);
+        md.sweep_tmp();
         Ok(md)
+    }
+
+    /// Removes regular files in `tmp/` not modified for
+    /// [`STALE_TMP_AGE`] (36 hours, the Maildir convention): leftovers of
+    /// a crash between create and rename, never acknowledged. Errors are
+    /// logged, not fatal: a leftover costs only disk space.
+    fn sweep_tmp(&self) {
+        let tmp = self.dir.join("tmp");
+        let entries = match fs::read_dir(&tmp) {
+            Ok(e) => e,
+            Err(error) => {
+                tracing::warn!(dir = %tmp.display(), %error, "cannot list the spool's tmp/ to sweep it");
+                return;
+            }
+        };
+        let now = SystemTime::now();
+        let mut removed = 0u64;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            // symlink_metadata: a symlink is not followed, and not removed.
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                continue;
+            };
+            let stale = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .is_some_and(|age| age > STALE_TMP_AGE);
+            if !meta.file_type().is_file() || !stale {
+                continue;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => removed += 1,
+                Err(error) => tracing::warn!(
+                    file = %path.display(),
+                    %error,
+                    "cannot remove a stale file from the spool's tmp/"
+                ),
+            }
+        }
+        if removed > 0 {
+            tracing::info!(
+                dir = %tmp.display(),
+                removed,
+                "removed files older than 36 hours from the spool's tmp/ (left by a crash, never acknowledged)"
+            );
+        }
     }
 
     /// The directory.
@@ -188,6 +241,34 @@ mod tests {
         assert_eq!(fs::read_dir(dir.join("tmp")).unwrap().count(), 0);
         // Opening again is fine.
         Maildir::open(&dir, "h").unwrap();
+    }
+
+    /// Leftovers of a crash in `tmp/` older than 36 hours go at start;
+    /// younger files (a delivery in progress by another process), and
+    /// anything that is not a regular file, stay.
+    #[test]
+    fn open_sweeps_stale_tmp_files() {
+        let t = TempDir::new("spoolsweep");
+        let tmp = t.path().join("tmp");
+        fs::create_dir_all(&tmp).unwrap();
+        let old = SystemTime::now() - Duration::from_secs(37 * 3600);
+        let nearly = SystemTime::now() - Duration::from_secs(35 * 3600);
+        for (name, when) in [("stale", old), ("young", nearly)] {
+            let f = File::create(tmp.join(name)).unwrap();
+            f.set_modified(when).unwrap();
+        }
+        fs::create_dir(tmp.join("old-dir")).unwrap();
+        File::open(tmp.join("old-dir"))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        Maildir::open(t.path(), "h").unwrap();
+        let mut left: Vec<String> = fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["old-dir", "young"]);
     }
 
     #[test]

@@ -90,6 +90,10 @@ struct Script {
     close_after_message: bool,
     /// After the reply to MAIL, also send this (unasked-for) line.
     extra_after_mail: &'static str,
+    /// The reply to DATA (several replies in one write, if wanted).
+    data_reply: &'static str,
+    /// The reply to the final dot; `None`: `250 2.0.0 Ok: queued as FAKE<n>`.
+    end_of_data_reply: Option<&'static str>,
 }
 
 impl Default for Script {
@@ -110,6 +114,8 @@ impl Default for Script {
             silent: false,
             close_after_message: false,
             extra_after_mail: "",
+            data_reply: "354 End data with <CR><LF>.<CR><LF>\r\n",
+            end_of_data_reply: None,
         }
     }
 }
@@ -118,6 +124,8 @@ impl Default for Script {
 #[derive(Debug, Default)]
 struct Transcript {
     connections: usize,
+    /// The peer address of each connection (our upstream side).
+    peers: Vec<SocketAddr>,
     /// The PROXY header bytes, per connection (when one was expected).
     proxy_headers: Vec<Vec<u8>>,
     /// Command lines, without CRLF, in order.
@@ -139,8 +147,12 @@ impl Fake {
         let transcript = Arc::new(Mutex::new(Transcript::default()));
         let t = Arc::clone(&transcript);
         tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                t.lock().unwrap().connections += 1;
+            while let Ok((stream, peer)) = listener.accept().await {
+                {
+                    let mut t = t.lock().unwrap();
+                    t.connections += 1;
+                    t.peers.push(peer);
+                }
                 tokio::spawn(serve(stream, script.clone(), Arc::clone(&t)));
             }
         });
@@ -223,7 +235,7 @@ async fn serve(stream: TcpStream, s: Script, t: Arc<Mutex<Transcript>>) {
             },
             "RSET" => send!("250 2.0.0 Ok\r\n"),
             "DATA" => {
-                send!("354 End data with <CR><LF>.<CR><LF>\r\n");
+                send!(s.data_reply);
                 let mut msg = Vec::new();
                 loop {
                     line.clear();
@@ -241,7 +253,10 @@ async fn serve(stream: TcpStream, s: Script, t: Arc<Mutex<Transcript>>) {
                     t.messages.push(msg);
                     t.messages.len()
                 };
-                send!(format!("250 2.0.0 Ok: queued as FAKE{n}\r\n"));
+                match s.end_of_data_reply {
+                    Some(r) => send!(r),
+                    None => send!(format!("250 2.0.0 Ok: queued as FAKE{n}\r\n")),
+                }
                 if s.close_after_message {
                     return;
                 }
@@ -485,6 +500,85 @@ async fn unsolicited_upstream_data_is_not_taken_as_a_reply() {
         // for its answer.
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_451_441(&s.rcpt(&c, &env.forward_paths[0]).await);
+    })
+    .await
+}
+
+/// An upstream that answers DATA with `354` and a `250` in the same write,
+/// and then refuses the message at the final dot: the early 250 must not
+/// reach the client as the answer to the message.
+#[tokio::test]
+async fn early_reply_after_354_is_not_taken_as_the_final_reply() {
+    bounded(LIMIT, async {
+        let fake = Fake::start(Script {
+            data_reply: "354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as EARLY\r\n",
+            end_of_data_reply: Some("554 5.7.1 Message refused\r\n"),
+            ..Script::default()
+        })
+        .await;
+        let d = upstream(fake.addr, UpstreamProtocol::None, Duration::from_secs(5));
+        let mut s = d.session(OUTSIDER);
+        let c = client();
+        let env = envelope("<alice@example.org>", &["<bob@example.com>"]);
+        assert!(s
+            .mail(&c, &env.reverse_path, &MailParams::default())
+            .await
+            .is_positive());
+        assert!(s.rcpt(&c, &env.forward_paths[0]).await.is_positive());
+        let r = s.message(&c, &env, b"Subject: x\r\n\r\nbody\r\n").await;
+        assert_eq!(r, Reply::local_error(), "got {r}");
+        assert_eq!(
+            r.to_string(),
+            "451 4.3.0 Error: local error in processing\r\n"
+        );
+        // The connection is not reused: the next MAIL connects anew.
+        assert!(s
+            .mail(&c, &env.reverse_path, &MailParams::default())
+            .await
+            .is_positive());
+        s.close().await;
+        assert_eq!(fake.transcript.lock().unwrap().connections, 2);
+    })
+    .await
+}
+
+/// A session whose client is one of our own open upstream connections
+/// (the upstream leads back to us) is a loop: 451 4.4.6 at MAIL, and no
+/// further upstream connection; once that connection is closed its
+/// address is no longer ours.
+#[tokio::test]
+async fn session_from_our_own_upstream_connection_is_a_loop() {
+    bounded(LIMIT, async {
+        let fake = Fake::start(Script::default()).await;
+        let d = upstream(fake.addr, UpstreamProtocol::None, Duration::from_secs(5));
+        let mut outer = d.session(OUTSIDER);
+        let c = client();
+        let env = envelope("<alice@example.org>", &["<bob@example.com>"]);
+        assert!(outer
+            .mail(&c, &env.reverse_path, &MailParams::default())
+            .await
+            .is_positive());
+        let ours = fake.transcript.lock().unwrap().peers[0];
+        // The same connection arriving back at our listener.
+        let looped = ClientInfo {
+            peer: ours,
+            local: fake.addr,
+            ..client()
+        };
+        let mut inner = d.session(ours.ip());
+        let r = inner
+            .mail(&looped, &env.reverse_path, &MailParams::default())
+            .await;
+        assert_eq!(r, Reply::mail_loop(), "got {r}");
+        assert_eq!(r.to_string().get(..9), Some("451 4.4.6"));
+        assert_eq!(fake.transcript.lock().unwrap().connections, 1);
+        // Closed: that address is no longer one of ours.
+        outer.close().await;
+        let r = inner
+            .mail(&looped, &env.reverse_path, &MailParams::default())
+            .await;
+        assert!(r.is_positive(), "{r}");
+        inner.close().await;
     })
     .await
 }

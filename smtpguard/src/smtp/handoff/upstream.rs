@@ -8,7 +8,9 @@
 //! off while it makes progress). Commands are sent one at a time (no
 //! pipelining: the driver asks one MAIL/RCPT at a time anyway).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -71,6 +73,11 @@ pub(crate) enum UpstreamError {
     /// A command we were about to send contains control characters.
     #[error("refusing to send a command with control characters ({0})")]
     BadCommand(&'static str),
+    /// The upstream sent something nobody asked for yet (e.g. a `250`
+    /// together with its `354`, before the message was sent): it cannot
+    /// be taken as the answer to what we send next.
+    #[error("unsolicited reply ({stage}): {reply}")]
+    Unsolicited { stage: &'static str, reply: String },
 }
 
 impl UpstreamError {
@@ -85,6 +92,7 @@ impl UpstreamError {
             UpstreamError::Unexpected { .. } => "reply",
             UpstreamError::NoXclient => "no-xclient",
             UpstreamError::BadCommand(_) => "bad-command",
+            UpstreamError::Unsolicited { .. } => "unsolicited",
         }
     }
 }
@@ -119,9 +127,53 @@ impl Extensions {
     }
 }
 
+/// The local addresses of this delivery's open upstream connections
+/// (IPv4-mapped normalised to IPv4): a session whose client is one of
+/// them is smtpguard talking to itself.
+#[derive(Debug, Default)]
+pub(crate) struct OwnConnections {
+    addrs: Mutex<HashSet<SocketAddr>>,
+}
+
+impl OwnConnections {
+    /// Whether `peer` is the local end of one of our upstream connections.
+    pub(crate) fn contains(&self, peer: SocketAddr) -> bool {
+        let peer = canonical(peer);
+        self.addrs
+            .lock()
+            .expect("own connections lock")
+            .contains(&peer)
+    }
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// Keeps a connection's local address in [`OwnConnections`] while it is open.
+#[derive(Debug)]
+struct OwnAddr {
+    set: Arc<OwnConnections>,
+    addr: Option<SocketAddr>,
+}
+
+impl Drop for OwnAddr {
+    fn drop(&mut self) {
+        if let Some(a) = self.addr {
+            self.set
+                .addrs
+                .lock()
+                .expect("own connections lock")
+                .remove(&a);
+        }
+    }
+}
+
 /// An open, greeted, EHLO'd connection to the upstream MTA.
 #[derive(Debug)]
 pub(crate) struct UpstreamConnection {
+    /// Our local address, registered while the connection lives.
+    _own: OwnAddr,
     stream: TcpStream,
     /// Bytes read and not yet parsed into a reply.
     rbuf: Vec<u8>,
@@ -134,10 +186,12 @@ impl UpstreamConnection {
     /// Connects (within the timeout), sends the PROXY v2 header or does the
     /// XCLIENT exchange as configured, reads the greeting and EHLOs with
     /// `hostname` (HELO if EHLO is refused).
+    /// The connection's local address is in `own` while it is open.
     pub(crate) async fn open(
         cfg: &UpstreamSettings,
         hostname: &str,
         client: &ClientInfo,
+        own: &Arc<OwnConnections>,
     ) -> Result<UpstreamConnection, UpstreamError> {
         let stream = match timeout(cfg.timeout, TcpStream::connect(cfg.address)).await {
             Err(_) => return Err(UpstreamError::Timeout("connect")),
@@ -145,7 +199,15 @@ impl UpstreamConnection {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok().map(canonical);
+        if let Some(a) = local {
+            own.addrs.lock().expect("own connections lock").insert(a);
+        }
         let mut c = UpstreamConnection {
+            _own: OwnAddr {
+                set: Arc::clone(own),
+                addr: local,
+            },
             stream,
             rbuf: Vec::with_capacity(1024),
             timeout: cfg.timeout,
@@ -235,7 +297,10 @@ impl UpstreamConnection {
 
     /// Sends the message after a 354: `header` (our `Received:`, ending
     /// in CRLF) and `data` dot-stuffed, then `.` CRLF. Returns the reply to
-    /// the final dot.
+    /// the final dot. Anything the upstream says before the final dot is
+    /// sent (a `250` in the same write as its `354`, say) is
+    /// [`UpstreamError::Unsolicited`]: only a reply read after the whole
+    /// message went out can be its answer.
     pub(crate) async fn send_message(
         &mut self,
         header: &[u8],
@@ -243,15 +308,18 @@ impl UpstreamConnection {
     ) -> Result<Reply, UpstreamError> {
         let mut out = Vec::with_capacity(WRITE_CHUNK + header.len() + 1024);
         let mut stuffer = DotStuffer::new();
+        self.check_idle("after 354")?;
         stuffer.push(header, &mut out);
         for piece in data.chunks(WRITE_CHUNK) {
             stuffer.push(piece, &mut out);
             if out.len() >= WRITE_CHUNK {
+                self.check_idle("message body")?;
                 self.write_all(&out, "message body").await?;
                 out.clear();
             }
         }
         stuffer.finish(&mut out);
+        self.check_idle("message body")?;
         self.write_all(&out, "message body").await?;
         self.read_reply("end of data").await
     }
@@ -308,10 +376,10 @@ impl UpstreamConnection {
             return Ok(());
         }
         let reply = match Reply::parse(&self.rbuf, MAX_REPLY_BYTES) {
-            Ok(Some((r, _))) => format!("unsolicited: {}", r.to_string().trim_end()),
-            _ => "unsolicited data".to_string(),
+            Ok(Some((r, _))) => r.to_string().trim_end().replace("\r\n", " | "),
+            _ => "data that is not a reply".to_string(),
         };
-        Err(UpstreamError::Unexpected { stage, reply })
+        Err(UpstreamError::Unsolicited { stage, reply })
     }
 
     async fn write_all(&mut self, bytes: &[u8], stage: &'static str) -> Result<(), UpstreamError> {

@@ -977,6 +977,20 @@ fn junk_commands_eventually_count() {
     assert_eq!(&codes[110..], ["421 4.7.0", "CLOSE"]);
 }
 
+/// EHLO/HELO repeated without end must not keep a slot busy: every one
+/// after the first counts like NOOP toward the junk-command limit.
+#[test]
+fn repeated_ehlo_and_helo_count_as_junk() {
+    for verb in ["EHLO", "HELO"] {
+        let mut c = Client::new(params());
+        let ev = c.send(format!("{verb} client.example.org\r\n").repeat(200));
+        let codes = codes(&ev);
+        // The first is free, the next 100 are allowed junk, then 10 errors.
+        assert_eq!(codes.len(), 1 + 110 + 2, "{verb}");
+        assert_eq!(&codes[111..], ["421 4.7.0", "CLOSE"], "{verb}");
+    }
+}
+
 #[test]
 fn tls_info_and_envelope_accessors() {
     let mut c = Client::new(tls_params(TlsMode::Optional));
