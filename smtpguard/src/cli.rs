@@ -148,6 +148,11 @@ pub struct ImportArgs {
     /// Accept entries that cover every address (0.0.0.0/0, ::/0).
     #[arg(long)]
     pub allow_all: bool,
+    /// With --replace: accept a file without a single entry, which empties
+    /// the list (refused otherwise: a wrong or truncated download looks the
+    /// same). A merge import of no entries changes nothing and warns.
+    #[arg(long)]
+    pub allow_empty: bool,
 }
 
 /// `export`.
@@ -385,9 +390,15 @@ async fn client_command(command: Command, client: Client, as_json: bool) -> anyh
                 }
                 out(&render::import_result(r, *dry_run))?;
             }
-            if !r.applied && !dry_run {
+            // A dry run fails exactly when the real import would.
+            if r.rejected {
+                let what = if *dry_run {
+                    "would not be applied"
+                } else {
+                    "not applied"
+                };
                 bail!(
-                    "import into the {list} list not applied: {} invalid lines (fix them, or import the rest with --skip-invalid)",
+                    "import into the {list} list {what}: {} invalid lines (fix them, or import the rest with --skip-invalid)",
                     r.skipped.len()
                 );
             }
@@ -444,7 +455,8 @@ fn list_request(list: ListName, command: ListCommand) -> Request {
         } => Request::ListAdd {
             list,
             entries,
-            expires_in_secs: expires_in.map(|d| d.as_secs()),
+            // Rounded up: `--for 1500ms` never lifts the entry early.
+            expires_in_secs: expires_in.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
             comment,
             allow_all,
         },
@@ -480,6 +492,7 @@ fn import_request(args: &ImportArgs) -> anyhow::Result<Request> {
         dry_run: args.dry_run,
         skip_invalid: args.skip_invalid,
         allow_all: args.allow_all,
+        allow_empty: args.allow_empty,
     })
 }
 
@@ -643,6 +656,22 @@ mod tests {
         assert_eq!(parse_watch("5"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_watch("2s"), Ok(Duration::from_secs(2)));
         assert!(parse_watch("0").is_err());
+    }
+
+    #[test]
+    fn a_fraction_of_a_second_in_for_is_rounded_up() {
+        let request = |arg: &str| match parse(&["deny", "add", "192.0.2.1", "--for", arg]).command {
+            Command::Deny(c) => list_request(ListName::Deny, c),
+            other => panic!("{other:?}"),
+        };
+        for (arg, secs) in [("1500ms", 2), ("2s", 2), ("2s 1ns", 3)] {
+            match request(arg) {
+                Request::ListAdd {
+                    expires_in_secs, ..
+                } => assert_eq!(expires_in_secs, Some(secs), "--for {arg}"),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -208,6 +208,7 @@ fn canned(request: &Request) -> Response {
                 list: *list,
                 added: (text.lines().count() - bad.len()) as u64,
                 applied: !dry_run && (bad.is_empty() || *skip_invalid),
+                rejected: !bad.is_empty() && !*skip_invalid,
                 list_size: 1000,
                 skipped: bad,
                 ..Default::default()
@@ -374,6 +375,7 @@ fn every_request() -> Vec<Request> {
             dry_run: true,
             skip_invalid: true,
             allow_all: true,
+            allow_empty: true,
         },
         Request::Export {
             list: ListName::Permit,
@@ -491,6 +493,7 @@ fn a_large_import_is_sent_whole() {
             dry_run: false,
             skip_invalid: false,
             allow_all: false,
+            allow_empty: false,
         };
         match daemon.client().call(&request).await.unwrap() {
             Response::ImportResult(r) => assert_eq!(r.added, 200_000),
@@ -815,6 +818,7 @@ fn cli_import_and_export() {
         let o = cli(&["--socket", sock, "import", "deny", f, "--skip-invalid"]).await;
         assert!(o.status.success(), "{}", stderr(&o));
         assert_eq!(stdout(&o), "deny list: 2 added, 1 skipped; 1000 entries\n");
+        // A dry run fails exactly as the real import would.
         let o = cli(&[
             "--socket",
             sock,
@@ -823,10 +827,20 @@ fn cli_import_and_export() {
             f,
             "--dry-run",
             "--replace",
+            "--allow-empty",
         ])
         .await;
-        assert!(o.status.success(), "{}", stderr(&o));
-        assert!(stdout(&o).starts_with("permit list (dry run): "));
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert_eq!(
+            stdout(&o),
+            "permit list (dry run): nothing would be imported, 1 invalid line(s); 1000 entries\n"
+        );
+        assert_eq!(
+            stderr(&o),
+            format!(
+                "{f}:2:1: not an IP address or prefix\nsmtpguard: error: import into the permit list would not be applied: 1 invalid lines (fix them, or import the rest with --skip-invalid)\n"
+            )
+        );
         match &daemon.mock.seen()[2] {
             Request::Import {
                 list,
@@ -836,14 +850,30 @@ fn cli_import_and_export() {
                 dry_run,
                 skip_invalid,
                 allow_all,
+                allow_empty,
             } => {
                 assert_eq!(*list, ListName::Permit);
                 assert_eq!(source_name, f);
                 assert_eq!(text, "203.0.113.1\nbad line\n198.51.100.0/24\n");
-                assert!(*replace && *dry_run && !*skip_invalid && !*allow_all);
+                assert!(*replace && *dry_run && !*skip_invalid && !*allow_all && *allow_empty);
             }
             other => panic!("{other:?}"),
         }
+        let o = cli(&[
+            "--socket",
+            sock,
+            "import",
+            "permit",
+            f,
+            "--dry-run",
+            "--skip-invalid",
+        ])
+        .await;
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(
+            stdout(&o),
+            "permit list (dry run): 2 added, 1 skipped; 1000 entries\n"
+        );
 
         // A missing file is the client's error, naming the file.
         let missing = dir.join("missing.list");
@@ -1271,6 +1301,7 @@ fn an_oversized_request_gets_an_error_reply() {
             dry_run: true,
             skip_invalid: true,
             allow_all: false,
+            allow_empty: false,
         };
         match daemon.client().request(&request).await.unwrap() {
             Response::Error(m) => assert!(m.starts_with("reply too large ("), "{m}"),

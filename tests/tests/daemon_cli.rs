@@ -257,6 +257,13 @@ listen = "127.0.0.1:9325"
         (Some("203.0.113.11/32"), Some(3)),
         "{after}"
     );
+    // check --json names the deciding entry's hits, as stats does.
+    let check = gw.json(&["check", "203.0.113.11"]);
+    assert_eq!(
+        check["results"][0]["deny_match"]["hits"].as_u64(),
+        Some(3),
+        "{check}"
+    );
 
     // The metrics endpoint parses and agrees with stats.
     let body = scrape(&topo.gw, "127.0.0.1:9325");
@@ -347,5 +354,168 @@ listen = "127.0.0.1:9325"
     let status = gw.json(&["status"]);
     assert_eq!(status["ports"], serde_json::json!([PORT]), "{status}");
     assert_dropped(net, "203.0.113.9", "after a reload that changed [server]");
+    gw.stop();
+}
+
+/// The Unix time now, in seconds with a fraction.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[test]
+fn list_files_keep_what_operators_wrote_and_imports_say_what_they_do() {
+    require_root();
+    let topo = Topology::new();
+    let dir = TempDir::new("daemon-lists");
+    let d = dir.path().display();
+    // The deny list is written by hand; the permit list is a dangling
+    // symlink into a "repository" directory.
+    let hand_written = "# Team list, managed by ops\n\
+                        ## section: spam runs\n\
+                        \n\
+                        192.0.2.0/24 # spam run, ticket 4711\n\
+                        198.51.100.7 ; trailing comment\n\
+                        # 203.0.113.0/24 commented out on purpose\n\
+                        2001:db8:bad::/48\n";
+    std::fs::write(dir.join("deny.list"), hand_written).unwrap();
+    std::fs::create_dir(dir.join("repo")).unwrap();
+    std::os::unix::fs::symlink("repo/permit.list", dir.join("permit.list")).unwrap();
+    std::fs::write(
+        dir.join("smtpguard.toml"),
+        format!(
+            r#"
+[server]
+hostname = "gw.example.com"
+listen = ["{GW_V4}:{PORT}"]
+[policy]
+deny_list = "{d}/deny.list"
+permit_list = "{d}/permit.list"
+[delivery]
+spool_dir = "{d}/spool"
+accept_domains = ["example.com"]
+[control]
+socket = "{d}/control.sock"
+"#
+        ),
+    )
+    .unwrap();
+    let mut gw = Gateway {
+        ns: &topo.gw,
+        dir: dir.path(),
+        daemon: None,
+    };
+    gw.start();
+    let deny_file = || std::fs::read_to_string(dir.join("deny.list")).unwrap();
+
+    // CLI changes keep every comment, blank line and the order.
+    gw.ok(&["deny", "add", "203.0.113.9", "--comment", "new"]);
+    gw.ok(&["deny", "remove", "198.51.100.7"]);
+    assert_eq!(
+        deny_file(),
+        "# Team list, managed by ops\n\
+         ## section: spam runs\n\
+         \n\
+         192.0.2.0/24 # spam run, ticket 4711\n\
+         # 203.0.113.0/24 commented out on purpose\n\
+         2001:db8:bad::/48\n\
+         203.0.113.9/32 # new\n"
+    );
+    // A dangling symlink is written through, and stays a symlink.
+    gw.ok(&["permit", "add", "198.51.100.77"]);
+    let link = std::fs::symlink_metadata(dir.join("permit.list")).unwrap();
+    assert!(link.file_type().is_symlink(), "the link was replaced");
+    assert!(std::fs::read_to_string(dir.join("repo/permit.list"))
+        .unwrap()
+        .contains("198.51.100.77/32"));
+    gw.ok(&["permit", "add", "198.51.100.78"]);
+    assert!(std::fs::symlink_metadata(dir.join("permit.list"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+
+    // A temporary entry never expires early: --for 2s from before the
+    // command is the earliest possible expiry.
+    let before = unix_now();
+    gw.ok(&["permit", "add", "203.0.113.20", "--for", "2s"]);
+    let listed = gw.json(&["permit", "list"]);
+    let expires = listed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["prefix"] == "203.0.113.20/32")
+        .and_then(|e| e["expires_at_unix"].as_u64())
+        .expect("expiry listed");
+    assert!(
+        expires as f64 >= before + 2.0,
+        "expires at {expires}, the command started at {before:.3}"
+    );
+
+    // A merge import of a file without entries changes nothing, warns and
+    // succeeds (Spamhaus EDROP has been comments only since 2024).
+    let edrop = dir.join("edrop.txt");
+    std::fs::write(
+        &edrop,
+        "; Spamhaus EDROP List\n; this list has been merged into DROP\n",
+    )
+    .unwrap();
+    let edrop = edrop.to_str().unwrap();
+    let file_before = deny_file();
+    for dry in [false, true] {
+        let mut args = vec!["import", "deny", edrop];
+        if dry {
+            args.push("--dry-run");
+        }
+        let out = gw.cli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains("no entries in 2 line(s)"), "{stderr}");
+    }
+    assert_eq!(deny_file(), file_before);
+    // --replace by nothing is refused (dry run too), unless --allow-empty.
+    for dry in [false, true] {
+        let mut args = vec!["import", "deny", edrop, "--replace"];
+        if dry {
+            args.push("--dry-run");
+        }
+        let out = gw.cli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("--allow-empty"), "{stderr}");
+    }
+    assert_eq!(deny_file(), file_before);
+
+    // A dry run of a file with an invalid line fails as the import does.
+    let bad = dir.join("bad.txt");
+    std::fs::write(&bad, "192.0.2.99\n192.0.2.300\n").unwrap();
+    let bad = bad.to_str().unwrap();
+    let real = gw.cli(&["import", "deny", bad]);
+    let dry = gw.cli(&["import", "deny", bad, "--dry-run"]);
+    assert_eq!(real.status.code(), Some(1));
+    assert_eq!(dry.status.code(), Some(1), "{dry:?}");
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("nothing would be imported"));
+    assert_eq!(deny_file(), file_before);
+
+    // A refresh that shrinks the list by more than half warns.
+    let small = dir.join("small.txt");
+    std::fs::write(&small, "192.0.2.0/24\n").unwrap();
+    let out = gw.cli(&["import", "deny", small.to_str().unwrap(), "--replace"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("by more than half"), "{stderr}");
+    // And the replace kept the comments (the entry now has the file's).
+    assert_eq!(
+        deny_file(),
+        "# Team list, managed by ops\n\
+         ## section: spam runs\n\
+         \n\
+         192.0.2.0/24\n\
+         # 203.0.113.0/24 commented out on purpose\n"
+    );
+    // With --allow-empty the list may be emptied on purpose.
+    gw.ok(&["import", "deny", edrop, "--replace", "--allow-empty"]);
+    assert_eq!(gw.json(&["status"])["deny_list_size"]["ipv4"], 0);
     gw.stop();
 }

@@ -175,6 +175,12 @@ pub enum Request {
         /// As for [`Request::ListAdd`].
         #[serde(default)]
         allow_all: bool,
+        /// With `replace`: accept a text without a single entry (which
+        /// empties the list); refused otherwise, as a wrong or truncated
+        /// download would look the same. A merge of no entries is always
+        /// accepted: it changes nothing and warns.
+        #[serde(default)]
+        allow_empty: bool,
     },
     /// Export a list in the list file format (`smtpguard export deny`).
     /// Answered with [`Response::Exported`].
@@ -400,6 +406,11 @@ pub struct ImportResult {
     /// Whether the list was changed: false for a dry run or a refused
     /// import.
     pub applied: bool,
+    /// Whether the import is refused (invalid lines, listed in `skipped`,
+    /// without `skip_invalid`); in a dry run: whether the real import would
+    /// be. The CLI then exits with status 1, dry run or not.
+    #[serde(default)]
+    pub rejected: bool,
     /// Entries in the list afterwards (count; would be, in a dry run).
     pub list_size: u64,
 }

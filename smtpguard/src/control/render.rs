@@ -120,21 +120,25 @@ pub fn list_changed(c: &ListChanged) -> String {
 }
 
 /// `import`: `deny list: 1000 added, 2 duplicates, 1 skipped; 1000
-/// entries`, with `(dry run)` or `(not applied)` after the list name when
-/// nothing was changed. The skipped lines and warnings are not included.
+/// entries`, with `(dry run)` after the list name when nothing was changed,
+/// or `nothing imported` (`nothing would be imported` in a dry run) for an
+/// import refused for its invalid lines. The skipped lines and warnings are
+/// not included.
 pub fn import_result(r: &ImportResult, dry_run: bool) -> String {
-    let note = match (r.applied, dry_run) {
-        (true, _) => "",
-        (false, true) => " (dry run)",
-        (false, false) => {
-            return format!(
-                "{} list: nothing imported, {} invalid line(s); {}\n",
-                r.list,
-                r.skipped.len(),
-                entries(r.list_size)
-            )
-        }
-    };
+    if r.rejected {
+        let (note, what) = if dry_run {
+            (" (dry run)", "nothing would be imported")
+        } else {
+            ("", "nothing imported")
+        };
+        return format!(
+            "{} list{note}: {what}, {} invalid line(s); {}\n",
+            r.list,
+            r.skipped.len(),
+            entries(r.list_size)
+        );
+    }
+    let note = if dry_run { " (dry run)" } else { "" };
     format!(
         "{} list{note}: {}; {}\n",
         r.list,

@@ -69,6 +69,20 @@ pub enum RequestError {
     /// An import the list parser refuses as a whole.
     #[error(transparent)]
     Import(#[from] ImportError),
+    /// `import --replace` of a text without entries, without
+    /// `--allow-empty`.
+    #[error(
+        "{source_name}: no entries in {lines} line(s); refusing to empty the {list} with \
+         --replace (wrong or truncated file?); nothing was changed. Use --allow-empty to empty it"
+    )]
+    EmptyReplace {
+        /// The file, as named by the operator.
+        source_name: String,
+        /// Lines read.
+        lines: usize,
+        /// The list that would be emptied.
+        list: ListKind,
+    },
     /// The daemon refused the change or the reload.
     #[error(transparent)]
     Daemon(#[from] DaemonError),
@@ -207,15 +221,19 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Response> {
             dry_run,
             skip_invalid,
             allow_all,
+            allow_empty,
         } => import(
             daemon,
             list,
             &source_name,
             &text,
-            replace,
-            dry_run,
-            skip_invalid,
-            allow_all,
+            ImportFlags {
+                replace,
+                dry_run,
+                skip_invalid,
+                allow_all,
+                allow_empty,
+            },
         )?,
         Request::Export { list } => Response::Exported(Exported {
             list,
@@ -241,6 +259,12 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Response> {
         }
         Request::Check { addresses } => {
             let policy = daemon.policy();
+            // Hits are counted by the XDP program: 0 for an entry without
+            // any, `None` (not counted) without XDP.
+            let counted = daemon.kernel.lock().expect("kernel lock").is_some();
+            let hits = daemon.hits_by_prefix();
+            let hits_of =
+                |e: &ListEntry| counted.then(|| hits.get(&e.prefix).copied().unwrap_or(0));
             let mut results = Vec::new();
             for text in &addresses {
                 let addr: IpAddr = text
@@ -252,8 +276,8 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Response> {
                     address: e.address.to_string(),
                     mode: e.mode,
                     enforcement: e.enforcement,
-                    deny_match: e.deny_match.as_ref().map(|m| entry_view(m, None)),
-                    permit_match: e.permit_match.as_ref().map(|m| entry_view(m, None)),
+                    deny_match: e.deny_match.as_ref().map(|m| entry_view(m, hits_of(m))),
+                    permit_match: e.permit_match.as_ref().map(|m| entry_view(m, hits_of(m))),
                     verdict: match e.verdict {
                         Verdict::Deny => Admission::Refuse,
                         Verdict::Permit => Admission::Accept,
@@ -367,21 +391,38 @@ fn line_issue(e: &ImportError) -> LineIssue {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The switches of [`Request::Import`].
+#[derive(Clone, Copy, Debug)]
+struct ImportFlags {
+    replace: bool,
+    dry_run: bool,
+    skip_invalid: bool,
+    allow_all: bool,
+    allow_empty: bool,
+}
+
+/// An import, or its dry run: both take the same path up to the change
+/// itself, so a dry run answers (and fails) exactly as the import would.
 fn import(
     daemon: &Daemon,
     list: ListName,
     source_name: &str,
     text: &str,
-    replace: bool,
-    dry_run: bool,
-    skip_invalid: bool,
-    allow_all: bool,
+    flags: ImportFlags,
 ) -> Result<Response> {
+    let ImportFlags {
+        replace,
+        dry_run,
+        skip_invalid,
+        allow_all,
+        allow_empty,
+    } = flags;
     let target = kind(list);
     let mut options = ImportOptions::new(target);
     options.allow_all = allow_all;
     options.skip_invalid = skip_invalid;
+    // Decided below: a merge of nothing is fine, a replace by nothing not.
+    options.allow_empty = true;
     let report = match parse_list(text, source_name, &options) {
         Ok(report) => report,
         Err(ImportError::Rejected { errors, .. }) => {
@@ -404,6 +445,7 @@ fn import(
                 list,
                 skipped,
                 applied: false,
+                rejected: true,
                 list_size: daemon.policy().list(target).len().total() as u64,
                 ..Default::default()
             }));
@@ -415,7 +457,27 @@ fn import(
     } else {
         ImportMode::Merge
     };
-    let warnings: Vec<String> = report.warnings.iter().map(|w| w.to_string()).collect();
+    let mut warnings: Vec<String> = report.warnings.iter().map(|w| w.to_string()).collect();
+    if report.entries.is_empty() {
+        // E.g. Spamhaus EDROP, comments only since 2024: a scheduled
+        // refresh must not fail, nor may it empty the list unasked.
+        if replace && !allow_empty {
+            return Err(RequestError::EmptyReplace {
+                source_name: source_name.to_string(),
+                lines: report.lines,
+                list: target,
+            });
+        }
+        if !replace {
+            let warning = format!(
+                "{source_name}: no entries in {} line(s); the {target} is unchanged",
+                report.lines
+            );
+            tracing::warn!(list = %target, source = source_name, lines = report.lines,
+                "import of a file without entries: nothing changed");
+            warnings.push(warning);
+        }
+    }
     let mut skipped: Vec<LineIssue> = report
         .skipped
         .iter()
@@ -438,14 +500,18 @@ fn import(
         ListKind::Permit => ListKind::Deny,
     };
     let touches_other = report.count(other) > 0;
-    let mut warnings = warnings;
     if touches_other {
         warnings.push(format!(
             "{} entries of this Postfix table go to the {other} (their action says so)",
             report.count(other)
         ));
     }
+    let size_before = daemon.policy().list(target).len().total();
+    // A merge of no entries leaves the lists, the kernel and the files.
+    let changes = replace || !report.entries.is_empty();
     let diff = if dry_run {
+        daemon.policy().list(target).diff(&report, mode)
+    } else if !changes {
         daemon.policy().list(target).diff(&report, mode)
     } else {
         let touched: &[ListKind] = if touches_other {
@@ -466,6 +532,17 @@ fn import(
         daemon.close_denied_sessions();
         diff
     };
+    let size_after = (size_before + diff.added.len()).saturating_sub(diff.removed.len());
+    if size_after * 2 < size_before {
+        let would = if dry_run { "would shrink" } else { "shrank" };
+        let warning = format!(
+            "the {target} {would} from {size_before} to {size_after} entries, by more than half; \
+             check that {source_name} is complete"
+        );
+        tracing::warn!(list = %target, source = source_name, before = size_before,
+            after = size_after, dry_run, "import shrinks the list by more than half");
+        warnings.push(warning);
+    }
     Ok(Response::ImportResult(ImportResult {
         list,
         added: diff.added.len() as u64,
@@ -475,11 +552,11 @@ fn import(
         covered: diff.covered.len() as u64,
         skipped,
         warnings,
-        applied: !dry_run,
+        applied: !dry_run && changes,
+        rejected: false,
         // For a dry run: the size the list would have.
         list_size: if dry_run {
-            (daemon.policy().list(target).len().total() + diff.added.len())
-                .saturating_sub(diff.removed.len()) as u64
+            size_after as u64
         } else {
             daemon.policy().list(target).len().total() as u64
         },

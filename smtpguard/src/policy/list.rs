@@ -20,8 +20,10 @@
 //! `TIME` is RFC 3339 in UTC with whole seconds. Files are replaced
 //! atomically: a temporary file in the same directory is written and
 //! fsync'ed, renamed over the list, and the directory is fsync'ed, so a
-//! crash leaves either the old or the new list, never a mix. A missing file
-//! is an empty list.
+//! crash leaves either the old or the new list, never a mix. A save keeps
+//! what the operator wrote in the file (comments, blank lines, the order of
+//! untouched lines; see [`AccessList::text_over`]) and writes through
+//! symbolic links, dangling ones included. A missing file is an empty list.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -36,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use super::entry::canonical_prefix;
 use super::import::{
-    parse_bytes, ImportError, ImportFormat, ImportOptions, ImportReport, ImportWarning,
+    parse_bytes, parse_list, ImportError, ImportFormat, ImportOptions, ImportReport, ImportWarning,
 };
 use super::table::PrefixTable;
 use super::{sanitize_comment, ListKind};
@@ -128,12 +130,14 @@ impl Meta {
 }
 
 /// Whole seconds, between the epoch and the end of year 9999: what the file
-/// format can hold, so an entry reads back exactly as it was written.
+/// format can hold, so an entry reads back exactly as it was written. A
+/// fraction of a second is rounded *up*: a temporary entry may be lifted
+/// up to a second late, never early.
 fn storable_expiry(t: SystemTime) -> SystemTime {
     const LAST_SECOND_OF_9999: u64 = 253_402_300_799;
     let secs = t
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
         .min(LAST_SECOND_OF_9999);
     UNIX_EPOCH + Duration::from_secs(secs)
 }
@@ -294,8 +298,8 @@ impl AccessList {
     /// A prefix already on the list keeps its place: a new comment replaces
     /// its comment, and it stays permanent if it was permanent or is re-added
     /// without expiry (otherwise the later expiry counts). Expiry times are
-    /// stored in whole seconds. Control characters in comments become
-    /// spaces.
+    /// stored in whole seconds, rounded up (an entry is never lifted
+    /// early). Control characters in comments become spaces.
     ///
     /// # Errors
     ///
@@ -560,20 +564,76 @@ impl AccessList {
             self.kind
         );
         for entry in &entries {
-            let _ = write!(out, "{}", entry.prefix);
-            if entry.expires.is_some() || entry.comment.is_some() {
-                out.push_str(" #");
-                if let Some(t) = entry.expires {
-                    let _ = write!(out, " expires={}", crate::time::rfc3339(t));
-                }
-                if let Some(c) = &entry.comment {
-                    out.push(' ');
-                    out.push_str(c);
-                }
-            }
-            out.push('\n');
+            push_entry_line(&mut out, entry, "\n");
         }
         out
+    }
+
+    /// The list written over `old`, the text of its file as it is now:
+    /// whole-line comments, blank lines and the lines of unchanged entries
+    /// stay as they are, byte for byte and in their order; the line of a
+    /// changed entry is rewritten in place (in the form of
+    /// [`AccessList::to_text`]), the line of a removed entry goes, and new
+    /// entries are appended at the end, sorted. An empty `old` gives
+    /// [`AccessList::to_text`] (with its header).
+    ///
+    /// # Errors
+    ///
+    /// [`ListError::Import`] if `old` has a bad line (it is not overwritten
+    /// then: nothing the operator wrote is lost).
+    pub fn text_over(&self, old: &str, source_name: &str) -> Result<String, ListError> {
+        if old.trim().is_empty() {
+            return Ok(self.to_text());
+        }
+        let report = parse_list(old, source_name, &file_options(self.kind))?;
+        let mut before = AccessList::new(self.kind);
+        before.import(&report, ImportMode::Replace)?;
+        let mut by_line: std::collections::HashMap<usize, Vec<IpNet>> =
+            std::collections::HashMap::new();
+        for entry in &report.entries {
+            by_line.entry(entry.line).or_default().push(entry.prefix);
+        }
+        let eol = if old.split('\n').next().is_some_and(|l| l.ends_with('\r')) {
+            "\r\n"
+        } else {
+            "\n"
+        };
+        let unchanged = |p: &IpNet| {
+            let now = self.table.get(p);
+            now.is_some() && now == before.table.get(p)
+        };
+        let mut written: std::collections::HashSet<IpNet> = std::collections::HashSet::new();
+        let mut out = String::with_capacity(old.len() + 64);
+        for (index, line) in old.split_inclusive('\n').enumerate() {
+            let Some(prefixes) = by_line.get(&(index + 1)) else {
+                out.push_str(line);
+                continue;
+            };
+            if prefixes.iter().all(unchanged) {
+                out.push_str(line);
+                written.extend(prefixes.iter().copied());
+                continue;
+            }
+            for prefix in prefixes {
+                if let Some(meta) = self.table.get(prefix) {
+                    if written.insert(*prefix) {
+                        push_entry_line(&mut out, &meta.entry(*prefix), eol);
+                    }
+                }
+            }
+        }
+        let mut new_entries = self
+            .entries()
+            .into_iter()
+            .filter(|e| !written.contains(&e.prefix))
+            .peekable();
+        if new_entries.peek().is_some() && !out.is_empty() && !out.ends_with('\n') {
+            out.push_str(eol);
+        }
+        for entry in new_entries {
+            push_entry_line(&mut out, &entry, eol);
+        }
+        Ok(out)
     }
 
     /// Reads a list file. A missing file is an empty list; a file with any
@@ -602,14 +662,7 @@ impl AccessList {
                 })
             }
         };
-        let options = ImportOptions {
-            target: kind,
-            format: ImportFormat::Plain,
-            allow_all: true,
-            skip_invalid: false,
-            allow_empty: true,
-        };
-        let report = parse_bytes(&bytes, &path.display().to_string(), &options)?;
+        let report = parse_bytes(&bytes, &path.display().to_string(), &file_options(kind))?;
         let mut list = AccessList::new(kind);
         list.import(&report, ImportMode::Replace)?;
         Ok(LoadedList {
@@ -620,31 +673,53 @@ impl AccessList {
     }
 
     /// Writes the list to `path` atomically (temporary file in the same
-    /// directory, fsync, rename over, fsync of the directory). An existing
-    /// file's permission bits are kept; a new file gets mode 0644.
+    /// directory, fsync, rename over, fsync of the directory), keeping what
+    /// the operator wrote in the file: comments, blank lines and the order
+    /// of untouched lines (see [`AccessList::text_over`]). A symbolic link
+    /// (a list kept elsewhere and linked into place), dangling or not, is
+    /// followed: its target is written, in the target's directory, and the
+    /// link stays. An existing file's permission bits are kept; a new file
+    /// gets mode 0644.
     ///
     /// # Errors
     ///
-    /// [`ListError::Write`] naming the step that failed; the old file is
-    /// then intact and no temporary file is left behind.
+    /// [`ListError::Write`] naming the step that failed, [`ListError::Read`]
+    /// if the current file cannot be read and [`ListError::Import`] if it has
+    /// a bad line; the old file is then intact and no temporary file is left
+    /// behind.
     pub fn save(&self, path: &Path) -> Result<(), ListError> {
-        // A list kept elsewhere (version control, config management) and
-        // linked into place: write the target, keep the link.
-        let resolved;
-        let path = match fs::canonicalize(path) {
-            Ok(target) if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) => {
-                resolved = target;
-                resolved.as_path()
-            }
-            _ => path,
-        };
+        let resolved = resolve_links(path).map_err(|source| ListError::Write {
+            path: path.to_path_buf(),
+            step: "following the symbolic link",
+            source,
+        })?;
+        let path = resolved.as_path();
         // First save on a fresh machine: the directory may not exist yet.
         fs::create_dir_all(parent_dir(path)).map_err(|source| ListError::Write {
             path: path.to_path_buf(),
             step: "creating the directory",
             source,
         })?;
-        let temp = write_temp(path, self.to_text().as_bytes())?;
+        let text = match fs::read(path) {
+            Ok(bytes) => {
+                let name = path.display().to_string();
+                let old = std::str::from_utf8(&bytes).map_err(|_| {
+                    ListError::Import(
+                        parse_bytes(&bytes, &name, &file_options(self.kind))
+                            .expect_err("not UTF-8"),
+                    )
+                })?;
+                self.text_over(old, &name)?
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => self.to_text(),
+            Err(source) => {
+                return Err(ListError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let temp = write_temp(path, text.as_bytes())?;
         if let Err(e) = install_temp(&temp, path) {
             let _ = fs::remove_file(&temp);
             return Err(e);
@@ -660,6 +735,56 @@ fn insert_merging(table: &mut PrefixTable<Meta>, prefix: IpNet, meta: Meta) {
             table.insert(prefix, meta);
         }
     }
+}
+
+/// How list files are read: entries only, whole-family entries allowed
+/// (they were allowed when added), an empty file is an empty list.
+fn file_options(kind: ListKind) -> ImportOptions {
+    ImportOptions {
+        target: kind,
+        format: ImportFormat::Plain,
+        allow_all: true,
+        skip_invalid: false,
+        allow_empty: true,
+    }
+}
+
+/// One entry as a line of the list file, ending in `eol`.
+fn push_entry_line(out: &mut String, entry: &ListEntry, eol: &str) {
+    use std::fmt::Write as _;
+    let _ = write!(out, "{}", entry.prefix);
+    if entry.expires.is_some() || entry.comment.is_some() {
+        out.push_str(" #");
+        if let Some(t) = entry.expires {
+            let _ = write!(out, " expires={}", crate::time::rfc3339(t));
+        }
+        if let Some(c) = &entry.comment {
+            out.push(' ');
+            out.push_str(c);
+        }
+    }
+    out.push_str(eol);
+}
+
+/// Follows `path` while it is a symbolic link (relative targets are
+/// relative to the link's directory), to a path that is not one: an
+/// existing file, or the missing target of a dangling link.
+fn resolve_links(path: &Path) -> io::Result<PathBuf> {
+    /// As the kernel's `MAXSYMLINKS`.
+    const MAX_LINKS: usize = 40;
+    let mut current = path.to_path_buf();
+    for _ in 0..MAX_LINKS {
+        match fs::symlink_metadata(&current) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let target = fs::read_link(&current)?;
+                current = parent_dir(&current).join(target);
+            }
+            // Not a link, or nothing there (a dangling link's target): the
+            // steps that follow name what is wrong with it, if anything.
+            Ok(_) | Err(_) => return Ok(current),
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::ELOOP))
 }
 
 fn parent_dir(path: &Path) -> &Path {
@@ -1024,7 +1149,7 @@ pub(crate) mod tests {
              0.0.0.0/0\n\
              192.0.2.7/32 # expires=2026-12-01T10:00:00Z temporary\n\
              198.51.100.0/24 # spam run # 2 ; see ticket\n\
-             2001:db8::/32 # expires=2026-12-01T10:00:00Z\n"
+             2001:db8::/32 # expires=2026-12-01T10:00:01Z\n"
         );
         let loaded = AccessList::load(&path, ListKind::Deny).unwrap();
         assert!(loaded.existed);
@@ -1107,6 +1232,161 @@ pub(crate) mod tests {
                 .len()
                 .total(),
             2
+        );
+    }
+
+    #[test]
+    fn expiry_is_rounded_up_so_an_entry_is_never_lifted_early() {
+        let mut list = AccessList::new(ListKind::Deny);
+        let due = at(100) + Duration::from_millis(200);
+        list.add(nets(&["192.0.2.1/32"]), None, Some(due)).unwrap();
+        let stored = list.get(net("192.0.2.1/32")).unwrap().expires.unwrap();
+        assert!(stored >= due, "stored {stored:?} before {due:?}");
+        assert_eq!(stored, at(101));
+        assert!(list.expire(due - Duration::from_millis(1)).is_empty());
+        assert!(
+            list.expire(due).is_empty(),
+            "swept at the due instant: kept"
+        );
+        assert_eq!(list.expire(at(101)).len(), 1);
+    }
+
+    const HAND_WRITTEN: &str = "\
+# Team list, managed by ops
+# ------------------------------------------------------------
+## section: spam runs
+
+192.0.2.0/24 # spam run, ticket 4711
+198.51.100.7   ;   trailing comment in another style
+# 203.0.113.0/24 commented out on purpose
+
+## section: IPv6
+2001:db8:bad::/48
+2001:db8:1::/48 # goes away
+";
+
+    #[test]
+    fn cli_changes_keep_every_comment_blank_line_and_the_order() {
+        let dir = TestDir::new("fidelity");
+        let path = dir.0.join("deny.list");
+        fs::write(&path, HAND_WRITTEN).unwrap();
+        let mut list = AccessList::load(&path, ListKind::Deny).unwrap().list;
+        // Unchanged: saved as it was, byte for byte.
+        list.save(&path).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), HAND_WRITTEN);
+
+        list.add(nets(&["203.0.113.9/32"]), Some("new one"), None)
+            .unwrap();
+        list.add(nets(&["198.51.100.7/32"]), Some("re-added"), None)
+            .unwrap();
+        list.remove(nets(&["2001:db8:1::/48"]));
+        list.save(&path).unwrap();
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            "\
+# Team list, managed by ops
+# ------------------------------------------------------------
+## section: spam runs
+
+192.0.2.0/24 # spam run, ticket 4711
+198.51.100.7/32 # re-added
+# 203.0.113.0/24 commented out on purpose
+
+## section: IPv6
+2001:db8:bad::/48
+203.0.113.9/32 # new one
+"
+        );
+        assert_eq!(
+            AccessList::load(&path, ListKind::Deny)
+                .unwrap()
+                .list
+                .entries(),
+            list.entries()
+        );
+
+        // Expiry and a merge import go through the same path.
+        list.add(nets(&["192.0.2.77/32"]), None, Some(at(1_796_119_200)))
+            .unwrap();
+        list.save(&path).unwrap();
+        list.expire(at(1_796_119_200));
+        let file = report("# refreshed feed\n2001:db8:bad::/48\n10.0.0.0/8 ; feed\n");
+        list.import(&file, ImportMode::Merge).unwrap();
+        list.save(&path).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# Team list, managed by ops\n"), "{text}");
+        assert!(
+            text.ends_with("203.0.113.9/32 # new one\n10.0.0.0/8 # feed\n"),
+            "{text}"
+        );
+        assert!(!text.contains("192.0.2.77"), "{text}");
+    }
+
+    #[test]
+    fn a_removed_part_of_a_line_leaves_the_rest_and_crlf_stays_crlf() {
+        let mut list = AccessList::new(ListKind::Deny);
+        let old = "# appliance export\r\n192.0.2.1 192.0.2.2:255.255.255.255 # two\r\n";
+        let file = parse_list(old, "x", &file_options(ListKind::Deny)).unwrap();
+        list.import(&file, ImportMode::Replace).unwrap();
+        list.remove(nets(&["192.0.2.1/32"]));
+        assert_eq!(
+            list.text_over(old, "x").unwrap(),
+            "# appliance export\r\n192.0.2.2/32 # two\r\n"
+        );
+        // A file without a trailing newline gets one before new entries.
+        let old = "# x\n192.0.2.1";
+        let mut list = AccessList::new(ListKind::Deny);
+        list.add(nets(&["192.0.2.1/32", "192.0.2.3/32"]), None, None)
+            .unwrap();
+        assert_eq!(
+            list.text_over(old, "x").unwrap(),
+            "# x\n192.0.2.1\n192.0.2.3/32\n"
+        );
+    }
+
+    #[test]
+    fn saving_writes_through_symlinks_dangling_ones_included() {
+        use std::os::unix::fs::symlink;
+        let dir = TestDir::new("symlink");
+        fs::create_dir(dir.0.join("repo")).unwrap();
+        let target = dir.0.join("repo").join("deny.list");
+        let link = dir.0.join("deny.list");
+        // Dangling, relative link: the target does not exist yet.
+        symlink("repo/deny.list", &link).unwrap();
+        let mut list = AccessList::new(ListKind::Deny);
+        list.add(nets(&["192.0.2.0/24"]), None, None).unwrap();
+        list.save(&link).unwrap();
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(fs::read_to_string(&target)
+            .unwrap()
+            .contains("192.0.2.0/24\n"));
+        // A chain of links to an existing file with comments.
+        let chain = dir.0.join("chain.list");
+        symlink(&link, &chain).unwrap();
+        fs::write(&target, "# kept\n192.0.2.0/24\n").unwrap();
+        list.add(nets(&["198.51.100.0/24"]), None, None).unwrap();
+        list.save(&chain).unwrap();
+        for l in [&link, &chain] {
+            assert!(fs::symlink_metadata(l).unwrap().file_type().is_symlink());
+        }
+        assert_eq!(
+            fs::read_to_string(&target).unwrap(),
+            "# kept\n192.0.2.0/24\n198.51.100.0/24\n"
+        );
+        let leftovers: Vec<_> = fs::read_dir(dir.0.join("repo")).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary files left behind");
+        // A loop is an error naming the step, not a hang.
+        let a = dir.0.join("a.list");
+        let b = dir.0.join("b.list");
+        symlink(&b, &a).unwrap();
+        symlink(&a, &b).unwrap();
+        let err = list.save(&a).unwrap_err();
+        assert!(
+            err.to_string().contains("following the symbolic link"),
+            "{err}"
         );
     }
 
