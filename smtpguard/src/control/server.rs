@@ -46,6 +46,11 @@ use crate::accept::accept_loop;
 /// the next one) before the connection is closed.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// At most this many control connections are served at once (more wait
+/// in the listen backlog), so that operators' commands fit in the
+/// file descriptors the daemon keeps in reserve ([`crate::fds::RESERVE`]).
+pub const MAX_CONNECTIONS: usize = 32;
+
 /// On shutdown, how long requests being handled may take to finish before
 /// their connections are cut.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -382,22 +387,33 @@ pub async fn run<H: ControlHandler>(
     let connections = TaskTracker::new();
     // Cuts off the requests still running when the shutdown grace is over.
     let cut = CancellationToken::new();
-    accept_loop(&listener, "control socket", None, &shutdown, |accepted| {
-        let connection = connection(
-            accepted.stream,
-            Arc::clone(&handler),
-            own_uid,
-            max_frame_bytes,
-            shutdown.clone(),
-        );
-        let cut = cut.clone();
-        connections.spawn(async move {
-            tokio::select! {
-                () = cut.cancelled() => {}
-                () = connection => {}
-            }
-        });
-    })
+    // Out of descriptors, a connection accepted on the loop's spare is
+    // served all the same: the operator must be able to get in.
+    let cap = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    accept_loop(
+        &listener,
+        "control socket",
+        Some(cap),
+        &shutdown,
+        |accepted| {
+            let permit = accepted.permit;
+            let connection = connection(
+                accepted.stream,
+                Arc::clone(&handler),
+                own_uid,
+                max_frame_bytes,
+                shutdown.clone(),
+            );
+            let cut = cut.clone();
+            connections.spawn(async move {
+                tokio::select! {
+                    () = cut.cancelled() => {}
+                    () = connection => {}
+                }
+                drop(permit);
+            });
+        },
+    )
     .await;
     // New clients now get "no such file" rather than a hang.
     drop(file);
