@@ -10,11 +10,21 @@
 //! connections: its permit is taken *before* accepting (so clients beyond
 //! the cap wait in the listen backlog) and handed to the connection, which
 //! frees it on every exit path by dropping it.
+//!
+//! Running out of file descriptors (EMFILE, ENFILE) is met first with the
+//! loop's spare descriptor ([`crate::fds::Spare`]): it is closed, the
+//! waiting client is accepted on the freed slot and handed over marked
+//! [`Accepted::out_of_fds`] (the SMTP front door answers `421 4.3.2` and
+//! closes; the control socket serves it, so the operator can still get
+//! in), and the spare is taken back as soon as a descriptor is free. Only
+//! when no spare is held does the loop pause.
 
 use std::{future::Future, io, sync::Arc, time::Duration};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::fds::{self, Spare};
 
 /// First pause after a failed accept (e.g. out of file descriptors).
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -60,6 +70,11 @@ pub struct Accepted<S, A> {
     /// The connection's place under the cap, when there is one; hold it
     /// for the connection's life.
     pub permit: Option<OwnedSemaphorePermit>,
+    /// Accepted on the loop's spare descriptor because the process is out
+    /// of descriptors: answer briefly and close (or serve it if it is
+    /// vital, like the control socket); the spare comes back once a
+    /// descriptor is free.
+    pub out_of_fds: bool,
 }
 
 /// Accepts on `listener` until `shutdown` is cancelled, and hands each
@@ -76,7 +91,9 @@ pub async fn accept_loop<L: Listener>(
     mut accepted: impl FnMut(Accepted<L::Stream, L::Addr>),
 ) {
     let mut backoff = BACKOFF_MIN;
+    let mut spare = Spare::new();
     loop {
+        spare.refill();
         let permit = match &cap {
             Some(cap) => tokio::select! {
                 biased;
@@ -101,10 +118,35 @@ pub async fn accept_loop<L: Listener>(
                     stream,
                     peer,
                     permit,
+                    out_of_fds: false,
                 });
             }
             Err(e) if is_per_connection(&e) => {
                 tracing::debug!(listener = what, error = %e, "accept: connection failed before it was accepted");
+            }
+            Err(e) if fds::is_exhaustion(&e) && spare.release() => {
+                // The spare's slot takes the waiting client, who is told.
+                let retried = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    r = listener.accept() => r,
+                };
+                match retried {
+                    Ok((stream, peer)) => {
+                        tracing::warn!(listener = what, error = %e,
+                            "accept: out of file descriptors; answered a client on the spare descriptor");
+                        accepted(Accepted {
+                            stream,
+                            peer,
+                            permit,
+                            out_of_fds: true,
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(listener = what, error = %e, "accept failed on the spare descriptor");
+                    }
+                }
+                spare.refill();
             }
             Err(e) => {
                 tracing::warn!(listener = what, error = %e, pause = ?backoff, "accept failed; pausing");
@@ -133,6 +175,10 @@ pub async fn serve_each<L, F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     accept_loop(listener, what, cap, shutdown, |a| {
+        if a.out_of_fds {
+            // Closed at once: the descriptor goes back to the spare.
+            return;
+        }
         let connection = serve(a.stream, a.peer);
         let permit = a.permit;
         tracker.spawn(async move {
@@ -200,8 +246,8 @@ mod tests {
         let listener = scripted(vec![
             Err(io::Error::from(io::ErrorKind::ConnectionAborted)),
             Ok(((), ())),
-            Err(io::Error::from_raw_os_error(libc::EMFILE)),
-            Err(io::Error::from_raw_os_error(libc::EMFILE)),
+            Err(io::Error::from_raw_os_error(libc::ENOBUFS)),
+            Err(io::Error::from_raw_os_error(libc::ENOBUFS)),
             Ok(((), ())),
         ]);
         let shutdown = CancellationToken::new();
@@ -214,8 +260,31 @@ mod tests {
             _ = run => unreachable!("runs until shutdown"),
             _ = tokio::time::sleep(Duration::from_secs(10)) => {}
         }
-        // The reset cost nothing; the two resource errors paused 50 ms, then 100 ms.
+        // The reset cost nothing; the two resource errors (not descriptors:
+        // no spare helps) paused 50 ms, then 100 ms.
         assert_eq!(at, [Duration::ZERO, Duration::from_millis(150)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn out_of_descriptors_the_spare_takes_the_client_at_once() {
+        let listener = scripted(vec![
+            Err(io::Error::from_raw_os_error(libc::EMFILE)),
+            Ok(((), ())),
+            Ok(((), ())),
+        ]);
+        let shutdown = CancellationToken::new();
+        let started = tokio::time::Instant::now();
+        let mut got = Vec::new();
+        let run = accept_loop(&listener, "test", None, &shutdown, |a| {
+            got.push((started.elapsed(), a.out_of_fds));
+        });
+        tokio::select! {
+            _ = run => unreachable!("runs until shutdown"),
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+        // No pause: the waiting client was accepted on the spare and
+        // marked; the next one is served normally.
+        assert_eq!(got, [(Duration::ZERO, true), (Duration::ZERO, false)]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,13 +14,15 @@
 //! lists change; [`control`] is the operator's control socket and
 //! [`cli`] the command line (daemon and controller in one binary);
 //! [`logging`] and [`metrics`] are what the operator watches; [`accept`]
-//! is the accept loop every listener runs.
+//! is the accept loop every listener runs; [`fds`] the file-descriptor
+//! budget it and the daemon keep.
 
 pub mod accept;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod fds;
 pub mod front_door;
 pub mod kernel;
 pub mod logging;

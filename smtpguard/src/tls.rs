@@ -44,6 +44,10 @@ use tokio_rustls::rustls::{
 };
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName};
 
+/// The largest certificate, CA certificate or key file read, in bytes
+/// (1 MiB: a long chain is a few tens of KiB).
+pub const MAX_PEM_FILE_BYTES: u64 = 1024 * 1024;
+
 /// A certificate that expires within this many days loads with a
 /// [`TlsWarning::ExpiresSoon`].
 pub const EXPIRY_WARNING_DAYS: i64 = 14;
@@ -87,6 +91,23 @@ pub enum TlsError {
         /// The I/O error.
         #[source]
         source: io::Error,
+    },
+    /// A path that is not a regular file (a FIFO, a device such as
+    /// `/dev/zero`, a socket): refused before anything is read from it.
+    #[error("{file} file {path} is not a regular file")]
+    NotARegularFile {
+        /// Which file.
+        file: PemFile,
+        /// Its path.
+        path: PathBuf,
+    },
+    /// A file larger than [`MAX_PEM_FILE_BYTES`].
+    #[error("{file} file {path} is larger than {MAX_PEM_FILE_BYTES} bytes")]
+    TooLarge {
+        /// Which file.
+        file: PemFile,
+        /// Its path.
+        path: PathBuf,
     },
     /// A file is not valid PEM (a broken header or footer, bad base64).
     #[error("{file} file {path} is not valid PEM")]
@@ -548,12 +569,50 @@ fn facts(cert: &X509Certificate<'_>) -> CertificateFacts {
     }
 }
 
+/// Reads a regular file of at most [`MAX_PEM_FILE_BYTES`]. It is opened
+/// non-blocking (opening a FIFO would otherwise wait for a writer) and
+/// checked with fstat before anything is read, and the read stops after the
+/// limit (a file that grows meanwhile cannot make it read on).
 fn read(file: PemFile, path: &Path) -> Result<Vec<u8>, TlsError> {
-    fs::read(path).map_err(|source| TlsError::Read {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+
+    let read_error = |source| TlsError::Read {
         file,
         path: path.to_owned(),
         source,
-    })
+    };
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(read_error)?;
+    let meta = opened.metadata().map_err(read_error)?;
+    if meta.is_dir() {
+        return Err(read_error(io::Error::from(io::ErrorKind::IsADirectory)));
+    }
+    if !meta.is_file() {
+        return Err(TlsError::NotARegularFile {
+            file,
+            path: path.to_owned(),
+        });
+    }
+    let too_large = || TlsError::TooLarge {
+        file,
+        path: path.to_owned(),
+    };
+    if meta.len() > MAX_PEM_FILE_BYTES {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    opened
+        .take(MAX_PEM_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_PEM_FILE_BYTES {
+        return Err(too_large());
+    }
+    Ok(bytes)
 }
 
 /// Every PEM section of `bytes`, in order, including kinds we do not use.
@@ -925,6 +984,75 @@ mod tests {
         );
         let io = e.source().unwrap().downcast_ref::<io::Error>().unwrap();
         assert_eq!(io.kind(), io::ErrorKind::IsADirectory);
+    }
+
+    #[test]
+    fn only_regular_files_are_read() {
+        let dir = TempDir::new("tls");
+        let (_root, cert, key) = simple(&dir);
+        // A device that never ends: refused at once, nothing read.
+        let zero = Path::new("/dev/zero");
+        let e = error(load(&cert, zero, None));
+        assert!(
+            matches!(
+                e,
+                TlsError::NotARegularFile {
+                    file: PemFile::PrivateKey,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "private key file /dev/zero is not a regular file"
+        );
+        // A FIFO with no writer: refused at once instead of waiting.
+        let fifo = dir.path().join("server.key.fifo");
+        nix::unistd::mkfifo(
+            &fifo,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+        )
+        .unwrap();
+        let e = error(load(&cert, &fifo, None));
+        assert_eq!(
+            e.to_string(),
+            format!("private key file {} is not a regular file", fifo.display())
+        );
+        assert_eq!(
+            error(load(&fifo, &key, None)).to_string(),
+            format!("certificate file {} is not a regular file", fifo.display())
+        );
+        assert_eq!(
+            error(load(&cert, &key, Some(&fifo))).to_string(),
+            format!(
+                "CA certificate file {} is not a regular file",
+                fifo.display()
+            )
+        );
+    }
+
+    #[test]
+    fn files_over_the_size_cap_are_refused() {
+        let dir = TempDir::new("tls");
+        let (_root, cert, key) = simple(&dir);
+        let big = dir.path().join("big.crt");
+        let f = fs::File::create(&big).unwrap();
+        // Sparse: no disk used.
+        f.set_len(MAX_PEM_FILE_BYTES + 1).unwrap();
+        assert_eq!(
+            error(load(&big, &key, None)).to_string(),
+            format!(
+                "certificate file {} is larger than 1048576 bytes",
+                big.display()
+            )
+        );
+        // Exactly at the cap is read (and then is not PEM).
+        f.set_len(MAX_PEM_FILE_BYTES).unwrap();
+        assert!(matches!(
+            error(load(&cert, &big, None)),
+            TlsError::NoPrivateKey { .. }
+        ));
     }
 
     #[test]

@@ -234,7 +234,12 @@ fn canned(request: &Request) -> Response {
 }
 
 impl ControlHandler for Mock {
-    async fn handle(&self, request: Request, peer: PeerInfo) -> Response {
+    async fn handle(
+        &self,
+        request: Request,
+        peer: PeerInfo,
+        _client: control::ClientWaiting,
+    ) -> Response {
         self.seen.lock().unwrap().push((request.clone(), peer));
         canned(&request)
     }

@@ -34,7 +34,9 @@ pub mod server;
 
 pub use client::{Client, ClientError};
 pub use proto::{Request, Response};
-pub use server::{bind, run, serve, ControlError, ControlHandler, ControlListener, PeerInfo};
+pub use server::{
+    bind, run, serve, ClientWaiting, ControlError, ControlHandler, ControlListener, PeerInfo,
+};
 
 /// The control socket's path when the configuration does not say
 /// (`control.socket`).

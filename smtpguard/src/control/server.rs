@@ -10,7 +10,7 @@ use std::{
     future::Future,
     io,
     os::{
-        fd::{AsRawFd, OwnedFd},
+        fd::{AsFd, AsRawFd, OwnedFd},
         unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt},
     },
     panic::AssertUnwindSafe,
@@ -20,6 +20,7 @@ use std::{
 };
 
 use futures::{FutureExt, SinkExt, StreamExt};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::{
     socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr},
     stat::{fchmod, Mode},
@@ -45,6 +46,11 @@ use crate::accept::accept_loop;
 /// the next one) before the connection is closed.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// At most this many control connections are served at once (more wait
+/// in the listen backlog), so that operators' commands fit in the
+/// file descriptors the daemon keeps in reserve ([`crate::fds::RESERVE`]).
+pub const MAX_CONNECTIONS: usize = 32;
+
 /// On shutdown, how long requests being handled may take to finish before
 /// their connections are cut.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -59,7 +65,61 @@ pub trait ControlHandler: Send + Sync + 'static {
     /// Carries out `request` and says how it went. Failures are
     /// [`Response::Error`] (see [`Response::error`]); a panic is caught and
     /// answered with an error too, but the daemon should not rely on that.
-    fn handle(&self, request: Request, peer: PeerInfo) -> impl Future<Output = Response> + Send;
+    ///
+    /// `client` tells whether the client is still connected: a handler
+    /// that makes a change should ask it once the change's turn has come
+    /// and make none if the client has gone (it gave up waiting and may
+    /// have reported failure).
+    fn handle(
+        &self,
+        request: Request,
+        peer: PeerInfo,
+        client: ClientWaiting,
+    ) -> impl Future<Output = Response> + Send;
+}
+
+/// Whether the client of a request is still there to get the reply.
+///
+/// A client that was killed or gave up has closed its end: its socket
+/// then polls as hung up (`POLLHUP`; a client that only shut down its
+/// writing side still waits for the reply and is not taken as gone). Holds
+/// a duplicate of the connection's descriptor, so it may be asked from any
+/// thread for as long as the request runs.
+#[derive(Debug)]
+pub struct ClientWaiting {
+    /// `None` when the descriptor could not be duplicated (out of
+    /// descriptors): the client is then taken as present.
+    fd: Option<OwnedFd>,
+}
+
+impl ClientWaiting {
+    /// Watches the client on the other end of `stream`.
+    pub fn of(stream: &impl AsFd) -> ClientWaiting {
+        ClientWaiting {
+            fd: stream.as_fd().try_clone_to_owned().ok(),
+        }
+    }
+
+    /// A client that is never taken as gone (for callers with no
+    /// connection).
+    pub fn always() -> ClientWaiting {
+        ClientWaiting { fd: None }
+    }
+
+    /// Whether the client has closed its end of the connection (asked
+    /// without waiting).
+    pub fn has_left(&self) -> bool {
+        let Some(fd) = &self.fd else {
+            return false;
+        };
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::empty())];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(n) if n > 0 => fds[0]
+                .revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+            _ => false,
+        }
+    }
 }
 
 /// Who is on the other end of a control connection (SO_PEERCRED: the
@@ -327,22 +387,33 @@ pub async fn run<H: ControlHandler>(
     let connections = TaskTracker::new();
     // Cuts off the requests still running when the shutdown grace is over.
     let cut = CancellationToken::new();
-    accept_loop(&listener, "control socket", None, &shutdown, |accepted| {
-        let connection = connection(
-            accepted.stream,
-            Arc::clone(&handler),
-            own_uid,
-            max_frame_bytes,
-            shutdown.clone(),
-        );
-        let cut = cut.clone();
-        connections.spawn(async move {
-            tokio::select! {
-                () = cut.cancelled() => {}
-                () = connection => {}
-            }
-        });
-    })
+    // Out of descriptors, a connection accepted on the loop's spare is
+    // served all the same: the operator must be able to get in.
+    let cap = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    accept_loop(
+        &listener,
+        "control socket",
+        Some(cap),
+        &shutdown,
+        |accepted| {
+            let permit = accepted.permit;
+            let connection = connection(
+                accepted.stream,
+                Arc::clone(&handler),
+                own_uid,
+                max_frame_bytes,
+                shutdown.clone(),
+            );
+            let cut = cut.clone();
+            connections.spawn(async move {
+                tokio::select! {
+                    () = cut.cancelled() => {}
+                    () = connection => {}
+                }
+                drop(permit);
+            });
+        },
+    )
     .await;
     // New clients now get "no such file" rather than a hang.
     drop(file);
@@ -462,7 +533,8 @@ async fn connection<H: ControlHandler>(
         };
         let op = request.op();
         debug!(uid = peer.uid, pid = peer.pid, op, "control request");
-        let reply = AssertUnwindSafe(handler.handle(request, peer))
+        let client = ClientWaiting::of(conn.get_ref());
+        let reply = AssertUnwindSafe(handler.handle(request, peer, client))
             .catch_unwind()
             .await
             .unwrap_or_else(|_| {

@@ -20,7 +20,7 @@ use crate::{
             InterfaceView, LineIssue, ListChanged, ListEntries, ListName, ListSize, ModeSet,
             Request, Response, StatsView, StatusView, TopEntry,
         },
-        ControlHandler, PeerInfo,
+        ClientWaiting, ControlHandler, PeerInfo,
     },
     policy::{
         parse_entry, parse_list, EntryError, EntryOptions, ImportError, ImportMode, ImportOptions,
@@ -97,12 +97,15 @@ pub struct Handler {
 }
 
 impl ControlHandler for Handler {
-    async fn handle(&self, request: Request, peer: PeerInfo) -> Response {
+    async fn handle(&self, request: Request, peer: PeerInfo, client: ClientWaiting) -> Response {
         let op = request.op();
         let daemon = Arc::clone(&self.daemon);
         // List work can take a while (imports of 100k+ entries): keep it off
-        // the async threads.
-        let result = tokio::task::spawn_blocking(move || answer(&daemon, request)).await;
+        // the async threads. A change whose client has gone by the time its
+        // turn comes is not made (see `Daemon::change_policy_for`).
+        let result =
+            tokio::task::spawn_blocking(move || answer(&daemon, request, &|| !client.has_left()))
+                .await;
         match result {
             Ok(Ok(reply)) => reply,
             Ok(Err(e)) => {
@@ -130,7 +133,9 @@ fn list_name(kind: ListKind) -> ListName {
     }
 }
 
-fn answer(daemon: &Daemon, request: Request) -> Result<Response> {
+/// Carries out `request`. Changes are made only if `still_wanted` says
+/// yes once their turn has come.
+fn answer(daemon: &Daemon, request: Request, still_wanted: &dyn Fn() -> bool) -> Result<Response> {
     Ok(match request {
         Request::ListAdd {
             list,
@@ -153,7 +158,7 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Response> {
                 return Err(RequestError::CommentTooLong);
             }
             let k = kind(list);
-            let outcome = daemon.change_policy(&[k], |p| {
+            let outcome = daemon.change_policy_for(still_wanted, &[k], |p| {
                 let outcome = p
                     .list_mut(k)
                     .add(prefixes.clone(), comment.as_deref(), expires)?;
@@ -176,7 +181,7 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Response> {
         Request::ListRemove { list, entries } => {
             let (prefixes, mut warnings) = parse_entries(&entries, true)?;
             let k = kind(list);
-            let outcome = daemon.change_policy(&[k], |p| {
+            let outcome = daemon.change_policy_for(still_wanted, &[k], |p| {
                 let outcome = p.list_mut(k).remove(prefixes.clone());
                 Ok((outcome, KernelWrite::Prefixes(prefixes.clone())))
             })?;
@@ -234,13 +239,14 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Response> {
                 allow_all,
                 allow_empty,
             },
+            still_wanted,
         )?,
         Request::Export { list } => Response::Exported(Exported {
             list,
             text: daemon.policy().list(kind(list)).to_text(),
         }),
         Request::SetMode { mode, enforcement } => {
-            let (mode, enforcement) = daemon.change_policy(&[], |p| {
+            let (mode, enforcement) = daemon.change_policy_for(still_wanted, &[], |p| {
                 if let Some(m) = mode {
                     p.set_mode(m);
                 }
@@ -307,7 +313,7 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Response> {
         Request::Stats { top } => Response::Stats(stats(&Snapshot::collect(daemon), top)),
         Request::Status => Response::Status(status(daemon)),
         Request::Reload => Response::Reloaded(crate::control::proto::Reloaded {
-            summary: daemon.reload()?,
+            summary: daemon.reload_for(still_wanted)?,
         }),
     })
 }
@@ -409,6 +415,7 @@ fn import(
     source_name: &str,
     text: &str,
     flags: ImportFlags,
+    still_wanted: &dyn Fn() -> bool,
 ) -> Result<Response> {
     let ImportFlags {
         replace,
@@ -509,9 +516,7 @@ fn import(
     let size_before = daemon.policy().list(target).len().total();
     // A merge of no entries leaves the lists, the kernel and the files.
     let changes = replace || !report.entries.is_empty();
-    let diff = if dry_run {
-        daemon.policy().list(target).diff(&report, mode)
-    } else if !changes {
+    let diff = if dry_run || !changes {
         daemon.policy().list(target).diff(&report, mode)
     } else {
         let touched: &[ListKind] = if touches_other {
@@ -520,7 +525,7 @@ fn import(
             &[target]
         };
         let started = std::time::Instant::now();
-        let diff = daemon.change_policy(touched, |p| {
+        let diff = daemon.change_policy_for(still_wanted, touched, |p| {
             let diff = p.list_mut(target).import(&report, mode)?;
             if touches_other {
                 p.list_mut(other).import(&report, ImportMode::Merge)?;
@@ -645,5 +650,153 @@ fn status(daemon: &Daemon) -> StatusView {
         certificate_not_after_unix: daemon.certificate_not_after(),
         delivery: super::report::delivery_line(&config),
         control_socket: config.control.socket.display().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{os::unix::net::UnixStream, sync::mpsc, thread};
+
+    use super::*;
+    use crate::{config::Config, testing::TempDir};
+
+    const BOUND: Duration = Duration::from_secs(30);
+
+    /// A daemon without XDP whose files are under `dir`; `extra` is
+    /// appended to its configuration file.
+    fn daemon_in(dir: &TempDir, extra: &str) -> Arc<Daemon> {
+        let d = dir.path().display();
+        let path = dir.write(
+            "smtpguard.toml",
+            format!(
+                "[policy]\ndeny_list = \"{d}/deny.list\"\npermit_list = \"{d}/permit.list\"\n\
+                 [delivery]\nspool_dir = \"{d}/spool\"\n[control]\nsocket = \"{d}/control.sock\"\n\
+                 {extra}"
+            ),
+        );
+        let config = Config::load(&path).unwrap();
+        let policy = crate::daemon::startup::load_policy(&config).unwrap();
+        Arc::new(Daemon::new(config, Some(path), policy, None, Vec::new()))
+    }
+
+    /// Holds the change lock (as a slow reload or import would) until the
+    /// returned sender is dropped or sent to.
+    fn hold_change_lock(daemon: &Arc<Daemon>) -> (mpsc::Sender<()>, thread::JoinHandle<()>) {
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let daemon = Arc::clone(daemon);
+        let holder = thread::spawn(move || {
+            daemon
+                .change_policy(&[], |_| {
+                    entered_tx.send(()).unwrap();
+                    let _ = released.recv_timeout(BOUND);
+                    Ok(((), KernelWrite::Prefixes(Vec::new())))
+                })
+                .unwrap();
+        });
+        entered.recv_timeout(BOUND).unwrap();
+        (release, holder)
+    }
+
+    fn deny_add(entry: &str) -> Request {
+        Request::ListAdd {
+            list: ListName::Deny,
+            entries: vec![entry.into()],
+            expires_in_secs: None,
+            comment: None,
+            allow_all: false,
+        }
+    }
+
+    /// The issue's timed-out `deny add`s that were applied later anyway:
+    /// a request waiting for its turn whose client goes away is dropped.
+    #[test]
+    fn a_change_whose_client_left_while_it_waited_is_not_made() {
+        let dir = TempDir::new("abandoned");
+        let daemon = daemon_in(&dir, "");
+        let (release, holder) = hold_change_lock(&daemon);
+
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let client = ClientWaiting::of(&ours);
+        let adder = {
+            let daemon = Arc::clone(&daemon);
+            thread::spawn(move || {
+                answer(&daemon, deny_add("203.0.113.0/24"), &|| !client.has_left())
+            })
+        };
+        // The CLI gives up (timeout(1), Ctrl-C, kill) while the add waits.
+        drop(theirs);
+        release.send(()).unwrap();
+        holder.join().unwrap();
+        let result = adder.join().unwrap();
+        assert!(
+            matches!(result, Err(RequestError::Daemon(DaemonError::Abandoned))),
+            "{result:?}"
+        );
+        assert!(daemon.policy().list(ListKind::Deny).is_empty());
+        let file = std::fs::read_to_string(dir.join("deny.list")).unwrap_or_default();
+        assert!(!file.contains("203.0.113.0/24"), "{file}");
+
+        // A client that is still there gets its change.
+        drop(ours);
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let waiting = ClientWaiting::of(&ours);
+        assert!(!waiting.has_left());
+        let reply = answer(&daemon, deny_add("198.51.100.7"), &|| !waiting.has_left()).unwrap();
+        assert!(matches!(reply, Response::ListChanged(_)), "{reply:?}");
+        assert_eq!(daemon.policy().list(ListKind::Deny).len().total(), 1);
+    }
+
+    /// A client that only shut down its writing side still waits for the
+    /// reply (`echo ... | socat`): it has not left.
+    #[test]
+    fn a_half_closed_client_is_still_waiting() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let waiting = ClientWaiting::of(&ours);
+        theirs.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(!waiting.has_left());
+        drop(theirs);
+        assert!(waiting.has_left());
+        assert!(!ClientWaiting::always().has_left());
+    }
+
+    /// Reload reads the certificates before it takes the change lock: a
+    /// bad (or slow) certificate file never holds up list changes, and the
+    /// reload fails without waiting for them.
+    #[test]
+    fn reload_reads_certificates_outside_the_change_lock() {
+        let dir = TempDir::new("reload-tls");
+        let daemon = daemon_in(&dir, "");
+        let d = dir.path().display();
+        dir.write(
+            "smtpguard.toml",
+            format!(
+                "[policy]\ndeny_list = \"{d}/deny.list\"\npermit_list = \"{d}/permit.list\"\n\
+                 [delivery]\nspool_dir = \"{d}/spool\"\n[control]\nsocket = \"{d}/control.sock\"\n\
+                 [tls]\nmode = \"off\"\ncertificate = \"{d}/missing.crt\"\n\
+                 private_key = \"/dev/zero\"\n"
+            ),
+        );
+        // TLS off in the running config keeps the files unread: turn it on
+        // in the running config as a restart would have.
+        let mut running = (*daemon.config()).clone();
+        running.tls.mode = crate::config::TlsMode::Optional;
+        daemon.set_config(running);
+
+        let (release, holder) = hold_change_lock(&daemon);
+        let (done_tx, done) = mpsc::channel();
+        let reloader = {
+            let daemon = Arc::clone(&daemon);
+            thread::spawn(move || done_tx.send(daemon.reload()).unwrap())
+        };
+        // Answered while the lock is still held; before, this waited for it.
+        let result = done.recv_timeout(BOUND);
+        release.send(()).unwrap();
+        holder.join().unwrap();
+        reloader.join().unwrap();
+        let e = result
+            .expect("reload waited for the change lock")
+            .unwrap_err();
+        assert!(matches!(e, DaemonError::Tls(_)), "{e:?}");
     }
 }

@@ -48,6 +48,14 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     if config_path.is_none() {
         tracing::info!("no --config given: using the embedded development configuration");
     }
+    let fd_limit = crate::fds::raise_limit()?;
+    if fd_limit.soft != fd_limit.soft_before {
+        tracing::info!(
+            from = fd_limit.soft_before,
+            to = fd_limit.soft,
+            "raised the file-descriptor limit (RLIMIT_NOFILE) to the hard limit"
+        );
+    }
     let tls = load_tls(&config)?;
     let policy = startup::load_policy(&config)?;
     startup::warn_about_delivery(&config);
@@ -62,6 +70,18 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         .listen
         .map(crate::metrics::bind)
         .transpose()?;
+    // Sessions must leave the reserve free: checked with every listener
+    // open, before XDP is attached (the reserve covers the program's maps).
+    let open_fds = crate::fds::open_now().unwrap_or(0);
+    let max_sessions_by_fds =
+        crate::fds::session_cap(config.server.max_connections, fd_limit.soft, open_fds)?;
+    if let Some(cap) = max_sessions_by_fds {
+        tracing::info!(
+            sessions = cap.get(),
+            fd_limit = fd_limit.soft,
+            "server.max_connections is unlimited: the file descriptors allow this many sessions"
+        );
+    }
     let started = startup::start_kernel(&config, &policy)?;
     let (kernel, attachments, kernel_log) = match started {
         Some(s) => (Some(s.kernel), s.attachments, s.log),
@@ -83,8 +103,10 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         let daemon = Arc::clone(&daemon);
         Arc::new(move |ip| daemon.access(ip))
     };
+    let mut front_door_settings = settings::front_door(&config.server, &config.tls);
+    front_door_settings.max_sessions_by_fds = max_sessions_by_fds;
     let ctx = ServerContext::new(
-        settings::front_door(&config.server, &config.tls),
+        front_door_settings,
         tls.as_ref().map(|t| Arc::clone(&t.server_config)),
         access,
         delivery,

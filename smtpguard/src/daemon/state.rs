@@ -70,6 +70,11 @@ pub enum DaemonError {
     /// Reload: the certificates could not be loaded.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The client that asked for the change went away (gave up, was
+    /// killed, timed out) while the change waited its turn; it is not
+    /// made, so a client that reported failure has changed nothing.
+    #[error("the client went away before the change could be made; nothing was changed")]
+    Abandoned,
 }
 
 impl From<super::startup::StartupError> for DaemonError {
@@ -330,7 +335,28 @@ impl Daemon {
         touched: &[ListKind],
         change: impl FnOnce(&mut Policy) -> Result<(T, KernelWrite)>,
     ) -> Result<T> {
+        self.change_policy_for(&|| true, touched, change)
+    }
+
+    /// [`Daemon::change_policy`] on behalf of a client that may give up
+    /// waiting (a control request): `still_wanted` is asked once the
+    /// change's turn has come (the change lock is held), before anything
+    /// is changed.
+    ///
+    /// # Errors
+    ///
+    /// [`DaemonError::Abandoned`] when `still_wanted` says no; nothing is
+    /// changed. Otherwise as [`Daemon::change_policy`].
+    pub fn change_policy_for<T>(
+        &self,
+        still_wanted: &dyn Fn() -> bool,
+        touched: &[ListKind],
+        change: impl FnOnce(&mut Policy) -> Result<(T, KernelWrite)>,
+    ) -> Result<T> {
         let serial = self.changes.lock().expect("changes lock");
+        if !still_wanted() {
+            return Err(DaemonError::Abandoned);
+        }
         self.change_policy_locked(&serial, touched, change)
     }
 
@@ -428,9 +454,23 @@ impl Daemon {
     /// need a restart (listen addresses, interfaces, limits, delivery,
     /// control socket) are named in the returned summary.
     pub fn reload(&self) -> Result<String> {
-        let serial = self.changes.lock().expect("changes lock");
+        self.reload_for(&|| true)
+    }
+
+    /// [`Daemon::reload`] on behalf of a client that may give up waiting
+    /// (see [`Daemon::change_policy_for`]).
+    ///
+    /// The configuration and the certificates are read and checked before
+    /// the change lock is taken: a slow, huge or hostile certificate file
+    /// fails or finishes without holding up list changes. Only the list
+    /// files are read under the lock, so that no list change slips in
+    /// between their reading and the swap and is lost.
+    ///
+    /// # Errors
+    ///
+    /// A [`DaemonError`] naming the file or step; nothing is changed.
+    pub fn reload_for(&self, still_wanted: &dyn Fn() -> bool) -> Result<String> {
         let config = super::startup::load_config(self.config_path.as_deref())?;
-        let policy = super::startup::load_policy(&config)?;
         let running = self.config();
         // Sections the running server, listeners, XDP attachments and
         // control socket were built from keep their running values until a
@@ -464,7 +504,6 @@ impl Daemon {
             config.logging = running.logging.clone();
             config.metrics = running.metrics.clone();
         }
-        let old = running;
         // With the running TLS mode: a mode change waits for the restart.
         let tls = match config.tls.active_files() {
             Some(f) => Some(crate::tls::load(
@@ -474,6 +513,14 @@ impl Daemon {
             )?),
             None => None,
         };
+        let serial = self.changes.lock().expect("changes lock");
+        if !still_wanted() {
+            return Err(DaemonError::Abandoned);
+        }
+        let policy = super::startup::load_policy(&config)?;
+        // The configuration in force now: another reload may have run
+        // while this one read its files.
+        let old = self.config();
         let live = self.policy();
         let mode_note =
             if (live.mode(), live.enforcement()) != (policy.mode(), policy.enforcement()) {

@@ -25,6 +25,9 @@ pub enum Rejection {
     ConnectionCap,
     /// On accept: `max_connections_per_client` reached (`421 4.7.0`).
     PerClientCap,
+    /// On accept: out of file descriptors, or every session they allow is
+    /// taken (`421 4.3.2`).
+    FileDescriptors,
     /// No complete line within `idle_timeout` (`421 4.4.2`).
     IdleTimeout,
     /// `max_session_duration` reached (`421 4.4.2`).
@@ -43,11 +46,12 @@ pub enum Rejection {
 
 impl Rejection {
     /// Every reason, in the order of [`Metrics`]' counters.
-    pub const ALL: [Rejection; 10] = [
+    pub const ALL: [Rejection; 11] = [
         Rejection::DenyList,
         Rejection::NotPermitted,
         Rejection::ConnectionCap,
         Rejection::PerClientCap,
+        Rejection::FileDescriptors,
         Rejection::IdleTimeout,
         Rejection::SessionTimeout,
         Rejection::TlsRequired,
@@ -63,6 +67,7 @@ impl Rejection {
             Rejection::NotPermitted => "not_permitted",
             Rejection::ConnectionCap => "connection_cap",
             Rejection::PerClientCap => "per_client_cap",
+            Rejection::FileDescriptors => "file_descriptors",
             Rejection::IdleTimeout => "idle_timeout",
             Rejection::SessionTimeout => "session_timeout",
             Rejection::TlsRequired => "tls_required",

@@ -4,12 +4,17 @@
 //! On each accepted connection, before any byte is sent (connection control
 //! comes before relay rules):
 //!
+//! 0. a connection the accept loop could only take on its spare descriptor
+//!    (the process is out of file descriptors) gets `421 4.3.2` and is
+//!    closed;
 //! 1. the client address (IPv4-mapped IPv6 normalised to IPv4) is checked
 //!    against the access lists ([`AccessCheck`]); denied:
 //!    `554 5.7.1 <ip> Access denied`, then close;
 //! 2. the simultaneous-connection cap (`max_connections`) and the optional
 //!    per-address cap (`max_connections_per_client`); over either:
-//!    `421 4.7.0 <host> Error: too many connections...`, then close;
+//!    `421 4.7.0 <host> Error: too many connections...`, then close (with
+//!    `max_connections` unlimited, the cap is what the file descriptors
+//!    allow, and over it the reply is `421 4.3.2`);
 //! 3. only then a session task starts ([`connection`], the driver) and
 //!    sends the `220` greeting.
 //!
@@ -73,6 +78,10 @@ pub struct Settings {
     pub max_connections: Option<NonZeroUsize>,
     /// Simultaneous sessions per client address; `None` = no limit.
     pub max_connections_per_client: Option<NonZeroUsize>,
+    /// Simultaneous sessions the process's file descriptors allow (see
+    /// [`crate::fds`]), when `max_connections` is unlimited; over it:
+    /// `421 4.3.2`. `None`: no such cap.
+    pub max_sessions_by_fds: Option<NonZeroUsize>,
     /// After the shutdown signal, how long sessions may go on before they
     /// get `421 4.3.2` and are closed.
     pub shutdown_grace: Duration,
@@ -184,6 +193,7 @@ impl<H: HandoffFactory> ServerContext<H> {
             shared: Arc::new(Shared {
                 slots: settings
                     .max_connections
+                    .or(settings.max_sessions_by_fds)
                     .map(|n| Arc::new(Semaphore::new(n.get()))),
                 settings,
                 tls: Arc::new(std::sync::RwLock::new(tls)),
@@ -295,7 +305,7 @@ async fn accept_loop<H: HandoffFactory>(
     shutdown: CancellationToken,
 ) {
     accept::accept_loop(&listener, "SMTP", None, &shutdown, |a| {
-        admit(&shared, &tracker, a.stream, a.peer)
+        admit(&shared, &tracker, a.stream, a.peer, a.out_of_fds)
     })
     .await;
 }
@@ -306,6 +316,7 @@ fn admit<H: HandoffFactory>(
     tracker: &TaskTracker,
     stream: TcpStream,
     peer: SocketAddr,
+    out_of_fds: bool,
 ) {
     let accepted_at = Instant::now();
     let peer = normalize(peer);
@@ -313,6 +324,19 @@ fn admit<H: HandoffFactory>(
     let metrics = &shared.metrics;
     metrics.accepted(ip);
     let host = &shared.settings.conn.session.hostname;
+
+    // 0. Accepted on the spare descriptor: nothing else can be opened.
+    if out_of_fds {
+        let reply = Reply::out_of_resources(host);
+        return refuse(
+            metrics,
+            stream,
+            ip,
+            Rejection::FileDescriptors,
+            None,
+            &reply,
+        );
+    }
 
     // 1. Access lists.
     match shared.access.check(ip) {
@@ -337,6 +361,18 @@ fn admit<H: HandoffFactory>(
         None => None,
         Some(slots) => match Arc::clone(slots).try_acquire_owned() {
             Ok(permit) => Some(permit),
+            Err(_) if shared.settings.max_connections.is_none() => {
+                // The cap is the file descriptors', not the operator's.
+                let reply = Reply::out_of_resources(host);
+                return refuse(
+                    metrics,
+                    stream,
+                    ip,
+                    Rejection::FileDescriptors,
+                    None,
+                    &reply,
+                );
+            }
             Err(_) => {
                 let reply = Reply::too_many_connections(host);
                 return refuse(metrics, stream, ip, Rejection::ConnectionCap, None, &reply);

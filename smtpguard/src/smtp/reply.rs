@@ -372,6 +372,17 @@ impl Reply {
             format!("{host} Error: too many connections, try again later"),
         )
     }
+    /// `421 4.3.2 <host> Error: out of resources, try again later` — the
+    /// process is out of file descriptors, or every session they allow is
+    /// taken (X.3.2 system not accepting network messages), then close.
+    pub fn out_of_resources(host: &str) -> Reply {
+        Reply::enh(
+            421,
+            3,
+            2,
+            format!("{host} Error: out of resources, try again later"),
+        )
+    }
     /// `421 4.7.0 <host> Error: too many connections from <ip>, try again
     /// later` — `max_connections_per_client` reached, then close.
     pub fn too_many_connections_from(host: &str, client: IpAddr) -> Reply {
@@ -586,6 +597,10 @@ mod tests {
         assert_eq!(
             Reply::too_many_connections_from("mx.example.com", ip).to_string(),
             "421 4.7.0 mx.example.com Error: too many connections from 192.0.2.7, try again later\r\n"
+        );
+        assert_eq!(
+            Reply::out_of_resources("mx.example.com").to_string(),
+            "421 4.3.2 mx.example.com Error: out of resources, try again later\r\n"
         );
     }
 
