@@ -63,6 +63,10 @@ pub const PEERS: &[Peer] = &[
         used_by: "xdp_netns: a private bpffs (mount -t bpf, umount)",
     },
     Peer {
+        package: "strace",
+        used_by: "xdp_netns::restart_*_at_any_bpf_call_*: SIGKILL or a failure injected at each bpf() call of a restart",
+    },
+    Peer {
         package: "procps",
         used_by: "end_to_end (pgrep: no process left), bench flood (sysctl)",
     },
@@ -161,6 +165,21 @@ const CAPABILITIES: &[Capability] = &[
         what: "bpffs mountable (mount -t bpf)",
         provider: "mount (and a kernel with CONFIG_BPF_SYSCALL)",
         probe: Probe::Bpffs,
+    },
+    Capability {
+        what: "strace with syscall fault injection (-e inject)",
+        provider: "strace",
+        probe: Probe::Runs(&[
+            "strace",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=getpid",
+            "-e",
+            "inject=getpid:retval=1:when=1",
+            "true",
+        ]),
     },
     Capability {
         what: "pgrep",

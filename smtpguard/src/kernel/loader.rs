@@ -2,16 +2,22 @@
 //!
 //! Attachment uses a bpf_link (the kernel refuses a second program on the
 //! same hook and detaches it when the daemon exits, even on a crash).
+//!
+//! Pinned links are never unpinned while they hold the filter: a restart
+//! swaps its program into the link the previous run pinned, in place
+//! (`BPF_LINK_UPDATE`, atomic), so a crash at any step leaves the old or
+//! the new program attached, and the pin holding it.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use aya::{
     programs::{
-        links::{FdLink, PinnedLink},
+        links::{FdLink, LinkError, PinnedLink},
         xdp::XdpLink,
         ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
     },
+    sys::SyscallError,
     Ebpf, EbpfLoader, VerifierLogLevel,
 };
 use smtpguard_common::PROGRAM_NAME;
@@ -80,13 +86,20 @@ fn pin_path(pin_dir: &Path, interface: &str, mode: AttachedMode) -> PathBuf {
 /// Where the daemon pins its XDP links by default (bpffs).
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/smtpguard";
 
+/// A bpf_link pinned in bpffs, and this process's own reference to it.
+/// The pin keeps the program attached whatever becomes of the process.
+struct Pinned {
+    link: FdLink,
+    path: PathBuf,
+}
+
 /// The loaded XDP program. Dropping it detaches it from every interface
 /// (and removes its pins); only a crash leaves a pinned link behind, which
 /// keeps the last filter in force until the next start replaces it.
 pub struct XdpFilter {
     ebpf: Ebpf,
     /// Links pinned in bpffs by [`XdpFilter::attach_pinned`].
-    pinned: Vec<PinnedLink>,
+    pinned: Vec<Pinned>,
     /// The directory they are pinned in, removed when empty at detach.
     pin_dir: Option<PathBuf>,
 }
@@ -175,10 +188,23 @@ impl XdpFilter {
     /// Attaches like [`XdpFilter::attach`], and pins the bpf_link under
     /// `pin_dir` (a bpffs directory, created if missing) so that a restart
     /// can swap the program atomically instead of detaching and attaching:
-    /// if a link for this interface (in this network namespace, same mode)
-    /// is already pinned there, by a daemon that crashed or was killed, this
-    /// program replaces the one behind it (`bpf_link_update`). The filter is
-    /// then never missing and never attached twice.
+    /// if a link for this interface (in this network namespace) is already
+    /// pinned there, by a daemon that crashed or was killed, this program
+    /// replaces the one behind it in place (`bpf_link_update`), and the pin
+    /// is left as it is. The filter is then never missing and never
+    /// attached twice: a crash at any step leaves the old or the new
+    /// program attached and pinned.
+    ///
+    /// A pinned link keeps its mode: when it was attached in another mode
+    /// than `mode` asks for, the program goes into it all the same, with a
+    /// warning (changing the mode needs a detach; a clean stop does that).
+    ///
+    /// # Errors
+    ///
+    /// [`KernelError::Pin`] when `pin_dir` cannot be made;
+    /// [`KernelError::PinnedLink`] when a pinned link cannot take this
+    /// program (the program behind it then stays attached, unchanged);
+    /// else as [`XdpFilter::attach`].
     pub fn attach_pinned(
         &mut self,
         interface: &str,
@@ -190,36 +216,53 @@ impl XdpFilter {
             source,
         })?;
         self.pin_dir = Some(pin_dir.to_path_buf());
-        for candidate in [AttachedMode::Native, AttachedMode::Skb] {
+        let candidates = match mode {
+            AttachMode::Skb => [AttachedMode::Skb, AttachedMode::Native],
+            AttachMode::Native | AttachMode::Auto => [AttachedMode::Native, AttachedMode::Skb],
+        };
+        for candidate in candidates {
             let path = pin_path(pin_dir, interface, candidate);
-            if !path.exists() {
+            if std::fs::symlink_metadata(&path).is_err() {
                 continue;
             }
-            let wanted = match mode {
-                AttachMode::Auto => true,
-                AttachMode::Native => candidate == AttachedMode::Native,
-                AttachMode::Skb => candidate == AttachedMode::Skb,
-            };
-            if wanted {
-                match self.replace_pinned(&path) {
-                    Ok(pinned) => {
-                        self.pinned.push(pinned);
-                        return Ok(attachment(interface, candidate, true));
+            match self.replace_pinned(&path) {
+                Ok(link) => {
+                    let wanted = match mode {
+                        AttachMode::Auto => true,
+                        AttachMode::Native => candidate == AttachedMode::Native,
+                        AttachMode::Skb => candidate == AttachedMode::Skb,
+                    };
+                    if !wanted {
+                        tracing::warn!(interface, pinned = %candidate, requested = ?mode,
+                            "the XDP link left pinned by the previous run is in {candidate} mode and keeps it: \
+                             changing the mode means detaching; stop smtpguard cleanly and start it again to change it");
                     }
-                    Err(e) => {
-                        let cause = std::error::Error::source(&e).map(|c| c.to_string());
-                        tracing::warn!(pin = %path.display(), error = %e, cause,
-                            "stale pinned XDP link; attaching afresh");
+                    self.pinned.push(Pinned { link, path });
+                    return Ok(attachment(interface, candidate, true));
+                }
+                Err(Replace::Dead(e)) => {
+                    // It holds no program on the interface: removing it
+                    // detaches nothing.
+                    let cause = std::error::Error::source(&e).map(|c| c.to_string());
+                    tracing::warn!(pin = %path.display(), error = %e, cause,
+                        "removing a pinned XDP link that holds no program on the interface");
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(source) => {
+                            return Err(KernelError::PinnedLink {
+                                step: "remove",
+                                path,
+                                source: source.into(),
+                            })
+                        }
                     }
                 }
-            }
-            // A different mode was asked for, or the link is dead: drop it.
-            if let Ok(old) = PinnedLink::from_pin(&path) {
-                let _ = old.unpin();
-            } else {
-                let _ = std::fs::remove_file(&path);
+                Err(Replace::Failed(e)) => return Err(e),
             }
         }
+        // Nothing attached through a pin: a crash before the pin below
+        // leaves nothing attached, as before this start.
         let (link_id, attached) = self.attach_link(interface, mode)?;
         let path = pin_path(pin_dir, interface, attached);
         let pinned = self
@@ -229,7 +272,10 @@ impl XdpFilter {
             .and_then(|link| FdLink::try_from(link).ok())
             .map(|fd_link| fd_link.pin(&path));
         match pinned {
-            Some(Ok(pinned)) => self.pinned.push(pinned),
+            Some(Ok(pinned)) => self.pinned.push(Pinned {
+                link: pinned.into(),
+                path,
+            }),
             // Kernels without bpf_link for XDP (< 5.9), or a failed pin:
             // attach again, unpinned; the link then lives with this process.
             _ => {
@@ -240,28 +286,52 @@ impl XdpFilter {
         Ok(attachment(interface, attached, false))
     }
 
-    /// Moves the link pinned at `path` (by an earlier run) to this program.
-    fn replace_pinned(&mut self, path: &Path) -> Result<PinnedLink, KernelError> {
-        let step = |step: &'static str| {
+    /// Moves the link pinned at `path` (by an earlier run) to this program,
+    /// without touching the pin: `BPF_OBJ_GET`, `BPF_OBJ_GET_INFO_BY_FD`
+    /// (is it an XDP link?), `BPF_LINK_UPDATE`. Until the update the old
+    /// program runs, after it this one; the pin holds the link throughout,
+    /// and a failed update leaves the old program in place.
+    fn replace_pinned(&mut self, path: &Path) -> Result<FdLink, Replace> {
+        let failed = |step: &'static str| {
             move |source: Box<dyn std::error::Error + Send + Sync>| KernelError::PinnedLink {
                 step,
                 path: path.to_path_buf(),
                 source,
             }
         };
-        let pinned = PinnedLink::from_pin(path).map_err(|e| step("open")(e.into()))?;
-        let fd_link: FdLink = pinned.unpin().map_err(|e| step("unpin")(e.into()))?;
-        let link = XdpLink::try_from(fd_link).map_err(|e| step("take over")(e.into()))?;
-        let link_id = self
-            .program()
-            .attach_to_link(link)
-            .map_err(|e| step("attach the program to")(e.into()))?;
+        let opened = PinnedLink::from_pin(path).map_err(|e| {
+            let vanished = matches!(&e, LinkError::SyscallError(SyscallError { io_error, .. })
+                if io_error.kind() == std::io::ErrorKind::NotFound);
+            let e = failed("open")(e.into());
+            if vanished {
+                Replace::Dead(e)
+            } else {
+                Replace::Failed(e)
+            }
+        })?;
+        let link = XdpLink::try_from(FdLink::from(opened)).map_err(|e| match e {
+            LinkError::SyscallError(_) => Replace::Failed(failed("read")(e.into())),
+            // Not an XDP link: it holds no XDP program.
+            _ => Replace::Dead(failed("use")(e.into())),
+        })?;
+        let link_id = self.program().attach_to_link(link).map_err(|e| {
+            // ENOLINK: the link's interface is gone; it holds nothing.
+            let detached = matches!(&e, ProgramError::SyscallError(SyscallError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::ENOLINK));
+            let e = failed("swap this program into")(e.into());
+            if detached {
+                Replace::Dead(e)
+            } else {
+                Replace::Failed(e)
+            }
+        })?;
+        // The swap is done; what follows only moves this process's own
+        // reference out of the program's link list.
         let link = self
             .program()
             .take_link(link_id)
-            .map_err(|e| step("keep")(e.into()))?;
-        let fd_link = FdLink::try_from(link).map_err(|e| step("keep")(e.into()))?;
-        fd_link.pin(path).map_err(|e| step("pin again")(e.into()))
+            .map_err(|e| Replace::Failed(failed("keep")(e.into())))?;
+        FdLink::try_from(link).map_err(|e| Replace::Failed(failed("keep")(e.into())))
     }
 
     fn attach_link(
@@ -361,11 +431,12 @@ impl XdpFilter {
 
     /// Detaches from every interface and removes the pins (also done on drop).
     pub fn detach_all(&mut self) {
-        for pinned in self.pinned.drain(..) {
+        for Pinned { link, path } in self.pinned.drain(..) {
             // Unpinned and dropped, the link's last reference goes: detached.
-            if let Err(e) = pinned.unpin() {
-                tracing::warn!(error = %e, "removing pinned XDP link");
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(pin = %path.display(), error = %e, "removing pinned XDP link");
             }
+            drop(link);
         }
         if let Some(dir) = self.pin_dir.take() {
             // Only succeeds when empty: another daemon's pins stay.
@@ -377,6 +448,15 @@ impl XdpFilter {
             tracing::warn!(error = %e, "detaching XDP program");
         }
     }
+}
+
+/// Why a pinned link could not take the new program.
+enum Replace {
+    /// It holds no program on the interface (gone, detached, not an XDP
+    /// link): remove the pin and attach afresh.
+    Dead(KernelError),
+    /// It may still hold the old program, which stays: report the error.
+    Failed(KernelError),
 }
 
 /// What an attach reports; the caller keeps the list (the daemon's status

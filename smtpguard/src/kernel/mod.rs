@@ -51,10 +51,11 @@ pub enum KernelError {
         #[source]
         source: ProgramError,
     },
-    /// A link pinned by an earlier run could not be moved to this program.
-    #[error("cannot {step} the pinned XDP link {}", path.display())]
+    /// A link pinned by an earlier run could not be moved to this program;
+    /// the program behind it, if any, stays attached.
+    #[error("cannot {step} the pinned XDP link {}; any program it holds stays attached (remove the pin to detach it)", path.display())]
     PinnedLink {
-        /// The step that failed, e.g. `unpin`.
+        /// The step that failed, e.g. `open`.
         step: &'static str,
         /// The pin.
         path: PathBuf,
