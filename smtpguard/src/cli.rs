@@ -7,7 +7,7 @@
 //! with exit status 2.
 
 use std::{
-    io::{self, Read as _, Write},
+    io::{self, Write},
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     process::ExitCode,
@@ -23,6 +23,7 @@ use crate::control::{
     proto::{Enforcement, ListName, PolicyMode, Request, Response, StatsView},
     render, Client, DEFAULT_SOCKET,
 };
+use crate::policy::MAX_LIST_FILE_BYTES;
 
 /// How many skipped lines of an import are listed before "... and N more".
 const MAX_ISSUES_SHOWN: usize = 20;
@@ -467,14 +468,12 @@ fn list_request(list: ListName, command: ListCommand) -> Request {
 
 fn import_request(args: &ImportArgs) -> anyhow::Result<Request> {
     let (source_name, bytes) = if args.file.as_os_str() == "-" {
-        let mut bytes = Vec::new();
-        io::stdin()
-            .read_to_end(&mut bytes)
+        let bytes = crate::files::read_bounded(io::stdin(), MAX_LIST_FILE_BYTES)
             .map_err(|e| anyhow!("cannot read standard input: {}", io_text(&e)))?;
         ("<stdin>".to_owned(), bytes)
     } else {
         let name = args.file.display().to_string();
-        let bytes = std::fs::read(&args.file)
+        let bytes = crate::files::read_regular(&args.file, MAX_LIST_FILE_BYTES)
             .map_err(|e| anyhow!("cannot read {name}: {}", io_text(&e)))?;
         (name, bytes)
     };

@@ -23,6 +23,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod fds;
+pub mod files;
 pub mod front_door;
 pub mod kernel;
 pub mod logging;

@@ -26,7 +26,7 @@
 //! [`LoadedTls::warnings`] for the caller to log and show in status.
 
 use std::{
-    fmt, fs, io,
+    fmt, io,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -569,50 +569,24 @@ fn facts(cert: &X509Certificate<'_>) -> CertificateFacts {
     }
 }
 
-/// Reads a regular file of at most [`MAX_PEM_FILE_BYTES`]. It is opened
-/// non-blocking (opening a FIFO would otherwise wait for a writer) and
-/// checked with fstat before anything is read, and the read stops after the
-/// limit (a file that grows meanwhile cannot make it read on).
+/// Reads a regular file of at most [`MAX_PEM_FILE_BYTES`]
+/// ([`crate::files::read_regular`]: no device, FIFO or huge file).
 fn read(file: PemFile, path: &Path) -> Result<Vec<u8>, TlsError> {
-    use std::io::Read as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-
-    let read_error = |source| TlsError::Read {
-        file,
-        path: path.to_owned(),
-        source,
-    };
-    let opened = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(read_error)?;
-    let meta = opened.metadata().map_err(read_error)?;
-    if meta.is_dir() {
-        return Err(read_error(io::Error::from(io::ErrorKind::IsADirectory)));
-    }
-    if !meta.is_file() {
-        return Err(TlsError::NotARegularFile {
+    crate::files::read_regular(path, MAX_PEM_FILE_BYTES).map_err(|source| match source.kind() {
+        io::ErrorKind::InvalidInput => TlsError::NotARegularFile {
             file,
             path: path.to_owned(),
-        });
-    }
-    let too_large = || TlsError::TooLarge {
-        file,
-        path: path.to_owned(),
-    };
-    if meta.len() > MAX_PEM_FILE_BYTES {
-        return Err(too_large());
-    }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    opened
-        .take(MAX_PEM_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(read_error)?;
-    if bytes.len() as u64 > MAX_PEM_FILE_BYTES {
-        return Err(too_large());
-    }
-    Ok(bytes)
+        },
+        io::ErrorKind::FileTooLarge => TlsError::TooLarge {
+            file,
+            path: path.to_owned(),
+        },
+        _ => TlsError::Read {
+            file,
+            path: path.to_owned(),
+            source,
+        },
+    })
 }
 
 /// Every PEM section of `bytes`, in order, including kinds we do not use.
@@ -715,6 +689,7 @@ fn system_time(unix: i64) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use std::error::Error as _;
+    use std::fs;
 
     use rcgen::{CertificateParams, KeyPair, SignatureAlgorithm};
     use rustls_pki_types::ServerName;

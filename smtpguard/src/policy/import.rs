@@ -349,9 +349,11 @@ fn list_errors(errors: &[ImportError]) -> String {
 /// [`ImportError::Read`] and [`ImportError::NotUtf8`] for an unreadable
 /// file, and the errors of [`parse_list`].
 pub fn read_list_file(path: &Path, options: &ImportOptions) -> Result<ImportReport, ImportError> {
-    let bytes = std::fs::read(path).map_err(|source| ImportError::Read {
-        path: path.to_path_buf(),
-        source,
+    let bytes = crate::files::read_regular(path, super::MAX_LIST_FILE_BYTES).map_err(|source| {
+        ImportError::Read {
+            path: path.to_path_buf(),
+            source,
+        }
     })?;
     parse_bytes(&bytes, &path.display().to_string(), options)
 }

@@ -646,7 +646,7 @@ impl AccessList {
     /// [`ListError::Read`] for a file that exists but cannot be read, and
     /// [`ListError::Import`] for one with bad lines or bytes.
     pub fn load(path: &Path, kind: ListKind) -> Result<LoadedList, ListError> {
-        let bytes = match fs::read(path) {
+        let bytes = match crate::files::read_regular(path, super::MAX_LIST_FILE_BYTES) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Ok(LoadedList {
@@ -700,7 +700,7 @@ impl AccessList {
             step: "creating the directory",
             source,
         })?;
-        let text = match fs::read(path) {
+        let text = match crate::files::read_regular(path, super::MAX_LIST_FILE_BYTES) {
             Ok(bytes) => {
                 let name = path.display().to_string();
                 let old = std::str::from_utf8(&bytes).map_err(|_| {
@@ -1116,6 +1116,30 @@ pub(crate) mod tests {
         let diff = permit.import(&file, ImportMode::Merge).unwrap();
         assert_eq!(diff.added, nets(&["198.51.100.7/32"]));
         assert_eq!(permit.len().total(), 1);
+    }
+
+    /// A list path linked to a device or a FIFO fails at once, naming the
+    /// file, instead of reading without end (a reload once ran the daemon
+    /// out of memory on `deny.list -> /dev/zero`).
+    #[test]
+    fn a_list_that_is_a_device_or_fifo_is_refused_at_once() {
+        let dir = crate::testing::TempDir::new("list-device");
+        let link = dir.path().join("deny.list");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        let err = AccessList::load(&link, ListKind::Deny)
+            .err()
+            .expect("refused");
+        assert!(
+            err.to_string().contains(&link.display().to_string()),
+            "names the file: {err}"
+        );
+        assert!(
+            matches!(&err, ListError::Read { source, .. } if source.to_string() == "not a regular file"),
+            "{err:?}"
+        );
+        let fifo = dir.path().join("permit.list");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(AccessList::load(&fifo, ListKind::Permit).is_err());
     }
 
     #[test]

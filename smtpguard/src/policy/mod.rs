@@ -63,6 +63,11 @@ pub use ruleset::{
     CompiledRule, Enforcement, Explanation, Policy, PolicyError, PolicyMode, Reason, Verdict,
 };
 
+/// The largest list file read (a list on disk or a file to import), in
+/// bytes: 256 MiB, over ten times a million-prefix list. A path that is a
+/// device or a FIFO is refused before reading (`crate::files`).
+pub const MAX_LIST_FILE_BYTES: u64 = 256 * 1024 * 1024;
+
 /// Which of the two access lists an entry belongs to.
 ///
 /// Serialised as `"deny"` / `"permit"`; displayed as `deny list` /
