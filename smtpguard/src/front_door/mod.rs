@@ -326,16 +326,20 @@ fn admit<H: HandoffFactory>(
     let host = &shared.settings.conn.session.hostname;
 
     // 0. Accepted on the spare descriptor: nothing else can be opened.
-    if out_of_fds {
+    // The one refusal for "no descriptors left", whichever check finds it.
+    let out_of_resources = |stream| {
         let reply = Reply::out_of_resources(host);
-        return refuse(
+        refuse(
             metrics,
             stream,
             ip,
             Rejection::FileDescriptors,
             None,
             &reply,
-        );
+        )
+    };
+    if out_of_fds {
+        return out_of_resources(stream);
     }
 
     // 1. Access lists.
@@ -363,15 +367,7 @@ fn admit<H: HandoffFactory>(
             Ok(permit) => Some(permit),
             Err(_) if shared.settings.max_connections.is_none() => {
                 // The cap is the file descriptors', not the operator's.
-                let reply = Reply::out_of_resources(host);
-                return refuse(
-                    metrics,
-                    stream,
-                    ip,
-                    Rejection::FileDescriptors,
-                    None,
-                    &reply,
-                );
+                return out_of_resources(stream);
             }
             Err(_) => {
                 let reply = Reply::too_many_connections(host);
