@@ -191,9 +191,9 @@ pub struct ServerConfig {
     /// at most [`MAX_LISTEN_PORTS`] distinct ports (the XDP filter guards
     /// exactly these ports; see [`ServerConfig::ports`]).
     ///
-    /// Default: `["0.0.0.0:25", "[::]:25"]`. Binding both needs
-    /// `IPV6_V6ONLY` on the IPv6 socket, or Linux's dual-stack default makes
-    /// the second bind fail with "address in use".
+    /// Default: `["0.0.0.0:25", "[::]:25"]`. `[::]:P` alone is dual-stack
+    /// (IPv4 clients too); with an IPv4 listener on port P it is IPv6-only
+    /// (see `front_door::bind`).
     pub listen: Vec<SocketAddr>,
     /// `max_connections`: simultaneous SMTP sessions; further connections
     /// get `421` and are closed. An integer of at least 1, or `"unlimited"`

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use super::{snapshot::Snapshot, state::Daemon};
 use crate::{
     config::{Delivery, TlsMode, UpstreamProtocol},
+    front_door,
     kernel::CounterSnapshot,
     policy::ListKind,
 };
@@ -39,7 +40,17 @@ pub fn summary(daemon: &Daemon, tls_expiry: Option<&str>) -> String {
             .join(", ")
     };
     let _ = writeln!(out, "  XDP:         {xdp}");
-    let listen: Vec<String> = config.server.listen.iter().map(|a| a.to_string()).collect();
+    let listen: Vec<String> = config
+        .server
+        .listen
+        .iter()
+        .map(
+            |&a| match front_door::is_dual_stack(a, &config.server.listen) {
+                true => format!("{a} (IPv4 and IPv6)"),
+                false => a.to_string(),
+            },
+        )
+        .collect();
     let ports: Vec<String> = config.server.ports().iter().map(u16::to_string).collect();
     let _ = writeln!(
         out,

@@ -106,8 +106,11 @@ pub enum ServerError {
 }
 
 /// Creates one listening socket per address, with `SO_REUSEADDR` (restart
-/// while old connections linger in TIME_WAIT) and, on IPv6 sockets,
-/// `IPV6_V6ONLY` (so `0.0.0.0:25` and `[::]:25` can both be bound). Must be
+/// while old connections linger in TIME_WAIT). An IPv6 wildcard (`[::]:P`)
+/// is dual-stack when no IPv4 address in `listen` uses port P, so
+/// `listen = ["[::]:25"]` alone serves IPv4 clients too (they arrive as
+/// `::ffff:a.b.c.d` and are judged as IPv4); every other IPv6 socket is
+/// `IPV6_V6ONLY`, so `0.0.0.0:25` and `[::]:25` can both be bound. Must be
 /// called within a tokio runtime.
 ///
 /// # Errors
@@ -116,16 +119,30 @@ pub enum ServerError {
 pub fn bind(listen: &[SocketAddr]) -> Result<Vec<TcpListener>, ServerError> {
     listen
         .iter()
-        .map(|&addr| bind_one(addr).map_err(|source| ServerError::Listen { addr, source }))
+        .map(|&addr| {
+            bind_one(addr, is_dual_stack(addr, listen))
+                .map_err(|source| ServerError::Listen { addr, source })
+        })
         .collect()
 }
 
-fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
+/// Whether `addr` (an entry of `listen`) is bound dual-stack: an IPv6
+/// wildcard with no IPv4 listener on its port to collide with.
+pub fn is_dual_stack(addr: SocketAddr, listen: &[SocketAddr]) -> bool {
+    addr.is_ipv6()
+        && addr.ip().is_unspecified()
+        && !listen
+            .iter()
+            .any(|l| l.is_ipv4() && l.port() == addr.port())
+}
+
+fn bind_one(addr: SocketAddr, dual_stack: bool) -> io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => {
             let socket = TcpSocket::new_v6()?;
-            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6V6Only, &true)?;
+            let v6_only = !dual_stack;
+            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6V6Only, &v6_only)?;
             socket
         }
     };
