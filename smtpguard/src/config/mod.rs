@@ -20,7 +20,8 @@
 //! hostname = "mail.example.com"      # default: the machine's host name
 //! listen = ["0.0.0.0:25", "[::]:25"]
 //! max_connections = 100              # or "unlimited"
-//! max_connections_per_client = 0     # 0 = no per-address cap
+//! max_connections_per_client = 0     # 0 = no per-client cap
+//! max_connections_per_client_ipv6_prefix = 64  # IPv6 clients count per /64
 //! idle_timeout = "5m"
 //! max_session_duration = "30m"
 //! max_message_size_bytes = 52428800
@@ -207,6 +208,13 @@ pub struct ServerConfig {
     ///
     /// Default: 0 (no cap).
     pub max_connections_per_client: Option<NonZeroUsize>,
+    /// `max_connections_per_client_ipv6_prefix`: the prefix length (bits,
+    /// 1–128) that groups IPv6 clients for `max_connections_per_client`.
+    /// One host usually holds a whole /64, so counting each /128 alone
+    /// would give it unlimited sessions; IPv4 clients count per address.
+    ///
+    /// Default: 64.
+    pub max_connections_per_client_ipv6_prefix: u8,
     /// `idle_timeout`: close a session after this long without a command
     /// or data from the client. Longer than zero.
     ///

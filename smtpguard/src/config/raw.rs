@@ -35,6 +35,7 @@ pub(super) struct RawServer {
     pub listen: Option<Vec<String>>,
     pub max_connections: Option<Count>,
     pub max_connections_per_client: Option<Count>,
+    pub max_connections_per_client_ipv6_prefix: Option<u32>,
     pub idle_timeout: Option<DurationValue>,
     pub max_session_duration: Option<DurationValue>,
     pub max_message_size_bytes: Option<u64>,

@@ -34,6 +34,7 @@ fn empty_file_gives_production_defaults() {
     assert_eq!(c.server.ports(), vec![25]);
     assert_eq!(c.server.max_connections, NonZeroUsize::new(100));
     assert_eq!(c.server.max_connections_per_client, None);
+    assert_eq!(c.server.max_connections_per_client_ipv6_prefix, 64);
     assert_eq!(c.server.idle_timeout, Duration::from_secs(300));
     assert_eq!(c.server.max_session_duration, Duration::from_secs(1800));
     assert_eq!(c.server.max_message_size_bytes, 52_428_800);
@@ -487,6 +488,19 @@ fn max_connections_not_a_count() {
         "/etc/smtpguard/smtpguard.toml: server.max_connections_per_client = \"none\" is not \
          a count; write 0 (no limit), a positive integer or \"unlimited\""
     );
+    for bits in [0, 129] {
+        assert_eq!(
+            invalid(&format!(
+                "[server]\nmax_connections_per_client_ipv6_prefix = {bits}"
+            )),
+            format!(
+                "/etc/smtpguard/smtpguard.toml: server.max_connections_per_client_ipv6_prefix \
+                 is {bits}; it must be a prefix length from 1 to 128"
+            )
+        );
+    }
+    let c = parse("[server]\nmax_connections_per_client_ipv6_prefix = 56");
+    assert_eq!(c.server.max_connections_per_client_ipv6_prefix, 56);
 }
 
 #[test]

@@ -24,6 +24,7 @@ use super::{
 
 const DEFAULT_LISTEN: [&str; 2] = ["0.0.0.0:25", "[::]:25"];
 const DEFAULT_MAX_CONNECTIONS: usize = 100;
+const DEFAULT_PER_CLIENT_IPV6_PREFIX: u8 = 64;
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 const DEFAULT_MAX_SESSION_DURATION: Duration = Duration::from_secs(30 * 60);
 const DEFAULT_MAX_MESSAGE_SIZE_BYTES: u64 = 50 * 1024 * 1024;
@@ -201,6 +202,18 @@ impl Cx<'_> {
                 .and_then(NonZeroUsize::new),
         };
 
+        let max_connections_per_client_ipv6_prefix =
+            match raw.max_connections_per_client_ipv6_prefix {
+                None => DEFAULT_PER_CLIENT_IPV6_PREFIX,
+                Some(bits @ 1..=128) => bits as u8,
+                Some(bits) => {
+                    return Err(self.invalid(
+                        "server.max_connections_per_client_ipv6_prefix",
+                        format!("is {bits}; it must be a prefix length from 1 to 128"),
+                    ))
+                }
+            };
+
         let idle_timeout = self.duration(
             "server.idle_timeout",
             raw.idle_timeout,
@@ -238,6 +251,7 @@ impl Cx<'_> {
             listen,
             max_connections,
             max_connections_per_client,
+            max_connections_per_client_ipv6_prefix,
             idle_timeout,
             max_session_duration,
             max_message_size_bytes,

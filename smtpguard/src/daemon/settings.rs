@@ -14,6 +14,7 @@ pub fn front_door(server: &ServerConfig, tls: &TlsConfig) -> front_door::Setting
     front_door::Settings {
         max_connections: server.max_connections,
         max_connections_per_client: server.max_connections_per_client,
+        per_client_ipv6_prefix: server.max_connections_per_client_ipv6_prefix,
         // Set by the daemon from its file-descriptor budget.
         max_sessions_by_fds: None,
         shutdown_grace: server.shutdown_grace,

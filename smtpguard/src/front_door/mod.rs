@@ -11,7 +11,7 @@
 //!    against the access lists ([`AccessCheck`]); denied:
 //!    `554 5.7.1 <ip> Access denied`, then close;
 //! 2. the simultaneous-connection cap (`max_connections`) and the optional
-//!    per-address cap (`max_connections_per_client`); over either:
+//!    per-client cap (`max_connections_per_client`: per IPv4 address, per IPv6 prefix); over either:
 //!    `421 4.7.0 <host> Error: too many connections...`, then close (with
 //!    `max_connections` unlimited, the cap is what the file descriptors
 //!    allow, and over it the reply is `421 4.3.2`);
@@ -76,8 +76,12 @@ pub const LISTEN_BACKLOG: u32 = 1024;
 pub struct Settings {
     /// Simultaneous sessions; `None` = no limit.
     pub max_connections: Option<NonZeroUsize>,
-    /// Simultaneous sessions per client address; `None` = no limit.
+    /// Simultaneous sessions per client (an IPv4 address, or an IPv6
+    /// prefix of `per_client_ipv6_prefix` bits); `None` = no limit.
     pub max_connections_per_client: Option<NonZeroUsize>,
+    /// Prefix length (bits, 1–128) grouping IPv6 clients for
+    /// `max_connections_per_client`.
+    pub per_client_ipv6_prefix: u8,
     /// Simultaneous sessions the process's file descriptors allow (see
     /// [`crate::fds`]), when `max_connections` is unlimited; over it:
     /// `421 4.3.2`. `None`: no such cap.
@@ -177,7 +181,7 @@ struct Shared<H> {
     /// The global cap: a session holds one permit for its life (inside its
     /// [`Slot`]); `None` when `max_connections` is unlimited.
     slots: Option<Arc<Semaphore>>,
-    /// Open sessions, for kicks and the per-address cap; shared with
+    /// Open sessions, for kicks and the per-client cap; shared with
     /// [`ServerHandle`].
     sessions: Arc<Sessions>,
     /// Counters; shared with [`ServerHandle`].
@@ -393,8 +397,9 @@ fn admit<H: HandoffFactory>(
         },
     };
     let cap = shared.settings.max_connections_per_client;
-    let Some(slot) = shared.sessions.register(ip, cap, permit, metrics) else {
-        let reply = Reply::too_many_connections_from(host, ip);
+    let group = registry::client_group(ip, shared.settings.per_client_ipv6_prefix);
+    let Some(slot) = shared.sessions.register(ip, group, cap, permit, metrics) else {
+        let reply = Reply::too_many_connections_from(host, &registry::display_group(group));
         return refuse(metrics, stream, ip, Rejection::PerClientCap, None, &reply);
     };
 

@@ -1,5 +1,6 @@
-//! Open sessions: session ids, the per-address counts behind
-//! `max_connections_per_client`, kick tokens, and the [`Slot`] guard that
+//! Open sessions: session ids, the per-client counts behind
+//! `max_connections_per_client` (per IPv4 address, per IPv6 prefix), kick
+//! tokens, and the [`Slot`] guard that
 //! gives all of it back (and the global permit) on every way out of a
 //! session task.
 
@@ -10,18 +11,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
+use ipnet::IpNet;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::counters::Metrics;
 
-/// Open sessions: who they are (for kicks and the per-address cap).
+/// Open sessions: who they are (for kicks and the per-client cap).
 pub(super) struct Sessions {
     /// Makes session ids unique across restarts: the start time in hex.
     id_prefix: String,
     /// Next session number.
     next_id: AtomicU64,
-    /// The open sessions and per-address counts, changed together.
+    /// The open sessions and per-client counts, changed together.
     inner: Mutex<Registry>,
 }
 
@@ -29,8 +31,32 @@ pub(super) struct Sessions {
 struct Registry {
     /// Session number → client address and its kick token.
     open: HashMap<u64, (IpAddr, CancellationToken)>,
-    /// Open sessions per client address (entries never hold 0).
-    per_client: HashMap<IpAddr, usize>,
+    /// Open sessions per client group ([`client_group`]; entries never
+    /// hold 0).
+    per_client: HashMap<IpNet, usize>,
+}
+
+/// What `max_connections_per_client` counts as one client: an IPv4 address
+/// (a /32), or the IPv6 prefix of `ipv6_prefix` bits (1–128) holding the
+/// address, since one IPv6 host usually holds a whole /64.
+pub(super) fn client_group(client: IpAddr, ipv6_prefix: u8) -> IpNet {
+    let bits = match client {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => ipv6_prefix.clamp(1, 128),
+    };
+    IpNet::new(client, bits)
+        .expect("prefix length within the family")
+        .trunc()
+}
+
+/// A client group as replies and logs show it: the address for a single
+/// address, the prefix otherwise.
+pub(super) fn display_group(group: IpNet) -> String {
+    if group.prefix_len() == group.max_prefix_len() {
+        group.addr().to_string()
+    } else {
+        group.to_string()
+    }
 }
 
 impl Sessions {
@@ -51,10 +77,11 @@ impl Sessions {
     }
 
     /// Registers a session from `client` unless that would exceed `cap`
-    /// sessions for the address.
+    /// sessions for its `group` ([`client_group`]).
     pub(super) fn register(
         self: &Arc<Self>,
         client: IpAddr,
+        group: IpNet,
         cap: Option<NonZeroUsize>,
         permit: Option<OwnedSemaphorePermit>,
         metrics: &Arc<Metrics>,
@@ -63,10 +90,10 @@ impl Sessions {
         let kick = CancellationToken::new();
         {
             let mut reg = self.lock();
-            let n = reg.per_client.entry(client).or_insert(0);
+            let n = reg.per_client.entry(group).or_insert(0);
             if cap.is_some_and(|cap| *n >= cap.get()) {
                 if *n == 0 {
-                    reg.per_client.remove(&client);
+                    reg.per_client.remove(&group);
                 }
                 return None;
             }
@@ -79,7 +106,7 @@ impl Sessions {
             metrics: Arc::clone(metrics),
             id,
             session_id: format!("{}{id:06X}", self.id_prefix),
-            client,
+            group,
             kick,
             _permit: permit,
         })
@@ -102,23 +129,27 @@ impl Sessions {
     /// Open sessions per client address.
     pub(super) fn open_by_client(&self) -> BTreeMap<IpAddr, usize> {
         let reg = self.lock();
-        reg.per_client.iter().map(|(ip, n)| (*ip, *n)).collect()
+        let mut by_client = BTreeMap::new();
+        for (client, _) in reg.open.values() {
+            *by_client.entry(*client).or_insert(0) += 1;
+        }
+        by_client
     }
 
-    fn unregister(&self, id: u64, client: IpAddr) {
+    fn unregister(&self, id: u64, group: IpNet) {
         let mut reg = self.lock();
         reg.open.remove(&id);
-        if let Some(n) = reg.per_client.get_mut(&client) {
+        if let Some(n) = reg.per_client.get_mut(&group) {
             *n -= 1;
             if *n == 0 {
-                reg.per_client.remove(&client);
+                reg.per_client.remove(&group);
             }
         }
     }
 }
 
 /// A session's hold on the server: the global permit, its registry entry
-/// (per-address count, kick token) and the open-connections gauge. All are
+/// (per-client count, kick token) and the open-connections gauge. All are
 /// released when it is dropped, however the session task ends.
 pub(super) struct Slot {
     sessions: Arc<Sessions>,
@@ -126,7 +157,8 @@ pub(super) struct Slot {
     id: u64,
     /// The id in logs, queue ids and `Received:` headers.
     pub(super) session_id: String,
-    client: IpAddr,
+    /// The [`client_group`] whose count this slot holds.
+    group: IpNet,
     /// Cancelled by [`Sessions::kick`].
     pub(super) kick: CancellationToken,
     _permit: Option<OwnedSemaphorePermit>,
@@ -134,7 +166,7 @@ pub(super) struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.sessions.unregister(self.id, self.client);
+        self.sessions.unregister(self.id, self.group);
         self.metrics.session_closed();
     }
 }
@@ -148,6 +180,39 @@ mod tests {
     use super::*;
     use crate::front_door::ServerHandle;
 
+    /// IPv6 clients count per prefix: two addresses of one /64 share the
+    /// cap, another /64 has its own; IPv4 counts per address.
+    #[test]
+    fn ipv6_clients_share_the_cap_per_prefix() {
+        let sessions = Arc::new(Sessions::new());
+        let metrics = Arc::new(Metrics::default());
+        let cap = NonZeroUsize::new(2);
+        let take = |ip: &str, bits| {
+            let ip: IpAddr = ip.parse().unwrap();
+            sessions.register(ip, client_group(ip, bits), cap, None, &metrics)
+        };
+        let _a = take("2001:db8:1:1::1", 64).unwrap();
+        let b = take("2001:db8:1:1::2", 64).unwrap();
+        assert!(
+            take("2001:db8:1:1:ffff::3", 64).is_none(),
+            "third in the /64"
+        );
+        let _c = take("2001:db8:1:2::1", 64).expect("another /64");
+        drop(b);
+        let _d = take("2001:db8:1:1::4", 64).expect("a slot of the /64 freed");
+        assert!(take("2001:db8:1:1::5", 64).is_none());
+        let _f = take("192.0.2.1", 64).unwrap();
+        let _g = take("192.0.2.2", 64).expect("IPv4 counts per address");
+        assert_eq!(
+            display_group(client_group("2001:db8:1:1::9".parse().unwrap(), 64)),
+            "2001:db8:1:1::/64"
+        );
+        assert_eq!(
+            display_group(client_group("192.0.2.9".parse().unwrap(), 64)),
+            "192.0.2.9"
+        );
+    }
+
     /// The registry: per-address cap, kicks, and release of everything
     /// (permit, count, gauge) when a slot is dropped, also by a panic.
     #[test]
@@ -160,7 +225,7 @@ mod tests {
         let cap = NonZeroUsize::new(1);
         let take = |ip| {
             let permit = Arc::clone(&slots).try_acquire_owned().ok()?;
-            sessions.register(ip, cap, Some(permit), &metrics)
+            sessions.register(ip, client_group(ip, 64), cap, Some(permit), &metrics)
         };
         let first = take(a).unwrap();
         assert!(take(a).is_none(), "per-address cap");

@@ -383,9 +383,10 @@ impl Reply {
             format!("{host} Error: out of resources, try again later"),
         )
     }
-    /// `421 4.7.0 <host> Error: too many connections from <ip>, try again
-    /// later` — `max_connections_per_client` reached, then close.
-    pub fn too_many_connections_from(host: &str, client: IpAddr) -> Reply {
+    /// `421 4.7.0 <host> Error: too many connections from <client>, try
+    /// again later` — `max_connections_per_client` reached, then close.
+    /// `client` is an address, or the IPv6 prefix the cap counts.
+    pub fn too_many_connections_from(host: &str, client: &str) -> Reply {
         Reply::enh(
             421,
             7,
@@ -595,7 +596,7 @@ mod tests {
             "421 4.7.0 mx.example.com Error: too many connections, try again later\r\n"
         );
         assert_eq!(
-            Reply::too_many_connections_from("mx.example.com", ip).to_string(),
+            Reply::too_many_connections_from("mx.example.com", "192.0.2.7").to_string(),
             "421 4.7.0 mx.example.com Error: too many connections from 192.0.2.7, try again later\r\n"
         );
         assert_eq!(
