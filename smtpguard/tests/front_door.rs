@@ -493,7 +493,7 @@ s.quit()
         srv.wait_for_no_sessions().await;
         let snap = srv.snapshot();
         assert_eq!(snap.messages_accepted, 2);
-        assert_eq!(snap.sessions_started, 2);
+        assert_eq!(snap.greeted, 2);
         assert_eq!(snap.clients[&IpAddr::from(Ipv4Addr::LOCALHOST)].accepted, 2);
         serde_json::to_string(&snap).unwrap();
         srv.stop().await;
@@ -747,7 +747,8 @@ except smtplib.SMTPConnectError as e:
 
         let snap = srv.snapshot();
         assert_eq!(snap.rejected(Rejection::DenyList), 2);
-        assert_eq!(snap.sessions_started, 0);
+        // Refused connections are accepted at the socket, never greeted.
+        assert_eq!((snap.accepted_at_socket, snap.greeted), (2, 0));
         assert_eq!(snap.open_connections, 0);
         let local = snap.clients[&IpAddr::from(Ipv4Addr::LOCALHOST)];
         assert_eq!((local.accepted, local.rejected), (2, 2));

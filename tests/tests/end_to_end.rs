@@ -1020,13 +1020,27 @@ listen = "{METRICS}"
     assert_eq!(u64_at(&stats, "/xdp/drop_not_permitted"), 0);
     let fd = &stats["front_door"];
     assert_eq!(
-        u64_at(fd, "/rejected_deny_list"),
+        u64_at(fd, "/refused_deny_list"),
         0,
         "denied at the front door: {fd:#}"
     );
-    assert_eq!(u64_at(fd, "/rejected_not_permitted"), 0, "{fd:#}");
-    assert_eq!(u64_at(fd, "/rejected_connection_cap"), 1, "{fd:#}");
-    assert!(u64_at(fd, "/rejected_idle_timeout") >= 1, "{fd:#}");
+    assert_eq!(u64_at(fd, "/refused_not_permitted"), 0, "{fd:#}");
+    assert_eq!(u64_at(fd, "/refused_connection_cap"), 1, "{fd:#}");
+    assert!(u64_at(fd, "/closed_idle_timeout") >= 1, "{fd:#}");
+    // Every connection accepted at the socket was either refused on
+    // accept or greeted: the two counters do not overlap.
+    let refused: u64 = fd
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| name.starts_with("refused_"))
+        .map(|(_, n)| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        u64_at(fd, "/accepted_at_socket"),
+        u64_at(fd, "/greeted") + refused,
+        "{fd:#}"
+    );
     assert_eq!(u64_at(fd, "/messages_accepted"), expected as u64, "{fd:#}");
     assert_eq!(u64_at(fd, "/handoff_failures"), 0, "{fd:#}");
     assert_eq!(u64_at(fd, "/clients_untracked"), 0, "{fd:#}");
@@ -1093,7 +1107,7 @@ listen = "{METRICS}"
     );
     assert_eq!(
         sample(
-            "smtpguard_connections_rejected_total",
+            "smtpguard_connections_refused_total",
             &[("reason", "connection_cap")]
         ),
         1.0

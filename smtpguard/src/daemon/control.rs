@@ -577,10 +577,10 @@ fn stats(snapshot: &Snapshot, top: usize) -> StatsView {
     }
     if let Some(m) = &snapshot.front_door {
         let fd = &mut view.front_door;
-        fd.insert("connections_accepted".into(), m.connections_accepted);
-        fd.insert("sessions_started".into(), m.sessions_started);
-        for (reason, n) in &m.rejected {
-            fd.insert(format!("rejected_{reason}"), *n);
+        fd.insert("accepted_at_socket".into(), m.accepted_at_socket);
+        fd.insert("greeted".into(), m.greeted);
+        for (name, n) in &m.rejected {
+            fd.insert((*name).into(), *n);
         }
         fd.insert("would_deny".into(), m.would_deny);
         fd.insert("tls_handshakes_ok".into(), m.tls_handshakes_ok);

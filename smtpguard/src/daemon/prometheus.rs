@@ -14,7 +14,11 @@ use prometheus_client::{
 };
 
 use super::snapshot::Snapshot;
-use crate::{kernel::CounterSnapshot, policy::ListKind};
+use crate::{
+    front_door::{Rejection, Stage},
+    kernel::CounterSnapshot,
+    policy::ListKind,
+};
 
 /// How many entries get a per-entry hit series (the top ones by hits).
 pub const TOP_ENTRIES: usize = 20;
@@ -143,21 +147,43 @@ pub fn render(snapshot: &Snapshot) -> String {
     if let Some(m) = &snapshot.front_door {
         counter(
             &mut r,
-            "smtpguard_connections_accepted",
-            "TCP connections accepted by the front door.",
-            m.connections_accepted,
+            "smtpguard_connections_accepted_at_socket",
+            "TCP connections accepted at the socket, whatever happened next.",
+            m.accepted_at_socket,
         );
-        let rejected: Vec<(String, u64)> = m
-            .rejected
-            .iter()
-            .map(|(k, v)| (k.to_string(), *v))
-            .collect();
+        counter(
+            &mut r,
+            "smtpguard_connections_greeted",
+            "Sessions whose 220 greeting was written.",
+            m.greeted,
+        );
+        let by_stage = |stage: Stage| -> Vec<(String, u64)> {
+            Rejection::ALL
+                .iter()
+                .filter(|r| r.stage() == stage)
+                .map(|r| (r.as_str().to_string(), m.rejected(*r)))
+                .collect()
+        };
         labelled(
             &mut r,
-            "smtpguard_connections_rejected",
-            "Connections refused, by reason.",
+            "smtpguard_connections_refused",
+            "Connections refused on accept, before any greeting, by reason.",
             "reason",
-            &rejected,
+            &by_stage(Stage::Refused),
+        );
+        labelled(
+            &mut r,
+            "smtpguard_sessions_closed",
+            "Sessions cut off with 421, by reason.",
+            "reason",
+            &by_stage(Stage::Closed),
+        );
+        labelled(
+            &mut r,
+            "smtpguard_commands_refused",
+            "Commands refused while the session went on, by reason.",
+            "reason",
+            &by_stage(Stage::Replied),
         );
         gauge(
             &mut r,

@@ -175,6 +175,7 @@ where
         inbuf: InBuf::new(),
         line_deadline: None,
         end: None,
+        greeted: false,
     };
     let mut stream = Stream::Plain(io);
     // Every exit is an `Err` (the loop has no other way out).
@@ -199,6 +200,8 @@ struct Driver<'a, H> {
     session_deadline: Instant,
     /// Why the session is closing, once known.
     end: Option<End>,
+    /// Whether a flush has written the greeting (the session's first reply).
+    greeted: bool,
 }
 
 impl<H: Handoff> Driver<'_, H> {
@@ -335,9 +338,16 @@ impl<H: Handoff> Driver<'_, H> {
                 return Err(why);
             }
         };
+        let first_write_greets = !self.greeted && self.out.starts_with(b"220");
         self.out.clear();
         match result {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                if first_write_greets {
+                    self.greeted = true;
+                    self.conn.metrics.greeted();
+                }
+                Ok(())
+            }
             Ok(Err(e)) => Err(End::Io(e.kind())),
             Err(_elapsed) => Err(End::WriteTimeout),
         }

@@ -60,7 +60,43 @@ impl Rejection {
         Rejection::Kicked,
     ];
 
-    /// The name in logs (`reason=`) and in [`MetricsSnapshot::rejected`].
+    /// When it happens, which decides the counter's name.
+    pub fn stage(self) -> Stage {
+        match self {
+            Rejection::DenyList
+            | Rejection::NotPermitted
+            | Rejection::ConnectionCap
+            | Rejection::PerClientCap
+            | Rejection::FileDescriptors => Stage::Refused,
+            Rejection::IdleTimeout
+            | Rejection::SessionTimeout
+            | Rejection::TooManyErrors
+            | Rejection::HttpRequest
+            | Rejection::Kicked => Stage::Closed,
+            Rejection::TlsRequired => Stage::Replied,
+        }
+    }
+
+    /// The counter's name in `stats` and in [`MetricsSnapshot::rejected`]:
+    /// the stage, then the reason (`refused_deny_list`,
+    /// `closed_idle_timeout`, `replied_tls_required`).
+    pub fn counter_name(self) -> &'static str {
+        match self {
+            Rejection::DenyList => "refused_deny_list",
+            Rejection::NotPermitted => "refused_not_permitted",
+            Rejection::ConnectionCap => "refused_connection_cap",
+            Rejection::PerClientCap => "refused_per_client_cap",
+            Rejection::FileDescriptors => "refused_file_descriptors",
+            Rejection::IdleTimeout => "closed_idle_timeout",
+            Rejection::SessionTimeout => "closed_session_timeout",
+            Rejection::TlsRequired => "replied_tls_required",
+            Rejection::TooManyErrors => "closed_too_many_errors",
+            Rejection::HttpRequest => "closed_http_request",
+            Rejection::Kicked => "closed_kicked",
+        }
+    }
+
+    /// The reason in logs (`reason=`) and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
             Rejection::DenyList => "deny_list",
@@ -78,14 +114,26 @@ impl Rejection {
     }
 }
 
+/// When a [`Rejection`] happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// On accept, before any greeting: the client got one reply and was
+    /// closed.
+    Refused,
+    /// In a session: the client got `421` and was closed.
+    Closed,
+    /// A command was refused; the session goes on.
+    Replied,
+}
+
 /// The front door's counters, updated lock-free (except the per-address
 /// map). Read them with [`Metrics::snapshot`].
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// TCP connections accepted (whatever happened next).
-    connections_accepted: AtomicU64,
-    /// Connections that passed the checks and got a session.
-    sessions_started: AtomicU64,
+    /// TCP connections accepted at the socket (whatever happened next).
+    accepted_at_socket: AtomicU64,
+    /// Sessions whose `220` greeting was written.
+    greeted: AtomicU64,
     /// Sessions open now (the gauge; 0 once every client has left).
     open: AtomicUsize,
     /// Per [`Rejection`], indexed like [`Rejection::ALL`].
@@ -119,13 +167,15 @@ pub struct ClientCounts {
 /// statistics log line and the metrics endpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct MetricsSnapshot {
-    /// TCP connections accepted (whatever happened next).
-    pub connections_accepted: u64,
-    /// Connections that passed the checks and were greeted.
-    pub sessions_started: u64,
+    /// TCP connections accepted at the socket, whatever happened next:
+    /// refused on accept, greeted, or gone before the greeting.
+    pub accepted_at_socket: u64,
+    /// Sessions whose `220` greeting was written.
+    pub greeted: u64,
     /// Sessions open now.
     pub open_connections: usize,
-    /// Rejections by reason ([`Rejection::as_str`]); every reason present.
+    /// Refusals, cut-offs and refused commands by
+    /// [`Rejection::counter_name`]; every reason present.
     pub rejected: BTreeMap<&'static str, u64>,
     /// Monitor mode: connections let in that the policy would deny.
     pub would_deny: u64,
@@ -149,7 +199,10 @@ pub struct MetricsSnapshot {
 impl MetricsSnapshot {
     /// The count for one reason.
     pub fn rejected(&self, reason: Rejection) -> u64 {
-        self.rejected.get(reason.as_str()).copied().unwrap_or(0)
+        self.rejected
+            .get(reason.counter_name())
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -167,12 +220,12 @@ impl Metrics {
     pub fn snapshot(&self) -> MetricsSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         MetricsSnapshot {
-            connections_accepted: get(&self.connections_accepted),
-            sessions_started: get(&self.sessions_started),
+            accepted_at_socket: get(&self.accepted_at_socket),
+            greeted: get(&self.greeted),
             open_connections: self.open_connections(),
             rejected: Rejection::ALL
                 .iter()
-                .map(|r| (r.as_str(), get(&self.rejected[*r as usize])))
+                .map(|r| (r.counter_name(), get(&self.rejected[*r as usize])))
                 .collect(),
             would_deny: get(&self.would_deny),
             tls_handshakes_ok: get(&self.tls_ok),
@@ -195,8 +248,8 @@ impl Metrics {
     pub(super) fn session_closed(&self) {
         self.open.fetch_sub(1, Ordering::SeqCst);
     }
-    pub(super) fn session_started(&self) {
-        relaxed_add(&self.sessions_started);
+    pub(super) fn greeted(&self) {
+        relaxed_add(&self.greeted);
     }
     pub(super) fn session_panicked(&self) {
         relaxed_add(&self.panics);
@@ -232,7 +285,7 @@ impl Metrics {
     }
 
     pub(super) fn accepted(&self, ip: IpAddr) {
-        relaxed_add(&self.connections_accepted);
+        relaxed_add(&self.accepted_at_socket);
         self.client(ip, |c| c.accepted += 1);
     }
 
@@ -264,7 +317,8 @@ mod tests {
         assert_eq!(snap.rejected.len(), Rejection::ALL.len());
         assert_eq!(snap.rejected(Rejection::Kicked), 1);
         let json = serde_json::to_value(&snap).unwrap();
-        assert_eq!(json["rejected"]["deny_list"], 1);
+        assert_eq!(json["rejected"]["refused_deny_list"], 1);
+        assert_eq!(json["rejected"]["closed_kicked"], 1);
         assert_eq!(json["clients"]["127.0.0.1"]["accepted"], 1);
         assert_eq!(json["clients"]["127.0.0.1"]["rejected"], 1);
     }
@@ -278,6 +332,6 @@ mod tests {
         let snap = m.snapshot();
         assert_eq!(snap.clients.len(), MAX_TRACKED_CLIENTS);
         assert_eq!(snap.clients_untracked, 10);
-        assert_eq!(snap.connections_accepted, MAX_TRACKED_CLIENTS as u64 + 10);
+        assert_eq!(snap.accepted_at_socket, MAX_TRACKED_CLIENTS as u64 + 10);
     }
 }

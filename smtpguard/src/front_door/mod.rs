@@ -56,7 +56,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use access::{Access, AccessCheck, AllowAll, DenyReason};
-pub use counters::{ClientCounts, Metrics, MetricsSnapshot, Rejection, MAX_TRACKED_CLIENTS};
+pub use counters::{ClientCounts, Metrics, MetricsSnapshot, Rejection, Stage, MAX_TRACKED_CLIENTS};
 use registry::Sessions;
 
 use connection::{ConnContext, ConnSettings, Stop};
@@ -404,7 +404,6 @@ fn admit<H: HandoffFactory>(
     };
 
     // 3. The session (its first event is the greeting).
-    metrics.session_started();
     let local = stream.local_addr().map(normalize).unwrap_or(peer);
     let _ = stream.set_nodelay(true);
     let span = tracing::info_span!("smtp", session = %slot.session_id, client = %ip);
