@@ -14,6 +14,7 @@
 //!   log line ([`report`]) render.
 
 pub mod control;
+mod notify;
 pub mod prometheus;
 pub mod report;
 pub mod settings;
@@ -21,7 +22,7 @@ pub mod snapshot;
 pub mod startup;
 pub mod state;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{io::Write as _, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
@@ -152,7 +153,14 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
             crate::time::utc(t.certificate.not_after_unix)
         )
     });
-    println!("{}", report::summary(&daemon, expiry.as_deref()));
+    // Not println!: a closed stdout (a pipe whose reader left) must not
+    // take the daemon down.
+    let _ = writeln!(
+        std::io::stdout(),
+        "{}",
+        report::summary(&daemon, expiry.as_deref())
+    );
+    notify::ready("filtering: lists in the kernel, listeners bound");
 
     wait_for_signals(&daemon, &shutdown, server_task).await?;
     tasks.wait().await;
@@ -210,6 +218,7 @@ async fn wait_for_signals(
             }
         }
     }
+    notify::stopping();
     shutdown.cancel();
     if !server_task.is_finished() {
         let _ = server_task.await;

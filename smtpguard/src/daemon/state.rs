@@ -470,6 +470,13 @@ impl Daemon {
     ///
     /// A [`DaemonError`] naming the file or step; nothing is changed.
     pub fn reload_for(&self, still_wanted: &dyn Fn() -> bool) -> Result<String> {
+        super::notify::reloading();
+        let result = self.reload_checked(still_wanted);
+        super::notify::ready("filtering: reload done");
+        result
+    }
+
+    fn reload_checked(&self, still_wanted: &dyn Fn() -> bool) -> Result<String> {
         let config = super::startup::load_config(self.config_path.as_deref())?;
         let running = self.config();
         // Sections the running server, listeners, XDP attachments and
