@@ -9,10 +9,13 @@
 //! - `test`: install and probe the test peers, build, then every test
 //!   binary (unit, BPF_PROG_TEST_RUN, netns), even after one fails.
 //! - `bench [--quick]`: measured figures beside their baselines.
+//! - `deb`: the Debian package (`target/debian/smtpguard_*.deb`): the
+//!   binary, the hardened unit, the config, man pages and completions.
 //! - `fuzz --minutes N [--target NAME]`: every cargo-fuzz target in `fuzz/`
 //!   for N minutes each; crashes land in `fuzz/artifacts/`.
 
 mod bench;
+mod deb;
 #[path = "../../smtpguard-ebpf/fingerprint.rs"]
 mod fingerprint;
 mod fuzz;
@@ -74,6 +77,8 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Build the Debian package (installs cargo-deb once).
+    Deb,
     /// Run every fuzz target in fuzz/ under libFuzzer (needs cargo-fuzz).
     Fuzz {
         /// Minutes per target.
@@ -125,8 +130,13 @@ fn run(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Provision { check: true, .. } => {
             let toolchain = provision::toolchain_report();
+            let packager = deb::cargo_deb_present();
+            match packager {
+                true => println!("present: cargo-deb (cargo xtask deb, cargo xtask test)"),
+                false => println!("would install: cargo-deb (cargo install, on first use)"),
+            }
             let peers = peers::report();
-            if !(toolchain && peers) {
+            if !(toolchain && peers && packager) {
                 bail!(
                     "something is missing (see above); `cargo xtask provision --peers` installs it"
                 );
@@ -166,6 +176,8 @@ fn run(cmd: Cmd) -> Result<()> {
             require_root("the kernel tests load XDP programs and create network namespaces")?;
             // Every peer installed and probed before anything is built.
             peers::ensure()?;
+            // The package test installs the very .deb CI builds.
+            let package = deb::build(&root)?;
             let binary = build(&root, false)?;
             let object = provision::ebpf_object(&root);
             eprintln!(
@@ -176,6 +188,7 @@ fn run(cmd: Cmd) -> Result<()> {
                 .args(["test", "--workspace", "--exclude", "smtpguard-ebpf"])
                 .env("SMTPGUARD_EBPF_OBJECT", &object)
                 .env("SMTPGUARD_BIN", &binary)
+                .env("SMTPGUARD_DEB", &package)
                 .env("SMTPGUARD_SHARED_DATA", root.join("../shared/data"));
             // Then the fuzz targets' checks as bounded property tests, even
             // when a test failed; one summary over both.
@@ -187,6 +200,7 @@ fn run(cmd: Cmd) -> Result<()> {
             let binary = build(&root, true)?;
             bench::run(&root, &binary, quick)
         }
+        Cmd::Deb => deb::build(&root).map(|_| ()),
         Cmd::Fuzz {
             minutes,
             target,

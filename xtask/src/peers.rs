@@ -86,6 +86,26 @@ pub const PEERS: &[Peer] = &[
         package: "haproxy",
         used_by: "bench front door: HAProxy in front of Postfix as the baseline",
     },
+    Peer {
+        package: "lintian",
+        used_by: "package: lintian checks the .deb of cargo xtask deb",
+    },
+    Peer {
+        package: "systemd",
+        used_by: "package: systemd-analyze verify on the installed unit (no running init needed)",
+    },
+    Peer {
+        package: "man-db",
+        used_by: "package: man -l renders every installed page",
+    },
+    Peer {
+        package: "adduser",
+        used_by: "package: the postinst creates the smtpguard system user",
+    },
+    Peer {
+        package: "gzip",
+        used_by: "cargo xtask deb: man pages gzipped (gzip -9n)",
+    },
 ];
 
 /// One thing the tests rely on, and how to prove it is there.
@@ -190,6 +210,26 @@ const CAPABILITIES: &[Capability] = &[
         what: "sysctl",
         provider: "procps",
         probe: Probe::Runs(&["sysctl", "--version"]),
+    },
+    Capability {
+        what: "lintian",
+        provider: "lintian",
+        probe: Probe::Runs(&["lintian", "--version"]),
+    },
+    Capability {
+        what: "systemd-analyze",
+        provider: "systemd",
+        probe: Probe::Runs(&["systemd-analyze", "--version"]),
+    },
+    Capability {
+        what: "man -l",
+        provider: "man-db",
+        probe: Probe::Runs(&["man", "--version"]),
+    },
+    Capability {
+        what: "adduser --system",
+        provider: "adduser",
+        probe: Probe::Runs(&["adduser", "--version"]),
     },
     Capability {
         what: "bpftool",

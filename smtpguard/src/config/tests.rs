@@ -761,3 +761,18 @@ fn bad_log_level() {
          write \"off\", \"error\", \"warn\", \"info\", \"debug\" or \"trace\""
     );
 }
+
+/// The configuration the Debian package installs is valid, and keeps the
+/// lists in the unit's state directory (the unit keeps /etc read-only).
+#[test]
+fn packaged_configuration_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/smtpguard.toml");
+    let c = Config::load(path).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(c.server.listen, vec![addr("0.0.0.0:25"), addr("[::]:25")]);
+    assert!(c.policy.deny_list.starts_with("/var/lib/smtpguard"));
+    assert!(c.policy.permit_list.starts_with("/var/lib/smtpguard"));
+    assert_eq!(
+        c.control.socket,
+        PathBuf::from("/run/smtpguard/control.sock")
+    );
+}
