@@ -523,6 +523,10 @@ pub struct InterfaceView {
     pub name: String,
     /// How the program is attached: `"native"` or `"skb"`.
     pub xdp_mode: String,
+    /// Whether the link is pinned: `"yes (/sys/fs/bpf/smtpguard/...)"` or
+    /// `"no (why), a crash removes the filter"`. Empty from older daemons.
+    #[serde(default)]
+    pub pinned: String,
 }
 
 /// A list's size by address family.

@@ -334,7 +334,10 @@ pub fn status(s: &StatusView) -> String {
     let xdp = join(
         s.interfaces
             .iter()
-            .map(|i| format!("{} ({})", i.name, i.xdp_mode))
+            .map(|i| match i.pinned.as_str() {
+                "" => format!("{} ({})", i.name, i.xdp_mode),
+                pinned => format!("{} ({}, pinned: {pinned})", i.name, i.xdp_mode),
+            })
             .collect(),
         "not attached",
     );

@@ -634,6 +634,7 @@ fn status(daemon: &Daemon) -> StatusView {
             .map(|a| InterfaceView {
                 name: a.interface.clone(),
                 xdp_mode: a.mode.to_string(),
+                pinned: a.pin.to_string(),
             })
             .collect(),
         ports: config.server.ports(),

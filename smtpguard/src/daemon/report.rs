@@ -35,7 +35,7 @@ pub fn summary(daemon: &Daemon, tls_expiry: Option<&str>) -> String {
         daemon
             .attachments
             .iter()
-            .map(|a| format!("{} ({} mode)", a.interface, a.mode))
+            .map(|a| format!("{} ({} mode, pinned: {})", a.interface, a.mode, a.pin))
             .collect::<Vec<_>>()
             .join(", ")
     };

@@ -10,7 +10,7 @@ use crate::{
     config::{Config, ConfigError, XdpMode},
     kernel::{
         loader::DEFAULT_PIN_DIR, ApplyHow, AttachMode, Attachment, Kernel, KernelError, KernelLog,
-        SyncError,
+        PinState, SyncError,
     },
     policy::{AccessList, ListError, ListKind, Policy, PolicyError},
 };
@@ -162,14 +162,21 @@ pub fn start_kernel(config: &Config, policy: &Policy) -> Result<Option<StartedKe
         XdpMode::Auto | XdpMode::Off => AttachMode::Auto,
     };
     let pin_dir = Path::new(DEFAULT_PIN_DIR);
+    let pinning = prepare_pin_dir(pin_dir);
+    if let Err(why) = &pinning {
+        tracing::warn!(
+            "XDP links are not pinned ({why}): a crash or kill -9 removes the filter \
+             until the next start"
+        );
+    }
     let mut attachments = Vec::new();
     for interface in &config.xdp.interfaces {
-        // Pinning needs bpffs; inside `ip netns exec` /sys/fs/bpf is hidden,
-        // and then the link lives with the process, unpinned.
-        let attached = if pin_dir.parent().is_some_and(is_bpffs) {
-            kernel.filter.attach_pinned(interface, mode, pin_dir)
-        } else {
-            kernel.filter.attach(interface, mode)
+        let attached = match &pinning {
+            Ok(()) => kernel.filter.attach_pinned(interface, mode, pin_dir),
+            Err(why) => kernel.filter.attach(interface, mode).map(|mut a| {
+                a.pin = PinState::NotPinned(why.clone());
+                a
+            }),
         }
         .map_err(|source| StartupError::Attach {
             interface: interface.clone(),
@@ -186,6 +193,56 @@ pub fn start_kernel(config: &Config, policy: &Policy) -> Result<Option<StartedKe
         attachments,
         log,
     }))
+}
+
+/// Makes `pin_dir` usable for pinned links, or says why it is not. Where
+/// nothing is mounted on its parent (`/sys/fs/bpf`), bpffs is mounted there,
+/// as libxdp does (needs CAP_SYS_ADMIN; under `ip netns exec` the mount
+/// stays in that command's mount namespace). The reason names the real
+/// cause: no bpffs and no right to mount one, or a root-only bpffs.
+fn prepare_pin_dir(pin_dir: &Path) -> Result<(), String> {
+    let root = pin_dir.parent().unwrap_or(pin_dir);
+    if !is_bpffs(root) {
+        use nix::mount::{mount, MsFlags};
+        match mount(
+            Some("bpf"),
+            root,
+            Some("bpf"),
+            MsFlags::empty(),
+            Some("mode=0700"),
+        ) {
+            Ok(()) => {
+                tracing::info!(path = %root.display(), "mounted bpffs (nothing was mounted there)")
+            }
+            Err(e) => {
+                return Err(format!(
+                    "no bpffs on {} and mounting one failed: {}; mount it before the start \
+                     (the packaged unit's ExecStartPre=+ does)",
+                    root.display(),
+                    e.desc()
+                ))
+            }
+        }
+    }
+    let uid = nix::unistd::geteuid();
+    if let Err(e) = std::fs::create_dir_all(pin_dir) {
+        return Err(format!(
+            "cannot create {} as uid {uid}: {e}; bpffs is usually root-only: create the \
+             directory owned by this user before the start (the packaged unit's \
+             ExecStartPre=+ does)",
+            pin_dir.display()
+        ));
+    }
+    use nix::unistd::{access, AccessFlags};
+    if let Err(e) = access(pin_dir, AccessFlags::W_OK | AccessFlags::X_OK) {
+        return Err(format!(
+            "{} is not writable as uid {uid}: {}; give it to this user before the start \
+             (the packaged unit's ExecStartPre=+ does)",
+            pin_dir.display(),
+            e.desc()
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `path` is a mounted bpffs (magic 0xcafe4a11).

@@ -64,6 +64,29 @@ pub struct Attachment {
     pub mode: AttachedMode,
     /// The program replaced one left attached (pinned) by an earlier run.
     pub replaced_pinned: bool,
+    /// Whether the link is pinned, so that it outlives a crash.
+    pub pin: PinState,
+}
+
+/// Whether an attachment's bpf_link is pinned in bpffs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PinState {
+    /// Pinned at this path: a crash or `kill -9` leaves the filter in force.
+    Pinned(PathBuf),
+    /// Not pinned, and why: the link lives with the process, so a crash
+    /// removes the filter.
+    NotPinned(String),
+}
+
+impl fmt::Display for PinState {
+    /// `yes (PATH)` or `no (WHY), a crash removes the filter`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PinState::Pinned(path) => write!(f, "yes ({})", path.display()),
+            PinState::NotPinned(why) => write!(f, "no ({why}), a crash removes the filter"),
+        }
+    }
 }
 
 impl Drop for XdpFilter {
@@ -182,7 +205,8 @@ impl XdpFilter {
     /// The link lives as long as this `XdpFilter`.
     pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<Attachment, KernelError> {
         let (_link, attached) = self.attach_link(interface, mode)?;
-        Ok(attachment(interface, attached, false))
+        let pin = PinState::NotPinned("attached without a pin directory".into());
+        Ok(attachment(interface, attached, false, pin))
     }
 
     /// Attaches like [`XdpFilter::attach`], and pins the bpf_link under
@@ -237,8 +261,9 @@ impl XdpFilter {
                             "the XDP link left pinned by the previous run is in {candidate} mode and keeps it: \
                              changing the mode means detaching; stop smtpguard cleanly and start it again to change it");
                     }
+                    let pin = PinState::Pinned(path.clone());
                     self.pinned.push(Pinned { link, path });
-                    return Ok(attachment(interface, candidate, true));
+                    return Ok(attachment(interface, candidate, true, pin));
                 }
                 Err(Replace::Dead(e)) => {
                     // It holds no program on the interface: removing it
@@ -271,19 +296,27 @@ impl XdpFilter {
             .ok()
             .and_then(|link| FdLink::try_from(link).ok())
             .map(|fd_link| fd_link.pin(&path));
-        match pinned {
-            Some(Ok(pinned)) => self.pinned.push(Pinned {
-                link: pinned.into(),
-                path,
-            }),
+        let pin = match pinned {
+            Some(Ok(pinned)) => {
+                self.pinned.push(Pinned {
+                    link: pinned.into(),
+                    path: path.clone(),
+                });
+                PinState::Pinned(path)
+            }
             // Kernels without bpf_link for XDP (< 5.9), or a failed pin:
             // attach again, unpinned; the link then lives with this process.
-            _ => {
+            other => {
+                let why = match other {
+                    Some(Err(e)) => format!("pinning {} failed: {e}", path.display()),
+                    _ => "this kernel has no bpf_link for XDP".to_string(),
+                };
                 tracing::warn!(interface, pin = %path.display(), "cannot pin the XDP link; a restart will briefly detach the filter");
                 self.attach_link(interface, mode)?;
+                PinState::NotPinned(why)
             }
-        }
-        Ok(attachment(interface, attached, false))
+        };
+        Ok(attachment(interface, attached, false, pin))
     }
 
     /// Moves the link pinned at `path` (by an earlier run) to this program,
@@ -461,11 +494,17 @@ enum Replace {
 
 /// What an attach reports; the caller keeps the list (the daemon's status
 /// shows it), so there is one record of where the program is attached.
-fn attachment(interface: &str, mode: AttachedMode, replaced_pinned: bool) -> Attachment {
+fn attachment(
+    interface: &str,
+    mode: AttachedMode,
+    replaced_pinned: bool,
+    pin: PinState,
+) -> Attachment {
     Attachment {
         interface: interface.to_string(),
         mode,
         replaced_pinned,
+        pin,
     }
 }
 

@@ -14,7 +14,9 @@ use std::path::PathBuf;
 use aya::programs::ProgramError;
 use ipnet::IpNet;
 
-pub use loader::{pump_kernel_log, AttachMode, AttachedMode, Attachment, KernelLog, XdpFilter};
+pub use loader::{
+    pump_kernel_log, AttachMode, AttachedMode, Attachment, KernelLog, PinState, XdpFilter,
+};
 pub use stats::{CounterSnapshot, Stats};
 pub use sync::{ApplyHow, ApplyReport, MapSync, SyncError};
 
