@@ -128,6 +128,7 @@ fn status_view() -> StatusView {
         interfaces: vec![InterfaceView {
             name: "eth0".into(),
             xdp_mode: "native".into(),
+            pinned: "yes (/sys/fs/bpf/smtpguard/eth0-native)".into(),
         }],
         ports: vec![25, 587],
         deny_list_size: ListSize { ipv4: 10, ipv6: 2 },
@@ -594,7 +595,7 @@ permit  198.51.100.7/32     9         0.0
         "\
 version:         0.1.0
 uptime:          3h 2m 1s
-xdp:             eth0 (native)
+xdp:             eth0 (native, pinned: yes (/sys/fs/bpf/smtpguard/eth0-native))
 ports:           25, 587
 mode:            accept-all-except-deny
 enforcement:     enforce
