@@ -13,6 +13,7 @@
 //!   ([`control`]), the Prometheus text ([`prometheus`]) and the periodic
 //!   log line ([`report`]) render.
 
+pub mod check;
 pub mod control;
 pub mod prometheus;
 pub mod report;
@@ -40,14 +41,13 @@ use crate::{
 };
 
 /// Runs the daemon in the foreground with the configuration file at
-/// `config_path` (the embedded development default when `None`), until
+/// `config_path` ([`startup::DEFAULT_CONFIG_PATH`] when `None`), until
 /// SIGINT or SIGTERM. Errors name what could not be started and where.
 pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
+    let config_path =
+        Some(config_path.unwrap_or_else(|| PathBuf::from(startup::DEFAULT_CONFIG_PATH)));
     let config = startup::load_config(config_path.as_deref())?;
     logging::init(config.logging.format, config.logging.level);
-    if config_path.is_none() {
-        tracing::info!("no --config given: using the embedded development configuration");
-    }
     let fd_limit = crate::fds::raise_limit()?;
     if fd_limit.soft != fd_limit.soft_before {
         tracing::info!(
