@@ -96,6 +96,16 @@ pub enum Command {
     Status,
     /// Re-read the list files and the configuration (like SIGHUP).
     Reload,
+    /// List the open SMTP sessions: id, client, since, state, TLS, HELO,
+    /// bytes in and out, upstream connection.
+    Sessions,
+    /// Close open SMTP sessions with `421 4.7.0` (logged with your uid).
+    Kick {
+        /// A session id (from `sessions`), a client address, or a prefix
+        /// such as 203.0.113.0/24.
+        #[arg(value_name = "ID|ADDR|PREFIX")]
+        target: String,
+    },
     /// Work on the configuration file, without the daemon.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -446,6 +456,8 @@ async fn client_command(command: Command, client: Client, as_json: bool) -> anyh
         Command::Stats { top, watch: None } => Request::Stats { top },
         Command::Status => Request::Status,
         Command::Reload => Request::Reload,
+        Command::Sessions => Request::Sessions,
+        Command::Kick { target } => Request::Kick { target },
     };
     let reply = client.call(&request).await?;
     match (&request, &reply) {
@@ -532,6 +544,20 @@ async fn client_command(command: Command, client: Client, as_json: bool) -> anyh
                 let mut text = r.summary.trim_end().to_owned();
                 text.push('\n');
                 out(&text)?;
+            }
+        }
+        (Request::Sessions, Response::Sessions(s)) => {
+            if as_json {
+                json(s)?;
+            } else {
+                out(&render::sessions(s))?;
+            }
+        }
+        (Request::Kick { .. }, Response::Kicked(k)) => {
+            if as_json {
+                json(k)?;
+            } else {
+                out(&render::kicked(k))?;
             }
         }
         _ => return Err(unexpected(&request, &reply)),

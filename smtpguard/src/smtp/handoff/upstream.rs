@@ -236,6 +236,11 @@ impl UpstreamConnection {
         self.address
     }
 
+    /// Our end of the connection, when the kernel says.
+    pub(crate) fn local_address(&self) -> Option<SocketAddr> {
+        self.stream.local_addr().ok()
+    }
+
     /// What the upstream's (last) EHLO offered.
     pub(crate) fn extensions(&self) -> &Extensions {
         &self.ext
