@@ -290,7 +290,8 @@ pub fn main() -> ExitCode {
             {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("smtpguard: error: {e:#}");
+            let e: &(dyn std::error::Error + 'static) = e.as_ref();
+            eprintln!("smtpguard: error: {}", crate::logging::one_line(e));
             ExitCode::FAILURE
         }
     }

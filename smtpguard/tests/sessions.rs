@@ -327,8 +327,30 @@ fn one_summary_line_per_session_in_the_text_log() {
     let pki = TestPki::new("summary CA", &["gw.example.com"]);
     let mut daemon = start(&pki, "");
     traffic(&daemon, &pki);
+    // A failed reload is one line, the TOML error's excerpt included.
+    std::fs::write(
+        daemon.config(),
+        std::fs::read_to_string(daemon.config())
+            .unwrap()
+            .replace("[server]\n", "[server]\nmax_conections = 1\n"),
+    )
+    .unwrap();
+    assert_eq!(daemon.cli(&["reload"]).status.code(), Some(1));
     daemon.stop();
     let log = daemon.log();
+    let failed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("control request failed"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{log}");
+    assert!(
+        failed[0].contains("TOML parse error at line 2, column 1: unknown field `max_conections`"),
+        "{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.trim_start().starts_with('|')),
+        "{log}"
+    );
     let tls = summary_fields(&log, "127.0.0.21");
     let keys: Vec<&str> = tls.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(
@@ -372,5 +394,58 @@ fn one_summary_line_per_session_in_the_text_log() {
         log.matches("session end client=").count(),
         2,
         "one line per session:\n{log}"
+    );
+}
+#[test]
+fn every_line_of_the_json_log_is_json() {
+    let pki = TestPki::new("json CA", &["gw.example.com"]);
+    let mut daemon = start(&pki, "format = \"json\"\n");
+    traffic(&daemon, &pki);
+    // A failed reload is one line too.
+    std::fs::write(
+        daemon.config(),
+        std::fs::read_to_string(daemon.config())
+            .unwrap()
+            .replace("[server]\n", "[server]\nmax_conections = 1\n"),
+    )
+    .unwrap();
+    let out = daemon.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    daemon.stop();
+    let log = daemon.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect();
+    let summary = lines
+        .iter()
+        .find(|l| l["message"] == "session end" && l["client"] == "127.0.0.21")
+        .unwrap_or_else(|| panic!("no JSON summary:\n{log}"));
+    assert_eq!(summary["tls"], "TLSv1.3");
+    assert_eq!(summary["rcpts"], 2);
+    assert_eq!(summary["msgs"], 1);
+    assert_eq!(summary["result"], "quit");
+    let started = lines
+        .iter()
+        .find(|l| l["message"] == "smtpguard running")
+        .unwrap_or_else(|| panic!("no JSON startup summary:\n{log}"));
+    assert_eq!(started["listen"], daemon.smtp.to_string());
+    assert!(
+        started["tls"]
+            .as_str()
+            .unwrap()
+            .contains("CN=gw.example.com"),
+        "{started}"
+    );
+    let failed = lines
+        .iter()
+        .find(|l| l["message"] == "control request failed")
+        .unwrap_or_else(|| panic!("no failed reload:\n{log}"));
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `max_conections`"),
+        "{failed}"
     );
 }

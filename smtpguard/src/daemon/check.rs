@@ -6,10 +6,11 @@
 //! nothing else: no bpf(), no socket, no write, so any user who can read
 //! the files can run it (`ExecStartPre`, Ansible's `validate:`).
 
-use std::{error::Error, path::Path};
+use std::path::Path;
 
 use crate::{
     config::{Config, ConfigError},
+    logging::one_line,
     policy::{AccessList, ImportError, ListError, ListKind, Policy},
 };
 
@@ -130,25 +131,4 @@ fn config_problem(e: &ConfigError, path: &Path) -> String {
         }
         other => one_line(other),
     }
-}
-
-/// An error and its causes on one line, joined by `": "`, every newline in
-/// them replaced by a space (a log or a terminal gets one line per problem).
-pub fn one_line(e: &(dyn Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let part = c.to_string();
-        // Some errors repeat their source's text in their own message.
-        if !text.ends_with(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        cause = c.source();
-    }
-    text.split('\n')
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
 }

@@ -126,8 +126,8 @@ impl ControlHandler for Handler {
         match result {
             Ok(Ok(reply)) => reply,
             Ok(Err(e)) => {
-                // The message and its causes, as anyhow chains them.
-                let message = format!("{:#}", anyhow::Error::new(e));
+                // The message and its causes, on one line.
+                let message = crate::logging::one_line(&e);
                 tracing::warn!(op, uid = peer.uid, error = %message, "control request failed");
                 Response::error(message)
             }

@@ -95,6 +95,17 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         kernel,
         attachments,
     ));
+    // Drop events name the entry's prefix, not the kernel's rule id. Never
+    // waits for the kernel lock: a list change holding it must not stall
+    // the log (the id is then shown as unknown).
+    {
+        let daemon = Arc::downgrade(&daemon);
+        logging::set_rule_prefix(move |id| {
+            let daemon = daemon.upgrade()?;
+            let kernel = daemon.kernel.try_lock().ok()?;
+            kernel.as_ref()?.sync.prefix_of(id).map(|p| p.to_string())
+        });
+    }
     daemon.set_certificate_not_after(
         tls.as_ref()
             .map(|t| t.certificate.not_after_unix.max(0) as u64),
@@ -123,7 +134,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         let shutdown = shutdown.clone();
         async move {
             if let Err(e) = crate::control::run(control_listener, handler, shutdown).await {
-                tracing::error!(error = %e, "control socket failed");
+                tracing::error!(error = %logging::one_line(&e), "control socket failed");
             }
         }
     });
@@ -152,7 +163,11 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
             crate::time::utc(t.certificate.not_after_unix)
         )
     });
-    println!("{}", report::summary(&daemon, expiry.as_deref()));
+    let summary = report::Summary::new(&daemon, expiry.as_deref());
+    match config.logging.format {
+        crate::config::LogFormat::Text => println!("{}", summary.text()),
+        crate::config::LogFormat::Json => summary.log(),
+    }
 
     wait_for_signals(&daemon, &shutdown, server_task).await?;
     tasks.wait().await;
@@ -200,7 +215,7 @@ async fn wait_for_signals(
                 let daemon = Arc::clone(daemon);
                 match tokio::task::spawn_blocking(move || daemon.reload()).await {
                     Ok(Ok(summary)) => tracing::info!("SIGHUP: reloaded: {summary}"),
-                    Ok(Err(e)) => tracing::error!("SIGHUP: reload refused, the running configuration stays: {:#}", anyhow::Error::new(e)),
+                    Ok(Err(e)) => tracing::error!(error = %logging::one_line(&e), "SIGHUP: reload refused, the running configuration stays"),
                     Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
                 }
             }
@@ -241,7 +256,7 @@ async fn expire_entries(daemon: Arc<Daemon>, shutdown: CancellationToken) {
             })
             .await;
             if let Ok(Err(e)) = result {
-                tracing::error!("expiring temporary entries: {:#}", anyhow::Error::new(e));
+                tracing::error!(error = %logging::one_line(&e), "expiring temporary entries failed");
             }
         }
     }
