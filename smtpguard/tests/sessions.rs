@@ -3,74 +3,16 @@
 //! daemon writes (text and strict JSON logs). Clients come from distinct
 //! loopback addresses (127.0.0.11 ...) so prefixes can pick them.
 
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, SocketAddrV4, TcpStream},
-    os::fd::AsRawFd,
-    path::Path,
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::TcpStream, path::Path, sync::Arc, time::Duration};
 
 use serde_json::Value;
-use smtpguard::testing::{TestDaemon, TestPki};
+use smtpguard::testing::{
+    client::{assert_code, connect_from, reply, rest, say, READ_LIMIT},
+    TestDaemon, TestPki,
+};
 use tokio_rustls::rustls::{self, pki_types::ServerName};
 
 const BIN: &str = env!("CARGO_BIN_EXE_smtpguard");
-/// No read waits longer than this.
-const READ_LIMIT: Duration = Duration::from_secs(15);
-
-/// A TCP connection from `src` (a loopback address) to `to`.
-fn connect_from(src: &str, to: SocketAddr) -> TcpStream {
-    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    let src: SocketAddrV4 = format!("{src}:0").parse().unwrap();
-    bind(fd.as_raw_fd(), &SockaddrIn::from(src)).unwrap();
-    let SocketAddr::V4(to) = to else {
-        panic!("IPv4 listener expected")
-    };
-    connect(fd.as_raw_fd(), &SockaddrIn::from(to)).unwrap();
-    let stream = TcpStream::from(fd);
-    stream.set_read_timeout(Some(READ_LIMIT)).unwrap();
-    stream
-}
-
-/// One whole reply (all its lines), unbuffered so nothing is read past
-/// it (STARTTLS). Empty at end of stream.
-fn reply(r: &mut impl Read) -> String {
-    let mut text = Vec::new();
-    let mut line_start = 0;
-    let mut byte = [0u8; 1];
-    loop {
-        match r.read(&mut byte) {
-            Ok(0) | Err(_) => return String::from_utf8_lossy(&text).into_owned(),
-            Ok(_) => text.push(byte[0]),
-        }
-        if byte[0] == b'\n' {
-            let line = &text[line_start..];
-            if line.len() < 4 || line[3] != b'-' {
-                return String::from_utf8_lossy(&text).into_owned();
-            }
-            line_start = text.len();
-        }
-    }
-}
-
-fn say(s: &mut (impl Read + Write), line: &str) -> String {
-    s.write_all(format!("{line}\r\n").as_bytes()).unwrap();
-    s.flush().unwrap();
-    reply(s)
-}
-
-fn assert_code(got: &str, code: &str) {
-    assert!(got.starts_with(code), "expected {code}, got {got:?}");
-}
 
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
@@ -135,18 +77,6 @@ fn by_client<'a>(list: &'a [Value], client: &str) -> &'a Value {
     list.iter()
         .find(|s| s["client"] == client)
         .unwrap_or_else(|| panic!("no session from {client}: {list:#?}"))
-}
-
-/// Reads until the server closes; everything it said.
-fn rest(r: &mut impl Read) -> String {
-    let mut all = String::new();
-    loop {
-        let got = reply(r);
-        if got.is_empty() {
-            return all;
-        }
-        all.push_str(&got);
-    }
 }
 
 #[test]

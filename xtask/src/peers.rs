@@ -86,6 +86,10 @@ pub const PEERS: &[Peer] = &[
         package: "haproxy",
         used_by: "bench front door: HAProxy in front of Postfix as the baseline",
     },
+    Peer {
+        package: "fail2ban",
+        used_by: "fail2ban: fail2ban-regex runs contrib/fail2ban's filter over the daemon's real log",
+    },
 ];
 
 /// One thing the tests rely on, and how to prove it is there.
@@ -215,6 +219,11 @@ const CAPABILITIES: &[Capability] = &[
         what: "haproxy",
         provider: "haproxy",
         probe: Probe::Runs(&["haproxy", "-v"]),
+    },
+    Capability {
+        what: "fail2ban-regex",
+        provider: "fail2ban",
+        probe: Probe::Runs(&["fail2ban-regex", "--version"]),
     },
 ];
 
