@@ -217,7 +217,7 @@ impl UpstreamConnection {
         if cfg.protocol == UpstreamProtocol::ProxyV2 {
             // Before anything else, in one write (the header must arrive
             // as a whole before the server greets).
-            let h = proxy::header(client.peer, client.local);
+            let h = proxy::header(client.peer, client.local, client.tls.as_ref());
             c.write_all(&h, "PROXY header").await?;
         }
         let greeting = c.read_reply("greeting").await?;
