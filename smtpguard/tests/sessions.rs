@@ -210,6 +210,17 @@ fn sessions_in_every_state_and_kicks_by_id_address_and_prefix() {
         kicks[3].contains("client=127.0.0.15 prefix=127.0.0.15/32"),
         "{kicks:?}"
     );
+    // A kicked session ends as `kicked`; the kick's 421 is no error of the
+    // client's (fail2ban counts errors).
+    let fields = summary_fields(&log, "127.0.0.12");
+    assert!(
+        fields.contains(&("result".into(), "kicked".into())),
+        "{fields:?}"
+    );
+    assert!(
+        fields.contains(&("errors".into(), "0".into())),
+        "{fields:?}"
+    );
 }
 
 /// The fields of the `session end` line for `client`, as key=value pairs.

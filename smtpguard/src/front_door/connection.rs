@@ -522,7 +522,10 @@ impl<H: Handoff> Driver<'_, H> {
 
     /// Notes replies that refuse something, for logs and counters.
     fn observe(&self, reply: &Reply) {
-        if reply.code >= 400 {
+        // Replies to the client's commands; not the 421 of a close the
+        // server decided (kick, shutdown, timeout), which is no fault of
+        // the client's (fail2ban counts these).
+        if reply.code >= 400 && self.end.is_none() {
             self.conn.live.update(|l| l.errors += 1);
         }
         if reply.code == 530 {

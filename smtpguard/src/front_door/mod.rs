@@ -454,7 +454,8 @@ fn admit<H: HandoffFactory>(
 /// tls=VERSION from=<PATH> rcpts=N msgs=N errors=N bytes_in=N bytes_out=N
 /// result=WHY duration=SECONDS`. `-` for what the session never had;
 /// `from` is the reverse path of the last message accepted; `rcpts` and
-/// `msgs` count accepted ones; `errors` the 4xx/5xx replies sent; bytes are
+/// `msgs` count accepted ones; `errors` the 4xx/5xx replies to the
+/// client's commands (not the 421 of a kick, shutdown or timeout); bytes are
 /// bytes of SMTP (after TLS decryption, before encryption); `duration` is
 /// in seconds with millisecond precision; `result` is
 /// [`End::as_str`](connection::End::as_str) or `panic`.
