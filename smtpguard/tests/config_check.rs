@@ -270,3 +270,26 @@ fn status_with_a_broken_configuration_still_reaches_the_daemon() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Without `-c`, `config check` (like `run`) reads the installed file and
+/// names it, whether it is there or not.
+#[test]
+fn without_c_the_installed_configuration_is_checked() {
+    let out = Command::new(BIN)
+        .args(["config", "check"])
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(all.contains("/etc/smtpguard/smtpguard.toml"), "{all}");
+    if !Path::new("/etc/smtpguard/smtpguard.toml").exists() {
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            all.starts_with("cannot read configuration file /etc/smtpguard/smtpguard.toml: "),
+            "{all}"
+        );
+    }
+}
