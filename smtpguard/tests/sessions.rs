@@ -352,6 +352,9 @@ fn every_line_of_the_json_log_is_json() {
     .unwrap();
     let out = daemon.cli(&["reload"]);
     assert_eq!(out.status.code(), Some(1));
+    // A list change names its caller.
+    let out = daemon.cli(&["deny", "add", "192.0.2.77"]);
+    assert!(out.status.success(), "{out:?}");
     daemon.stop();
     let log = daemon.log();
     let lines: Vec<Value> = log
@@ -378,6 +381,15 @@ fn every_line_of_the_json_log_is_json() {
             .contains("CN=gw.example.com"),
         "{started}"
     );
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let added = lines
+        .iter()
+        .find(|l| l["message"] == "list entries added")
+        .unwrap_or_else(|| panic!("no list change:\n{log}"));
+    assert_eq!(added["span"]["name"], "control", "{added}");
+    assert_eq!(added["span"]["uid"], uid, "{added}");
+    assert!(added["span"]["pid"].as_u64().unwrap() > 0, "{added}");
     let failed = lines
         .iter()
         .find(|l| l["message"] == "control request failed")
