@@ -41,8 +41,9 @@ pub struct Cli {
     /// else /run/smtpguard/control.sock].
     #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// Configuration file. For `run`: the daemon's configuration. For the
-    /// other commands: where to find control.socket.
+    /// Configuration file. For `run` and `config check`: the daemon's
+    /// configuration [default: /etc/smtpguard/smtpguard.toml]. For the
+    /// other commands: where to find control.socket (only that key is read).
     #[arg(short = 'c', long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// Print the daemon's reply as JSON, for scripts.
@@ -95,6 +96,28 @@ pub enum Command {
     Status,
     /// Re-read the list files and the configuration (like SIGHUP).
     Reload,
+    /// List the open SMTP sessions: id, client, since, state, TLS, HELO,
+    /// bytes in and out, upstream connection.
+    Sessions,
+    /// Close open SMTP sessions with `421 4.7.0` (logged with your uid).
+    Kick {
+        /// A session id (from `sessions`), a client address, or a prefix
+        /// such as 203.0.113.0/24.
+        #[arg(value_name = "ID|ADDR|PREFIX")]
+        target: String,
+    },
+    /// Work on the configuration file, without the daemon.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Check the configuration, the list files and the TLS files offline,
+    /// as a start would, without root or a running daemon: one line per
+    /// problem on stderr, exit status 1 if there is any.
+    Check,
 }
 
 /// `deny ...` and `permit ...`.
@@ -267,7 +290,8 @@ pub fn main() -> ExitCode {
             {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("smtpguard: error: {e:#}");
+            let e: &(dyn std::error::Error + 'static) = e.as_ref();
+            eprintln!("smtpguard: error: {}", crate::logging::one_line(e));
             ExitCode::FAILURE
         }
     }
@@ -289,6 +313,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             .context("cannot start the async runtime")?;
         return runtime.block_on(crate::daemon::run(cli.config));
     }
+    if let Command::Config(ConfigCommand::Check) = cli.command {
+        return config_check(cli.config.as_deref());
+    }
     let socket = socket_path(&cli)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -303,10 +330,87 @@ fn socket_path(cli: &Cli) -> anyhow::Result<PathBuf> {
         return Ok(socket.clone());
     }
     if let Some(config) = &cli.config {
-        let config = crate::config::Config::load(config)?;
-        return Ok(config.control.socket);
+        return socket_of_config(config);
     }
     Ok(PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// `control.socket` of a configuration file, read leniently: the rest of
+/// the file may be broken (the operator may be about to fix it with the
+/// daemon's help) and is not looked at. The default when the key is absent.
+fn socket_of_config(path: &Path) -> anyhow::Result<PathBuf> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        anyhow!(
+            "cannot read configuration file {}: {}",
+            path.display(),
+            io_text(&e)
+        )
+    })?;
+    let value = |table: &toml::Table| -> Option<PathBuf> {
+        let socket = table.get("control")?.as_table()?.get("socket")?;
+        socket.as_str().map(PathBuf::from)
+    };
+    if let Ok(table) = text.parse::<toml::Table>() {
+        return Ok(value(&table).unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)));
+    }
+    // Not even TOML: parse the [control] table alone.
+    let control = control_table_text(&text);
+    match control.parse::<toml::Table>() {
+        Ok(table) => Ok(value(&table).unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))),
+        Err(_) => bail!(
+            "cannot find control.socket in {}: it is not valid TOML (give --socket PATH, or run `smtpguard config check -c {}`)",
+            path.display(),
+            path.display()
+        ),
+    }
+}
+
+/// The `[control]` table of a TOML text, header included, cut out by its
+/// header lines; empty when there is none.
+fn control_table_text(text: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            inside = trimmed
+                .split('#')
+                .next()
+                .is_some_and(|h| h.trim() == "[control]");
+        }
+        if inside {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// `config check`: prints each problem and warning on its own line, and a
+/// success line naming what was checked.
+fn config_check(path: Option<&Path>) -> anyhow::Result<()> {
+    let path = path.unwrap_or(Path::new(crate::daemon::startup::DEFAULT_CONFIG_PATH));
+    let report = crate::daemon::check::check(path);
+    for w in &report.warnings {
+        warn(w);
+    }
+    for p in &report.problems {
+        eprintln!("{p}");
+    }
+    if !report.ok() {
+        bail!(
+            "{}: {} problem(s); a start would refuse this configuration",
+            path.display(),
+            report.problems.len()
+        );
+    }
+    let mut line = format!("{}: configuration OK", path.display());
+    if !report.checked.is_empty() {
+        line.push_str(&format!(" ({})", report.checked.join(", ")));
+    }
+    line.push('\n');
+    out(&line)?;
+    Ok(())
 }
 
 fn out(text: &str) -> io::Result<()> {
@@ -335,7 +439,7 @@ fn unexpected(request: &Request, reply: &Response) -> anyhow::Error {
 
 async fn client_command(command: Command, client: Client, as_json: bool) -> anyhow::Result<()> {
     let request = match command {
-        Command::Run => unreachable!("handled by run"),
+        Command::Run | Command::Config(_) => unreachable!("handled by run"),
         Command::Deny(c) => list_request(ListName::Deny, c),
         Command::Permit(c) => list_request(ListName::Permit, c),
         Command::Import(args) => import_request(&args)?,
@@ -353,6 +457,8 @@ async fn client_command(command: Command, client: Client, as_json: bool) -> anyh
         Command::Stats { top, watch: None } => Request::Stats { top },
         Command::Status => Request::Status,
         Command::Reload => Request::Reload,
+        Command::Sessions => Request::Sessions,
+        Command::Kick { target } => Request::Kick { target },
     };
     let reply = client.call(&request).await?;
     match (&request, &reply) {
@@ -439,6 +545,20 @@ async fn client_command(command: Command, client: Client, as_json: bool) -> anyh
                 let mut text = r.summary.trim_end().to_owned();
                 text.push('\n');
                 out(&text)?;
+            }
+        }
+        (Request::Sessions, Response::Sessions(s)) => {
+            if as_json {
+                json(s)?;
+            } else {
+                out(&render::sessions(s))?;
+            }
+        }
+        (Request::Kick { .. }, Response::Kicked(k)) => {
+            if as_json {
+                json(k)?;
+            } else {
+                out(&render::kicked(k))?;
             }
         }
         _ => return Err(unexpected(&request, &reply)),

@@ -1,13 +1,26 @@
 //! Log output: human-readable lines by default, JSON lines on request.
 //!
-//! Everything goes through `tracing`. Records from the XDP program (aya-log
-//! through the `log` crate) are bridged into the same stream, so drop
-//! events and daemon messages interleave in one log.
+//! Everything goes through `tracing`, one line per event. Records of the
+//! `log` crate (aya, and the XDP program's drop events read by aya-log)
+//! are bridged into the same stream; a drop event becomes an event with
+//! fields (`src`, `dport`, `reason`, `prefix`) rather than one string, and
+//! names the list entry's prefix instead of the kernel's rule id.
+
+use std::{
+    error::Error,
+    sync::{Arc, RwLock},
+};
 
 use tracing::level_filters::LevelFilter;
 
 pub use crate::config::LogFormat;
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
+
+/// Turns a kernel rule id into the prefix it stands for (set by the daemon
+/// once the XDP program is loaded).
+type RulePrefix = Arc<dyn Fn(u32) -> Option<String> + Send + Sync>;
+
+static RULE_PREFIX: RwLock<Option<RulePrefix>> = RwLock::new(None);
 
 /// Installs the global subscriber (stderr) and the `log` bridge. `RUST_LOG`
 /// overrides `level` when set. Calling it twice is harmless (the second
@@ -17,9 +30,7 @@ pub fn init(format: LogFormat, level: LevelFilter) {
         .with_default_directive(level.into())
         .from_env_lossy();
     let registry = tracing_subscriber::registry().with(filter);
-    // try_init also installs the `log` bridge (tracing-subscriber's
-    // default `tracing-log` feature); it fails only if already installed.
-    let _ = match format {
+    let installed = match format {
         LogFormat::Text => registry
             .with(
                 fmt::layer()
@@ -29,7 +40,7 @@ pub fn init(format: LogFormat, level: LevelFilter) {
                     // journald or a log file.
                     .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
             )
-            .try_init(),
+            .try_init_without_log(),
         LogFormat::Json => registry
             .with(
                 fmt::layer()
@@ -37,6 +48,193 @@ pub fn init(format: LogFormat, level: LevelFilter) {
                     .flatten_event(true)
                     .with_writer(std::io::stderr),
             )
-            .try_init(),
+            .try_init_without_log(),
     };
+    if installed {
+        let max = tracing_log::AsLog::as_log(&LevelFilter::current());
+        if log::set_boxed_logger(Box::new(Bridge(tracing_log::LogTracer::new()))).is_ok() {
+            log::set_max_level(max);
+        }
+    }
+}
+
+/// `try_init` without tracing-subscriber's own `log` bridge (ours wraps it).
+trait TryInitWithoutLog {
+    fn try_init_without_log(self) -> bool;
+}
+
+impl<S> TryInitWithoutLog for S
+where
+    S: tracing::Subscriber + Send + Sync + 'static,
+{
+    fn try_init_without_log(self) -> bool {
+        tracing::subscriber::set_global_default(self).is_ok()
+    }
+}
+
+/// Lets drop events name the prefix of the rule that decided: `f` maps a
+/// kernel rule id to the prefix (`None`: unknown, e.g. just removed).
+pub fn set_rule_prefix(f: impl Fn(u32) -> Option<String> + Send + Sync + 'static) {
+    *RULE_PREFIX.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(f));
+}
+
+/// The `log` crate's records into tracing: the XDP program's drop events as
+/// structured events, everything else as tracing-log forwards it.
+struct Bridge(tracing_log::LogTracer);
+
+impl log::Log for Bridge {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let text = record.args().to_string();
+        match DropEvent::parse(&text) {
+            Some(event) => event.emit(),
+            None => self.0.log(record),
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush()
+    }
+}
+
+/// `SYN dropped src=203.0.113.9 dport=25 reason=deny_list rule=7` (or
+/// `SYN would drop ...` in monitor mode), as the XDP program logs it.
+#[derive(Debug, PartialEq, Eq)]
+struct DropEvent<'a> {
+    monitor: bool,
+    src: &'a str,
+    dport: &'a str,
+    reason: &'a str,
+    rule: Option<u32>,
+}
+
+impl<'a> DropEvent<'a> {
+    fn parse(text: &'a str) -> Option<DropEvent<'a>> {
+        let (monitor, rest) = if let Some(rest) = text.strip_prefix("SYN dropped ") {
+            (false, rest)
+        } else {
+            (true, text.strip_prefix("SYN would drop ")?)
+        };
+        let mut event = DropEvent {
+            monitor,
+            src: "",
+            dport: "",
+            reason: "",
+            rule: None,
+        };
+        for pair in rest.split_whitespace() {
+            let (key, value) = pair.split_once('=')?;
+            match key {
+                "src" => event.src = value,
+                "dport" => event.dport = value,
+                "reason" => event.reason = value,
+                "rule" => event.rule = value.parse().ok(),
+                _ => {}
+            }
+        }
+        (!event.src.is_empty()).then_some(event)
+    }
+
+    fn emit(&self) {
+        let resolve = RULE_PREFIX
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let prefix = self
+            .rule
+            .and_then(|id| resolve.and_then(|f| f(id)))
+            .unwrap_or_else(|| "-".to_owned());
+        let message = if self.monitor {
+            "SYN would drop"
+        } else {
+            "SYN dropped"
+        };
+        tracing::warn!(
+            src = %self.src,
+            dport = %self.dport,
+            reason = %self.reason,
+            %prefix,
+            "{message}"
+        );
+    }
+}
+
+/// An error and its causes on one line, joined by `": "` (as anyhow's
+/// `{:#}`), with no line breaks: a log or a terminal gets one line per
+/// problem. TOML's several-line excerpt with a caret becomes its first
+/// line (where) and its message (what).
+pub fn one_line(e: &(dyn Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        let part = match c.downcast_ref::<toml::de::Error>() {
+            Some(t) => {
+                let shown = t.to_string();
+                let first = shown.lines().next().unwrap_or_default().to_owned();
+                format!("{first}: {}", t.message().trim())
+            }
+            None => c.to_string(),
+        };
+        // Some errors repeat their source's text in their own message.
+        if !parts.last().is_some_and(|p| p.ends_with(&part)) {
+            parts.push(part);
+        }
+        cause = c.source();
+    }
+    parts
+        .join(": ")
+        .split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_events_parse() {
+        assert_eq!(
+            DropEvent::parse("SYN dropped src=203.0.113.9 dport=25 reason=deny_list rule=7"),
+            Some(DropEvent {
+                monitor: false,
+                src: "203.0.113.9",
+                dport: "25",
+                reason: "deny_list",
+                rule: Some(7)
+            })
+        );
+        let monitor = DropEvent::parse(
+            "SYN would drop src=2001:db8::1 dport=2525 reason=not_permitted rule=1",
+        )
+        .unwrap();
+        assert!(monitor.monitor);
+        assert_eq!(monitor.src, "2001:db8::1");
+        assert_eq!(DropEvent::parse("loading program"), None);
+        assert_eq!(DropEvent::parse("SYN dropped because"), None);
+    }
+
+    #[test]
+    fn errors_on_one_line() {
+        let toml_error = toml::from_str::<toml::Table>("a = 1\nb = = 2\n").unwrap_err();
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot parse configuration file x.toml")]
+        struct Outer(#[source] toml::de::Error);
+        let line = one_line(&Outer(toml_error));
+        assert!(!line.contains('\n'), "{line}");
+        assert!(
+            line.starts_with(
+                "cannot parse configuration file x.toml: TOML parse error at line 2, column"
+            ),
+            "{line}"
+        );
+    }
 }

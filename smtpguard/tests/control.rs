@@ -231,6 +231,11 @@ fn canned(request: &Request) -> Response {
         Request::Reload => Response::Reloaded(Reloaded {
             summary: "deny list: 3 added, 1 removed\npermit list: nothing changed".into(),
         }),
+        Request::Sessions => Response::Sessions(Default::default()),
+        Request::Kick { target } => Response::Kicked(control::proto::Kicked {
+            target: target.clone(),
+            sessions: Vec::new(),
+        }),
     }
 }
 

@@ -251,6 +251,15 @@ listen = "127.0.0.1:9325"
     assert_eq!(delta("syn"), 4, "{after}");
     assert_eq!(delta("drop_deny_list"), 3);
     assert_eq!(delta("pass_permitted"), 1);
+    // The kernel's drop events name the entry's prefix, not a rule id.
+    let dropped_line = format!(
+        "SYN dropped src=203.0.113.11 dport={PORT} reason=deny_list prefix=203.0.113.11/32"
+    );
+    assert!(
+        smtpguard_tests::wait_for(Duration::from_secs(5), || gw.log().contains(&dropped_line)),
+        "no {dropped_line:?} in\n{}",
+        gw.log()
+    );
     let top = &after["top_entries"][0];
     assert_eq!(
         (top["prefix"].as_str(), top["hits"].as_u64()),

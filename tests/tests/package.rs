@@ -127,10 +127,13 @@ fn package_installs_runs_hardened_and_purges() {
         (0o750, "smtpguard".into(), "smtpguard".into())
     );
     let conffiles = fs::read_to_string("/var/lib/dpkg/info/smtpguard.conffiles").unwrap();
-    assert!(
-        conffiles.contains("/etc/smtpguard/smtpguard.toml"),
-        "{conffiles}"
-    );
+    for conffile in [
+        "/etc/smtpguard/smtpguard.toml",
+        "/etc/fail2ban/filter.d/smtpguard.conf",
+        "/etc/fail2ban/action.d/smtpguard.conf",
+    ] {
+        assert!(conffiles.contains(conffile), "{conffile} in {conffiles}");
+    }
 
     // The unit: systemd's own checker, and no running init needed.
     let unit = fs::read_to_string(UNIT).unwrap();

@@ -2,9 +2,10 @@
 //! `smtp::handoff` API ([`Delivery`], [`DeliverySession`], [`ClientInfo`])
 //! relays to a private Postfix (see `smtpguard_tests::postfix`) in a test
 //! network namespace, once with a PROXY v2 header and once with XCLIENT,
-//! each claiming a documentation address as the client. Postfix must log
-//! those addresses and, believing them, refuse to relay elsewhere; once it
-//! is stopped, the hand-off answers `451 4.4.1`.
+//! each claiming a documentation address as the client (and once with the
+//! PROXY v2 TLS TLVs of a STARTTLS client). Postfix must log those
+//! addresses and, believing them, refuse to relay elsewhere; once it is
+//! stopped, the hand-off answers `451 4.4.1`.
 //!
 //! Needs root and the Debian `postfix` package; fails (never skips)
 //! without them.
@@ -21,7 +22,7 @@ use smtpguard::smtp::{
         ClientInfo, Delivery, DeliverySettings, SpoolSettings, UpstreamProtocol, UpstreamSettings,
     },
     AskDriver, Envelope, Event, ForwardPath, MailParams, Reply, ReversePath, Session,
-    SessionParams, Step,
+    SessionParams, Step, TlsInfo,
 };
 use smtpguard_tests::{
     netns::{unique_tag, Netns},
@@ -178,6 +179,35 @@ async fn drive(pf: &mut Postfix) {
         "{}",
         pf.log()
     );
+
+    // PROXY v2 for a client that used STARTTLS: the header carries the
+    // PP2_TYPE_SSL TLV (version and cipher). Postfix 3.7 skips TLVs
+    // (haproxy_srvr.c: "For now, skip and ignore TLVs"), so its log cannot
+    // show them; what it does show is that the longer header is read whole
+    // (no "haproxy read:" warning, the session goes on) and the client
+    // address from it.
+    let mut tls_client = client("192.0.2.12:40002");
+    tls_client.tls = Some(TlsInfo {
+        version: "TLSv1.3".into(),
+        cipher: "TLS13_AES_256_GCM_SHA384".into(),
+    });
+    let mut s = d.session(CLIENT);
+    let r = s.mail(&tls_client, &from, &MailParams::default()).await;
+    assert_eq!(r.code, 250, "MAIL: {r}\n{}", pf.log());
+    let r = s.rcpt(&tls_client, bob).await;
+    assert_eq!(r.code, 250, "{r}");
+    let r = s.message(&tls_client, &env, data).await;
+    assert_eq!(r.code, 250, "{r}\n{}", pf.log());
+    let qid_tls = queue_id(&r);
+    s.close().await;
+    let needle = format!("{qid_tls}: client=unknown[192.0.2.12]");
+    assert!(
+        pf.wait_for_log(Duration::from_secs(5), |log| log.contains(&needle)),
+        "no client=unknown[192.0.2.12] for {qid_tls} in the Postfix log:\n{}",
+        pf.log()
+    );
+    assert!(pf.log().contains("connect from unknown[192.0.2.12]"));
+    assert!(!pf.log().contains("haproxy read:"), "{}", pf.log());
 
     // XCLIENT on the other port, for another documentation address.
     let c2 = client("192.0.2.11:40001");

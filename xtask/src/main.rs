@@ -56,7 +56,9 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Build, then run `smtpguard run` in the foreground (Ctrl-C stops it).
+    /// Build, then run `smtpguard run` in the foreground (Ctrl-C stops it),
+    /// with the development configuration smtpguard/src/default-config.toml
+    /// unless the arguments name another.
     Run {
         /// Build the userspace binary in release mode.
         #[arg(long)]
@@ -165,6 +167,13 @@ fn run(cmd: Cmd) -> Result<()> {
             }
             require_root("`smtpguard run` attaches an XDP program")?;
             let binary = build(&root, release)?;
+            // Without --config the daemon reads /etc/smtpguard/smtpguard.toml;
+            // the development configuration is for this command only.
+            let mut args = args;
+            if config_arg(&args).is_none() {
+                let dev = root.join("smtpguard/src/default-config.toml");
+                args.splice(0..0, ["--config".to_owned(), dev.display().to_string()]);
+            }
             eprintln!("xtask: running {} run {}", binary.display(), args.join(" "));
             // Become the daemon: Ctrl-C then reaches it alone, and it
             // detaches XDP before the shell prompt comes back.

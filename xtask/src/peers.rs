@@ -106,6 +106,10 @@ pub const PEERS: &[Peer] = &[
         package: "gzip",
         used_by: "cargo xtask deb: man pages gzipped (gzip -9n)",
     },
+    Peer {
+        package: "fail2ban",
+        used_by: "fail2ban: fail2ban-regex runs contrib/fail2ban's filter over the daemon's real log",
+    },
 ];
 
 /// One thing the tests rely on, and how to prove it is there.
@@ -255,6 +259,11 @@ const CAPABILITIES: &[Capability] = &[
         what: "haproxy",
         provider: "haproxy",
         probe: Probe::Runs(&["haproxy", "-v"]),
+    },
+    Capability {
+        what: "fail2ban-regex",
+        provider: "fail2ban",
+        probe: Probe::Runs(&["fail2ban-regex", "--version"]),
     },
 ];
 

@@ -218,6 +218,16 @@ pub enum Request {
     /// configuration, like SIGHUP (`smtpguard reload`). Answered with
     /// [`Response::Reloaded`].
     Reload,
+    /// List the open SMTP sessions (`smtpguard sessions`). Answered with
+    /// [`Response::Sessions`].
+    Sessions,
+    /// End open SMTP sessions with `421 4.7.0` (`smtpguard kick`).
+    /// Answered with [`Response::Kicked`].
+    Kick {
+        /// A session id (as `sessions` shows it), a client address, or a
+        /// prefix (`203.0.113.0/24`) covering client addresses.
+        target: String,
+    },
 }
 
 impl Request {
@@ -234,6 +244,8 @@ impl Request {
             Request::Stats { .. } => "stats",
             Request::Status => "status",
             Request::Reload => "reload",
+            Request::Sessions => "sessions",
+            Request::Kick { .. } => "kick",
         }
     }
 
@@ -245,13 +257,15 @@ impl Request {
             Request::ListAdd { .. }
             | Request::ListRemove { .. }
             | Request::SetMode { .. }
-            | Request::Reload => true,
+            | Request::Reload
+            | Request::Kick { .. } => true,
             Request::Import { dry_run, .. } => !dry_run,
             Request::ListShow { .. }
             | Request::Export { .. }
             | Request::Check { .. }
             | Request::Stats { .. }
-            | Request::Status => false,
+            | Request::Status
+            | Request::Sessions => false,
         }
     }
 }
@@ -283,6 +297,10 @@ pub enum Response {
     Status(StatusView),
     /// Answer to [`Request::Reload`].
     Reloaded(Reloaded),
+    /// The open sessions.
+    Sessions(SessionsView),
+    /// The sessions a kick ended.
+    Kicked(Kicked),
 }
 
 impl Response {
@@ -305,6 +323,8 @@ impl Response {
             Response::Stats(_) => "stats",
             Response::Status(_) => "status",
             Response::Reloaded(_) => "reloaded",
+            Response::Sessions(_) => "sessions",
+            Response::Kicked(_) => "kicked",
         }
     }
 }
@@ -581,6 +601,57 @@ pub struct Reloaded {
     /// What changed, for the operator: one or more lines (`"deny list: 3
     /// added, 1 removed"`, `"nothing changed"`).
     pub summary: String,
+}
+
+/// The open SMTP sessions, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionsView {
+    /// One per session.
+    pub sessions: Vec<SessionView>,
+}
+
+/// One open SMTP session.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionView {
+    /// The session id (as in the logs and `Received:` headers).
+    pub id: String,
+    /// The client's address.
+    pub client: String,
+    /// The client's TCP port.
+    pub port: u16,
+    /// The address and port the client connected to.
+    pub local: String,
+    /// When the connection was accepted, Unix seconds.
+    pub since_unix: u64,
+    /// `greeting` (no HELO/EHLO yet), `command`, `data`, `tls_handshake`,
+    /// `handoff` (waiting for the MTA or the spool) or `closing`.
+    pub state: String,
+    /// `TLSv1.3`, `TLSv1.2`; `None` in plaintext.
+    #[serde(default)]
+    pub tls_version: Option<String>,
+    /// The cipher suite (`TLS13_AES_256_GCM_SHA384`); `None` in plaintext.
+    #[serde(default)]
+    pub tls_cipher: Option<String>,
+    /// The HELO/EHLO name, once given.
+    #[serde(default)]
+    pub helo: Option<String>,
+    /// Bytes read from the client (SMTP, after TLS decryption).
+    pub bytes_in: u64,
+    /// Bytes written to the client (SMTP, before TLS encryption).
+    pub bytes_out: u64,
+    /// The upstream connection, `local -> remote`, while one is open.
+    #[serde(default)]
+    pub upstream: Option<String>,
+}
+
+/// What a kick did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kicked {
+    /// The target as given.
+    pub target: String,
+    /// The sessions told to close (each gets `421 4.7.0` as soon as it is
+    /// not in the middle of a hand-off).
+    pub sessions: Vec<SessionView>,
 }
 
 #[cfg(test)]

@@ -12,8 +12,8 @@ use std::{
 };
 
 use super::proto::{
-    one_line, CheckView, Checked, Enforcement, EntryView, ImportResult, LineIssue, ListChanged,
-    ListEntries, ModeSet, StatsView, StatusView,
+    one_line, CheckView, Checked, Enforcement, EntryView, ImportResult, Kicked, LineIssue,
+    ListChanged, ListEntries, ModeSet, SessionView, SessionsView, StatsView, StatusView,
 };
 
 /// A Unix time (seconds, UTC) as RFC 3339, e.g. `2026-11-29T12:00:00Z`.
@@ -374,6 +374,63 @@ pub fn status(s: &StatusView) -> String {
         .map(|(k, v)| vec![format!("{k}:"), v])
         .collect();
     table(&rows, &[])
+}
+
+/// `sessions`: a header and one session a line (id, client and port,
+/// since, state, TLS, HELO, bytes in/out, upstream); `-` for what a
+/// session does not have. No sessions: `no open sessions`.
+pub fn sessions(v: &SessionsView) -> String {
+    if v.sessions.is_empty() {
+        return "no open sessions\n".to_owned();
+    }
+    let mut rows = vec![[
+        "ID", "CLIENT", "SINCE", "STATE", "TLS", "HELO", "IN", "OUT", "UPSTREAM",
+    ]
+    .map(str::to_owned)
+    .to_vec()];
+    rows.extend(v.sessions.iter().map(session_row));
+    table(&rows, &[6, 7])
+}
+
+fn session_row(s: &SessionView) -> Vec<String> {
+    let dash = |o: &Option<String>| o.as_deref().map_or("-".to_owned(), one_line);
+    let client = match s.client.contains(':') {
+        true => format!("[{}]:{}", s.client, s.port),
+        false => format!("{}:{}", s.client, s.port),
+    };
+    let tls = match (&s.tls_version, &s.tls_cipher) {
+        (Some(v), Some(c)) => format!("{v} {c}"),
+        (Some(v), None) => v.clone(),
+        _ => "-".to_owned(),
+    };
+    vec![
+        s.id.clone(),
+        client,
+        time(s.since_unix),
+        s.state.clone(),
+        tls,
+        dash(&s.helo),
+        s.bytes_in.to_string(),
+        s.bytes_out.to_string(),
+        dash(&s.upstream),
+    ]
+}
+
+/// `kick`: `kicked N session(s): ID CLIENT, ...` (they get `421 4.7.0`).
+pub fn kicked(k: &Kicked) -> String {
+    if k.sessions.is_empty() {
+        return format!("no open session matches {}\n", one_line(&k.target));
+    }
+    let list: Vec<String> = k
+        .sessions
+        .iter()
+        .map(|s| format!("{} {}", s.id, s.client))
+        .collect();
+    format!(
+        "kicked {} session(s) with 421 4.7.0: {}\n",
+        k.sessions.len(),
+        list.join(", ")
+    )
 }
 
 #[cfg(test)]

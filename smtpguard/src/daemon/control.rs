@@ -3,7 +3,7 @@
 
 use std::{
     net::IpAddr,
-    sync::Arc,
+    sync::{atomic::Ordering, Arc},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -17,11 +17,12 @@ use crate::{
     control::{
         proto::{
             Admission, CheckView, Checked, ClientView, EntryView, Exported, ImportResult,
-            InterfaceView, LineIssue, ListChanged, ListEntries, ListName, ListSize, ModeSet,
-            Request, Response, StatsView, StatusView, TopEntry,
+            InterfaceView, Kicked, LineIssue, ListChanged, ListEntries, ListName, ListSize,
+            ModeSet, Request, Response, SessionView, SessionsView, StatsView, StatusView, TopEntry,
         },
         ClientWaiting, ControlHandler, PeerInfo,
     },
+    front_door::Live,
     policy::{
         parse_entry, parse_list, EntryError, EntryOptions, ImportError, ImportMode, ImportOptions,
         ListEntry, ListKind, Reason, Verdict,
@@ -83,6 +84,18 @@ pub enum RequestError {
         /// The list that would be emptied.
         list: ListKind,
     },
+    /// `kick` of something that is not a session id, address or prefix.
+    #[error("{target:?} is not a session id, an IP address or a prefix")]
+    KickTarget {
+        /// The target as given.
+        target: String,
+    },
+    /// `kick` of a session id that is not open.
+    #[error("no open session has id {id} (see `smtpguard sessions`)")]
+    NoSuchSession {
+        /// The id as given (upper case).
+        id: String,
+    },
     /// The daemon refused the change or the reload.
     #[error(transparent)]
     Daemon(#[from] DaemonError),
@@ -100,17 +113,21 @@ impl ControlHandler for Handler {
     async fn handle(&self, request: Request, peer: PeerInfo, client: ClientWaiting) -> Response {
         let op = request.op();
         let daemon = Arc::clone(&self.daemon);
+        // Every line logged for the request (list changes, kicks) names the
+        // caller, from SO_PEERCRED.
+        let caller = tracing::info_span!("control", uid = peer.uid, pid = peer.pid.unwrap_or(0));
         // List work can take a while (imports of 100k+ entries): keep it off
         // the async threads. A change whose client has gone by the time its
         // turn comes is not made (see `Daemon::change_policy_for`).
-        let result =
-            tokio::task::spawn_blocking(move || answer(&daemon, request, &|| !client.has_left()))
-                .await;
+        let result = tokio::task::spawn_blocking(move || {
+            caller.in_scope(|| answer(&daemon, request, &|| !client.has_left()))
+        })
+        .await;
         match result {
             Ok(Ok(reply)) => reply,
             Ok(Err(e)) => {
-                // The message and its causes, as anyhow chains them.
-                let message = format!("{:#}", anyhow::Error::new(e));
+                // The message and its causes, on one line.
+                let message = crate::logging::one_line(&e);
                 tracing::warn!(op, uid = peer.uid, error = %message, "control request failed");
                 Response::error(message)
             }
@@ -315,7 +332,98 @@ fn answer(daemon: &Daemon, request: Request, still_wanted: &dyn Fn() -> bool) ->
         Request::Reload => Response::Reloaded(crate::control::proto::Reloaded {
             summary: daemon.reload_for(still_wanted)?,
         }),
+        Request::Sessions => Response::Sessions(SessionsView {
+            sessions: daemon
+                .server()
+                .map(|s| s.sessions())
+                .unwrap_or_default()
+                .iter()
+                .map(|l| session_view(l))
+                .collect(),
+        }),
+        Request::Kick { target } => kick(daemon, target)?,
     })
+}
+
+/// What `smtpguard kick` may name.
+enum KickTarget {
+    Id(String),
+    Prefixes(Vec<IpNet>),
+}
+
+/// `kick`: by session id, client address or prefix. An id that names no
+/// open session is an error (a typo must not pass for success); an address
+/// or prefix with no session is not.
+fn kick(daemon: &Daemon, target: String) -> Result<Response> {
+    let text = target.trim();
+    let parsed = if let Ok(ip) = text.parse::<IpAddr>() {
+        KickTarget::Prefixes(vec![IpNet::from(ip.to_canonical())])
+    } else if text.contains('/') {
+        let net = parse_entry(text, EntryOptions { allow_all: true })
+            .map_err(|source| RequestError::Entry {
+                entry: text.to_owned(),
+                source,
+            })?
+            .prefixes;
+        KickTarget::Prefixes(net)
+    } else if !text.is_empty() && text.chars().all(|c| c.is_ascii_hexdigit()) {
+        KickTarget::Id(text.to_ascii_uppercase())
+    } else {
+        return Err(RequestError::KickTarget {
+            target: text.to_owned(),
+        });
+    };
+    let kicked = daemon
+        .server()
+        .map(|server| {
+            server.kick_by_operator(|live| match &parsed {
+                KickTarget::Id(id) => live.session_id == *id,
+                KickTarget::Prefixes(nets) => nets.iter().any(|n| n.contains(&live.peer.ip())),
+            })
+        })
+        .unwrap_or_default();
+    if let (KickTarget::Id(id), true) = (&parsed, kicked.is_empty()) {
+        return Err(RequestError::NoSuchSession { id: id.clone() });
+    }
+    let prefix = match &parsed {
+        KickTarget::Prefixes(nets) => nets
+            .iter()
+            .map(IpNet::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        KickTarget::Id(_) => "-".to_owned(),
+    };
+    for live in &kicked {
+        tracing::info!(session = %live.session_id, client = %live.peer.ip(), %prefix,
+            "session kicked by the operator: 421 4.7.0");
+    }
+    Ok(Response::Kicked(Kicked {
+        target,
+        sessions: kicked.iter().map(|l| session_view(l)).collect(),
+    }))
+}
+
+/// One open session as the control protocol shows it.
+fn session_view(live: &Live) -> SessionView {
+    let d = live.detail();
+    SessionView {
+        id: live.session_id.clone(),
+        client: live.peer.ip().to_string(),
+        port: live.peer.port(),
+        local: live.local.to_string(),
+        since_unix: live
+            .since
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs(),
+        state: d.state.as_str().to_owned(),
+        tls_version: d.tls.as_ref().map(|t| t.version.clone()),
+        tls_cipher: d.tls.as_ref().map(|t| t.cipher.clone()),
+        helo: d.helo,
+        bytes_in: live.bytes_in.load(Ordering::Relaxed),
+        bytes_out: live.bytes_out.load(Ordering::Relaxed),
+        upstream: d.upstream,
+    }
 }
 
 /// Parses CLI entries with the one entry parser; errors name the entry.

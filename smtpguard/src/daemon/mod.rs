@@ -13,6 +13,7 @@
 //!   ([`control`]), the Prometheus text ([`prometheus`]) and the periodic
 //!   log line ([`report`]) render.
 
+pub mod check;
 pub mod control;
 mod notify;
 pub mod prometheus;
@@ -41,14 +42,13 @@ use crate::{
 };
 
 /// Runs the daemon in the foreground with the configuration file at
-/// `config_path` (the embedded development default when `None`), until
+/// `config_path` ([`startup::DEFAULT_CONFIG_PATH`] when `None`), until
 /// SIGINT or SIGTERM. Errors name what could not be started and where.
 pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
+    let config_path =
+        Some(config_path.unwrap_or_else(|| PathBuf::from(startup::DEFAULT_CONFIG_PATH)));
     let config = startup::load_config(config_path.as_deref())?;
     logging::init(config.logging.format, config.logging.level);
-    if config_path.is_none() {
-        tracing::info!("no --config given: using the embedded development configuration");
-    }
     let fd_limit = crate::fds::raise_limit()?;
     if fd_limit.soft != fd_limit.soft_before {
         tracing::info!(
@@ -96,6 +96,17 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         kernel,
         attachments,
     ));
+    // Drop events name the entry's prefix, not the kernel's rule id. Never
+    // waits for the kernel lock: a list change holding it must not stall
+    // the log (the id is then shown as unknown).
+    {
+        let daemon = Arc::downgrade(&daemon);
+        logging::set_rule_prefix(move |id| {
+            let daemon = daemon.upgrade()?;
+            let kernel = daemon.kernel.try_lock().ok()?;
+            kernel.as_ref()?.sync.prefix_of(id).map(|p| p.to_string())
+        });
+    }
     daemon.set_certificate_not_after(
         tls.as_ref()
             .map(|t| t.certificate.not_after_unix.max(0) as u64),
@@ -124,7 +135,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         let shutdown = shutdown.clone();
         async move {
             if let Err(e) = crate::control::run(control_listener, handler, shutdown).await {
-                tracing::error!(error = %e, "control socket failed");
+                tracing::error!(error = %logging::one_line(&e), "control socket failed");
             }
         }
     });
@@ -153,13 +164,15 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
             crate::time::utc(t.certificate.not_after_unix)
         )
     });
-    // Not println!: a closed stdout (a pipe whose reader left) must not
-    // take the daemon down.
-    let _ = writeln!(
-        std::io::stdout(),
-        "{}",
-        report::summary(&daemon, expiry.as_deref())
-    );
+    let summary = report::Summary::new(&daemon, expiry.as_deref());
+    match config.logging.format {
+        // Not println!: a closed stdout (a pipe whose reader left) must
+        // not take the daemon down.
+        crate::config::LogFormat::Text => {
+            let _ = writeln!(std::io::stdout(), "{}", summary.text());
+        }
+        crate::config::LogFormat::Json => summary.log(),
+    }
     notify::ready("filtering: lists in the kernel, listeners bound");
 
     wait_for_signals(&daemon, &shutdown, server_task).await?;
@@ -208,7 +221,7 @@ async fn wait_for_signals(
                 let daemon = Arc::clone(daemon);
                 match tokio::task::spawn_blocking(move || daemon.reload()).await {
                     Ok(Ok(summary)) => tracing::info!("SIGHUP: reloaded: {summary}"),
-                    Ok(Err(e)) => tracing::error!("SIGHUP: reload refused, the running configuration stays: {:#}", anyhow::Error::new(e)),
+                    Ok(Err(e)) => tracing::error!(error = %logging::one_line(&e), "SIGHUP: reload refused, the running configuration stays"),
                     Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
                 }
             }
@@ -250,7 +263,7 @@ async fn expire_entries(daemon: Arc<Daemon>, shutdown: CancellationToken) {
             })
             .await;
             if let Ok(Err(e)) = result {
-                tracing::error!("expiring temporary entries: {:#}", anyhow::Error::new(e));
+                tracing::error!(error = %logging::one_line(&e), "expiring temporary entries failed");
             }
         }
     }

@@ -16,103 +16,159 @@ use crate::{
     policy::ListKind,
 };
 
-/// The one summary printed at start: interfaces and XDP mode, ports, list
-/// sizes, TLS, where mail goes, where the control socket is.
-pub fn summary(daemon: &Daemon, tls_expiry: Option<&str>) -> String {
-    let config = daemon.config();
-    let policy = daemon.policy();
-    let mut out = String::new();
-    let _ = writeln!(out, "smtpguard {} running", env!("CARGO_PKG_VERSION"));
-    let config_source = daemon
-        .config_path
-        .as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|| "embedded development default".into());
-    let _ = writeln!(out, "  config:      {config_source}");
-    let xdp = if daemon.attachments.is_empty() {
-        "off (the front door applies the lists)".to_string()
-    } else {
-        daemon
-            .attachments
-            .iter()
-            .map(|a| format!("{} ({} mode, pinned: {})", a.interface, a.mode, a.pin))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let _ = writeln!(out, "  XDP:         {xdp}");
-    let listen: Vec<String> = config
-        .server
-        .listen
-        .iter()
-        .map(
-            |&a| match front_door::is_dual_stack(a, &config.server.listen) {
-                true => format!("{a} (IPv4 and IPv6)"),
-                false => a.to_string(),
-            },
-        )
-        .collect();
-    let ports: Vec<String> = config.server.ports().iter().map(u16::to_string).collect();
-    let _ = writeln!(
-        out,
-        "  listening:   {} (guarded ports: {})",
-        listen.join(", "),
-        ports.join(", ")
-    );
-    for kind in [ListKind::Deny, ListKind::Permit] {
-        let n = policy.list(kind).len();
-        let path = super::state::list_path(&config, kind);
-        let _ = writeln!(
-            out,
-            "  {:<12} {} entries (IPv4 {}, IPv6 {}) from {}",
-            format!("{kind}:"),
-            n.total(),
-            n.v4,
-            n.v6,
-            path.display()
-        );
-    }
-    let _ = writeln!(
-        out,
-        "  policy:      {}, {}",
-        policy.mode(),
-        policy.enforcement()
-    );
-    let limit = config
-        .server
-        .max_connections
-        .map(|n| format!("at most {n} simultaneous connections"))
-        .unwrap_or_else(|| "no connection limit".into());
-    let _ = writeln!(
-        out,
-        "  limits:      {limit}, idle timeout {}, sessions up to {}",
-        humantime::format_duration(config.server.idle_timeout),
-        humantime::format_duration(config.server.max_session_duration)
-    );
-    let tls = match config.tls.mode {
-        TlsMode::Off => "off".to_string(),
-        TlsMode::Optional => format!(
-            "STARTTLS offered{}",
-            tls_expiry.map(|e| format!(", {e}")).unwrap_or_default()
-        ),
-        TlsMode::Required => format!(
-            "STARTTLS required{}",
-            tls_expiry.map(|e| format!(", {e}")).unwrap_or_default()
-        ),
-    };
-    let _ = writeln!(out, "  TLS:         {tls}");
-    let _ = writeln!(out, "  mail:        {}", delivery_line(&config));
-    let _ = write!(out, "  control:     {}", config.control.socket.display());
-    out
+/// The one summary given at start: interfaces and XDP mode, ports, list
+/// sizes, TLS, where mail goes, where the control socket is. Printed as
+/// lines of text ([`Summary::text`]), or logged as one event with a field
+/// each ([`Summary::log`]) when the log is JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// The configuration file.
+    pub config: String,
+    /// Interfaces with their XDP mode, or why there are none.
+    pub xdp: String,
+    /// The SMTP listeners, comma-separated.
+    pub listen: String,
+    /// The ports XDP guards, comma-separated.
+    pub guarded_ports: String,
+    /// `N entries (IPv4 N, IPv6 N) from PATH`.
+    pub deny_list: String,
+    /// As `deny_list`.
+    pub permit_list: String,
+    /// Mode and enforcement.
+    pub policy: String,
+    /// Connection cap, idle timeout, session length.
+    pub limits: String,
+    /// TLS mode and the certificate's expiry.
+    pub tls: String,
+    /// Where mail goes.
+    pub mail: String,
+    /// The control socket.
+    pub control: String,
 }
 
-/// Logs the XDP counters every `interval`, only when they changed: SYNs,
-/// drops per reason, passes, unparsed packets, and the entries with the
-/// most hits in that interval. A view of [`Snapshot`], as `stats` is.
+impl Summary {
+    /// Reads the running daemon's settings.
+    pub fn new(daemon: &Daemon, tls_expiry: Option<&str>) -> Summary {
+        let config = daemon.config();
+        let policy = daemon.policy();
+        let xdp = if daemon.attachments.is_empty() {
+            "off (the front door applies the lists)".to_string()
+        } else {
+            daemon
+                .attachments
+                .iter()
+                .map(|a| format!("{} ({} mode, pinned: {})", a.interface, a.mode, a.pin))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let listen: Vec<String> = config
+            .server
+            .listen
+            .iter()
+            .map(
+                |&a| match front_door::is_dual_stack(a, &config.server.listen) {
+                    true => format!("{a} (IPv4 and IPv6)"),
+                    false => a.to_string(),
+                },
+            )
+            .collect();
+        let ports: Vec<String> = config.server.ports().iter().map(u16::to_string).collect();
+        let list = |kind: ListKind| {
+            let n = policy.list(kind).len();
+            let path = super::state::list_path(&config, kind);
+            format!(
+                "{} entries (IPv4 {}, IPv6 {}) from {}",
+                n.total(),
+                n.v4,
+                n.v6,
+                path.display()
+            )
+        };
+        let limit = config
+            .server
+            .max_connections
+            .map(|n| format!("at most {n} simultaneous connections"))
+            .unwrap_or_else(|| "no connection limit".into());
+        let expiry = tls_expiry.map(|e| format!(", {e}")).unwrap_or_default();
+        let tls = match config.tls.mode {
+            TlsMode::Off => "off".to_string(),
+            TlsMode::Optional => format!("STARTTLS offered{expiry}"),
+            TlsMode::Required => format!("STARTTLS required{expiry}"),
+        };
+        Summary {
+            config: daemon
+                .config_path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "embedded development default".into()),
+            xdp,
+            listen: listen.join(", "),
+            guarded_ports: ports.join(", "),
+            deny_list: list(ListKind::Deny),
+            permit_list: list(ListKind::Permit),
+            policy: format!("{}, {}", policy.mode(), policy.enforcement()),
+            limits: format!(
+                "{limit}, idle timeout {}, sessions up to {}",
+                humantime::format_duration(config.server.idle_timeout),
+                humantime::format_duration(config.server.max_session_duration)
+            ),
+            tls,
+            mail: delivery_line(&config),
+            control: config.control.socket.display().to_string(),
+        }
+    }
+
+    /// The text form: a heading and one line per setting.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "smtpguard {} running", env!("CARGO_PKG_VERSION"));
+        let _ = writeln!(out, "  config:      {}", self.config);
+        let _ = writeln!(out, "  XDP:         {}", self.xdp);
+        let _ = writeln!(
+            out,
+            "  listening:   {} (guarded ports: {})",
+            self.listen, self.guarded_ports
+        );
+        let _ = writeln!(out, "  deny list:   {}", self.deny_list);
+        let _ = writeln!(out, "  permit list: {}", self.permit_list);
+        let _ = writeln!(out, "  policy:      {}", self.policy);
+        let _ = writeln!(out, "  limits:      {}", self.limits);
+        let _ = writeln!(out, "  TLS:         {}", self.tls);
+        let _ = writeln!(out, "  mail:        {}", self.mail);
+        let _ = write!(out, "  control:     {}", self.control);
+        out
+    }
+
+    /// The event form: `smtpguard running` with a field per setting.
+    pub fn log(&self) {
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            config = %self.config,
+            xdp = %self.xdp,
+            listen = %self.listen,
+            guarded_ports = %self.guarded_ports,
+            deny_list = %self.deny_list,
+            permit_list = %self.permit_list,
+            policy = %self.policy,
+            limits = %self.limits,
+            tls = %self.tls,
+            mail = %self.mail,
+            control = %self.control,
+            "smtpguard running"
+        );
+    }
+}
+
+/// Logs the XDP counters every `interval`, only when a drop or a refusal
+/// changed (traffic that merely passed is not news): SYNs, drops per
+/// reason, passes, unparsed packets, front-door refusals, and the entries
+/// with the most hits in that interval. A view of [`Snapshot`], as `stats` is.
 pub async fn log_counters(daemon: Arc<Daemon>, interval: Duration, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<CounterSnapshot> = None;
     let mut last_hits: HashMap<IpNet, u64> = HashMap::new();
+    let mut last_refused = 0;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -138,7 +194,19 @@ pub async fn log_counters(daemon: Arc<Daemon>, interval: Duration, shutdown: Can
             .iter()
             .map(|e| (e.prefix, e.hits))
             .collect();
-        if delta.get(counter::PACKETS) == 0 {
+        // Refusals by the front door (lists, caps, timeouts...) since the
+        // last line.
+        let refused_total = snapshot
+            .front_door
+            .as_ref()
+            .map_or(0, |f| f.rejected.values().sum::<u64>() + f.would_deny);
+        let refused = refused_total.saturating_sub(last_refused);
+        last_refused = refused_total;
+        // Only a drop or a refusal is news; passing traffic is not.
+        let dropped = delta.get(counter::DROP_DENY_LIST)
+            + delta.get(counter::DROP_NOT_PERMITTED)
+            + delta.get(counter::WOULD_DROP);
+        if dropped == 0 && refused == 0 {
             continue;
         }
         top.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
@@ -161,6 +229,7 @@ pub async fn log_counters(daemon: Arc<Daemon>, interval: Duration, shutdown: Can
             passed = delta.get(counter::PASSED),
             unparsed,
             log_suppressed = delta.get(counter::LOG_SUPPRESSED),
+            refused,
             top = %top.join(" "),
             "xdp counters"
         );

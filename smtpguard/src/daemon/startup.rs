@@ -55,12 +55,14 @@ pub enum StartupError {
 
 type Result<T, E = StartupError> = std::result::Result<T, E>;
 
-/// Reads the configuration file, or the embedded development default.
+/// Where `smtpguard run` looks for its configuration without `--config`.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/smtpguard/smtpguard.toml";
+
+/// Reads the configuration file, [`DEFAULT_CONFIG_PATH`] when `None`. A
+/// missing default file is [`ConfigError::Read`] naming it (the installed
+/// binary never falls back to the development configuration).
 pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
-    match path {
-        Some(path) => Config::load(path),
-        None => Config::embedded_default(),
-    }
+    Config::load(path.unwrap_or(Path::new(DEFAULT_CONFIG_PATH)))
 }
 
 /// Loads both list files into a policy with the configured mode. A missing

@@ -24,6 +24,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -34,9 +35,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::counters::{Metrics, Rejection};
+use super::registry::{Live, SessionState};
 use crate::smtp::handoff::{ClientInfo, Handoff};
 use crate::smtp::{
-    CloseReason, EnhancedCode, Envelope, Event, Reply, Session, SessionParams, Step, TlsInfo,
+    CloseReason, EnhancedCode, Envelope, Event, Phase, Reply, Session, SessionParams, Step, TlsInfo,
 };
 
 /// Bytes asked of the socket per read. The driver reads again only once
@@ -73,6 +75,8 @@ pub struct ConnSettings {
 pub struct Stop {
     /// The operator denied the client's address: `421 4.7.1`.
     pub kick: CancellationToken,
+    /// The operator ended the session (`smtpguard kick`): `421 4.7.0`.
+    pub operator_kick: CancellationToken,
     /// The daemon's shutdown grace is over: `421 4.3.2`.
     pub shutdown: CancellationToken,
 }
@@ -83,6 +87,7 @@ impl Stop {
         tokio::select! {
             biased;
             _ = self.kick.cancelled() => End::Kicked,
+            _ = self.operator_kick.cancelled() => End::KickedByOperator,
             _ = self.shutdown.cancelled() => End::Shutdown,
         }
     }
@@ -103,6 +108,9 @@ pub struct ConnContext<'a> {
     pub stop: Stop,
     /// When the connection was accepted (start of `max_session_duration`).
     pub accepted_at: Instant,
+    /// What the session is doing, kept current here for `smtpguard
+    /// sessions` and the summary line.
+    pub live: std::sync::Arc<Live>,
 }
 
 /// Why a connection ended.
@@ -125,9 +133,12 @@ pub enum End {
     HandoffClosed,
     /// The TLS handshake failed or timed out.
     TlsFailed,
-    /// Kicked by the operator (`421 4.7.1`, unless it came mid-write or
-    /// mid-handshake).
+    /// Its address was newly denied (`421 4.7.1`, unless it came
+    /// mid-write or mid-handshake).
     Kicked,
+    /// Ended by `smtpguard kick` (`421 4.7.0`, unless it came mid-write or
+    /// mid-handshake).
+    KickedByOperator,
     /// Daemon shutdown (`421 4.3.2`, unless it came mid-write or
     /// mid-handshake).
     Shutdown,
@@ -137,6 +148,31 @@ pub enum End {
     Io(io::ErrorKind),
     /// The session and the driver disagree (a bug); logged as an error.
     Internal,
+}
+
+impl End {
+    /// The name in the session summary line (`result=`): `quit`,
+    /// `client_gone`, `idle_timeout`, `session_timeout`, `too_many_errors`,
+    /// `http_request`, `handoff_closed`, `tls_failed`, `denied`, `kicked`,
+    /// `shutdown`, `write_timeout`, `io_error`, `internal`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Quit => "quit",
+            End::ClientGone => "client_gone",
+            End::IdleTimeout => "idle_timeout",
+            End::SessionTimeout => "session_timeout",
+            End::TooManyErrors => "too_many_errors",
+            End::HttpRequest => "http_request",
+            End::HandoffClosed => "handoff_closed",
+            End::TlsFailed => "tls_failed",
+            End::Kicked => "denied",
+            End::KickedByOperator => "kicked",
+            End::Shutdown => "shutdown",
+            End::WriteTimeout => "write_timeout",
+            End::Io(_) => "io_error",
+            End::Internal => "internal",
+        }
+    }
 }
 
 impl From<CloseReason> for End {
@@ -273,6 +309,7 @@ impl<H: Handoff> Driver<'_, H> {
             .line_deadline
             .get_or_insert_with(|| Instant::now() + self.conn.settings.idle_timeout);
         let deadline = line_deadline.min(self.session_deadline);
+        self.refresh_live();
         let outcome = tokio::select! {
             biased;
             why = self.conn.stop.fired() => Err(why),
@@ -283,6 +320,7 @@ impl<H: Handoff> Driver<'_, H> {
                 self.closing(why);
                 match why {
                     End::Kicked => self.session.kicked(),
+                    End::KickedByOperator => self.session.kicked_by_operator(),
                     _ => self.session.shutdown(),
                 }
                 Ok(())
@@ -298,7 +336,13 @@ impl<H: Handoff> Driver<'_, H> {
                 Ok(())
             }
             Ok(Ok(Ok(0))) => Err(End::ClientGone),
-            Ok(Ok(Ok(_))) => Ok(()),
+            Ok(Ok(Ok(n))) => {
+                self.conn
+                    .live
+                    .bytes_in
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                Ok(())
+            }
             Ok(Ok(Err(e))) => Err(End::Io(e.kind())),
         }
     }
@@ -339,7 +383,14 @@ impl<H: Handoff> Driver<'_, H> {
             }
         };
         let first_write_greets = !self.greeted && self.out.starts_with(b"220");
+        let written = self.out.len() as u64;
         self.out.clear();
+        if matches!(result, Ok(Ok(()))) {
+            self.conn
+                .live
+                .bytes_out
+                .fetch_add(written, Ordering::Relaxed);
+        }
         match result {
             Ok(Ok(())) => {
                 if first_write_greets {
@@ -362,6 +413,7 @@ impl<H: Handoff> Driver<'_, H> {
 
     async fn decide_step(&mut self, step: Step) -> Reply {
         self.refresh_client();
+        self.conn.live.update(|l| l.state = SessionState::Handoff);
         let client = &self.conn.client;
         let reply = match &step {
             Step::Mail {
@@ -370,6 +422,8 @@ impl<H: Handoff> Driver<'_, H> {
             } => self.handoff.mail(client, reverse_path, params).await,
             Step::Rcpt { forward_path } => self.handoff.rcpt(client, forward_path).await,
         };
+        let upstream = self.handoff.upstream();
+        self.conn.live.update(|l| l.upstream = upstream);
         if is_handoff_failure(&reply) {
             self.conn.metrics.handoff_failure();
             tracing::warn!(reply = %reply.to_string().trim_end(), "hand-off failed");
@@ -379,6 +433,7 @@ impl<H: Handoff> Driver<'_, H> {
 
     async fn deliver(&mut self, envelope: &Envelope, data: Vec<u8>) -> Reply {
         self.refresh_client();
+        self.conn.live.update(|l| l.state = SessionState::Handoff);
         let reply = self
             .handoff
             .message(&self.conn.client, envelope, &data)
@@ -388,6 +443,15 @@ impl<H: Handoff> Driver<'_, H> {
         let metrics = self.conn.metrics;
         let text = reply.to_string();
         let text = text.trim_end();
+        let upstream = self.handoff.upstream();
+        self.conn.live.update(|l| {
+            l.upstream = upstream;
+            if reply.is_positive() {
+                l.msgs += 1;
+                l.rcpts += envelope.forward_paths.len() as u64;
+                l.from = Some(envelope.reverse_path.to_string());
+            }
+        });
         if reply.is_positive() {
             metrics.message_accepted();
             tracing::info!(
@@ -426,6 +490,9 @@ impl<H: Handoff> Driver<'_, H> {
         };
         let settings = self.conn.settings;
         let limit = settings.handshake_timeout.min(settings.idle_timeout);
+        self.conn
+            .live
+            .update(|l| l.state = SessionState::TlsHandshake);
         let handshake = timeout_at(Instant::now() + limit, acceptor.accept(io));
         let result = tokio::select! {
             biased;
@@ -465,6 +532,12 @@ impl<H: Handoff> Driver<'_, H> {
 
     /// Notes replies that refuse something, for logs and counters.
     fn observe(&self, reply: &Reply) {
+        // Replies to the client's commands; not the 421 of a close the
+        // server decided (kick, shutdown, timeout), which is no fault of
+        // the client's (fail2ban counts these).
+        if reply.code >= 400 && self.end.is_none() {
+            self.conn.live.update(|l| l.errors += 1);
+        }
         if reply.code == 530 {
             self.conn.metrics.reject(Rejection::TlsRequired);
             tracing::info!(
@@ -489,7 +562,7 @@ impl<H: Handoff> Driver<'_, H> {
             End::SessionTimeout => Rejection::SessionTimeout,
             End::TooManyErrors => Rejection::TooManyErrors,
             End::HttpRequest => Rejection::HttpRequest,
-            End::Kicked => Rejection::Kicked,
+            End::Kicked | End::KickedByOperator => Rejection::Kicked,
             _ => return,
         };
         self.conn.metrics.reject(rejection);
@@ -498,6 +571,26 @@ impl<H: Handoff> Driver<'_, H> {
             reason = rejection.as_str(),
             "closing session"
         );
+    }
+
+    /// Copies where the session is into [`Live`] (before each wait for the
+    /// client).
+    fn refresh_live(&self) {
+        let state = match self.session.phase() {
+            Phase::Command if self.session.helo().is_none() => SessionState::Greeting,
+            Phase::Command => SessionState::Command,
+            Phase::Data => SessionState::Data,
+            Phase::AwaitingTls => SessionState::TlsHandshake,
+            Phase::AwaitingDecision => SessionState::Handoff,
+            Phase::Closed => SessionState::Closing,
+        };
+        let helo = self.session.helo().map(|h| h.name.clone());
+        let tls = self.session.tls().cloned();
+        self.conn.live.update(|l| {
+            l.state = state;
+            l.helo = helo;
+            l.tls = tls;
+        });
     }
 
     fn refresh_client(&mut self) {
@@ -710,6 +803,7 @@ mod tests {
                 session_id: "S1".into(),
             },
             stop,
+            live: Arc::default(),
             accepted_at: Instant::now(),
         }
     }

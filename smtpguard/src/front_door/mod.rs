@@ -58,6 +58,7 @@ use tracing::Instrument;
 pub use access::{Access, AccessCheck, AllowAll, DenyReason};
 pub use counters::{ClientCounts, Metrics, MetricsSnapshot, Rejection, Stage, MAX_TRACKED_CLIENTS};
 use registry::Sessions;
+pub use registry::{Live, LiveDetail, SessionState};
 
 use connection::{ConnContext, ConnSettings, Stop};
 
@@ -273,6 +274,18 @@ impl ServerHandle {
     pub fn open_by_client(&self) -> BTreeMap<IpAddr, usize> {
         self.sessions.open_by_client()
     }
+
+    /// Every open session, oldest first.
+    pub fn sessions(&self) -> Vec<Arc<Live>> {
+        self.sessions.list()
+    }
+
+    /// Ends every open session `pred` picks with `421 4.7.0 ... session
+    /// ended by the operator` (`smtpguard kick`), each as soon as it is not
+    /// in the middle of a hand-off; returns those told, by session id.
+    pub fn kick_by_operator(&self, pred: impl Fn(&Live) -> bool) -> Vec<Arc<Live>> {
+        self.sessions.kick_by_operator(pred)
+    }
 }
 
 /// Serves SMTP on `listeners` until `shutdown` is cancelled; then stops
@@ -397,14 +410,17 @@ fn admit<H: HandoffFactory>(
         },
     };
     let cap = shared.settings.max_connections_per_client;
+    let local = stream.local_addr().map(normalize).unwrap_or(peer);
     let group = registry::client_group(ip, shared.settings.per_client_ipv6_prefix);
-    let Some(slot) = shared.sessions.register(ip, group, cap, permit, metrics) else {
+    let Some(slot) = shared
+        .sessions
+        .register(peer, local, group, cap, permit, metrics)
+    else {
         let reply = Reply::too_many_connections_from(host, &registry::display_group(group));
         return refuse(metrics, stream, ip, Rejection::PerClientCap, None, &reply);
     };
 
     // 3. The session (its first event is the greeting).
-    let local = stream.local_addr().map(normalize).unwrap_or(peer);
     let _ = stream.set_nodelay(true);
     let span = tracing::info_span!("smtp", session = %slot.session_id, client = %ip);
     let shared = Arc::clone(shared);
@@ -428,17 +444,20 @@ fn admit<H: HandoffFactory>(
                 client,
                 stop: Stop {
                     kick: slot.kick.clone(),
+                    operator_kick: slot.operator_kick.clone(),
                     shutdown: shared.stop_sessions.clone(),
                 },
                 accepted_at,
+                live: Arc::clone(&slot.live),
             };
             let session = async {
                 let handoff = shared.handoffs.session(ip);
                 connection::serve(stream, connection, handoff).await
             };
             match AssertUnwindSafe(session).catch_unwind().await {
-                Ok(end) => tracing::info!(?end, "session ended"),
+                Ok(end) => log_summary(&slot.live, end.as_str()),
                 Err(panic) => {
+                    log_summary(&slot.live, "panic");
                     shared.metrics.session_panicked();
                     let what = panic
                         .downcast_ref::<&str>()
@@ -451,6 +470,36 @@ fn admit<H: HandoffFactory>(
             drop(slot);
         }
         .instrument(span),
+    );
+}
+
+/// The one line per session (key=value, like Postfix's and postscreen's,
+/// for grep and fail2ban): `session end client=IP port=N helo=NAME
+/// tls=VERSION from=<PATH> rcpts=N msgs=N errors=N bytes_in=N bytes_out=N
+/// result=WHY duration=SECONDS`. `-` for what the session never had;
+/// `from` is the reverse path of the last message accepted; `rcpts` and
+/// `msgs` count accepted ones; `errors` the 4xx/5xx replies to the
+/// client's commands (not the 421 of a kick, shutdown or timeout); bytes are
+/// bytes of SMTP (after TLS decryption, before encryption); `duration` is
+/// in seconds with millisecond precision; `result` is
+/// [`End::as_str`](connection::End::as_str) or `panic`.
+fn log_summary(live: &Live, result: &str) {
+    let d = live.detail();
+    let duration = live.since.elapsed().unwrap_or_default().as_secs_f64();
+    tracing::info!(
+        client = %live.peer.ip(),
+        port = live.peer.port(),
+        helo = %d.helo.as_deref().unwrap_or("-"),
+        tls = %d.tls.as_ref().map_or("-", |t| t.version.as_str()),
+        from = %d.from.as_deref().unwrap_or("-"),
+        rcpts = d.rcpts,
+        msgs = d.msgs,
+        errors = d.errors,
+        bytes_in = live.bytes_in.load(std::sync::atomic::Ordering::Relaxed),
+        bytes_out = live.bytes_out.load(std::sync::atomic::Ordering::Relaxed),
+        result = %result,
+        duration = %format_args!("{duration:.3}"),
+        "session end"
     );
 }
 

@@ -344,6 +344,16 @@ impl Reply {
             format!("{host} Closing: your address was denied"),
         )
     }
+    /// `421 4.7.0 <host> Closing: session ended by the operator` —
+    /// `smtpguard kick` (X.7.0 other security or policy status).
+    pub fn kicked_by_operator(host: &str) -> Reply {
+        Reply::enh(
+            421,
+            7,
+            0,
+            format!("{host} Closing: session ended by the operator"),
+        )
+    }
     /// `421 4.7.0 <host> Error: HTTP request on the SMTP port` — a browser or
     /// proxy is talking to us (cross-protocol attack); we close at once.
     pub fn http_request(host: &str) -> Reply {

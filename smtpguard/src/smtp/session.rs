@@ -240,6 +240,14 @@ impl Session {
         self.close_with(r, CloseReason::Kicked);
     }
 
+    /// The operator ended the session (`smtpguard kick`): `421 4.7.0 <host>
+    /// Closing: session ended by the operator` and [`Event::Close`]. No-op
+    /// once closed.
+    pub fn kicked_by_operator(&mut self) {
+        let r = Reply::kicked_by_operator(&self.params.hostname);
+        self.close_with(r, CloseReason::Kicked);
+    }
+
     // ----- introspection ----------------------------------------------------
 
     /// Current phase.

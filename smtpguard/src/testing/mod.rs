@@ -5,13 +5,18 @@
 //!
 //! - [`TempDir`]: a unique directory removed on drop;
 //! - [`TestCa`], [`TestPki`]: certificates made with rcgen at run time;
-//! - [`bounded`]: a test future that may not hang the suite.
+//! - [`bounded`]: a test future that may not hang the suite;
+//! - [`TestDaemon`]: the real daemon binary on loopback, without XDP;
+//! - [`client`]: SMTP client steps from chosen loopback addresses.
 
+pub mod client;
+mod daemon;
 mod pki;
 mod tempdir;
 
 use std::{future::Future, time::Duration};
 
+pub use daemon::{free_port, TestDaemon};
 pub use pki::{TestCa, TestPki};
 pub use tempdir::TempDir;
 

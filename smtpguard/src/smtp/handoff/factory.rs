@@ -35,6 +35,11 @@ pub trait Handoff: Send {
     ) -> impl Future<Output = Reply> + Send;
     /// The session is over (called after the client connection is closed).
     fn close(&mut self) -> impl Future<Output = ()> + Send;
+    /// The open upstream connection, `local -> remote`, for `smtpguard
+    /// sessions`; `None` without one (spool mode, or not connected).
+    fn upstream(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Makes one [`Handoff`] per session; the server holds one for its life.
@@ -83,5 +88,8 @@ impl Handoff for DeliverySession {
     }
     fn close(&mut self) -> impl Future<Output = ()> + Send {
         DeliverySession::close(self)
+    }
+    fn upstream(&self) -> Option<String> {
+        DeliverySession::upstream(self)
     }
 }

@@ -510,6 +510,16 @@ impl DeliverySession {
         r.normalized(DATA_OK)
     }
 
+    /// The open upstream connection as `local -> remote` (for `smtpguard
+    /// sessions`); `None` in spool mode or when not connected.
+    pub fn upstream(&self) -> Option<String> {
+        let conn = self.upstream.as_ref()?;
+        let local = conn
+            .local_address()
+            .map_or_else(|| "?".to_owned(), |a| a.to_string());
+        Some(format!("{local} -> {}", conn.address()))
+    }
+
     /// The session is over: QUIT the upstream connection, if any.
     pub async fn close(&mut self) {
         self.txn_open = false;

@@ -285,7 +285,7 @@ async fn full_transaction_with_proxy_v2() {
     bounded(LIMIT, async {
         let c = client();
         let fake = Fake::start(Script {
-            expect_proxy: Some(proxy::header(c.peer, c.local)),
+            expect_proxy: Some(proxy::header(c.peer, c.local, c.tls.as_ref())),
             ..Script::default()
         })
         .await;
@@ -334,7 +334,10 @@ async fn full_transaction_with_proxy_v2() {
 
         let t = fake.transcript.lock().unwrap();
         assert_eq!(t.connections, 1);
-        assert_eq!(t.proxy_headers, [proxy::header(c.peer, c.local)]);
+        assert_eq!(
+            t.proxy_headers,
+            [proxy::header(c.peer, c.local, c.tls.as_ref())]
+        );
         assert_eq!(
             t.commands,
             [
@@ -452,7 +455,7 @@ async fn dead_reused_connection_is_replaced_once() {
     bounded(LIMIT, async {
         let c = client();
         let fake = Fake::start(Script {
-            expect_proxy: Some(proxy::header(c.peer, c.local)),
+            expect_proxy: Some(proxy::header(c.peer, c.local, c.tls.as_ref())),
             close_after_message: true,
             ..Script::default()
         })

@@ -217,7 +217,7 @@ impl UpstreamConnection {
         if cfg.protocol == UpstreamProtocol::ProxyV2 {
             // Before anything else, in one write (the header must arrive
             // as a whole before the server greets).
-            let h = proxy::header(client.peer, client.local);
+            let h = proxy::header(client.peer, client.local, client.tls.as_ref());
             c.write_all(&h, "PROXY header").await?;
         }
         let greeting = c.read_reply("greeting").await?;
@@ -234,6 +234,11 @@ impl UpstreamConnection {
     /// The upstream's address (for logs).
     pub(crate) fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// Our end of the connection, when the kernel says.
+    pub(crate) fn local_address(&self) -> Option<SocketAddr> {
+        self.stream.local_addr().ok()
     }
 
     /// What the upstream's (last) EHLO offered.

@@ -1,0 +1,134 @@
+//! `smtpguard config check`: the checks a start makes on files, made
+//! offline: the configuration, both list files and the TLS files.
+//!
+//! It runs the daemon's own code paths ([`Config::load`],
+//! [`AccessList::load`], [`Policy::with_lists`], [`crate::tls::load`]) and
+//! nothing else: no bpf(), no socket, no write, so any user who can read
+//! the files can run it (`ExecStartPre`, Ansible's `validate:`).
+
+use std::path::Path;
+
+use crate::{
+    config::{Config, ConfigError},
+    logging::one_line,
+    policy::{AccessList, ImportError, ListError, ListKind, Policy},
+};
+
+/// What [`check`] found.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    /// One line per problem, each naming the file (and line or key); any
+    /// problem would stop a start.
+    pub problems: Vec<String>,
+    /// One line per warning (a start would log them and go on).
+    pub warnings: Vec<String>,
+    /// What was checked, for the success line (`deny list 3 entries`, ...).
+    pub checked: Vec<String>,
+}
+
+impl CheckReport {
+    /// Whether a start would accept these files.
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Checks the configuration file at `path`, then (if it is valid) the list
+/// files and TLS files it names, collecting every problem found.
+pub fn check(path: &Path) -> CheckReport {
+    let mut report = CheckReport::default();
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            report.problems.push(config_problem(&e, path));
+            return report;
+        }
+    };
+    let mut load = |kind: ListKind, file: &Path| match AccessList::load(file, kind) {
+        Ok(loaded) => {
+            report.warnings.extend(
+                loaded
+                    .warnings
+                    .iter()
+                    .map(|w| format!("{}: {w}", file.display())),
+            );
+            let state = if loaded.existed { "" } else { " (no file yet)" };
+            report.checked.push(format!(
+                "{kind} {} entries{state}",
+                loaded.list.len().total()
+            ));
+            Some(loaded.list)
+        }
+        Err(ListError::Import(ImportError::Rejected { errors, .. })) => {
+            report.problems.extend(errors.iter().map(|e| one_line(e)));
+            None
+        }
+        Err(e) => {
+            report
+                .problems
+                .push(format!("{}: {}", file.display(), one_line(&e)));
+            None
+        }
+    };
+    let deny = load(ListKind::Deny, &config.policy.deny_list);
+    let permit = load(ListKind::Permit, &config.policy.permit_list);
+    // Both lists together must fit the kernel, as at start.
+    if let (Some(deny), Some(permit)) = (deny, permit) {
+        if let Err(e) =
+            Policy::with_lists(config.policy.mode, config.policy.enforcement, deny, permit)
+        {
+            report.problems.push(format!(
+                "{} and {}: {}",
+                config.policy.deny_list.display(),
+                config.policy.permit_list.display(),
+                one_line(&e)
+            ));
+        }
+    }
+    if let Some(files) = config.tls.active_files() {
+        match crate::tls::load(
+            &files.certificate,
+            &files.private_key,
+            files.ca_certificate.as_deref(),
+        ) {
+            Ok(loaded) => {
+                report
+                    .warnings
+                    .extend(loaded.warnings.iter().map(|w| w.to_string()));
+                report.checked.push(format!(
+                    "certificate {} valid until {}",
+                    loaded.certificate.subject,
+                    crate::time::utc(loaded.certificate.not_after_unix)
+                ));
+            }
+            Err(e) => report.problems.push(one_line(&e)),
+        }
+    }
+    report
+}
+
+/// A configuration error as one line. TOML's own message spans several
+/// lines (a source excerpt with a caret); this keeps its line, column and
+/// last sentence.
+fn config_problem(e: &ConfigError, path: &Path) -> String {
+    match e {
+        ConfigError::Parse { source, .. } => {
+            let at = source
+                .span()
+                .and_then(|span| {
+                    let text = std::fs::read_to_string(path).ok()?;
+                    let before = text.get(..span.start)?;
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                    Some(format!(" line {line}, column {column}"))
+                })
+                .unwrap_or_default();
+            format!(
+                "{}{at}: {}",
+                path.display(),
+                source.message().trim().replace('\n', " ")
+            )
+        }
+        other => one_line(other),
+    }
+}

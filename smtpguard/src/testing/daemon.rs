@@ -1,0 +1,166 @@
+//! The real `smtpguard run` binary on loopback, without XDP, for tests that
+//! watch what the daemon does and writes (its log, its control socket).
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use super::TempDir;
+
+/// How long the daemon may take to answer `status` after its start.
+const START_LIMIT: Duration = Duration::from_secs(30);
+
+/// A daemon in its own directory (config, lists, spool, control socket,
+/// `daemon.log` with its stderr), killed and reaped on drop.
+pub struct TestDaemon {
+    child: Child,
+    bin: PathBuf,
+    /// The daemon's directory.
+    pub dir: TempDir,
+    /// The one SMTP listener, on 127.0.0.1 and a port that was free.
+    pub smtp: SocketAddr,
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port the kernel says is free now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl TestDaemon {
+    /// Starts `bin run --config` with a configuration of the given
+    /// `tables` (`("tls", "mode = \"optional\"\n...")`, ...) on top of the
+    /// base: hostname `gw.example.com`, one listener, lists, spool (domain
+    /// `example.com`) and socket in the directory, no XDP. Lines for a
+    /// base table are appended to it. Waits until `status` answers.
+    ///
+    /// # Panics
+    ///
+    /// When the daemon exits or does not answer within 30 s (with its log).
+    pub fn start(bin: &Path, tables: &[(&str, &str)]) -> TestDaemon {
+        let dir = TempDir::new("daemon");
+        let smtp: SocketAddr = format!("127.0.0.1:{}", free_port())
+            .parse()
+            .expect("address");
+        let d = dir.path().display();
+        let mut base = vec![
+            (
+                "server".to_owned(),
+                format!("hostname = \"gw.example.com\"\nlisten = [\"{smtp}\"]\n"),
+            ),
+            (
+                "policy".to_owned(),
+                format!("deny_list = \"{d}/deny.list\"\npermit_list = \"{d}/permit.list\"\n"),
+            ),
+            (
+                "delivery".to_owned(),
+                format!("spool_dir = \"{d}/spool\"\naccept_domains = [\"example.com\"]\n"),
+            ),
+            (
+                "control".to_owned(),
+                format!("socket = \"{d}/control.sock\"\n"),
+            ),
+        ];
+        for (table, lines) in tables {
+            match base.iter_mut().find(|(t, _)| t == table) {
+                Some((_, text)) => text.push_str(lines),
+                None => base.push(((*table).to_owned(), (*lines).to_owned())),
+            }
+        }
+        let config: String = base
+            .iter()
+            .map(|(t, lines)| format!("[{t}]\n{lines}\n"))
+            .collect();
+        let config = dir.write("smtpguard.toml", config);
+        let log = std::fs::File::create(dir.join("daemon.log")).expect("daemon.log");
+        let child = Command::new(bin)
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("daemon.log"))
+            .stderr(log)
+            .spawn()
+            .expect("start smtpguard");
+        let mut daemon = TestDaemon {
+            child,
+            bin: bin.to_owned(),
+            dir,
+            smtp,
+        };
+        let deadline = Instant::now() + START_LIMIT;
+        while Instant::now() < deadline {
+            if let Some(status) = daemon.child.try_wait().expect("wait") {
+                panic!("the daemon exited ({status}):\n{}", daemon.log());
+            }
+            if daemon.cli(&["status"]).status.success() {
+                return daemon;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the daemon did not come up:\n{}", daemon.log());
+    }
+
+    /// Its configuration file.
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("smtpguard.toml")
+    }
+
+    /// Its control socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
+    /// What it wrote so far (stdout and stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Runs the CLI against its socket.
+    ///
+    /// # Panics
+    ///
+    /// When the CLI cannot be run.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .expect("run the smtpguard CLI")
+    }
+
+    /// Stops it with SIGTERM and waits (at most 30 s) for it to exit.
+    ///
+    /// # Panics
+    ///
+    /// When it does not exit in time or exits with a failure.
+    pub fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + START_LIMIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "daemon exit: {status}\n{}", self.log());
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not stop:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
