@@ -239,23 +239,29 @@ async fn wait_for_signals(
     Ok(())
 }
 
-/// Removes temporary entries when they expire (checked every second: the
-/// CLI's `--for` has one-second resolution).
+/// Removes temporary entries when they expire: it sleeps until the next
+/// expiry (stored rounded up to the second, so never early), and at most a
+/// second, so entries added meanwhile are seen; an entry is lifted well
+/// within a second of its expiry.
 async fn expire_entries(daemon: Arc<Daemon>, shutdown: CancellationToken) {
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        let due = {
+        let next = {
             let policy = daemon.policy();
-            let now = std::time::SystemTime::now();
             [ListKind::Deny, ListKind::Permit]
                 .iter()
                 .filter_map(|k| policy.list(*k).next_expiry())
-                .any(|t| t <= now)
+                .min()
         };
+        let now = std::time::SystemTime::now();
+        let wait = next
+            .map(|t| t.duration_since(now).unwrap_or_default())
+            .unwrap_or(Duration::from_secs(1))
+            .min(Duration::from_secs(1));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let due = next.is_some_and(|t| t <= std::time::SystemTime::now());
         if due {
             let daemon = Arc::clone(&daemon);
             let result = tokio::task::spawn_blocking(move || {
@@ -264,6 +270,11 @@ async fn expire_entries(daemon: Arc<Daemon>, shutdown: CancellationToken) {
             .await;
             if let Ok(Err(e)) = result {
                 tracing::error!(error = %logging::one_line(&e), "expiring temporary entries failed");
+                // Not again at once: the entry is still due.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
             }
         }
     }
