@@ -25,29 +25,40 @@ static RULE_PREFIX: RwLock<Option<RulePrefix>> = RwLock::new(None);
 /// Installs the global subscriber (stderr) and the `log` bridge. `RUST_LOG`
 /// overrides `level` when set. Calling it twice is harmless (the second
 /// call changes nothing).
+///
+/// Under systemd, when stderr is the journal (`JOURNAL_STREAM` names its
+/// device and inode, systemd.exec(5)), each line starts with its syslog
+/// priority (`<3>` error, `<4>` warning, `<6>` info, `<7>` debug and trace;
+/// sd-daemon(3)) and text lines carry no timestamp: journald adds both.
 pub fn init(format: LogFormat, level: LevelFilter) {
     let filter = EnvFilter::builder()
         .with_default_directive(level.into())
         .from_env_lossy();
+    let journal = stderr_is_journal();
+    let writer = StderrWriter { journal };
     let registry = tracing_subscriber::registry().with(filter);
-    let installed = match format {
-        LogFormat::Text => registry
+    let installed = match (format, journal) {
+        (LogFormat::Text, false) => registry
             .with(
                 fmt::layer()
-                    .with_writer(std::io::stderr)
+                    .with_writer(writer)
                     .with_target(false)
                     // Colour only for a person at a terminal, never into
                     // journald or a log file.
                     .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
             )
             .try_init_without_log(),
-        LogFormat::Json => registry
+        (LogFormat::Text, true) => registry
             .with(
                 fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_writer(std::io::stderr),
+                    .with_writer(writer)
+                    .with_target(false)
+                    .with_ansi(false)
+                    .without_time(),
             )
+            .try_init_without_log(),
+        (LogFormat::Json, _) => registry
+            .with(fmt::layer().json().flatten_event(true).with_writer(writer))
             .try_init_without_log(),
     };
     if installed {
@@ -55,6 +66,84 @@ pub fn init(format: LogFormat, level: LevelFilter) {
         if log::set_boxed_logger(Box::new(Bridge(tracing_log::LogTracer::new()))).is_ok() {
             log::set_max_level(max);
         }
+    }
+}
+
+/// Whether stderr is the stream `JOURNAL_STREAM` (`"DEV:INODE"`) names.
+fn stderr_is_journal() -> bool {
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(stat) = nix::sys::stat::fstat(std::io::stderr()) else {
+        return false;
+    };
+    journal_stream_is(&value.to_string_lossy(), stat.st_dev, stat.st_ino)
+}
+
+/// Whether a `JOURNAL_STREAM` value names the file with `dev` and `ino`.
+fn journal_stream_is(value: &str, dev: u64, ino: u64) -> bool {
+    value
+        .split_once(':')
+        .and_then(|(d, i)| Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?)))
+        .is_some_and(|(d, i)| d == dev && i == ino)
+}
+
+/// The syslog priority prefix journald reads for a level (sd-daemon(3)).
+fn priority_prefix(level: &tracing::Level) -> &'static [u8] {
+    match *level {
+        tracing::Level::ERROR => b"<3>",
+        tracing::Level::WARN => b"<4>",
+        tracing::Level::INFO => b"<6>",
+        tracing::Level::DEBUG | tracing::Level::TRACE => b"<7>",
+    }
+}
+
+/// stderr, with each event's priority prefix when it is the journal.
+#[derive(Clone, Copy)]
+struct StderrWriter {
+    journal: bool,
+}
+
+impl<'a> fmt::MakeWriter<'a> for StderrWriter {
+    type Writer = Prefixed<std::io::Stderr>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        Prefixed::new(std::io::stderr(), None)
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        let prefix = self.journal.then(|| priority_prefix(meta.level()));
+        Prefixed::new(std::io::stderr(), prefix)
+    }
+}
+
+/// A writer for one event that writes `prefix` before its first byte.
+struct Prefixed<W> {
+    inner: W,
+    prefix: Option<&'static [u8]>,
+}
+
+impl<W: std::io::Write> Prefixed<W> {
+    fn new(inner: W, prefix: Option<&'static [u8]>) -> Self {
+        Prefixed { inner, prefix }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Prefixed<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(prefix) = self.prefix.take() {
+            // One write for prefix and line, so lines never interleave.
+            let mut line = Vec::with_capacity(prefix.len() + buf.len());
+            line.extend_from_slice(prefix);
+            line.extend_from_slice(buf);
+            self.inner.write_all(&line)?;
+            return Ok(buf.len());
+        }
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -199,6 +288,29 @@ pub fn one_line(e: &(dyn Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn journal_stream_names_device_and_inode() {
+        assert!(journal_stream_is("8:12345", 8, 12345));
+        assert!(!journal_stream_is("8:12345", 8, 12346));
+        assert!(!journal_stream_is("8", 8, 12345));
+        assert!(!journal_stream_is("x:y", 8, 12345));
+    }
+
+    #[test]
+    fn journal_lines_start_with_their_priority() {
+        use std::io::Write as _;
+        let mut out = Vec::new();
+        let mut w = Prefixed::new(&mut out, Some(priority_prefix(&tracing::Level::WARN)));
+        w.write_all(b"reload refused\n").unwrap();
+        assert_eq!(out, b"<4>reload refused\n");
+        let mut plain = Vec::new();
+        Prefixed::new(&mut plain, None).write_all(b"x\n").unwrap();
+        assert_eq!(plain, b"x\n");
+        assert_eq!(priority_prefix(&tracing::Level::ERROR), b"<3>");
+        assert_eq!(priority_prefix(&tracing::Level::INFO), b"<6>");
+        assert_eq!(priority_prefix(&tracing::Level::TRACE), b"<7>");
+    }
 
     #[test]
     fn drop_events_parse() {
