@@ -397,6 +397,17 @@ impl XdpFilter {
             }
         }
         let (attached, source) = last_error.expect("at least one attempt");
+        // Busy: name the program in the way, not just the errno.
+        let holder = nix::net::if_::if_nametoindex(interface)
+            .ok()
+            .and_then(super::xdp_holder::xdp_holder);
+        if let Some(holder) = holder {
+            return Err(KernelError::Occupied {
+                interface: interface.to_string(),
+                holder,
+                source,
+            });
+        }
         Err(KernelError::Program {
             what: format!("attaching to {interface} in {attached} mode"),
             source,

@@ -8,6 +8,7 @@ mod hits;
 pub mod loader;
 pub mod stats;
 pub mod sync;
+pub mod xdp_holder;
 
 use std::path::PathBuf;
 
@@ -64,6 +65,19 @@ pub enum KernelError {
         /// What aya reported (a pin, link or program error).
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Another XDP program holds the interface's hook, so this one cannot
+    /// attach (the kernel takes one program per interface and mode, and
+    /// native and skb mode exclude each other).
+    #[error("another XDP program holds {interface}: {holder}; smtpguard needs the interface's XDP hook: detach that program (`xdp-loader unload {interface} --all` for libxdp programs such as xdp-filter, else `ip link set dev {interface} xdp off` or `xdpgeneric off`), or attach smtpguard to another interface")]
+    Occupied {
+        /// The interface.
+        interface: String,
+        /// The program on it.
+        holder: xdp_holder::XdpHolder,
+        /// The attach call's error (EBUSY or EEXIST).
+        #[source]
+        source: ProgramError,
     },
     /// The bpffs directory for pinned links cannot be made.
     #[error("cannot create the bpffs directory {path} for pinned XDP links (is bpffs mounted on /sys/fs/bpf?)")]
