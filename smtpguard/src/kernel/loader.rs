@@ -404,7 +404,7 @@ impl XdpFilter {
         if let Some(holder) = holder {
             return Err(KernelError::Occupied {
                 interface: interface.to_string(),
-                holder,
+                holder: Box::new(holder),
                 source,
             });
         }

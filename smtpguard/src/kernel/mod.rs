@@ -74,7 +74,7 @@ pub enum KernelError {
         /// The interface.
         interface: String,
         /// The program on it.
-        holder: xdp_holder::XdpHolder,
+        holder: Box<xdp_holder::XdpHolder>,
         /// The attach call's error (EBUSY or EEXIST).
         #[source]
         source: ProgramError,
