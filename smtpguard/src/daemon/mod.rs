@@ -14,6 +14,8 @@
 //!   log line ([`report`]) render.
 
 pub mod control;
+pub mod mode_state;
+pub mod paths;
 pub mod prometheus;
 pub mod report;
 pub mod settings;
@@ -34,7 +36,6 @@ use crate::{
     front_door::{self, AccessCheck, ServerContext},
     kernel::pump_kernel_log,
     logging,
-    policy::ListKind,
     smtp::handoff::Delivery,
     tls::{self, LoadedTls},
 };
@@ -229,10 +230,7 @@ async fn expire_entries(daemon: Arc<Daemon>, shutdown: CancellationToken) {
         let due = {
             let policy = daemon.policy();
             let now = std::time::SystemTime::now();
-            [ListKind::Deny, ListKind::Permit]
-                .iter()
-                .filter_map(|k| policy.list(*k).next_expiry())
-                .any(|t| t <= now)
+            policy.next_expiry().is_some_and(|t| t <= now)
         };
         if due {
             let daemon = Arc::clone(&daemon);

@@ -12,7 +12,7 @@ use super::{snapshot::Snapshot, state::Daemon};
 use crate::{
     config::{Delivery, TlsMode, UpstreamProtocol},
     kernel::CounterSnapshot,
-    policy::ListKind,
+    policy::{ListKind, SourceName},
 };
 
 /// The one summary printed at start: interfaces and XDP mode, ports, list
@@ -48,8 +48,8 @@ pub fn summary(daemon: &Daemon, tls_expiry: Option<&str>) -> String {
         ports.join(", ")
     );
     for kind in [ListKind::Deny, ListKind::Permit] {
-        let n = policy.list(kind).len();
-        let path = super::state::list_path(&config, kind);
+        let n = policy.total_len(kind);
+        let path = super::paths::list_path(&config, &SourceName::local(), kind);
         let _ = writeln!(
             out,
             "  {:<12} {} entries (IPv4 {}, IPv6 {}) from {}",
