@@ -839,8 +839,12 @@ fn leave_out_protected(
         let shown: Vec<String> = left_out.iter().take(MAX_RELATED).map(name).collect();
         let more = left_out.len().saturating_sub(MAX_RELATED);
         warnings.push(format!(
-            "{} entries inside protected ranges left out: {}{}",
-            left_out.len(),
+            "{} inside protected ranges left out: {}{}",
+            if left_out.len() == 1 {
+                "1 entry".to_string()
+            } else {
+                format!("{} entries", left_out.len())
+            },
             shown.join(", "),
             if more > 0 {
                 format!(" and {more} more")
@@ -1073,6 +1077,73 @@ mod tests {
         let reply = answer(&daemon, deny_add("198.51.100.7"), &|| !waiting.has_left()).unwrap();
         assert!(matches!(reply, Response::ListChanged(_)), "{reply:?}");
         assert_eq!(daemon.policy().list(ListKind::Deny).len().total(), 1);
+    }
+
+    /// Sources: an add into a named source writes its own file, expiry
+    /// removes it from that file only, a mode change survives a reload,
+    /// and a broken source file fails the reload with nothing changed.
+    #[test]
+    fn sources_expire_and_reload_on_their_own() {
+        let dir = TempDir::new("sources");
+        let daemon = daemon_in(&dir, "");
+        let always = || true;
+        let add = |source: &str, entry: &str, secs: Option<u64>| Request::ListAdd {
+            list: ListName::Deny,
+            entries: vec![entry.into()],
+            expires_in_secs: secs,
+            comment: None,
+            allow_all: false,
+            source: Some(source.into()),
+            force: false,
+        };
+        answer(&daemon, add("local", "192.0.2.0/24", None), &always).unwrap();
+        answer(&daemon, add("fail2ban", "198.51.100.7", Some(60)), &always).unwrap();
+        let f2b = dir.join("sources/fail2ban.deny.list");
+        assert!(std::fs::read_to_string(&f2b)
+            .unwrap()
+            .contains("198.51.100.7/32"));
+        assert_eq!(
+            daemon
+                .expire_entries(SystemTime::now() + Duration::from_secs(120))
+                .unwrap(),
+            1
+        );
+        assert!(!std::fs::read_to_string(&f2b)
+            .unwrap()
+            .contains("198.51.100.7"));
+        assert!(std::fs::read_to_string(dir.join("deny.list"))
+            .unwrap()
+            .contains("192.0.2.0/24"));
+
+        let monitor = Request::SetMode {
+            mode: None,
+            enforcement: Some(crate::policy::Enforcement::Monitor),
+        };
+        answer(&daemon, monitor, &always).unwrap();
+        daemon.reload().unwrap();
+        assert_eq!(
+            daemon.policy().enforcement(),
+            crate::policy::Enforcement::Monitor
+        );
+
+        std::fs::write(
+            dir.join("sources/bad.deny.list"),
+            "192.0.2.1\n192.0.2.300\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", anyhow::Error::new(daemon.reload().unwrap_err()));
+        assert!(e.contains("bad.deny.list") && e.contains("line 2"), "{e}");
+        assert!(daemon
+            .policy()
+            .source(&SourceName::new("bad").unwrap())
+            .is_none());
+        std::fs::write(dir.join("sources/Bad.deny.list"), "").unwrap();
+        std::fs::remove_file(dir.join("sources/bad.deny.list")).unwrap();
+        let e = format!("{:#}", anyhow::Error::new(daemon.reload().unwrap_err()));
+        assert!(
+            e.contains("Bad.deny.list") && e.contains("position 1"),
+            "{e}"
+        );
     }
 
     /// A client that only shut down its writing side still waits for the

@@ -22,8 +22,8 @@ use crate::{
     front_door::{Access, DenyReason, ServerHandle},
     kernel::{ApplyHow, Attachment, CounterSnapshot, Kernel, SyncError},
     policy::{
-        AccessList, Enforcement, ListError, ListKind, Policy, PolicyError, Reason, SourceName,
-        Verdict,
+        AccessList, Enforcement, ListError, ListKind, Policy, PolicyError, Reason, RuleOrigin,
+        SourceName, Verdict,
     },
     tls::TlsError,
 };
@@ -364,6 +364,21 @@ impl Daemon {
             .as_ref()
             .map(|kernel| kernel.hits_by_prefix().into_iter().collect())
             .unwrap_or_default()
+    }
+
+    /// What the kernel rule `rule_id` (as in a drop event or a hit
+    /// counter) stands for: its prefix, and the list entry with its source
+    /// (or the protected range) behind it. `None` without XDP, for an
+    /// unused id, or for a rule being removed right now.
+    pub fn rule_origin(&self, rule_id: u32) -> Option<(IpNet, RuleOrigin)> {
+        let prefix = self
+            .kernel
+            .lock()
+            .expect("kernel lock")
+            .as_ref()?
+            .sync
+            .prefix_of(rule_id)?;
+        Some((prefix, self.policy().origin(prefix)?))
     }
 
     /// Applies `change` to a copy of the policy, then the kernel, then the
