@@ -483,9 +483,10 @@ impl Policy {
                 .map(|(p, _)| p)
                 .chain(
                     list.table()
-                        .iter()
+                        .inside(&prefix, max + 1)
+                        .into_iter()
                         .map(|(p, _)| p)
-                        .filter(|p| prefix.contains(p) && *p != prefix),
+                        .filter(|p| *p != prefix),
                 );
             for p in hits {
                 if found.len() == max {
@@ -1156,6 +1157,36 @@ mod tests {
         assert_eq!(p.rule_action(net("192.0.2.0/24")), Some(Action::Deny));
         assert_eq!(p.explain(ip("192.0.2.1")).deny_source, Some(ipsum));
         assert_eq!(p.total_len(ListKind::Deny).total(), 2);
+    }
+
+    #[test]
+    fn related_entries_cover_and_nest_across_sources() {
+        let mut p = policy(PolicyMode::AcceptAllExceptDeny, &["192.0.2.0/24"], &[]);
+        p.source_mut(&source("ipsum"))
+            .list_mut(ListKind::Deny)
+            .add([net("192.0.2.7/32"), net("198.51.100.1/32")], None, None)
+            .unwrap();
+        let names = |found: Vec<SourcedEntry>| -> Vec<String> {
+            found
+                .iter()
+                .map(|e| format!("{} {}", e.source, e.entry.prefix))
+                .collect()
+        };
+        assert_eq!(
+            names(p.related(ListKind::Deny, net("192.0.0.0/16"), 10)),
+            ["local 192.0.2.0/24", "ipsum 192.0.2.7/32"]
+        );
+        assert_eq!(
+            names(p.related(ListKind::Deny, net("192.0.2.7/32"), 10)),
+            ["local 192.0.2.0/24", "ipsum 192.0.2.7/32"]
+        );
+        assert_eq!(
+            names(p.related(ListKind::Deny, net("192.0.0.0/16"), 1)).len(),
+            1
+        );
+        assert!(p
+            .related(ListKind::Permit, net("192.0.0.0/16"), 10)
+            .is_empty());
     }
 
     #[test]
