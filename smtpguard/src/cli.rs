@@ -137,6 +137,16 @@ pub enum ListCommand {
         /// Accept entries that cover every address (0.0.0.0/0, ::/0).
         #[arg(long)]
         allow_all: bool,
+        /// The source: `local` (the default, your own entries), or a
+        /// name such as `ipsum` (a-z, 0-9, '-', '_'; `auto` and `fleet` are
+        /// reserved).
+        #[arg(long, value_name = "NAME")]
+        source: Option<String>,
+        /// Deny even entries that cover protected ranges (loopback, the
+        /// listen addresses, relay networks, policy.protected); the
+        /// protected addresses stay permitted all the same.
+        #[arg(long)]
+        force: bool,
     },
     /// Remove entries.
     #[command(visible_alias = "del")]
@@ -144,10 +154,19 @@ pub enum ListCommand {
         /// The entries, written as when they were added.
         #[arg(required = true, value_name = "ENTRY")]
         entries: Vec<String>,
+        /// The source: `local` (the default, your own entries), or a
+        /// name such as `ipsum` (a-z, 0-9, '-', '_'; `auto` and `fleet` are
+        /// reserved).
+        #[arg(long, value_name = "NAME")]
+        source: Option<String>,
     },
-    /// Show the entries.
+    /// Show the entries (of every source, each named, unless --source).
     #[command(visible_alias = "show")]
-    List,
+    List {
+        /// Show only this source.
+        #[arg(long, value_name = "NAME")]
+        source: Option<String>,
+    },
 }
 
 /// `import`.
@@ -177,6 +196,10 @@ pub struct ImportArgs {
     /// same). A merge import of no entries changes nothing and warns.
     #[arg(long)]
     pub allow_empty: bool,
+    /// The source to import into (default `local`): `--replace` replaces
+    /// only this source, e.g. `--source ipsum` for a daily ipsum refresh.
+    #[arg(long, value_name = "NAME")]
+    pub source: Option<String>,
 }
 
 /// `export`.
@@ -189,6 +212,9 @@ pub struct ExportArgs {
     /// standard output.
     #[arg(value_name = "FILE")]
     pub file: Option<PathBuf>,
+    /// The source to export (default `local`).
+    #[arg(long, value_name = "NAME")]
+    pub source: Option<String>,
 }
 
 /// A list name on the command line.
@@ -443,8 +469,8 @@ async fn client_command(command: Command, client: Client, as_json: bool) -> anyh
         Command::Deny(c) => list_request(ListName::Deny, c),
         Command::Permit(c) => list_request(ListName::Permit, c),
         Command::Import(args) => import_request(&args)?,
-        Command::Export(ExportArgs { list, file }) => {
-            return export(&client, list.into(), file.as_deref(), as_json).await;
+        Command::Export(ExportArgs { list, file, source }) => {
+            return export(&client, list.into(), source, file.as_deref(), as_json).await;
         }
         Command::Mode { setting } => setting.request(),
         Command::Check { addresses } => Request::Check { addresses },
@@ -573,6 +599,8 @@ fn list_request(list: ListName, command: ListCommand) -> Request {
             expires_in,
             comment,
             allow_all,
+            source,
+            force,
         } => Request::ListAdd {
             list,
             entries,
@@ -580,9 +608,15 @@ fn list_request(list: ListName, command: ListCommand) -> Request {
             expires_in_secs: expires_in.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
             comment,
             allow_all,
+            source,
+            force,
         },
-        ListCommand::Remove { entries } => Request::ListRemove { list, entries },
-        ListCommand::List => Request::ListShow { list },
+        ListCommand::Remove { entries, source } => Request::ListRemove {
+            list,
+            entries,
+            source,
+        },
+        ListCommand::List { source } => Request::ListShow { list, source },
     }
 }
 
@@ -612,16 +646,18 @@ fn import_request(args: &ImportArgs) -> anyhow::Result<Request> {
         skip_invalid: args.skip_invalid,
         allow_all: args.allow_all,
         allow_empty: args.allow_empty,
+        source: args.source.clone(),
     })
 }
 
 async fn export(
     client: &Client,
     list: ListName,
+    source: Option<String>,
     file: Option<&Path>,
     as_json: bool,
 ) -> anyhow::Result<()> {
-    let request = Request::Export { list };
+    let request = Request::Export { list, source };
     let reply = client.call(&request).await?;
     let Response::Exported(exported) = &reply else {
         return Err(unexpected(&request, &reply));

@@ -3,8 +3,9 @@
 //! Everything goes through `tracing`, one line per event. Records of the
 //! `log` crate (aya, and the XDP program's drop events read by aya-log)
 //! are bridged into the same stream; a drop event becomes an event with
-//! fields (`src`, `dport`, `reason`, `prefix`) rather than one string, and
-//! names the list entry's prefix instead of the kernel's rule id.
+//! fields (`src`, `dport`, `reason`, `prefix`, `source`) rather than one
+//! string, and names the list entry's prefix and source instead of the
+//! kernel's rule id.
 
 use std::{
     error::Error,
@@ -16,9 +17,9 @@ use tracing::level_filters::LevelFilter;
 pub use crate::config::LogFormat;
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
-/// Turns a kernel rule id into the prefix it stands for (set by the daemon
-/// once the XDP program is loaded).
-type RulePrefix = Arc<dyn Fn(u32) -> Option<String> + Send + Sync>;
+/// Turns a kernel rule id into the prefix it stands for and the list source
+/// that holds it (set by the daemon once the XDP program is loaded).
+type RulePrefix = Arc<dyn Fn(u32) -> Option<(String, String)> + Send + Sync>;
 
 static RULE_PREFIX: RwLock<Option<RulePrefix>> = RwLock::new(None);
 
@@ -161,9 +162,10 @@ where
     }
 }
 
-/// Lets drop events name the prefix of the rule that decided: `f` maps a
-/// kernel rule id to the prefix (`None`: unknown, e.g. just removed).
-pub fn set_rule_prefix(f: impl Fn(u32) -> Option<String> + Send + Sync + 'static) {
+/// Lets drop events name the prefix and the source of the rule that
+/// decided: `f` maps a kernel rule id to `(prefix, source)` (`None`:
+/// unknown, e.g. just removed).
+pub fn set_rule_origin(f: impl Fn(u32) -> Option<(String, String)> + Send + Sync + 'static) {
     *RULE_PREFIX.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(f));
 }
 
@@ -235,10 +237,10 @@ impl<'a> DropEvent<'a> {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let prefix = self
+        let (prefix, source) = self
             .rule
             .and_then(|id| resolve.and_then(|f| f(id)))
-            .unwrap_or_else(|| "-".to_owned());
+            .unwrap_or_else(|| ("-".to_owned(), "-".to_owned()));
         let message = if self.monitor {
             "SYN would drop"
         } else {
@@ -249,6 +251,7 @@ impl<'a> DropEvent<'a> {
             dport = %self.dport,
             reason = %self.reason,
             %prefix,
+            %source,
             "{message}"
         );
     }

@@ -18,7 +18,7 @@ use smtpguard::control::{
     proto::{
         Admission, CheckView, Checked, Enforcement, EntryView, Exported, ImportResult,
         InterfaceView, LineIssue, ListChanged, ListEntries, ListName, ListSize, ModeSet,
-        PolicyMode, Reloaded, StatsView, StatusView, TopEntry,
+        PolicyMode, Reloaded, SourceView, StatsView, StatusView, TopEntry,
     },
     render, Client, ClientError, ControlHandler, PeerInfo, Request, Response,
 };
@@ -53,18 +53,21 @@ fn deny_entries() -> ListEntries {
                 comment: Some("spam run".into()),
                 expires_at_unix: Some(1_795_953_600),
                 hits: Some(42),
+                source: None,
             },
             EntryView {
                 prefix: "198.51.100.66/32".into(),
                 comment: None,
                 expires_at_unix: None,
                 hits: Some(7),
+                source: None,
             },
             EntryView {
                 prefix: "2001:db8::/32".into(),
                 comment: Some("test net".into()),
                 expires_at_unix: None,
                 hits: Some(0),
+                source: None,
             },
         ],
     }
@@ -78,6 +81,8 @@ fn check_view(address: &str) -> CheckView {
             enforcement: Enforcement::Enforce,
             deny_match: Some(entry("203.0.113.0/24")),
             permit_match: None,
+            protected: None,
+            overridden: Vec::new(),
             verdict: Admission::Refuse,
             reason: "deny list 203.0.113.0/24".into(),
         }
@@ -88,6 +93,8 @@ fn check_view(address: &str) -> CheckView {
             enforcement: Enforcement::Monitor,
             deny_match: None,
             permit_match: None,
+            protected: None,
+            overridden: Vec::new(),
             verdict: Admission::Accept,
             reason: "on neither list".into(),
         }
@@ -133,6 +140,21 @@ fn status_view() -> StatusView {
         ports: vec![25, 587],
         deny_list_size: ListSize { ipv4: 10, ipv6: 2 },
         permit_list_size: ListSize { ipv4: 1, ipv6: 0 },
+        sources: vec![
+            SourceView {
+                name: "local".into(),
+                deny: ListSize { ipv4: 2, ipv6: 0 },
+                permit: ListSize { ipv4: 1, ipv6: 0 },
+                loaded_at_unix: 1_795_953_600,
+            },
+            SourceView {
+                name: "ipsum".into(),
+                deny: ListSize { ipv4: 8, ipv6: 2 },
+                permit: ListSize::default(),
+                loaded_at_unix: 1_795_953_600,
+            },
+        ],
+        protected: vec!["127.0.0.0/8 (loopback)".into(), "::1/128 (loopback)".into()],
         mode: PolicyMode::AcceptAllExceptDeny,
         enforcement: Enforcement::Enforce,
         open_connections: 3,
@@ -166,7 +188,7 @@ impl Mock {
 
 fn canned(request: &Request) -> Response {
     match request {
-        Request::ListAdd { list, entries, .. } | Request::ListRemove { list, entries } => {
+        Request::ListAdd { list, entries, .. } | Request::ListRemove { list, entries, .. } => {
             if entries.iter().any(|e| e == "panic") {
                 panic!("the mock was asked to panic");
             }
@@ -175,6 +197,7 @@ fn canned(request: &Request) -> Response {
             }
             Response::ListChanged(ListChanged {
                 list: *list,
+                source: "local".into(),
                 added: entries.len() as u64,
                 removed: 0,
                 unchanged: 1,
@@ -182,7 +205,7 @@ fn canned(request: &Request) -> Response {
                 list_size: 15,
             })
         }
-        Request::ListShow { list } => Response::ListEntries(ListEntries {
+        Request::ListShow { list, .. } => Response::ListEntries(ListEntries {
             list: *list,
             ..deny_entries()
         }),
@@ -215,7 +238,7 @@ fn canned(request: &Request) -> Response {
                 ..Default::default()
             })
         }
-        Request::Export { list } => Response::Exported(Exported {
+        Request::Export { list, .. } => Response::Exported(Exported {
             list: *list,
             text: "203.0.113.0/24 # spam run\n2001:db8::/32\n".into(),
         }),
@@ -370,13 +393,17 @@ fn every_request() -> Vec<Request> {
             expires_in_secs: Some(3600),
             comment: Some("spam run".into()),
             allow_all: false,
+            source: None,
+            force: false,
         },
         Request::ListRemove {
             list: ListName::Permit,
             entries: vec!["198.51.100.7".into()],
+            source: None,
         },
         Request::ListShow {
             list: ListName::Deny,
+            source: None,
         },
         Request::Import {
             list: ListName::Deny,
@@ -387,9 +414,11 @@ fn every_request() -> Vec<Request> {
             skip_invalid: true,
             allow_all: true,
             allow_empty: true,
+            source: None,
         },
         Request::Export {
             list: ListName::Permit,
+            source: None,
         },
         Request::SetMode {
             mode: Some(PolicyMode::DenyAllExceptPermit),
@@ -424,6 +453,8 @@ fn every_request_round_trips_through_the_socket() {
             expires_in_secs: None,
             comment: None,
             allow_all: false,
+            source: None,
+            force: false,
         };
         assert_eq!(
             client.request(&failing).await.unwrap(),
@@ -466,6 +497,8 @@ fn wire_format_is_tagged_json() {
             expires_in_secs: None,
             comment: None,
             allow_all: false,
+            source: None,
+            force: false,
         }
     );
     let reply = Response::ModeSet(ModeSet {
@@ -505,6 +538,7 @@ fn a_large_import_is_sent_whole() {
             skip_invalid: false,
             allow_all: false,
             allow_empty: false,
+            source: None,
         };
         match daemon.client().call(&request).await.unwrap() {
             Response::ImportResult(r) => assert_eq!(r.added, 200_000),
@@ -606,6 +640,9 @@ mode:            accept-all-except-deny
 enforcement:     enforce
 deny list:       12 entries (10 IPv4, 2 IPv6)
 permit list:     1 entry (1 IPv4, 0 IPv6)
+source local:    deny 2, permit 1, loaded 2026-11-29T12:00:00Z
+source ipsum:    deny 10, permit 0, loaded 2026-11-29T12:00:00Z
+protected:       127.0.0.0/8 (loopback), ::1/128 (loopback)
 connections:     3 open, max 100
 tls:             optional, certificate expires 2026-11-29T12:00:00Z
 delivery:        upstream 127.0.0.1:10025 (proxy-v2)
@@ -649,7 +686,7 @@ control socket:  /run/smtpguard/control.sock
             mode: PolicyMode::DenyAllExceptPermit,
             enforcement: Enforcement::Monitor
         }),
-        "mode deny-all-except-permit, enforcement monitor (live until the next restart or reload; set policy.mode/policy.enforcement in the config to keep it)\n"
+        "mode deny-all-except-permit, enforcement monitor (kept across reloads and restarts in the state file)\n"
     );
 }
 
@@ -703,12 +740,12 @@ fn cli_human_output() {
         let o = cli(&["--socket", sock, "mode", "monitor"]).await;
         assert_eq!(
             stdout(&o),
-            "mode accept-all-except-deny, enforcement monitor (live until the next restart or reload; set policy.mode/policy.enforcement in the config to keep it)\n"
+            "mode accept-all-except-deny, enforcement monitor (kept across reloads and restarts in the state file)\n"
         );
         let o = cli(&["--socket", sock, "mode", "deny-all-except-permit"]).await;
         assert_eq!(
             stdout(&o),
-            "mode deny-all-except-permit, enforcement enforce (live until the next restart or reload; set policy.mode/policy.enforcement in the config to keep it)\n"
+            "mode deny-all-except-permit, enforcement enforce (kept across reloads and restarts in the state file)\n"
         );
         let o = cli(&["--socket", sock, "reload"]).await;
         assert_eq!(
@@ -727,10 +764,13 @@ fn cli_human_output() {
                     expires_in_secs: Some(3600),
                     comment: Some("spam run".into()),
                     allow_all: false,
+                    source: None,
+                    force: false,
                 },
                 Request::ListRemove {
                     list: ListName::Permit,
                     entries: vec!["198.51.100.7".into()],
+                    source: None,
                 },
                 Request::SetMode {
                     mode: None,
@@ -777,9 +817,12 @@ fn cli_json_output() {
         "prefix": "203.0.113.0/24",
         "comment": null,
         "expires_at_unix": null,
-        "hits": null
+        "hits": null,
+        "source": null
       },
       "permit_match": null,
+      "protected": null,
+      "overridden": [],
       "verdict": "refuse",
       "reason": "deny list 203.0.113.0/24"
     }
@@ -862,6 +905,7 @@ fn cli_import_and_export() {
                 skip_invalid,
                 allow_all,
                 allow_empty,
+                ..
             } => {
                 assert_eq!(*list, ListName::Permit);
                 assert_eq!(source_name, f);
@@ -1313,6 +1357,7 @@ fn an_oversized_request_gets_an_error_reply() {
             skip_invalid: true,
             allow_all: false,
             allow_empty: false,
+            source: None,
         };
         match daemon.client().request(&request).await.unwrap() {
             Response::Error(m) => assert!(m.starts_with("reply too large ("), "{m}"),

@@ -253,7 +253,7 @@ listen = "127.0.0.1:9325"
     assert_eq!(delta("pass_permitted"), 1);
     // The kernel's drop events name the entry's prefix, not a rule id.
     let dropped_line = format!(
-        "SYN dropped src=203.0.113.11 dport={PORT} reason=deny_list prefix=203.0.113.11/32"
+        "SYN dropped src=203.0.113.11 dport={PORT} reason=deny_list prefix=203.0.113.11/32 source=local"
     );
     assert!(
         smtpguard_tests::wait_for(Duration::from_secs(5), || gw.log().contains(&dropped_line)),
@@ -526,5 +526,298 @@ socket = "{d}/control.sock"
     // With --allow-empty the list may be emptied on purpose.
     gw.ok(&["import", "deny", edrop, "--replace", "--allow-empty"]);
     assert_eq!(gw.json(&["status"])["deny_list_size"]["ipv4"], 0);
+    gw.stop();
+}
+
+/// The issue's daily-refresh routine, with sources: manual and `--for`
+/// entries and other imports survive `import --source ipsum --replace`,
+/// `check` names the source, sources and the mode survive a reload and a
+/// restart, bad source names and a broken source file change nothing.
+#[test]
+fn sources_keep_manual_entries_across_a_daily_refresh_and_a_restart() {
+    require_root();
+    let topo = Topology::new();
+    let dir = TempDir::new("daemon-sources");
+    let d = dir.path().display();
+    std::fs::write(
+        dir.join("smtpguard.toml"),
+        format!(
+            r#"
+[server]
+hostname = "gw.example.com"
+listen = ["{GW_V4}:{PORT}"]
+[policy]
+deny_list = "{d}/deny.list"
+permit_list = "{d}/permit.list"
+[delivery]
+spool_dir = "{d}/spool"
+accept_domains = ["example.com"]
+[control]
+socket = "{d}/control.sock"
+"#
+        ),
+    )
+    .unwrap();
+    let mut gw = Gateway {
+        ns: &topo.gw,
+        dir: dir.path(),
+        daemon: None,
+    };
+    gw.start();
+    let ipsum = shared_data("ipsum.txt");
+    let ipsum = ipsum.to_str().unwrap();
+    let drop = shared_data("spamhaus-drop.txt");
+    let drop = drop.to_str().unwrap();
+    let entries = |gw: &Gateway<'_>, source: &str| {
+        gw.json(&["deny", "list", "--source", source])["entries"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+
+    // The README's routine: manual entries, a Spamhaus import, ipsum.
+    gw.ok(&["deny", "add", "203.0.113.0/24", "--comment", "spam-run"]);
+    gw.ok(&["deny", "add", "198.51.100.7", "--for", "1h"]);
+    gw.ok(&["import", "deny", drop, "--source", "spamhaus-drop"]);
+    let out = gw.ok(&["import", "deny", ipsum, "--source", "ipsum", "--replace"]);
+    assert!(
+        out.starts_with("deny list of source ipsum: 120430 added"),
+        "{out}"
+    );
+    // The next day's ipsum: a smaller file, --replace.
+    let today: String = std::fs::read_to_string(ipsum)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .take(1000)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(dir.join("ipsum-today.txt"), &today).unwrap();
+    let today_path = dir.join("ipsum-today.txt");
+    let today_path = today_path.to_str().unwrap();
+    let dry = gw.ok(&[
+        "import",
+        "deny",
+        today_path,
+        "--source",
+        "ipsum",
+        "--replace",
+        "--dry-run",
+    ]);
+    assert!(dry.contains("119430 removed"), "{dry}");
+    gw.ok(&[
+        "import",
+        "deny",
+        today_path,
+        "--source",
+        "ipsum",
+        "--replace",
+    ]);
+    // Only ipsum changed: the manual, --for and Spamhaus entries are there.
+    assert_eq!(entries(&gw, "ipsum"), 1000);
+    assert_eq!(entries(&gw, "spamhaus-drop"), 989);
+    let local = gw.json(&["deny", "list", "--source", "local"]);
+    let local = local["entries"].as_array().unwrap();
+    assert_eq!(local.len(), 2, "{local:?}");
+    assert!(local
+        .iter()
+        .any(|e| e["prefix"] == "198.51.100.7/32" && e["expires_at_unix"].as_u64().is_some()));
+    assert!(local
+        .iter()
+        .any(|e| e["prefix"] == "203.0.113.0/24" && e["comment"] == "spam-run"));
+    assert!(std::fs::read_to_string(dir.join("deny.list"))
+        .unwrap()
+        .contains("203.0.113.0/24 # spam-run"));
+    assert!(dir.join("sources/ipsum.deny.list").exists());
+
+    // check names the deciding source and what it overrode.
+    let first_ipsum = today.lines().next().unwrap().split('\t').next().unwrap();
+    gw.ok(&["deny", "add", first_ipsum, "--comment", "also mine"]);
+    let check = gw.json(&["check", "203.0.113.9", first_ipsum]);
+    let r = &check["results"];
+    assert_eq!(r[0]["deny_match"]["source"], "local", "{check}");
+    assert!(
+        r[0]["reason"].as_str().unwrap().contains("(source local)"),
+        "{check}"
+    );
+    assert_eq!(r[1]["deny_match"]["source"], "local", "{check}");
+    assert_eq!(r[1]["overridden"][0]["source"], "ipsum", "{check}");
+    let text = gw.ok(&["check", first_ipsum]);
+    assert!(text.contains("over deny"), "{text}");
+    assert!(text.contains("(source ipsum)"), "{text}");
+
+    // Bad and reserved source names: a clear error, nothing changed.
+    for (source, says) in [
+        ("Bad!", "source name \"Bad!\" has 'B' at position 1"),
+        ("auto", "reserved for automatic bans"),
+        ("fleet", "reserved for lists shared by a fleet"),
+    ] {
+        let out = gw.cli(&["deny", "add", "192.0.2.77", "--source", source]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+    }
+    let out = gw.cli(&["deny", "list", "--source", "nosuch"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("there is no source \"nosuch\""));
+
+    // status: entries per source, and when each was loaded.
+    let status = gw.json(&["status"]);
+    let names: Vec<&str> = status["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["local", "ipsum", "spamhaus-drop"], "{status}");
+    assert!(status["sources"][1]["loaded_at_unix"].as_u64().unwrap() > 0);
+
+    // The mode survives a reload and a restart (state file).
+    gw.ok(&["mode", "monitor"]);
+    gw.ok(&["reload"]);
+    assert_eq!(gw.json(&["status"])["enforcement"], "monitor");
+
+    // A broken source file fails the reload whole, naming file and line.
+    std::fs::write(
+        dir.join("sources/broken.deny.list"),
+        "192.0.2.9\n192.0.2.300\n",
+    )
+    .unwrap();
+    let out = gw.cli(&["reload"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("broken.deny.list"), "{stderr}");
+    assert!(stderr.contains("line 2"), "{stderr}");
+    assert_eq!(gw.json(&["status"])["sources"].as_array().unwrap().len(), 3);
+    std::fs::remove_file(dir.join("sources/broken.deny.list")).unwrap();
+
+    let before = gw.json(&["status"]);
+    gw.stop();
+    gw.start();
+    let after = gw.json(&["status"]);
+    assert_eq!(after["enforcement"], "monitor", "{after}");
+    for (b, a) in before["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(after["sources"].as_array().unwrap())
+    {
+        assert_eq!((&b["name"], &b["deny"]), (&a["name"], &a["deny"]));
+    }
+    assert_eq!(entries(&gw, "ipsum"), 1000);
+    gw.stop();
+}
+
+/// Protected ranges: with Team Cymru's full bogons imported (which hold
+/// 127.0.0.0/8, the documentation ranges and so the listen address),
+/// loopback, the listen address and `policy.protected` are never dropped,
+/// by XDP or by the front door; a `deny add` over them needs `--force`.
+#[test]
+fn protected_ranges_pass_with_full_bogons_imported() {
+    require_root();
+    let topo = Topology::new();
+    for client in ["198.51.100.10", "203.0.113.5"] {
+        topo.add_client(client);
+    }
+    let dir = TempDir::new("daemon-protected");
+    let d = dir.path().display();
+    std::fs::write(
+        dir.join("smtpguard.toml"),
+        format!(
+            r#"
+[server]
+hostname = "gw.example.com"
+listen = ["{GW_V4}:{PORT}", "127.0.0.1:{PORT}"]
+[policy]
+deny_list = "{d}/deny.list"
+permit_list = "{d}/permit.list"
+protected = ["198.51.100.10"]
+[xdp]
+interfaces = ["{iface}"]
+mode = "native"
+[delivery]
+spool_dir = "{d}/spool"
+accept_domains = ["example.com"]
+[control]
+socket = "{d}/control.sock"
+"#,
+            iface = topo.gw_if
+        ),
+    )
+    .unwrap();
+    let mut gw = Gateway {
+        ns: &topo.gw,
+        dir: dir.path(),
+        daemon: None,
+    };
+    gw.start();
+    let (v4, v6) = (
+        shared_data("fullbogons-ipv4.txt"),
+        shared_data("fullbogons-ipv6.txt"),
+    );
+    let reply = gw.json(&["import", "deny", v4.to_str().unwrap(), "--source", "bogons"]);
+    assert!(reply["protected"].as_u64().unwrap() >= 3, "{reply}");
+    let warnings = reply["warnings"].to_string();
+    assert!(warnings.contains("127.0.0.0/8 (line"), "{warnings}");
+    assert!(
+        warnings.contains("covers 192.0.2.1/32 (listen address)"),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("198.51.100.10/32 (policy.protected)"),
+        "{warnings}"
+    );
+    gw.ok(&["import", "deny", v6.to_str().unwrap(), "--source", "bogons"]);
+
+    // XDP: a bogon is dropped, the protected client passes.
+    let net = &topo.net;
+    assert_dropped(net, "203.0.113.5", "a bogon");
+    let passed = gw.xdp("pass_permitted");
+    assert_greeted(net, "198.51.100.10", "policy.protected inside a bogon");
+    assert_eq!(gw.xdp("pass_permitted"), passed + 1);
+    // The front door (loopback, no XDP there): loopback and the listen
+    // address itself are greeted.
+    let lo: SocketAddr = format!("127.0.0.1:{PORT}").parse().unwrap();
+    let gw_addr: SocketAddr = format!("{GW_V4}:{PORT}").parse().unwrap();
+    for (src, dst) in [("127.0.0.1", lo), (GW_V4, gw_addr)] {
+        let got = topo.gw.connect_from(src, dst, Duration::from_secs(5));
+        assert!(
+            matches!(&got, Ok(g) if g.starts_with("220 ")),
+            "{src} -> {dst}: {got:?}"
+        );
+    }
+    let check = gw.json(&["check", "127.0.0.2", GW_V4, "203.0.113.5"]);
+    let r = &check["results"];
+    assert_eq!(r[0]["protected"], "127.0.0.0/8 (loopback)", "{check}");
+    assert_eq!(r[1]["verdict"], "accept", "{check}");
+    assert_eq!(r[1]["overridden"][0]["source"], "bogons", "{check}");
+    assert_eq!(r[2]["deny_match"]["source"], "bogons", "{check}");
+
+    // deny add over a protected range: refused, unless --force (and then
+    // the protected addresses still pass).
+    let out = gw.cli(&["deny", "add", "198.51.100.0/24"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr
+            .contains("198.51.100.0/24 covers protected range 198.51.100.10/32 (policy.protected)"),
+        "{stderr}"
+    );
+    assert_eq!(
+        gw.json(&["deny", "list", "--source", "local"])["entries"],
+        serde_json::json!([])
+    );
+    let out = gw.cli(&["deny", "add", "198.51.100.0/24", "--force"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stay permitted"));
+    assert_greeted(net, "198.51.100.10", "after deny add --force");
+
+    // A permit shadowed by a longer deny is named.
+    let out = gw.cli(&["permit", "add", "203.0.0.0/16"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("shadowed by the longer deny 203.0.113.0/24 of source bogons"),
+        "{stderr}"
+    );
     gw.stop();
 }

@@ -359,6 +359,13 @@ pub struct PolicyConfig {
     ///
     /// Default: `/etc/smtpguard/permit.list`.
     pub permit_list: PathBuf,
+    /// `protected`: ranges the lists may never refuse, written as list
+    /// entries (addresses, prefixes, netmasks, ranges), in addition to
+    /// loopback, the explicit listen addresses and
+    /// `delivery.relay_networks`, which are always protected.
+    ///
+    /// Default: `[]`.
+    pub protected: Vec<IpNet>,
 }
 
 /// `[xdp]`: the kernel SYN filter.

@@ -63,6 +63,7 @@ pub(super) struct RawPolicy {
     pub enforcement: Option<crate::policy::Enforcement>,
     pub deny_list: Option<PathBuf>,
     pub permit_list: Option<PathBuf>,
+    pub protected: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -776,3 +776,27 @@ fn packaged_configuration_is_valid() {
         PathBuf::from("/run/smtpguard/control.sock")
     );
 }
+
+#[test]
+fn protected_ranges_take_list_entry_syntax() {
+    let c = parse("[policy]\nprotected = [\"192.0.2.10\", \"198.51.100.0:255.255.255.0\", \"203.0.113.1-203.0.113.2\"]");
+    let got: Vec<String> = c.policy.protected.iter().map(|p| p.to_string()).collect();
+    assert_eq!(
+        got,
+        [
+            "192.0.2.10/32",
+            "198.51.100.0/24",
+            "203.0.113.1/32",
+            "203.0.113.2/32"
+        ]
+    );
+    assert!(parse("").policy.protected.is_empty());
+    let e = error("[policy]\nprotected = [\"192.0.2.300\"]");
+    assert!(
+        e.to_string().starts_with(
+            "/etc/smtpguard/smtpguard.toml: policy.protected[0] = \"192.0.2.300\" is not a network"
+        ),
+        "{e}"
+    );
+    assert!(e.source().is_some());
+}

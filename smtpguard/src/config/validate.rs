@@ -385,6 +385,15 @@ impl Cx<'_> {
     fn policy(&self, raw: raw::RawPolicy) -> Result<PolicyConfig, ConfigError> {
         let mode: PolicyMode = raw.mode.unwrap_or_default();
         let enforcement: Enforcement = raw.enforcement.unwrap_or_default();
+        let mut protected = Vec::new();
+        for (i, text) in raw.protected.unwrap_or_default().iter().enumerate() {
+            let key = format!("policy.protected[{i}]");
+            let parsed = crate::policy::parse_entry(text, crate::policy::EntryOptions::default())
+                .map_err(|e| {
+                self.invalid_because(&key, format!("= {text:?} is not a network"), e)
+            })?;
+            protected.extend(parsed.prefixes);
+        }
         Ok(PolicyConfig {
             mode,
             enforcement,
@@ -394,6 +403,7 @@ impl Cx<'_> {
                 raw.permit_list,
                 DEFAULT_PERMIT_LIST,
             )?,
+            protected,
         })
     }
 

@@ -133,6 +133,15 @@ pub enum Request {
         /// permit) the whole Internet.
         #[serde(default)]
         allow_all: bool,
+        /// The source to change (a name of `a-z`, `0-9`, `-`, `_`);
+        /// `None`: `local`, the operator's own entries. `auto` and
+        /// `fleet` are reserved and refused.
+        #[serde(default)]
+        source: Option<String>,
+        /// Store a deny entry even though it covers a protected range
+        /// (refused otherwise); the protected addresses stay permitted.
+        #[serde(default)]
+        force: bool,
     },
     /// Remove entries from a list (`smtpguard deny remove ...`). Answered
     /// with [`Response::ListChanged`].
@@ -143,12 +152,21 @@ pub enum Request {
         /// entry is removed when it is the same prefix (not when it merely
         /// covers or is covered).
         entries: Vec<String>,
+        /// The source to change (a name of `a-z`, `0-9`, `-`, `_`);
+        /// `None`: `local`, the operator's own entries. `auto` and
+        /// `fleet` are reserved and refused.
+        #[serde(default)]
+        source: Option<String>,
     },
     /// Show a list's entries (`smtpguard deny list`). Answered with
     /// [`Response::ListEntries`].
     ListShow {
         /// The list to show.
         list: ListName,
+        /// Show only this source; `None`: every source, each entry
+        /// naming its source.
+        #[serde(default)]
+        source: Option<String>,
     },
     /// Import a list file (`smtpguard import deny FILE`). The client sends
     /// the file's whole text; the daemon parses it. Answered with
@@ -181,12 +199,19 @@ pub enum Request {
         /// accepted: it changes nothing and warns.
         #[serde(default)]
         allow_empty: bool,
+        /// The source to import into: `--replace` replaces only this
+        /// source. `None`: `local`. `auto` and `fleet` are refused.
+        #[serde(default)]
+        source: Option<String>,
     },
     /// Export a list in the list file format (`smtpguard export deny`).
     /// Answered with [`Response::Exported`].
     Export {
         /// The list to export.
         list: ListName,
+        /// The source to export; `None`: `local`.
+        #[serde(default)]
+        source: Option<String>,
     },
     /// Change the mode, the enforcement, or both (`smtpguard mode ...`).
     /// `None` leaves that setting as it is. Answered with [`Response::ModeSet`].
@@ -343,6 +368,9 @@ pub(crate) fn one_line(s: &str) -> String {
 pub struct ListChanged {
     /// The list that was changed.
     pub list: ListName,
+    /// The source that was changed.
+    #[serde(default)]
+    pub source: String,
     /// Entries added (count).
     pub added: u64,
     /// Entries removed (count).
@@ -354,7 +382,7 @@ pub struct ListChanged {
     /// entry covered by a broader one, an address both permitted and
     /// denied, ...), one line each.
     pub warnings: Vec<String>,
-    /// Entries in the list after the change (count).
+    /// Entries in the source's list after the change (count).
     pub list_size: u64,
 }
 
@@ -374,6 +402,33 @@ pub struct EntryView {
     /// (count); `None` when not counted (no XDP, or not known).
     #[serde(default)]
     pub hits: Option<u64>,
+    /// The source holding the entry (`"local"`, `"ipsum"`, ...).
+    #[serde(default)]
+    pub source: Option<String>,
+}
+
+/// An entry a verdict overrode, for [`CheckView::overridden`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverriddenEntry {
+    /// The entry's list.
+    pub list: ListName,
+    /// The entry, with its source.
+    #[serde(flatten)]
+    pub entry: EntryView,
+}
+
+/// One source's entries and load time, for [`StatusView::sources`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceView {
+    /// The source's name.
+    pub name: String,
+    /// Entries of its deny list.
+    pub deny: ListSize,
+    /// Entries of its permit list.
+    pub permit: ListSize,
+    /// When its entries were last read from its files or changed, Unix
+    /// seconds (UTC).
+    pub loaded_at_unix: u64,
 }
 
 /// A list's entries ([`Response::ListEntries`]).
@@ -409,6 +464,9 @@ pub struct LineIssue {
 pub struct ImportResult {
     /// The list imported into.
     pub list: ListName,
+    /// The source imported into.
+    #[serde(default)]
+    pub source: String,
     /// Entries added (count; would be added, in a dry run).
     pub added: u64,
     /// Entries removed, with `replace` (count).
@@ -419,6 +477,11 @@ pub struct ImportResult {
     pub duplicates: u64,
     /// Entries inside a broader entry of the same list, dropped (count).
     pub covered: u64,
+    /// Deny entries that touch protected ranges (count): those wholly
+    /// inside one are left out, those around one are imported and the
+    /// protected addresses stay permitted; the warnings name them.
+    #[serde(default)]
+    pub protected: u64,
     /// Lines that could not be parsed.
     pub skipped: Vec<LineIssue>,
     /// Things the operator should know, one line each.
@@ -431,7 +494,8 @@ pub struct ImportResult {
     /// be. The CLI then exits with status 1, dry run or not.
     #[serde(default)]
     pub rejected: bool,
-    /// Entries in the list afterwards (count; would be, in a dry run).
+    /// Entries in the source's list afterwards (count; would be, in a
+    /// dry run).
     pub list_size: u64,
 }
 
@@ -477,6 +541,14 @@ pub struct CheckView {
     /// The longest permit list entry covering the address, if any.
     #[serde(default)]
     pub permit_match: Option<EntryView>,
+    /// The protected range holding the address, which decides before any
+    /// entry: `"127.0.0.0/8 (loopback)"`.
+    #[serde(default)]
+    pub protected: Option<String>,
+    /// The longest entry of every other source and list covering the
+    /// address: what the deciding entry (or protected range) overrode.
+    #[serde(default)]
+    pub overridden: Vec<OverriddenEntry>,
     /// What the policy decides (before enforcement is applied).
     pub verdict: Admission,
     /// Why, in a few words naming the deciding entry, e.g.
@@ -569,10 +641,16 @@ pub struct StatusView {
     pub interfaces: Vec<InterfaceView>,
     /// The TCP ports guarded and served, ascending.
     pub ports: Vec<u16>,
-    /// Entries in the deny list.
+    /// Entries in the deny lists of all sources.
     pub deny_list_size: ListSize,
-    /// Entries in the permit list.
+    /// Entries in the permit lists of all sources.
     pub permit_list_size: ListSize,
+    /// Every source, `local` first, then by name.
+    #[serde(default)]
+    pub sources: Vec<SourceView>,
+    /// The protected ranges: `"127.0.0.0/8 (loopback)"`, ...
+    #[serde(default)]
+    pub protected: Vec<String>,
     /// The policy mode.
     pub mode: PolicyMode,
     /// The enforcement.

@@ -61,7 +61,8 @@ fn table(rows: &[Vec<String>], right: &[usize]) -> String {
 }
 
 /// `deny list`: one entry a line,
-/// `203.0.113.0/24  expires 2026-11-29T12:00:00Z  hits 42  # comment`.
+/// `203.0.113.0/24  ipsum  expires 2026-11-29T12:00:00Z  hits 42  # comment`
+/// (the source column only when some entry is not `local`).
 /// An empty list prints nothing.
 pub fn list_entries(list: &ListEntries) -> String {
     let rows: Vec<Vec<String>> = list.entries.iter().map(entry_row).collect();
@@ -71,6 +72,11 @@ pub fn list_entries(list: &ListEntries) -> String {
 fn entry_row(e: &EntryView) -> Vec<String> {
     vec![
         e.prefix.clone(),
+        e.source
+            .as_deref()
+            .filter(|s| *s != "local")
+            .map(one_line)
+            .unwrap_or_default(),
         e.expires_at_unix
             .map(|t| format!("expires {}", time(t)))
             .unwrap_or_default(),
@@ -108,8 +114,9 @@ fn entries(n: u64) -> String {
 /// The warnings are not included (the CLI prints them on stderr).
 pub fn list_changed(c: &ListChanged) -> String {
     format!(
-        "{} list: {}; {}\n",
+        "{} list{}: {}; {}\n",
         c.list,
+        of_source(&c.source),
         counts(&[
             (c.added, "added"),
             (c.removed, "removed"),
@@ -132,26 +139,39 @@ pub fn import_result(r: &ImportResult, dry_run: bool) -> String {
             ("", "nothing imported")
         };
         return format!(
-            "{} list{note}: {what}, {} invalid line(s); {}\n",
+            "{} list{}{note}: {what}, {} invalid line(s); {}\n",
             r.list,
+            of_source(&r.source),
             r.skipped.len(),
             entries(r.list_size)
         );
     }
     let note = if dry_run { " (dry run)" } else { "" };
     format!(
-        "{} list{note}: {}; {}\n",
+        "{} list{}{note}: {}; {}\n",
         r.list,
+        of_source(&r.source),
         counts(&[
             (r.added, "added"),
             (r.removed, "removed"),
             (r.unchanged, "unchanged"),
             (r.duplicates, "duplicates"),
             (r.covered, "covered"),
+            (r.protected, "protected"),
             (r.skipped.len() as u64, "skipped"),
         ]),
         entries(r.list_size)
     )
+}
+
+/// ` of source NAME` for a source other than `local` (whose replies read
+/// as before sources existed).
+fn of_source(source: &str) -> String {
+    if source.is_empty() || source == "local" {
+        String::new()
+    } else {
+        format!(" of source {}", one_line(source))
+    }
 }
 
 /// A line of an imported file that was not used, as compilers write it:
@@ -169,8 +189,7 @@ pub fn line_issue(i: &LineIssue) -> String {
 /// `mode`: `mode accept-all-except-deny, enforcement enforce`.
 pub fn mode_set(m: &ModeSet) -> String {
     format!(
-        "mode {}, enforcement {} (live until the next restart or reload; \
-         set policy.mode/policy.enforcement in the config to keep it)\n",
+        "mode {}, enforcement {} (kept across reloads and restarts in the state file)\n",
         m.mode, m.enforcement
     )
 }
@@ -364,15 +383,32 @@ pub fn status(s: &StatusView) -> String {
         ("enforcement", s.enforcement.to_string()),
         ("deny list", size(&s.deny_list_size)),
         ("permit list", size(&s.permit_list_size)),
+        ("protected", join(s.protected.clone(), "none")),
         ("connections", connections),
         ("tls", tls),
         ("delivery", one_line(&s.delivery)),
         ("control socket", s.control_socket.clone()),
     ];
-    let rows: Vec<Vec<String>> = rows
+    let mut rows: Vec<Vec<String>> = rows
         .into_iter()
         .map(|(k, v)| vec![format!("{k}:"), v])
         .collect();
+    // One line per source after the lists.
+    let at = rows.len() - 5;
+    for (i, source) in s.sources.iter().enumerate() {
+        rows.insert(
+            at + i,
+            vec![
+                format!("source {}:", one_line(&source.name)),
+                format!(
+                    "deny {}, permit {}, loaded {}",
+                    source.deny.ipv4 + source.deny.ipv6,
+                    source.permit.ipv4 + source.permit.ipv6,
+                    time(source.loaded_at_unix)
+                ),
+            ],
+        );
+    }
     table(&rows, &[])
 }
 

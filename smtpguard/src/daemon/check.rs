@@ -1,8 +1,9 @@
 //! `smtpguard config check`: the checks a start makes on files, made
-//! offline: the configuration, both list files and the TLS files.
+//! offline: the configuration, the list files of every source, the mode
+//! state file and the TLS files.
 //!
 //! It runs the daemon's own code paths ([`Config::load`],
-//! [`AccessList::load`], [`Policy::with_lists`], [`crate::tls::load`]) and
+//! [`AccessList::load`], [`super::startup::load_policy`], [`crate::tls::load`]) and
 //! nothing else: no bpf(), no socket, no write, so any user who can read
 //! the files can run it (`ExecStartPre`, Ansible's `validate:`).
 
@@ -11,7 +12,7 @@ use std::path::Path;
 use crate::{
     config::{Config, ConfigError},
     logging::one_line,
-    policy::{AccessList, ImportError, ListError, ListKind, Policy},
+    policy::{AccessList, ImportError, ListError, ListKind},
 };
 
 /// What [`check`] found.
@@ -70,19 +71,30 @@ pub fn check(path: &Path) -> CheckReport {
             None
         }
     };
-    let deny = load(ListKind::Deny, &config.policy.deny_list);
-    let permit = load(ListKind::Permit, &config.policy.permit_list);
-    // Both lists together must fit the kernel, as at start.
-    if let (Some(deny), Some(permit)) = (deny, permit) {
-        if let Err(e) =
-            Policy::with_lists(config.policy.mode, config.policy.enforcement, deny, permit)
-        {
-            report.problems.push(format!(
-                "{} and {}: {}",
-                config.policy.deny_list.display(),
-                config.policy.permit_list.display(),
-                one_line(&e)
-            ));
+    load(ListKind::Deny, &config.policy.deny_list);
+    load(ListKind::Permit, &config.policy.permit_list);
+    // Every other source's files, as a start reads them.
+    let dir = super::paths::sources_dir(&config);
+    let mut sources: Vec<(String, ListKind)> = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let (_, kind) = super::paths::parse_source_file_name(&name)?;
+                Some((name, kind))
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    sources.sort();
+    for (name, kind) in &sources {
+        load(*kind, &dir.join(name));
+    }
+    // Together, as at start: source names, the mode state file, and the
+    // merge fitting the kernel.
+    if report.problems.is_empty() {
+        if let Err(e) = super::startup::load_policy(&config) {
+            report.problems.push(one_line(&e));
         }
     }
     if let Some(files) = config.tls.active_files() {

@@ -11,21 +11,22 @@ use ipnet::IpNet;
 
 use super::{
     snapshot::Snapshot,
-    state::{Daemon, DaemonError, KernelWrite},
+    state::{Daemon, DaemonError, KernelWrite, Persist},
 };
 use crate::{
     control::{
         proto::{
             Admission, CheckView, Checked, ClientView, EntryView, Exported, ImportResult,
             InterfaceView, Kicked, LineIssue, ListChanged, ListEntries, ListName, ListSize,
-            ModeSet, Request, Response, SessionView, SessionsView, StatsView, StatusView, TopEntry,
+            ModeSet, OverriddenEntry, Request, Response, SessionView, SessionsView, SourceView,
+            StatsView, StatusView, TopEntry,
         },
         ClientWaiting, ControlHandler, PeerInfo,
     },
     front_door::Live,
     policy::{
         parse_entry, parse_list, EntryError, EntryOptions, ImportError, ImportMode, ImportOptions,
-        ListEntry, ListKind, Reason, Verdict,
+        ListEntry, ListKind, Policy, Reason, SourceError, SourceName, Verdict,
     },
 };
 
@@ -36,6 +37,9 @@ const MAX_COMMENT_BYTES: usize = 1024;
 /// At most this many bad lines of an import are listed in the reply (the
 /// count is always exact).
 const MAX_LISTED_ISSUES: usize = 1000;
+/// At most this many related entries are named per entry (and protected
+/// entries per import) in a reply's warnings.
+const MAX_RELATED: usize = 10;
 
 /// Why a control request was refused; nothing was changed. The control
 /// socket sends the message with its causes, one line.
@@ -95,6 +99,26 @@ pub enum RequestError {
     NoSuchSession {
         /// The id as given (upper case).
         id: String,
+    },
+    /// A source name that is not valid (or reserved, for a change).
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// A source that does not exist, for a command that reads or removes.
+    #[error("there is no source {name:?} (sources: {known})")]
+    NoSuchSource {
+        /// The name given.
+        name: String,
+        /// The sources there are.
+        known: String,
+    },
+    /// `deny add` of entries covering protected ranges, without `--force`.
+    #[error(
+        "not added, nothing was changed: {overlaps}; protected addresses are never denied \
+         (use --force to store the entry anyway; the protected addresses stay permitted)"
+    )]
+    Protected {
+        /// Each entry and the protected range it touches.
+        overlaps: String,
     },
     /// The daemon refused the change or the reload.
     #[error(transparent)]
@@ -160,8 +184,11 @@ fn answer(daemon: &Daemon, request: Request, still_wanted: &dyn Fn() -> bool) ->
             expires_in_secs,
             comment,
             allow_all,
+            source,
+            force,
         } => {
-            let (prefixes, warnings) = parse_entries(&entries, allow_all)?;
+            let source = writable_source(source.as_deref())?;
+            let (prefixes, mut warnings) = parse_entries(&entries, allow_all)?;
             let expires = match expires_in_secs {
                 None => None,
                 Some(0) => return Err(RequestError::ZeroExpiry),
@@ -175,65 +202,114 @@ fn answer(daemon: &Daemon, request: Request, still_wanted: &dyn Fn() -> bool) ->
                 return Err(RequestError::CommentTooLong);
             }
             let k = kind(list);
-            let outcome = daemon.change_policy_for(still_wanted, &[k], |p| {
-                let outcome = p
-                    .list_mut(k)
-                    .add(prefixes.clone(), comment.as_deref(), expires)?;
+            if k == ListKind::Deny {
+                // The protected ranges change only with the configuration.
+                let protected = protected_overlaps(&daemon.policy(), &prefixes);
+                if !protected.is_empty() && !force {
+                    return Err(RequestError::Protected {
+                        overlaps: protected.join("; "),
+                    });
+                }
+                warnings.extend(protected.iter().map(|o| {
+                    format!("{o}: stored (--force), but the protected addresses stay permitted")
+                }));
+            }
+            let touched = [Persist::List(source.clone(), k)];
+            let outcome = daemon.change_policy_for(still_wanted, &touched, |p| {
+                warnings.extend(relation_warnings(p, &source, k, &prefixes));
+                let outcome = p.source_mut(&source).list_mut(k).add(
+                    prefixes.clone(),
+                    comment.as_deref(),
+                    expires,
+                )?;
                 Ok((outcome, KernelWrite::Prefixes(prefixes.clone())))
             })?;
-            tracing::info!(list = %k, entries = %entries.join(" "), added = outcome.added.len(),
-                expires_in_secs, "list entries added");
+            warnings.extend(outcome.updated.iter().map(|p| {
+                format!("{p} was already on the {k} of source {source}; its comment and expiry were merged")
+            }));
+            tracing::info!(source = %source, list = %k, entries = %entries.join(" "), added = outcome.added.len(),
+                expires_in_secs, force, "list entries added");
             if k == ListKind::Deny {
                 daemon.close_denied_sessions();
             }
             Response::ListChanged(ListChanged {
                 list,
+                source: source.to_string(),
                 added: outcome.added.len() as u64,
                 removed: 0,
                 unchanged: outcome.updated.len() as u64,
                 warnings,
-                list_size: daemon.policy().list(k).len().total() as u64,
+                list_size: source_size(daemon, &source, k),
             })
         }
-        Request::ListRemove { list, entries } => {
+        Request::ListRemove {
+            list,
+            entries,
+            source,
+        } => {
+            let source = writable_source(source.as_deref())?;
             let (prefixes, mut warnings) = parse_entries(&entries, true)?;
             let k = kind(list);
-            let outcome = daemon.change_policy_for(still_wanted, &[k], |p| {
-                let outcome = p.list_mut(k).remove(prefixes.clone());
+            existing_source(daemon, &source)?;
+            let touched = [Persist::List(source.clone(), k)];
+            let outcome = daemon.change_policy_for(still_wanted, &touched, |p| {
+                let outcome = p.source_mut(&source).list_mut(k).remove(prefixes.clone());
                 Ok((outcome, KernelWrite::Prefixes(prefixes.clone())))
             })?;
             // A typo should not pass for success: say what was not there.
-            warnings.extend(
-                outcome
-                    .not_found
-                    .iter()
-                    .map(|p| format!("{p} is not on the {k}; nothing removed for it")),
-            );
-            tracing::info!(list = %k, entries = %entries.join(" "), removed = outcome.removed.len(),
+            let policy = daemon.policy();
+            warnings.extend(outcome.not_found.iter().map(|p| {
+                let elsewhere: Vec<String> = policy
+                    .sources()
+                    .filter(|(_, s)| s.list(k).get(*p).is_some())
+                    .map(|(name, _)| name.to_string())
+                    .collect();
+                if elsewhere.is_empty() {
+                    format!("{p} is not on the {k} of source {source}; nothing removed for it")
+                } else {
+                    format!(
+                        "{p} is not on the {k} of source {source}; nothing removed for it \
+                         (it is on source {}: use --source)",
+                        elsewhere.join(", ")
+                    )
+                }
+            }));
+            tracing::info!(source = %source, list = %k, entries = %entries.join(" "), removed = outcome.removed.len(),
                 "list entries removed");
             if k == ListKind::Permit {
                 daemon.close_denied_sessions();
             }
             Response::ListChanged(ListChanged {
                 list,
+                source: source.to_string(),
                 added: 0,
                 removed: outcome.removed.len() as u64,
                 unchanged: outcome.not_found.len() as u64,
                 warnings,
-                list_size: daemon.policy().list(k).len().total() as u64,
+                list_size: source_size(daemon, &source, k),
             })
         }
-        Request::ListShow { list } => {
+        Request::ListShow { list, source } => {
             let policy = daemon.policy();
-            let entries = policy.list(kind(list)).entries();
+            let only = source.as_deref().map(SourceName::new).transpose()?;
+            if let Some(name) = &only {
+                existing_source(daemon, name)?;
+            }
             let hits = daemon.hits_by_prefix();
-            Response::ListEntries(ListEntries {
-                list,
-                entries: entries
-                    .iter()
-                    .map(|e| entry_view(e, hits.get(&e.prefix).copied()))
-                    .collect(),
-            })
+            let mut entries: Vec<EntryView> = Vec::new();
+            for (name, lists) in policy.sources() {
+                if only.as_ref().is_some_and(|o| o != name) {
+                    continue;
+                }
+                entries.extend(lists.list(kind(list)).entries().iter().map(|e| {
+                    let mut view = entry_view(e, hits.get(&e.prefix).copied());
+                    view.source = Some(name.to_string());
+                    view
+                }));
+            }
+            // By prefix; sources in their order for the same prefix.
+            entries.sort_by_key(|e| e.prefix.parse::<IpNet>().ok());
+            Response::ListEntries(ListEntries { list, entries })
         }
         Request::Import {
             list,
@@ -244,9 +320,11 @@ fn answer(daemon: &Daemon, request: Request, still_wanted: &dyn Fn() -> bool) ->
             skip_invalid,
             allow_all,
             allow_empty,
+            source,
         } => import(
             daemon,
             list,
+            &writable_source(source.as_deref())?,
             &source_name,
             &text,
             ImportFlags {
@@ -258,12 +336,22 @@ fn answer(daemon: &Daemon, request: Request, still_wanted: &dyn Fn() -> bool) ->
             },
             still_wanted,
         )?,
-        Request::Export { list } => Response::Exported(Exported {
-            list,
-            text: daemon.policy().list(kind(list)).to_text(),
-        }),
+        Request::Export { list, source } => {
+            let source = match source {
+                Some(name) => SourceName::new(&name)?,
+                None => SourceName::local(),
+            };
+            existing_source(daemon, &source)?;
+            let policy = daemon.policy();
+            let text = policy
+                .source(&source)
+                .map(|s| s.list(kind(list)).to_text())
+                .unwrap_or_default();
+            Response::Exported(Exported { list, text })
+        }
         Request::SetMode { mode, enforcement } => {
-            let (mode, enforcement) = daemon.change_policy_for(still_wanted, &[], |p| {
+            let touched = [Persist::Mode];
+            let (mode, enforcement) = daemon.change_policy_for(still_wanted, &touched, |p| {
                 if let Some(m) = mode {
                     p.set_mode(m);
                 }
@@ -275,8 +363,7 @@ fn answer(daemon: &Daemon, request: Request, still_wanted: &dyn Fn() -> bool) ->
                     KernelWrite::Prefixes(Vec::new()),
                 ))
             })?;
-            tracing::info!(%mode, %enforcement,
-                "mode changed (live; set policy.mode/enforcement in the config to keep it across restarts)");
+            tracing::info!(%mode, %enforcement, "mode changed (kept in the state file across reloads and restarts)");
             daemon.close_denied_sessions();
             Response::ModeSet(ModeSet { mode, enforcement })
         }
@@ -295,34 +382,56 @@ fn answer(daemon: &Daemon, request: Request, still_wanted: &dyn Fn() -> bool) ->
                     .parse()
                     .map_err(|_| RequestError::Address { text: text.clone() })?;
                 let e = policy.explain(addr);
+                let view = |m: &ListEntry, source: &Option<SourceName>| {
+                    let mut v = entry_view(m, hits_of(m));
+                    v.source = source.as_ref().map(SourceName::to_string);
+                    v
+                };
+                let named = |list: ListKind, m: &Option<ListEntry>, source: &Option<SourceName>| {
+                    format!(
+                        "{list} {} (source {})",
+                        m.as_ref().map(|m| m.prefix.to_string()).unwrap_or_default(),
+                        source.as_ref().map(SourceName::as_str).unwrap_or("?")
+                    )
+                };
+                let mut reason = match e.reason {
+                    Reason::DenyList => named(ListKind::Deny, &e.deny_match, &e.deny_source),
+                    Reason::Permitted => named(ListKind::Permit, &e.permit_match, &e.permit_source),
+                    Reason::NotPermitted => "not on the permit list".into(),
+                    Reason::DefaultAccept => "on no list".into(),
+                    Reason::Protected => format!(
+                        "protected range {}",
+                        e.protected.map(|r| r.to_string()).unwrap_or_default()
+                    ),
+                };
+                if !e.overridden.is_empty() {
+                    let over: Vec<String> = e
+                        .overridden
+                        .iter()
+                        .map(|o| format!("{} {} (source {})", o.list, o.entry.prefix, o.source))
+                        .collect();
+                    reason.push_str(&format!(", over {}", over.join(", ")));
+                }
                 results.push(CheckView {
                     address: e.address.to_string(),
                     mode: e.mode,
                     enforcement: e.enforcement,
-                    deny_match: e.deny_match.as_ref().map(|m| entry_view(m, hits_of(m))),
-                    permit_match: e.permit_match.as_ref().map(|m| entry_view(m, hits_of(m))),
+                    deny_match: e.deny_match.as_ref().map(|m| view(m, &e.deny_source)),
+                    permit_match: e.permit_match.as_ref().map(|m| view(m, &e.permit_source)),
+                    protected: e.protected.map(|r| r.to_string()),
+                    overridden: e
+                        .overridden
+                        .iter()
+                        .map(|o| OverriddenEntry {
+                            list: list_name(o.list),
+                            entry: view(&o.entry, &Some(o.source.clone())),
+                        })
+                        .collect(),
                     verdict: match e.verdict {
                         Verdict::Deny => Admission::Refuse,
                         Verdict::Permit => Admission::Accept,
                     },
-                    reason: match e.reason {
-                        Reason::DenyList => format!(
-                            "deny list {}",
-                            e.deny_match
-                                .as_ref()
-                                .map(|m| m.prefix.to_string())
-                                .unwrap_or_default()
-                        ),
-                        Reason::Permitted => format!(
-                            "permit list {}",
-                            e.permit_match
-                                .as_ref()
-                                .map(|m| m.prefix.to_string())
-                                .unwrap_or_default()
-                        ),
-                        Reason::NotPermitted => "not on the permit list".into(),
-                        Reason::DefaultAccept => "on no list".into(),
-                    },
+                    reason,
                 });
             }
             Response::Checked(Checked { results })
@@ -460,6 +569,7 @@ fn entry_view(e: &ListEntry, hits: Option<u64>) -> EntryView {
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map(|d| d.as_secs()),
         hits,
+        source: None,
     }
 }
 
@@ -520,6 +630,7 @@ struct ImportFlags {
 fn import(
     daemon: &Daemon,
     list: ListName,
+    into: &SourceName,
     source_name: &str,
     text: &str,
     flags: ImportFlags,
@@ -538,7 +649,12 @@ fn import(
     options.skip_invalid = skip_invalid;
     // Decided below: a merge of nothing is fine, a replace by nothing not.
     options.allow_empty = true;
-    let report = match parse_list(text, source_name, &options) {
+    let size_of = |policy: &Policy, kind: ListKind| {
+        policy
+            .source(into)
+            .map_or(0, |s| s.list(kind).len().total())
+    };
+    let mut report = match parse_list(text, source_name, &options) {
         Ok(report) => report,
         Err(ImportError::Rejected { errors, .. }) => {
             let mut skipped: Vec<LineIssue> = errors
@@ -558,10 +674,11 @@ fn import(
             }
             return Ok(Response::ImportResult(ImportResult {
                 list,
+                source: into.to_string(),
                 skipped,
                 applied: false,
                 rejected: true,
-                list_size: daemon.policy().list(target).len().total() as u64,
+                list_size: size_of(&daemon.policy(), target) as u64,
                 ..Default::default()
             }));
         }
@@ -573,6 +690,7 @@ fn import(
         ImportMode::Merge
     };
     let mut warnings: Vec<String> = report.warnings.iter().map(|w| w.to_string()).collect();
+    let protected = leave_out_protected(&daemon.policy(), &mut report, &mut warnings);
     if report.entries.is_empty() {
         // E.g. Spamhaus EDROP, comments only since 2024: a scheduled
         // refresh must not fail, nor may it empty the list unasked.
@@ -621,26 +739,29 @@ fn import(
             report.count(other)
         ));
     }
-    let size_before = daemon.policy().list(target).len().total();
+    let size_before = size_of(&daemon.policy(), target);
     // A merge of no entries leaves the lists, the kernel and the files.
     let changes = replace || !report.entries.is_empty();
     let diff = if dry_run || !changes {
-        daemon.policy().list(target).diff(&report, mode)
+        let empty = crate::policy::AccessList::new(target);
+        let policy = daemon.policy();
+        let current = policy.source(into).map_or(&empty, |s| s.list(target));
+        current.diff(&report, mode)
     } else {
-        let touched: &[ListKind] = if touches_other {
-            &[target, other]
-        } else {
-            &[target]
-        };
+        let mut touched = vec![Persist::List(into.clone(), target)];
+        if touches_other {
+            touched.push(Persist::List(into.clone(), other));
+        }
         let started = std::time::Instant::now();
-        let diff = daemon.change_policy_for(still_wanted, touched, |p| {
-            let diff = p.list_mut(target).import(&report, mode)?;
+        let diff = daemon.change_policy_for(still_wanted, &touched, |p| {
+            let lists = p.source_mut(into);
+            let diff = lists.list_mut(target).import(&report, mode)?;
             if touches_other {
-                p.list_mut(other).import(&report, ImportMode::Merge)?;
+                lists.list_mut(other).import(&report, ImportMode::Merge)?;
             }
             Ok((diff, KernelWrite::Everything))
         })?;
-        tracing::info!(list = %target, source = source_name, added = diff.added.len(), removed = diff.removed.len(),
+        tracing::info!(source = %into, list = %target, file = source_name, added = diff.added.len(), removed = diff.removed.len(),
             replace, seconds = started.elapsed().as_secs_f64(), "list imported");
         daemon.close_denied_sessions();
         diff
@@ -658,6 +779,8 @@ fn import(
     }
     Ok(Response::ImportResult(ImportResult {
         list,
+        source: into.to_string(),
+        protected,
         added: diff.added.len() as u64,
         removed: diff.removed.len() as u64,
         unchanged: diff.unchanged.len() as u64,
@@ -671,9 +794,190 @@ fn import(
         list_size: if dry_run {
             size_after as u64
         } else {
-            daemon.policy().list(target).len().total() as u64
+            size_of(&daemon.policy(), target) as u64
         },
     }))
+}
+
+/// The source a change names, `local` when none; reserved names refused.
+fn writable_source(name: Option<&str>) -> Result<SourceName> {
+    Ok(match name {
+        Some(name) => SourceName::writable(name)?,
+        None => SourceName::local(),
+    })
+}
+
+/// Refuses a source that does not exist (for reads and removals).
+fn existing_source(daemon: &Daemon, name: &SourceName) -> Result<()> {
+    let policy = daemon.policy();
+    if policy.source(name).is_some() {
+        return Ok(());
+    }
+    let known: Vec<String> = policy.sources().map(|(n, _)| n.to_string()).collect();
+    Err(RequestError::NoSuchSource {
+        name: name.to_string(),
+        known: known.join(", "),
+    })
+}
+
+/// Entries of one list of one source.
+fn source_size(daemon: &Daemon, source: &SourceName, kind: ListKind) -> u64 {
+    daemon
+        .policy()
+        .source(source)
+        .map_or(0, |s| s.list(kind).len().total()) as u64
+}
+
+/// `"PREFIX covers protected range R"` for each deny prefix that shares
+/// addresses with a protected range.
+fn protected_overlaps(policy: &Policy, prefixes: &[IpNet]) -> Vec<String> {
+    prefixes
+        .iter()
+        .flat_map(|p| {
+            policy
+                .protected()
+                .overlapping(*p)
+                .into_iter()
+                .map(move |r| {
+                    if r.prefix.contains(p) && r.prefix != *p {
+                        format!("{p} is inside protected range {r}")
+                    } else {
+                        format!("{p} covers protected range {r}")
+                    }
+                })
+        })
+        .collect()
+}
+
+/// What the entries about to be added to `source`'s `kind` list have to
+/// do with entries already there (in any source): duplicates in other
+/// sources, broader entries covering them, and entries of the other list
+/// that win over them or that they leave in force. At most
+/// [`MAX_RELATED`] per entry.
+fn relation_warnings(
+    policy: &Policy,
+    source: &SourceName,
+    kind: ListKind,
+    prefixes: &[IpNet],
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for &prefix in prefixes {
+        for e in policy.related(kind, prefix, MAX_RELATED) {
+            let (p, s) = (e.entry.prefix, &e.source);
+            if p == prefix && s != source {
+                warnings.push(format!(
+                    "{prefix} is also on the {kind} of source {s} (duplicate)"
+                ));
+            } else if p.contains(&prefix) && p != prefix {
+                warnings.push(format!(
+                    "{prefix} is covered by the broader {kind} entry {p} of source {s}"
+                ));
+            }
+        }
+        match kind {
+            ListKind::Permit => {
+                for e in policy.related(ListKind::Deny, prefix, MAX_RELATED) {
+                    let (p, s) = (e.entry.prefix, &e.source);
+                    if p == prefix {
+                        warnings.push(format!(
+                            "permit {prefix} is shadowed by deny {p} of source {s}: the same \
+                             prefix on both lists is denied"
+                        ));
+                    } else if prefix.contains(&p) {
+                        warnings.push(format!(
+                            "permit {prefix} is shadowed by the longer deny {p} of source {s}: \
+                             addresses in {p} stay denied"
+                        ));
+                    }
+                }
+            }
+            ListKind::Deny => {
+                for e in policy.related(ListKind::Permit, prefix, MAX_RELATED) {
+                    let (p, s) = (e.entry.prefix, &e.source);
+                    if prefix.contains(&p) && p != prefix {
+                        warnings.push(format!(
+                            "the longer permit {p} of source {s} overrides deny {prefix}: \
+                             addresses in {p} still pass"
+                        ));
+                    } else if p == prefix {
+                        warnings.push(format!(
+                            "deny {prefix} overrides permit {p} of source {s} (the same prefix \
+                             on both lists is denied)"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    warnings
+}
+
+/// Takes deny entries wholly inside protected ranges out of an import,
+/// and warns about them and about deny entries around protected ranges
+/// (imported; their protected addresses stay permitted). Returns how many
+/// entries touched protected ranges.
+fn leave_out_protected(
+    policy: &Policy,
+    report: &mut crate::policy::ImportReport,
+    warnings: &mut Vec<String>,
+) -> u64 {
+    let protected = policy.protected();
+    let mut left_out = Vec::new();
+    let mut around = Vec::new();
+    report.entries.retain(|e| {
+        if e.list != ListKind::Deny {
+            return true;
+        }
+        if protected.contains(e.prefix) {
+            left_out.push(e.clone());
+            return false;
+        }
+        for r in protected.overlapping(e.prefix) {
+            around.push(format!("{} (line {}) covers {r}", e.prefix, e.line));
+        }
+        true
+    });
+    let name = |e: &crate::policy::ImportedEntry| {
+        let range = protected
+            .covering(e.prefix.network())
+            .map(|r| r.to_string())
+            .unwrap_or_default();
+        format!("{} (line {}) in {range}", e.prefix, e.line)
+    };
+    if !left_out.is_empty() {
+        let shown: Vec<String> = left_out.iter().take(MAX_RELATED).map(name).collect();
+        let more = left_out.len().saturating_sub(MAX_RELATED);
+        warnings.push(format!(
+            "{} inside protected ranges left out: {}{}",
+            if left_out.len() == 1 {
+                "1 entry".to_string()
+            } else {
+                format!("{} entries", left_out.len())
+            },
+            shown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    let touched = left_out.len() + around.len();
+    if !around.is_empty() {
+        let more = around.len().saturating_sub(MAX_RELATED);
+        around.truncate(MAX_RELATED);
+        warnings.push(format!(
+            "entries around protected ranges imported, their protected addresses stay \
+             permitted: {}{}",
+            around.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    touched as u64
 }
 
 /// The `stats` reply: a view of one [`Snapshot`], its `top` entries by
@@ -727,7 +1031,7 @@ fn status(daemon: &Daemon) -> StatusView {
     let config = daemon.config();
     let policy = daemon.policy();
     let size = |k: ListKind| {
-        let n = policy.list(k).len();
+        let n = policy.total_len(k);
         ListSize {
             ipv4: n.v4 as u64,
             ipv6: n.v6 as u64,
@@ -748,6 +1052,33 @@ fn status(daemon: &Daemon) -> StatusView {
         ports: config.server.ports(),
         deny_list_size: size(ListKind::Deny),
         permit_list_size: size(ListKind::Permit),
+        sources: policy
+            .sources()
+            .map(|(name, s)| {
+                let size = |k: ListKind| {
+                    let n = s.list(k).len();
+                    ListSize {
+                        ipv4: n.v4 as u64,
+                        ipv6: n.v6 as u64,
+                    }
+                };
+                SourceView {
+                    name: name.to_string(),
+                    deny: size(ListKind::Deny),
+                    permit: size(ListKind::Permit),
+                    loaded_at_unix: s
+                        .loaded_at
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                }
+            })
+            .collect(),
+        protected: policy
+            .protected()
+            .ranges()
+            .iter()
+            .map(|r| r.to_string())
+            .collect(),
         mode: policy.mode(),
         enforcement: policy.enforcement(),
         open_connections: daemon
@@ -814,6 +1145,8 @@ mod tests {
             expires_in_secs: None,
             comment: None,
             allow_all: false,
+            source: None,
+            force: false,
         }
     }
 
@@ -854,6 +1187,73 @@ mod tests {
         let reply = answer(&daemon, deny_add("198.51.100.7"), &|| !waiting.has_left()).unwrap();
         assert!(matches!(reply, Response::ListChanged(_)), "{reply:?}");
         assert_eq!(daemon.policy().list(ListKind::Deny).len().total(), 1);
+    }
+
+    /// Sources: an add into a named source writes its own file, expiry
+    /// removes it from that file only, a mode change survives a reload,
+    /// and a broken source file fails the reload with nothing changed.
+    #[test]
+    fn sources_expire_and_reload_on_their_own() {
+        let dir = TempDir::new("sources");
+        let daemon = daemon_in(&dir, "");
+        let always = || true;
+        let add = |source: &str, entry: &str, secs: Option<u64>| Request::ListAdd {
+            list: ListName::Deny,
+            entries: vec![entry.into()],
+            expires_in_secs: secs,
+            comment: None,
+            allow_all: false,
+            source: Some(source.into()),
+            force: false,
+        };
+        answer(&daemon, add("local", "192.0.2.0/24", None), &always).unwrap();
+        answer(&daemon, add("fail2ban", "198.51.100.7", Some(60)), &always).unwrap();
+        let f2b = dir.join("sources/fail2ban.deny.list");
+        assert!(std::fs::read_to_string(&f2b)
+            .unwrap()
+            .contains("198.51.100.7/32"));
+        assert_eq!(
+            daemon
+                .expire_entries(SystemTime::now() + Duration::from_secs(120))
+                .unwrap(),
+            1
+        );
+        assert!(!std::fs::read_to_string(&f2b)
+            .unwrap()
+            .contains("198.51.100.7"));
+        assert!(std::fs::read_to_string(dir.join("deny.list"))
+            .unwrap()
+            .contains("192.0.2.0/24"));
+
+        let monitor = Request::SetMode {
+            mode: None,
+            enforcement: Some(crate::policy::Enforcement::Monitor),
+        };
+        answer(&daemon, monitor, &always).unwrap();
+        daemon.reload().unwrap();
+        assert_eq!(
+            daemon.policy().enforcement(),
+            crate::policy::Enforcement::Monitor
+        );
+
+        std::fs::write(
+            dir.join("sources/bad.deny.list"),
+            "192.0.2.1\n192.0.2.300\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", anyhow::Error::new(daemon.reload().unwrap_err()));
+        assert!(e.contains("bad.deny.list") && e.contains("line 2"), "{e}");
+        assert!(daemon
+            .policy()
+            .source(&SourceName::new("bad").unwrap())
+            .is_none());
+        std::fs::write(dir.join("sources/Bad.deny.list"), "").unwrap();
+        std::fs::remove_file(dir.join("sources/bad.deny.list")).unwrap();
+        let e = format!("{:#}", anyhow::Error::new(daemon.reload().unwrap_err()));
+        assert!(
+            e.contains("Bad.deny.list") && e.contains("position 1"),
+            "{e}"
+        );
     }
 
     /// A client that only shut down its writing side still waits for the

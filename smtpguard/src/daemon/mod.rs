@@ -15,7 +15,9 @@
 
 pub mod check;
 pub mod control;
+pub mod mode_state;
 mod notify;
+pub mod paths;
 pub mod prometheus;
 pub mod report;
 pub mod settings;
@@ -36,7 +38,7 @@ use crate::{
     front_door::{self, AccessCheck, ServerContext},
     kernel::pump_kernel_log,
     logging,
-    policy::ListKind,
+    policy::RuleOrigin,
     smtp::handoff::Delivery,
     tls::{self, LoadedTls},
 };
@@ -96,15 +98,23 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         kernel,
         attachments,
     ));
-    // Drop events name the entry's prefix, not the kernel's rule id. Never
-    // waits for the kernel lock: a list change holding it must not stall
-    // the log (the id is then shown as unknown).
+    // Drop events name the entry's prefix and source, not the kernel's
+    // rule id. Never waits for the kernel lock: a list change holding it
+    // must not stall the log (the id is then shown as unknown).
     {
         let daemon = Arc::downgrade(&daemon);
-        logging::set_rule_prefix(move |id| {
+        logging::set_rule_origin(move |id| {
             let daemon = daemon.upgrade()?;
-            let kernel = daemon.kernel.try_lock().ok()?;
-            kernel.as_ref()?.sync.prefix_of(id).map(|p| p.to_string())
+            let prefix = {
+                let kernel = daemon.kernel.try_lock().ok()?;
+                kernel.as_ref()?.sync.prefix_of(id)?
+            };
+            let source = match daemon.policy().origin(prefix) {
+                Some(RuleOrigin::Entry(e)) => e.source.to_string(),
+                Some(RuleOrigin::Protected(_)) => "protected".to_owned(),
+                None => "-".to_owned(),
+            };
+            Some((prefix.to_string(), source))
         });
     }
     daemon.set_certificate_not_after(
@@ -247,10 +257,7 @@ async fn expire_entries(daemon: Arc<Daemon>, shutdown: CancellationToken) {
     loop {
         let next = {
             let policy = daemon.policy();
-            [ListKind::Deny, ListKind::Permit]
-                .iter()
-                .filter_map(|k| policy.list(*k).next_expiry())
-                .min()
+            policy.next_expiry()
         };
         let now = std::time::SystemTime::now();
         let wait = next

@@ -13,7 +13,7 @@ use crate::{
     config::{Delivery, TlsMode, UpstreamProtocol},
     front_door,
     kernel::CounterSnapshot,
-    policy::ListKind,
+    policy::{ListKind, SourceName},
 };
 
 /// The one summary given at start: interfaces and XDP mode, ports, list
@@ -74,8 +74,8 @@ impl Summary {
             .collect();
         let ports: Vec<String> = config.server.ports().iter().map(u16::to_string).collect();
         let list = |kind: ListKind| {
-            let n = policy.list(kind).len();
-            let path = super::state::list_path(&config, kind);
+            let n = policy.total_len(kind);
+            let path = super::paths::list_path(&config, &SourceName::local(), kind);
             format!(
                 "{} entries (IPv4 {}, IPv6 {}) from {}",
                 n.total(),

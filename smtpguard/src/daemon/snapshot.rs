@@ -69,8 +69,8 @@ impl Snapshot {
             xdp,
             entry_hits,
             front_door: daemon.server().map(|s| s.metrics().snapshot()),
-            deny_entries: policy.list(ListKind::Deny).len(),
-            permit_entries: policy.list(ListKind::Permit).len(),
+            deny_entries: policy.total_len(ListKind::Deny),
+            permit_entries: policy.total_len(ListKind::Permit),
             last_list_load: daemon.last_list_load(),
         }
     }

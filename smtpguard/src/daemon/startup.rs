@@ -1,6 +1,7 @@
 //! Starting the parts that need no runtime: configuration, lists, the XDP
 //! program. Each step fails with an error that names what and where.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
@@ -12,8 +13,13 @@ use crate::{
         loader::DEFAULT_PIN_DIR, ApplyHow, AttachMode, Attachment, Kernel, KernelError, KernelLog,
         PinState, SyncError,
     },
-    policy::{AccessList, ListError, ListKind, Policy, PolicyError},
+    policy::{
+        AccessList, ListError, ListKind, Policy, PolicyError, Protected, ProtectedKind,
+        ProtectedRange, SourceError, SourceName,
+    },
 };
+
+use super::{mode_state, paths};
 
 /// A part of the daemon could not be started (or, on reload, read again).
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +37,36 @@ pub enum StartupError {
         #[source]
         source: ListError,
     },
+    /// The sources directory could not be read.
+    #[error("reading the sources directory {}", path.display())]
+    SourcesDir {
+        /// The directory.
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A list file of the sources directory whose name is no source name.
+    #[error("list file {} of the sources directory", path.display())]
+    SourceFileName {
+        /// The file.
+        path: PathBuf,
+        #[source]
+        source: SourceError,
+    },
+    /// `local.*.list` in the sources directory: `local` is the configured
+    /// list files.
+    #[error(
+        "list file {} of the sources directory: the local source is policy.deny_list and \
+         policy.permit_list; move its entries there",
+        path.display()
+    )]
+    LocalInSourcesDir {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The state file (mode and enforcement).
+    #[error(transparent)]
+    ModeState(#[from] mode_state::ModeStateError),
     /// The lists together: wrong kinds, or too many for the kernel.
     #[error(transparent)]
     Policy(#[from] PolicyError),
@@ -65,8 +101,12 @@ pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
     Config::load(path.unwrap_or(Path::new(DEFAULT_CONFIG_PATH)))
 }
 
-/// Loads both list files into a policy with the configured mode. A missing
-/// file is an empty list; a file with any bad line stops the start.
+/// Loads every source (the `local` list files and the files of the
+/// sources directory) into a policy, with the protected ranges of the
+/// configuration and the mode of the state file (the configured mode
+/// when there is none). A missing list file is an empty list; a file with
+/// any bad line, or a file of the sources directory whose name is not a
+/// valid source name, stops the start (and fails a reload whole).
 pub fn load_policy(config: &Config) -> Result<Policy> {
     let load = |kind: ListKind, path: &PathBuf| -> Result<AccessList> {
         let loaded = AccessList::load(path, kind).map_err(|source| StartupError::List {
@@ -86,25 +126,110 @@ pub fn load_policy(config: &Config) -> Result<Policy> {
             tracing::warn!(list = %kind, path = %path.display(), prefix = %entry.prefix,
                 "the list file holds a whole-family entry: it covers every address of that family");
         }
-        if !loaded.existed {
+        if !loaded.existed && !path.starts_with(paths::sources_dir(config)) {
             tracing::info!(list = %kind, path = %path.display(), "no list file yet: the list starts empty");
         }
         Ok(loaded.list)
     };
-    let deny = load(ListKind::Deny, &config.policy.deny_list)?;
-    let permit = load(ListKind::Permit, &config.policy.permit_list)?;
-    if config.policy.mode == crate::policy::PolicyMode::DenyAllExceptPermit && permit.is_empty() {
+    let mut policy = Policy::new(config.policy.mode, config.policy.enforcement);
+    for source in std::iter::once(SourceName::local()).chain(source_names(config)?) {
+        let deny = load(
+            ListKind::Deny,
+            &paths::list_path(config, &source, ListKind::Deny),
+        )?;
+        let permit = load(
+            ListKind::Permit,
+            &paths::list_path(config, &source, ListKind::Permit),
+        )?;
+        policy.insert_source(source, deny, permit)?;
+    }
+    policy.set_protected(protected_ranges(config));
+    if let Some(state) = mode_state::load(&paths::state_path(config))? {
+        policy.set_mode(state.mode);
+        policy.set_enforcement(state.enforcement);
+    }
+    if policy.mode() == crate::policy::PolicyMode::DenyAllExceptPermit
+        && policy.total_len(ListKind::Permit).total() == 0
+    {
         tracing::warn!(
             "mode deny-all-except-permit with an empty permit list: every client is refused \
              (add entries with `smtpguard permit add`)"
         );
     }
-    Ok(Policy::with_lists(
-        config.policy.mode,
-        config.policy.enforcement,
-        deny,
-        permit,
-    )?)
+    Ok(policy)
+}
+
+/// The names of the sources with files in the sources directory, sorted;
+/// none when the directory does not exist.
+fn source_names(config: &Config) -> Result<BTreeSet<SourceName>> {
+    let dir = paths::sources_dir(config);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
+        Err(source) => return Err(StartupError::SourcesDir { path: dir, source }),
+    };
+    let mut names = BTreeSet::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| StartupError::SourcesDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let file_name = entry.file_name();
+        let Some((name, _)) = file_name.to_str().and_then(paths::parse_source_file_name) else {
+            continue;
+        };
+        let bad_name = |source| StartupError::SourceFileName {
+            path: entry.path(),
+            source,
+        };
+        let name = SourceName::new(name).map_err(bad_name)?;
+        if name.is_local() {
+            return Err(StartupError::LocalInSourcesDir { path: entry.path() });
+        }
+        names.insert(name);
+    }
+    Ok(names)
+}
+
+/// The ranges the lists may never refuse: loopback, the explicit listen
+/// addresses (a wildcard listener protects nothing more: list the host's
+/// addresses in `policy.protected`), `delivery.relay_networks` and
+/// `policy.protected`.
+pub fn protected_ranges(config: &Config) -> Protected {
+    let listen = config
+        .server
+        .listen
+        .iter()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .map(|ip| ProtectedRange {
+            prefix: IpNet::from(ip),
+            kind: ProtectedKind::ListenAddress,
+        });
+    let relay = match &config.delivery {
+        crate::config::Delivery::Spool(spool) => spool.relay_networks.clone(),
+        _ => Vec::new(),
+    }
+    .into_iter()
+    .map(|prefix| ProtectedRange {
+        prefix,
+        kind: ProtectedKind::RelayNetwork,
+    });
+    let configured = config
+        .policy
+        .protected
+        .iter()
+        .map(|&prefix| ProtectedRange {
+            prefix,
+            kind: ProtectedKind::Configured,
+        });
+    Protected::new(
+        Protected::loopback()
+            .into_iter()
+            .chain(listen)
+            .chain(relay)
+            .chain(configured),
+    )
 }
 
 /// Warns about configurations that are valid but accept no mail.

@@ -21,8 +21,16 @@ use crate::{
     config::Config,
     front_door::{Access, DenyReason, ServerHandle},
     kernel::{ApplyHow, Attachment, CounterSnapshot, Kernel, SyncError},
-    policy::{Enforcement, ListError, ListKind, Policy, PolicyError, Reason, Verdict},
+    policy::{
+        AccessList, Enforcement, ListError, ListKind, Policy, PolicyError, Reason, RuleOrigin,
+        SourceName, Verdict,
+    },
     tls::TlsError,
+};
+
+use super::{
+    mode_state::{self, ModeState, ModeStateError},
+    paths::{list_path, state_path},
 };
 
 /// Why a change of the lists, the mode or the configuration was refused.
@@ -49,10 +57,12 @@ pub enum DaemonError {
     #[error(
         "saving the list; nothing was changed: {} changed on disk since smtpguard read it; \
          run `smtpguard reload` to load it (or fix what reload reports) before changing the \
-         {list} from the CLI",
+         {list} of source {source_name} from the CLI",
         path.display()
     )]
     ChangedOnDisk {
+        /// The source.
+        source_name: SourceName,
         /// The list.
         list: ListKind,
         /// Its file.
@@ -61,6 +71,9 @@ pub enum DaemonError {
     /// A list file could not be written.
     #[error("saving the list; nothing was changed")]
     Save(#[source] ListError),
+    /// The mode could not be saved in the state file.
+    #[error("saving the mode; nothing was changed")]
+    SaveMode(#[source] Box<ModeStateError>),
     /// Reload: the configuration or a list file could not be read.
     #[error(transparent)]
     Startup(Box<super::startup::StartupError>),
@@ -112,7 +125,16 @@ pub struct Daemon {
     /// Modification time and size of each list file as last read or
     /// written by us: a file edited by hand since then is never silently
     /// overwritten by a CLI change.
-    on_disk: Mutex<std::collections::HashMap<ListKind, Option<(SystemTime, u64)>>>,
+    on_disk: Mutex<std::collections::HashMap<PathBuf, Option<(SystemTime, u64)>>>,
+}
+
+/// What a change must write to disk, besides the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Persist {
+    /// One list of one source: its file.
+    List(SourceName, ListKind),
+    /// The mode and enforcement: the state file.
+    Mode,
 }
 
 /// When the lists last went into the kernel whole, and how long it took.
@@ -182,10 +204,7 @@ impl Daemon {
             last_list_load: Mutex::new(None),
             on_disk: Mutex::new(std::collections::HashMap::new()),
         };
-        for kind in [ListKind::Deny, ListKind::Permit] {
-            let path = list_path(&daemon.config(), kind);
-            daemon.remember_on_disk(kind, &path);
-        }
+        daemon.remember_all_on_disk();
         daemon
     }
 
@@ -195,25 +214,42 @@ impl Daemon {
     }
 
     /// Records the list file as we now know it.
-    fn remember_on_disk(&self, kind: ListKind, path: &std::path::Path) {
+    fn remember_on_disk(&self, path: &std::path::Path) {
         self.on_disk
             .lock()
             .expect("disk lock")
-            .insert(kind, Self::fingerprint(path));
+            .insert(path.to_path_buf(), Self::fingerprint(path));
+    }
+
+    /// Records every list file of every source of the policy in force.
+    fn remember_all_on_disk(&self) {
+        let config = self.config();
+        let policy = self.policy();
+        for (source, _) in policy.sources() {
+            for kind in [ListKind::Deny, ListKind::Permit] {
+                self.remember_on_disk(&list_path(&config, source, kind));
+            }
+        }
     }
 
     /// Refuses to overwrite a list file someone changed since we read it.
-    fn check_unchanged_on_disk(&self, kind: ListKind, path: &std::path::Path) -> Result<()> {
+    fn check_unchanged_on_disk(
+        &self,
+        source: &SourceName,
+        kind: ListKind,
+        path: &std::path::Path,
+    ) -> Result<()> {
         let known = self
             .on_disk
             .lock()
             .expect("disk lock")
-            .get(&kind)
+            .get(path)
             .copied()
             .flatten();
         let now = Self::fingerprint(path);
         if now.is_some() && now != known {
             return Err(DaemonError::ChangedOnDisk {
+                source_name: source.clone(),
                 list: kind,
                 path: path.to_path_buf(),
             });
@@ -255,6 +291,11 @@ impl Daemon {
     /// The front door's view of the lists for `client`.
     pub fn access(&self, client: IpAddr) -> Access {
         let policy = self.policy();
+        // The common case, a permitted client, without building the
+        // explanation.
+        if policy.decide(client).verdict() == Verdict::Permit {
+            return Access::Allow;
+        }
         let explanation = policy.explain(client);
         if explanation.verdict != Verdict::Deny || explanation.enforcement == Enforcement::Off {
             return Access::Allow;
@@ -325,6 +366,21 @@ impl Daemon {
             .unwrap_or_default()
     }
 
+    /// What the kernel rule `rule_id` (as in a drop event or a hit
+    /// counter) stands for: its prefix, and the list entry with its source
+    /// (or the protected range) behind it. `None` without XDP, for an
+    /// unused id, or for a rule being removed right now.
+    pub fn rule_origin(&self, rule_id: u32) -> Option<(IpNet, RuleOrigin)> {
+        let prefix = self
+            .kernel
+            .lock()
+            .expect("kernel lock")
+            .as_ref()?
+            .sync
+            .prefix_of(rule_id)?;
+        Some((prefix, self.policy().origin(prefix)?))
+    }
+
     /// Applies `change` to a copy of the policy, then the kernel, then the
     /// files of the lists named in `touched`; makes it the policy in force
     /// only if every step worked. `change` says what the kernel must be
@@ -332,7 +388,7 @@ impl Daemon {
     /// write each) or everything (imports, reloads: one atomic switch).
     pub fn change_policy<T>(
         &self,
-        touched: &[ListKind],
+        touched: &[Persist],
         change: impl FnOnce(&mut Policy) -> Result<(T, KernelWrite)>,
     ) -> Result<T> {
         self.change_policy_for(&|| true, touched, change)
@@ -350,7 +406,7 @@ impl Daemon {
     pub fn change_policy_for<T>(
         &self,
         still_wanted: &dyn Fn() -> bool,
-        touched: &[ListKind],
+        touched: &[Persist],
         change: impl FnOnce(&mut Policy) -> Result<(T, KernelWrite)>,
     ) -> Result<T> {
         let serial = self.changes.lock().expect("changes lock");
@@ -366,7 +422,7 @@ impl Daemon {
     fn change_policy_locked<T>(
         &self,
         _serial: &std::sync::MutexGuard<'_, ()>,
-        touched: &[ListKind],
+        touched: &[Persist],
         change: impl FnOnce(&mut Policy) -> Result<(T, KernelWrite)>,
     ) -> Result<T> {
         let old = self.policy();
@@ -377,24 +433,41 @@ impl Daemon {
         let undo_kernel = self.write_kernel(&old, &new, &write)?;
 
         let config = self.config();
-        let mut saved: Vec<(ListKind, PathBuf)> = Vec::new();
-        for &kind in touched {
-            let path = list_path(&config, kind);
-            let result = self
-                .check_unchanged_on_disk(kind, &path)
-                .and_then(|()| new.list(kind).save(&path).map_err(DaemonError::Save));
+        let mut saved: Vec<(&Persist, PathBuf)> = Vec::new();
+        for persist in touched {
+            let (path, result) = match persist {
+                Persist::List(source, kind) => {
+                    let path = list_path(&config, source, *kind);
+                    let result =
+                        self.check_unchanged_on_disk(source, *kind, &path)
+                            .and_then(|()| {
+                                let list = new.source(source).map(|s| s.list(*kind));
+                                match list {
+                                    Some(list) => list.save(&path).map_err(DaemonError::Save),
+                                    None => Ok(()),
+                                }
+                            });
+                    (path, result)
+                }
+                Persist::Mode => {
+                    let path = state_path(&config);
+                    let result = mode_state::save(&path, Some(mode_state_of(&new)))
+                        .map_err(|e| DaemonError::SaveMode(Box::new(e)));
+                    (path, result)
+                }
+            };
             if let Err(e) = result {
                 // Put back the files already rewritten and the kernel.
-                for (kind, path) in saved {
-                    let _ = old.list(kind).save(&path);
+                for (persist, path) in saved {
+                    restore(&old, persist, &path);
                 }
                 if undo_kernel {
                     let _ = self.write_kernel(&new, &old, &write);
                 }
                 return Err(e);
             }
-            self.remember_on_disk(kind, &path);
-            saved.push((kind, path));
+            self.remember_on_disk(&path);
+            saved.push((persist, path));
         }
         *self.policy.write().expect("policy lock") = Arc::new(new);
         Ok(outcome)
@@ -429,16 +502,11 @@ impl Daemon {
                 self.record_list_load(started.elapsed());
             }
             KernelWrite::Prefixes(prefixes) => {
-                let changes: Vec<_> = prefixes
-                    .iter()
-                    .map(|p| (*p, merged_action(new, p)))
-                    .collect();
+                let changes: Vec<_> = prefixes.iter().map(|p| (*p, new.rule_action(*p))).collect();
                 if let Err(e) = sync.update(&changes) {
                     // Restore the prefixes written before the failure.
-                    let restore: Vec<_> = prefixes
-                        .iter()
-                        .map(|p| (*p, merged_action(old, p)))
-                        .collect();
+                    let restore: Vec<_> =
+                        prefixes.iter().map(|p| (*p, old.rule_action(*p))).collect();
                     let _ = sync.update(&restore);
                     return Err(DaemonError::KernelUpdate(Box::new(e)));
                 }
@@ -532,10 +600,10 @@ impl Daemon {
         let mode_note =
             if (live.mode(), live.enforcement()) != (policy.mode(), policy.enforcement()) {
                 format!(
-                " (was {}, {} until now: a live `smtpguard mode` change gives way to the config)",
-                live.mode(),
-                live.enforcement()
-            )
+                    " (was {}, {} until now: no state file, so the configured mode applies)",
+                    live.mode(),
+                    live.enforcement()
+                )
             } else {
                 String::new()
             };
@@ -547,9 +615,7 @@ impl Daemon {
             self.set_config((*old).clone());
             return Err(e);
         }
-        for kind in [ListKind::Deny, ListKind::Permit] {
-            self.remember_on_disk(kind, &list_path(&config, kind));
-        }
+        self.remember_all_on_disk();
         drop(serial);
         if let Some(server) = self.server() {
             server.set_tls(tls.as_ref().map(|t| Arc::clone(&t.server_config)));
@@ -559,10 +625,15 @@ impl Daemon {
                 .map(|t| t.certificate.not_after_unix.max(0) as u64),
         );
         let policy = self.policy();
+        let sources: Vec<String> = policy
+            .sources()
+            .map(|(name, s)| format!("{name} {}", s.len().total()))
+            .collect();
         let mut summary = format!(
-            "lists reloaded (deny {}, permit {}), mode {}, {}{mode_note}",
-            policy.list(ListKind::Deny).len().total(),
-            policy.list(ListKind::Permit).len().total(),
+            "lists reloaded (deny {}, permit {}; sources: {}), mode {}, {}{mode_note}",
+            policy.total_len(ListKind::Deny).total(),
+            policy.total_len(ListKind::Permit).total(),
+            sources.join(", "),
             policy.mode(),
             policy.enforcement()
         );
@@ -582,33 +653,46 @@ impl Daemon {
 
     /// Expires temporary entries whose time has come; logs each.
     pub fn expire_entries(&self, now: SystemTime) -> Result<usize> {
-        let touched = [ListKind::Deny, ListKind::Permit];
+        let due = self.policy().due_lists(now);
+        let touched: Vec<Persist> = due
+            .into_iter()
+            .map(|(source, kind)| Persist::List(source, kind))
+            .collect();
         let expired = self.change_policy(&touched, |p| {
             let expired = p.expire(now);
-            let prefixes = expired.iter().map(|(_, e)| e.prefix).collect();
+            let prefixes = expired.iter().map(|(_, _, e)| e.prefix).collect();
             Ok((expired, KernelWrite::Prefixes(prefixes)))
         })?;
         if !expired.is_empty() {
             self.close_denied_sessions();
         }
-        for (kind, entry) in &expired {
-            tracing::info!(list = %kind, prefix = %entry.prefix, comment = entry.comment.as_deref().unwrap_or(""),
+        for (source, kind, entry) in &expired {
+            tracing::info!(source = %source, list = %kind, prefix = %entry.prefix, comment = entry.comment.as_deref().unwrap_or(""),
                 "temporary entry expired and was removed");
         }
         Ok(expired.len())
     }
 }
 
-/// The file a list lives in.
-pub fn list_path(config: &Config, kind: ListKind) -> PathBuf {
-    match kind {
-        ListKind::Deny => config.policy.deny_list.clone(),
-        ListKind::Permit => config.policy.permit_list.clone(),
+/// The state file's contents for `policy`.
+fn mode_state_of(policy: &Policy) -> ModeState {
+    ModeState {
+        mode: policy.mode(),
+        enforcement: policy.enforcement(),
     }
 }
 
-/// The kernel's action for `prefix` under `policy` (see
-/// [`Policy::list_holding`]).
-fn merged_action(policy: &Policy, prefix: &IpNet) -> Option<Action> {
-    policy.list_holding(*prefix).map(Action::from)
+/// Puts back what a failed change already wrote for `persist` (best
+/// effort: the error being reported is the first one).
+fn restore(old: &Policy, persist: &Persist, path: &std::path::Path) {
+    match persist {
+        Persist::List(source, kind) => {
+            let empty = AccessList::new(*kind);
+            let list = old.source(source).map_or(&empty, |s| s.list(*kind));
+            let _ = list.save(path);
+        }
+        Persist::Mode => {
+            let _ = mode_state::save(path, Some(mode_state_of(old)));
+        }
+    }
 }

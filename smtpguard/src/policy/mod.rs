@@ -17,6 +17,12 @@
 //! [`Policy::compile`] merges both lists into the rules of the kernel LPM
 //! tries so that the XDP program reaches the same verdict.
 //!
+//! Entries come in named **sources** ([`SourceName`]): `local` (the
+//! operator's CLI entries, the configured list files) and imports such as
+//! `ipsum`, each its own deny and permit list with its own files. The
+//! verdict and the kernel rules are the merge of all sources. **Protected
+//! ranges** ([`Protected`]) are never refused, whatever the lists hold.
+//!
 //! IPv4-mapped IPv6 addresses and prefixes (`::ffff:192.0.2.1`,
 //! `::ffff:198.51.100.0/120`, RFC 4291 section 2.5.5.2) are IPv4 for every
 //! purpose here: entries are stored as IPv4, and addresses are normalised
@@ -39,7 +45,9 @@
 mod entry;
 mod import;
 mod list;
+mod protect;
 mod ruleset;
+mod source;
 mod table;
 
 use std::fmt;
@@ -54,14 +62,18 @@ pub use import::{
     parse_list, read_list_file, ImportError, ImportFormat, ImportOptions, ImportReport,
     ImportWarning, ImportedEntry,
 };
+pub(crate) use list::{install_temp, write_temp};
 pub use list::{
     AccessList, AddOutcome, CoveredEntry, DuplicateEntry, FamilyCounts, ImportDiff, ImportMode,
     ListEntry, ListError, LoadedList, RemoveOutcome, DEFAULT_DENY_LIST_PATH,
     DEFAULT_PERMIT_LIST_PATH,
 };
+pub use protect::{Protected, ProtectedKind, ProtectedRange};
 pub use ruleset::{
-    CompiledRule, Enforcement, Explanation, Policy, PolicyError, PolicyMode, Reason, Verdict,
+    CompiledRule, Enforcement, Explanation, Policy, PolicyError, PolicyMode, Reason, RuleOrigin,
+    SourcedEntry, Verdict,
 };
+pub use source::{SourceError, SourceLists, SourceName, MAX_SOURCE_NAME_BYTES};
 
 /// The largest list file read (a list on disk or a file to import), in
 /// bytes: 256 MiB, over ten times a million-prefix list. A path that is a

@@ -7,6 +7,7 @@
 //! lists is a deny; no entry at all leaves it to the [`PolicyMode`].
 //! IPv4-mapped IPv6 addresses are judged as the IPv4 address they carry.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -16,7 +17,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use smtpguard_common::{Action, MAX_PREFIXES_PER_FAMILY, MAX_RULE_IDS};
 
-use super::list::{AccessList, ListEntry};
+use super::list::{AccessList, FamilyCounts, ListEntry};
+use super::protect::{Protected, ProtectedRange};
+use super::source::{SourceLists, SourceName};
 use super::{AddressFamily, ListKind};
 
 /// Why a policy operation failed.
@@ -194,6 +197,9 @@ pub enum Reason {
     Permitted,
     /// Accept-all mode and no entry matches.
     DefaultAccept,
+    /// The address is in a protected range (loopback, a listen address,
+    /// a relay network, `policy.protected`): never refused.
+    Protected,
 }
 
 impl Reason {
@@ -201,7 +207,7 @@ impl Reason {
     pub fn verdict(self) -> Verdict {
         match self {
             Reason::DenyList | Reason::NotPermitted => Verdict::Deny,
-            Reason::Permitted | Reason::DefaultAccept => Verdict::Permit,
+            Reason::Permitted | Reason::DefaultAccept | Reason::Protected => Verdict::Permit,
         }
     }
 }
@@ -215,10 +221,22 @@ pub struct Explanation {
     pub mode: PolicyMode,
     /// The enforcement in force.
     pub enforcement: Enforcement,
-    /// The most specific deny-list entry covering the address.
+    /// The most specific deny-list entry of any source covering the
+    /// address (the first source in order on a tie).
     pub deny_match: Option<ListEntry>,
-    /// The most specific permit-list entry covering the address.
+    /// The source of `deny_match`.
+    pub deny_source: Option<SourceName>,
+    /// The most specific permit-list entry of any source covering the
+    /// address.
     pub permit_match: Option<ListEntry>,
+    /// The source of `permit_match`.
+    pub permit_source: Option<SourceName>,
+    /// The protected range holding the address, which decides before any
+    /// entry.
+    pub protected: Option<ProtectedRange>,
+    /// The most specific entry of each source and list covering the
+    /// address, other than the deciding one: what the verdict overrode.
+    pub overridden: Vec<SourcedEntry>,
     /// The outcome.
     pub verdict: Verdict,
     /// Why.
@@ -267,6 +285,11 @@ impl fmt::Display for Explanation {
                 }
             }
             (Reason::NotPermitted, ..) => write!(f, ", on no list; mode {}", self.mode)?,
+            (Reason::Protected, ..) => {
+                if let Some(r) = &self.protected {
+                    write!(f, ", protected range {r}")?;
+                }
+            }
             (Reason::DefaultAccept, ..) => write!(f, ", on no list; mode {}", self.mode)?,
             _ => {}
         }
@@ -286,27 +309,60 @@ pub struct CompiledRule {
     pub action: Action,
 }
 
-/// PolicyMode, enforcement and the two lists.
+/// Mode, enforcement, the named sources (each a deny and a permit list)
+/// and the protected ranges.
+///
+/// The verdict merges every source: the longest prefix on any source's
+/// lists wins, deny wins a tie. Where several sources hold the same
+/// prefix on the same list, the kernel holds one rule (the action is the
+/// same); the source first in [`SourceName`] order (`local`, then by name)
+/// is the one named as deciding, the others as overridden, and each entry
+/// keeps its own comment and expiry (when one expires, the other still
+/// holds the prefix).
 #[derive(Clone, Debug)]
 pub struct Policy {
     mode: PolicyMode,
     enforcement: Enforcement,
-    deny: AccessList,
-    permit: AccessList,
+    /// Always holds `local`.
+    sources: BTreeMap<SourceName, SourceLists>,
+    protected: Protected,
+}
+
+/// A list entry with the source and list it is on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SourcedEntry {
+    /// The source.
+    pub source: SourceName,
+    /// The list.
+    pub list: ListKind,
+    /// The entry.
+    pub entry: ListEntry,
+}
+
+/// What a kernel rule stands for ([`Policy::origin`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuleOrigin {
+    /// A list entry (the first source in order holding the prefix on the
+    /// rule's list).
+    Entry(SourcedEntry),
+    /// A protected range, or an entry inside one that the kernel holds as
+    /// a permit.
+    Protected(ProtectedRange),
 }
 
 impl Policy {
-    /// A policy with empty lists.
+    /// A policy with empty lists and no protected ranges.
     pub fn new(mode: PolicyMode, enforcement: Enforcement) -> Self {
         Self {
             mode,
             enforcement,
-            deny: AccessList::new(ListKind::Deny),
-            permit: AccessList::new(ListKind::Permit),
+            sources: BTreeMap::from([(SourceName::local(), SourceLists::default())]),
+            protected: Protected::default(),
         }
     }
 
-    /// A policy over existing lists.
+    /// A policy whose `local` source is these lists.
     ///
     /// # Errors
     ///
@@ -318,6 +374,23 @@ impl Policy {
         deny: AccessList,
         permit: AccessList,
     ) -> Result<Self, PolicyError> {
+        let mut policy = Self::new(mode, enforcement);
+        policy.insert_source(SourceName::local(), deny, permit)?;
+        Ok(policy)
+    }
+
+    /// Adds (or replaces) a whole source, loaded now.
+    ///
+    /// # Errors
+    ///
+    /// [`PolicyError::WrongList`] if `deny` is not a deny list or `permit`
+    /// not a permit list.
+    pub fn insert_source(
+        &mut self,
+        name: SourceName,
+        deny: AccessList,
+        permit: AccessList,
+    ) -> Result<(), PolicyError> {
         for (expected, list) in [(ListKind::Deny, &deny), (ListKind::Permit, &permit)] {
             if list.kind() != expected {
                 return Err(PolicyError::WrongList {
@@ -326,12 +399,8 @@ impl Policy {
                 });
             }
         }
-        Ok(Self {
-            mode,
-            enforcement,
-            deny,
-            permit,
-        })
+        self.sources.insert(name, SourceLists::new(deny, permit));
+        Ok(())
     }
 
     /// The mode.
@@ -354,58 +423,209 @@ impl Policy {
         self.enforcement = enforcement;
     }
 
-    /// One of the lists.
+    /// The protected ranges.
+    pub fn protected(&self) -> &Protected {
+        &self.protected
+    }
+
+    /// Replaces the protected ranges.
+    pub fn set_protected(&mut self, protected: Protected) {
+        self.protected = protected;
+    }
+
+    /// One of the lists of the `local` source.
     pub fn list(&self, kind: ListKind) -> &AccessList {
-        match kind {
-            ListKind::Deny => &self.deny,
-            ListKind::Permit => &self.permit,
-        }
+        self.sources[&SourceName::local()].list(kind)
     }
 
-    /// One of the lists, to change it.
+    /// One of the lists of the `local` source, to change it.
     pub fn list_mut(&mut self, kind: ListKind) -> &mut AccessList {
-        match kind {
-            ListKind::Deny => &mut self.deny,
-            ListKind::Permit => &mut self.permit,
-        }
+        self.source_mut(&SourceName::local()).list_mut(kind)
     }
 
-    /// The list whose rule the kernel holds for exactly `prefix`: the deny
-    /// list when the prefix is on it (deny wins on the identical prefix, as
-    /// in [`Policy::compile`]), else the permit list when it is there;
-    /// `None` when on neither. Hit counters are per kernel rule, so this is
-    /// also the list an entry's hits are counted for.
+    /// A source, if it exists.
+    pub fn source(&self, name: &SourceName) -> Option<&SourceLists> {
+        self.sources.get(name)
+    }
+
+    /// A source, to change it; created empty if it does not exist yet.
+    pub fn source_mut(&mut self, name: &SourceName) -> &mut SourceLists {
+        self.sources.entry(name.clone()).or_default()
+    }
+
+    /// Every source, `local` first, then by name.
+    pub fn sources(&self) -> impl Iterator<Item = (&SourceName, &SourceLists)> {
+        self.sources.iter()
+    }
+
+    /// Entries of one list over all sources, by family (a prefix held by
+    /// two sources counts twice).
+    pub fn total_len(&self, kind: ListKind) -> FamilyCounts {
+        self.sources.values().fold(FamilyCounts::default(), |n, s| {
+            let m = s.list(kind).len();
+            FamilyCounts {
+                v4: n.v4 + m.v4,
+                v6: n.v6 + m.v6,
+            }
+        })
+    }
+
+    /// Every entry of every source covering `prefix` or inside it, on
+    /// `kind`'s list (for the warnings of a CLI change); at most `max`.
+    pub fn related(&self, kind: ListKind, prefix: IpNet, max: usize) -> Vec<SourcedEntry> {
+        let mut found = Vec::new();
+        for (name, source) in &self.sources {
+            let list = source.list(kind);
+            let hits = list
+                .table()
+                .cover(&prefix)
+                .into_iter()
+                .map(|(p, _)| p)
+                .chain(
+                    list.table()
+                        .inside(&prefix, max + 1)
+                        .into_iter()
+                        .map(|(p, _)| p)
+                        .filter(|p| *p != prefix),
+                );
+            for p in hits {
+                if found.len() == max {
+                    return found;
+                }
+                if let Some(entry) = list.get(p) {
+                    found.push(SourcedEntry {
+                        source: name.clone(),
+                        list: kind,
+                        entry,
+                    });
+                }
+            }
+        }
+        found
+    }
+
+    /// The list whose rule the kernel holds for exactly `prefix`, over all
+    /// sources: deny when any source has it on its deny list (deny wins on
+    /// the identical prefix, as in [`Policy::compile`]), else permit when
+    /// any has it on its permit list; `None` when on neither. Hit counters
+    /// are per kernel rule, so this is also the list an entry's hits are
+    /// counted for.
     pub fn list_holding(&self, prefix: IpNet) -> Option<ListKind> {
         [ListKind::Deny, ListKind::Permit]
             .into_iter()
-            .find(|&kind| self.list(kind).get(prefix).is_some())
+            .find(|&kind| {
+                self.sources
+                    .values()
+                    .any(|s| s.list(kind).get(prefix).is_some())
+            })
     }
 
-    /// Removes the due temporary entries of both lists; returns them with
-    /// their list.
-    pub fn expire(&mut self, now: SystemTime) -> Vec<(ListKind, ListEntry)> {
-        let mut removed: Vec<(ListKind, ListEntry)> = self
-            .deny
-            .expire(now)
-            .into_iter()
-            .map(|e| (ListKind::Deny, e))
-            .collect();
-        removed.extend(
-            self.permit
-                .expire(now)
-                .into_iter()
-                .map(|e| (ListKind::Permit, e)),
-        );
+    /// The kernel's action for exactly `prefix`, as [`Policy::compile`]
+    /// makes it: [`Policy::list_holding`], except that rules inside
+    /// protected ranges, and the protected ranges themselves, permit.
+    pub fn rule_action(&self, prefix: IpNet) -> Option<Action> {
+        if self.protected.is_rule(prefix) {
+            return Some(Action::Permit);
+        }
+        let list = self.list_holding(prefix)?;
+        if list == ListKind::Deny && self.protected.contains(prefix) {
+            return Some(Action::Permit);
+        }
+        Some(list.into())
+    }
+
+    /// What the kernel rule for exactly `prefix` stands for: the entry and
+    /// its source, or the protected range that made it a permit. `None`
+    /// when no rule has that prefix. (The kernel sync maps a rule id to its
+    /// prefix; with this, logs can name the prefix and the source.)
+    pub fn origin(&self, prefix: IpNet) -> Option<RuleOrigin> {
+        let action = self.rule_action(prefix)?;
+        let list = self.list_holding(prefix);
+        let protected = || {
+            self.protected
+                .covering(prefix.network())
+                .filter(|r| r.prefix.contains(&prefix))
+                .map(RuleOrigin::Protected)
+        };
+        match (action, list) {
+            (Action::Permit, Some(ListKind::Deny)) | (Action::Permit, None) => protected(),
+            (_, Some(list)) => self.sources.iter().find_map(|(name, s)| {
+                s.list(list).get(prefix).map(|entry| {
+                    RuleOrigin::Entry(SourcedEntry {
+                        source: name.clone(),
+                        list,
+                        entry,
+                    })
+                })
+            }),
+            _ => None,
+        }
+    }
+
+    /// Removes the due temporary entries of every source; returns them with
+    /// their source and list.
+    pub fn expire(&mut self, now: SystemTime) -> Vec<(SourceName, ListKind, ListEntry)> {
+        let mut removed = Vec::new();
+        for (name, source) in &mut self.sources {
+            for kind in [ListKind::Deny, ListKind::Permit] {
+                if source.list(kind).next_expiry().is_some_and(|t| t <= now) {
+                    removed.extend(
+                        source
+                            .list_mut(kind)
+                            .expire(now)
+                            .into_iter()
+                            .map(|e| (name.clone(), kind, e)),
+                    );
+                }
+            }
+        }
         removed
     }
 
-    /// The verdict for a source address, without allocating: two LPM
-    /// lookups (one per list) in tries of the address's family. This is
-    /// the per-connection check of the SMTP front door.
+    /// The lists (by source) holding entries due at `now`: those
+    /// [`Policy::expire`] would change.
+    pub fn due_lists(&self, now: SystemTime) -> Vec<(SourceName, ListKind)> {
+        let mut due = Vec::new();
+        for (name, source) in &self.sources {
+            for kind in [ListKind::Deny, ListKind::Permit] {
+                if source.list(kind).next_expiry().is_some_and(|t| t <= now) {
+                    due.push((name.clone(), kind));
+                }
+            }
+        }
+        due
+    }
+
+    /// The earliest expiry of any entry, to schedule [`Policy::expire`].
+    pub fn next_expiry(&self) -> Option<SystemTime> {
+        self.sources
+            .values()
+            .flat_map(|s| [ListKind::Deny, ListKind::Permit].map(|k| s.list(k).next_expiry()))
+            .flatten()
+            .min()
+    }
+
+    /// The verdict for a source address, without allocating: the protected
+    /// ranges, then two LPM lookups (one per list) per source in tries of
+    /// the address's family. This is the per-connection check of the SMTP
+    /// front door.
     pub fn decide(&self, addr: IpAddr) -> Reason {
         let addr = addr.to_canonical();
-        let deny = self.deny.table().lpm(addr).map(|(p, _)| p.prefix_len());
-        let permit = self.permit.table().lpm(addr).map(|(p, _)| p.prefix_len());
+        if self.protected.covering(addr).is_some() {
+            return Reason::Protected;
+        }
+        let (mut deny, mut permit) = (None, None);
+        for source in self.sources.values() {
+            let len = |kind| {
+                source
+                    .list(kind)
+                    .table()
+                    .lpm(addr)
+                    .map(|(p, _)| p.prefix_len())
+            };
+            deny = deny.max(len(ListKind::Deny));
+            permit = permit.max(len(ListKind::Permit));
+        }
         self.reason(deny, permit)
     }
 
@@ -423,31 +643,78 @@ impl Policy {
         }
     }
 
-    /// [`Policy::decide`] with its working: the most specific entry of each
-    /// list (with comment and expiry), mode and enforcement.
+    /// [`Policy::decide`] with its working: the most specific entry of
+    /// each list over all sources (with comment, expiry and source), the
+    /// entries of the other sources and lists that it overrode, the
+    /// protected range if any, mode and enforcement.
     pub fn explain(&self, addr: IpAddr) -> Explanation {
         let address = addr.to_canonical();
-        let deny_match = self.deny.longest_match(address);
-        let permit_match = self.permit.longest_match(address);
-        let reason = self.reason(
-            deny_match.as_ref().map(|e| e.prefix.prefix_len()),
-            permit_match.as_ref().map(|e| e.prefix.prefix_len()),
-        );
+        let mut matches: Vec<SourcedEntry> = Vec::new();
+        for (name, source) in &self.sources {
+            for list in [ListKind::Deny, ListKind::Permit] {
+                if let Some(entry) = source.list(list).longest_match(address) {
+                    matches.push(SourcedEntry {
+                        source: name.clone(),
+                        list,
+                        entry,
+                    });
+                }
+            }
+        }
+        // The first of the longest, in source order.
+        let best = |list: ListKind| {
+            matches
+                .iter()
+                .filter(|m| m.list == list)
+                .fold(None::<&SourcedEntry>, |best, m| match best {
+                    Some(b) if b.entry.prefix.prefix_len() >= m.entry.prefix.prefix_len() => {
+                        Some(b)
+                    }
+                    _ => Some(m),
+                })
+                .cloned()
+        };
+        let (deny, permit) = (best(ListKind::Deny), best(ListKind::Permit));
+        let protected = self.protected.covering(address);
+        let reason = if protected.is_some() {
+            Reason::Protected
+        } else {
+            self.reason(
+                deny.as_ref().map(|e| e.entry.prefix.prefix_len()),
+                permit.as_ref().map(|e| e.entry.prefix.prefix_len()),
+            )
+        };
+        let deciding = match reason {
+            Reason::DenyList => deny.as_ref(),
+            Reason::Permitted => permit.as_ref(),
+            _ => None,
+        };
+        let overridden = matches
+            .iter()
+            .filter(|m| Some(*m) != deciding)
+            .cloned()
+            .collect();
         Explanation {
             address,
             mode: self.mode,
             enforcement: self.enforcement,
-            deny_match,
-            permit_match,
+            deny_source: deny.as_ref().map(|e| e.source.clone()),
+            permit_source: permit.as_ref().map(|e| e.source.clone()),
+            deny_match: deny.map(|e| e.entry),
+            permit_match: permit.map(|e| e.entry),
+            protected,
+            overridden,
             verdict: reason.verdict(),
             reason,
         }
     }
 
-    /// The rules for the kernel LPM tries: both lists merged, one rule per
-    /// distinct prefix, deny where a prefix is on both lists (so the
-    /// kernel's single longest-prefix lookup reaches the verdict of
-    /// [`Policy::decide`]; the mode is the kernel's default for a miss).
+    /// The rules for the kernel LPM tries: every source's lists merged,
+    /// one rule per distinct prefix, deny where a prefix is on both lists
+    /// (so the kernel's single longest-prefix lookup reaches the verdict
+    /// of [`Policy::decide`]; the mode is the kernel's default for a miss).
+    /// Each protected range adds a permit rule, and deny rules inside one
+    /// become permits (see [`Protected`]).
     ///
     /// Rules are sorted by prefix (IPv4 first). Rule ids (hit counters) are
     /// the kernel sync's business: it keeps them stable across changes.
@@ -458,18 +725,17 @@ impl Policy {
     /// capacity (`MAX_PREFIXES_PER_FAMILY`), [`PolicyError::TooManyRules`]
     /// if the ids would exceed the hit-counter array (`MAX_RULE_IDS`).
     pub fn compile(&self) -> Result<Vec<CompiledRule>, PolicyError> {
-        let mut merged: Vec<(IpNet, ListKind)> = self
-            .deny
-            .table()
-            .iter()
-            .map(|(p, _)| (p, ListKind::Deny))
-            .chain(
-                self.permit
-                    .table()
-                    .iter()
-                    .map(|(p, _)| (p, ListKind::Permit)),
-            )
-            .collect();
+        let mut merged: Vec<(IpNet, ListKind)> = Vec::new();
+        for source in self.sources.values() {
+            for kind in [ListKind::Deny, ListKind::Permit] {
+                merged.extend(source.list(kind).table().iter().map(|(p, _)| (p, kind)));
+            }
+        }
+        merged.extend(
+            self.protected
+                .rule_prefixes()
+                .map(|p| (p, ListKind::Permit)),
+        );
         // ListKind orders Deny before Permit: dedup keeps the deny entry.
         merged.sort_unstable();
         merged.dedup_by_key(|(p, _)| *p);
@@ -500,7 +766,11 @@ impl Policy {
             .into_iter()
             .map(|(prefix, list)| CompiledRule {
                 prefix,
-                action: list.into(),
+                action: if list == ListKind::Deny && self.protected.contains(prefix) {
+                    Action::Permit
+                } else {
+                    list.into()
+                },
             })
             .collect())
     }
@@ -841,6 +1111,123 @@ mod tests {
                 );
             }
         }
+    }
+
+    fn source(name: &str) -> SourceName {
+        SourceName::new(name).unwrap()
+    }
+
+    #[test]
+    fn sources_merge_longest_prefix_and_name_who_decided() {
+        let mut p = policy(PolicyMode::AcceptAllExceptDeny, &["192.0.2.0/24"], &[]);
+        let ipsum = source("ipsum");
+        p.source_mut(&ipsum)
+            .list_mut(ListKind::Deny)
+            .add([net("192.0.2.0/24"), net("198.51.100.0/24")], None, None)
+            .unwrap();
+        p.list_mut(ListKind::Permit)
+            .add([net("198.51.100.7/32")], None, None)
+            .unwrap();
+        // The same prefix in two sources: one rule; local is named.
+        let e = p.explain(ip("192.0.2.1"));
+        assert_eq!(e.reason, Reason::DenyList);
+        assert_eq!(e.deny_source, Some(SourceName::local()));
+        assert_eq!(e.overridden.len(), 1);
+        assert_eq!(e.overridden[0].source, ipsum);
+        // A local permit overrides an imported deny, and says so.
+        let e = p.explain(ip("198.51.100.7"));
+        assert_eq!(e.reason, Reason::Permitted);
+        assert_eq!(e.permit_source, Some(SourceName::local()));
+        assert_eq!(
+            (e.overridden[0].source.as_str(), e.overridden[0].list),
+            ("ipsum", ListKind::Deny)
+        );
+        let rules = p.compile().unwrap();
+        assert_eq!(rules.len(), 3, "{rules:?}");
+        assert_eq!(
+            p.origin(net("192.0.2.0/24")),
+            Some(RuleOrigin::Entry(SourcedEntry {
+                source: SourceName::local(),
+                list: ListKind::Deny,
+                entry: p.list(ListKind::Deny).get(net("192.0.2.0/24")).unwrap(),
+            }))
+        );
+        // Removing it from local leaves ipsum's: the rule stays a deny.
+        p.list_mut(ListKind::Deny).remove([net("192.0.2.0/24")]);
+        assert_eq!(p.rule_action(net("192.0.2.0/24")), Some(Action::Deny));
+        assert_eq!(p.explain(ip("192.0.2.1")).deny_source, Some(ipsum));
+        assert_eq!(p.total_len(ListKind::Deny).total(), 2);
+    }
+
+    #[test]
+    fn related_entries_cover_and_nest_across_sources() {
+        let mut p = policy(PolicyMode::AcceptAllExceptDeny, &["192.0.2.0/24"], &[]);
+        p.source_mut(&source("ipsum"))
+            .list_mut(ListKind::Deny)
+            .add([net("192.0.2.7/32"), net("198.51.100.1/32")], None, None)
+            .unwrap();
+        let names = |found: Vec<SourcedEntry>| -> Vec<String> {
+            found
+                .iter()
+                .map(|e| format!("{} {}", e.source, e.entry.prefix))
+                .collect()
+        };
+        assert_eq!(
+            names(p.related(ListKind::Deny, net("192.0.0.0/16"), 10)),
+            ["local 192.0.2.0/24", "ipsum 192.0.2.7/32"]
+        );
+        assert_eq!(
+            names(p.related(ListKind::Deny, net("192.0.2.7/32"), 10)),
+            ["local 192.0.2.0/24", "ipsum 192.0.2.7/32"]
+        );
+        assert_eq!(
+            names(p.related(ListKind::Deny, net("192.0.0.0/16"), 1)).len(),
+            1
+        );
+        assert!(p
+            .related(ListKind::Permit, net("192.0.0.0/16"), 10)
+            .is_empty());
+    }
+
+    #[test]
+    fn protected_ranges_are_never_denied_by_either_path() {
+        use crate::policy::{Protected, ProtectedKind, ProtectedRange};
+        let mut p = policy(
+            PolicyMode::DenyAllExceptPermit,
+            &["0.0.0.0/0", "127.0.0.0/8", "127.0.0.1/32", "192.0.2.0/24"],
+            &[],
+        );
+        p.set_protected(Protected::new(Protected::loopback().into_iter().chain([
+            ProtectedRange {
+                prefix: net("192.0.2.25/32"),
+                kind: ProtectedKind::ListenAddress,
+            },
+        ])));
+        let mut tries = PrefixTable::new();
+        for rule in p.compile().unwrap() {
+            assert_eq!(p.rule_action(rule.prefix), Some(rule.action), "{rule:?}");
+            tries.insert(rule.prefix, rule.action);
+        }
+        for (addr, want) in [
+            ("127.0.0.1", Verdict::Permit),
+            ("127.9.9.9", Verdict::Permit),
+            ("::1", Verdict::Permit),
+            ("192.0.2.25", Verdict::Permit),
+            ("192.0.2.26", Verdict::Deny),
+            ("198.51.100.1", Verdict::Deny),
+            ("2001:db8::1", Verdict::Deny),
+        ] {
+            let addr = ip(addr);
+            assert_eq!(p.decide(addr).verdict(), want, "{addr}");
+            assert_eq!(kernel_verdict(&tries, p.mode(), addr), want, "{addr}");
+        }
+        let e = p.explain(ip("127.0.0.1"));
+        assert_eq!(e.reason, Reason::Protected);
+        assert_eq!(e.overridden.len(), 1, "the /32 deny entry");
+        assert!(matches!(
+            p.origin(net("127.0.0.1/32")),
+            Some(RuleOrigin::Protected(r)) if r.kind == ProtectedKind::Loopback
+        ));
     }
 
     #[test]

@@ -114,6 +114,25 @@ impl<T> PrefixTable<T> {
         }
     }
 
+    /// The first `limit` stored prefixes inside `prefix` (itself included
+    /// if stored), in trie order, without visiting the rest of the table.
+    pub(crate) fn inside(&self, prefix: &IpNet, limit: usize) -> Vec<(IpNet, &T)> {
+        match prefix {
+            IpNet::V4(p) => self
+                .v4
+                .children(&p.trunc())
+                .take(limit)
+                .map(|(p, v)| (IpNet::V4(p), v))
+                .collect(),
+            IpNet::V6(p) => self
+                .v6
+                .children(&p.trunc())
+                .take(limit)
+                .map(|(p, v)| (IpNet::V6(p), v))
+                .collect(),
+        }
+    }
+
     /// The most specific stored prefix strictly broader than `prefix` that
     /// covers it.
     pub(crate) fn broader(&self, prefix: &IpNet) -> Option<(IpNet, &T)> {
