@@ -5,6 +5,7 @@
 //! with, for every submodule.
 
 mod hits;
+pub mod ipv4_table;
 pub mod loader;
 pub mod stats;
 pub mod sync;
