@@ -15,25 +15,15 @@ use crate::maps::{SG_GROUPS4_A, SG_GROUPS4_B, SG_LEAVES4_A, SG_LEAVES4_B, SG_TBL
 /// generation in force, or `None` when no entry covers it.
 #[inline(always)]
 pub fn lookup_v4(cfg: &RuntimeConfig, addr: [u8; 4]) -> Option<Rule> {
-    let (tbl, groups, leaves) = if cfg.active_generation == 0 {
-        (&SG_TBL24_A, &SG_GROUPS4_A, &SG_LEAVES4_A)
-    } else {
-        (&SG_TBL24_B, &SG_GROUPS4_B, &SG_LEAVES4_B)
-    };
     let a = u32::from_be_bytes(addr);
-    let mut e = line_entry(tbl, a >> 8)?;
-    if e >> entry::KIND_SHIFT == entry::GROUP {
-        let group: &Group = groups.get(e & entry::PAYLOAD)?;
-        let host = a & 0xff;
-        let word = (host >> 6) as usize & 3;
-        let bits = group.bitmap[word] << (63 - (host & 63));
-        let leaf = group
-            .base
-            .wrapping_add(group.rank[word] as u32)
-            .wrapping_add(popcount(bits))
-            .wrapping_sub(1);
-        e = line_entry(leaves, leaf)?;
-    }
+    // One call site per generation, so that each sees constant maps: the
+    // verifier inlines an array lookup only when the map is known, and a
+    // map picked at run time costs a helper call per load.
+    let e = if cfg.active_generation == 0 {
+        lookup_in(&SG_TBL24_A, &SG_GROUPS4_A, &SG_LEAVES4_A, a)?
+    } else {
+        lookup_in(&SG_TBL24_B, &SG_GROUPS4_B, &SG_LEAVES4_B, a)?
+    };
     let kind = e >> entry::KIND_SHIFT;
     if kind == entry::PERMIT || kind == entry::DENY {
         Some(Rule {
@@ -43,6 +33,30 @@ pub fn lookup_v4(cfg: &RuntimeConfig, addr: [u8; 4]) -> Option<Rule> {
     } else {
         None
     }
+}
+
+/// The entry for host-order address `a` in one generation's maps.
+#[inline(always)]
+fn lookup_in(
+    tbl: &Array<[u32; 16]>,
+    groups: &Array<Group>,
+    leaves: &Array<[u32; 16]>,
+    a: u32,
+) -> Option<u32> {
+    let e = line_entry(tbl, a >> 8)?;
+    if e >> entry::KIND_SHIFT != entry::GROUP {
+        return Some(e);
+    }
+    let group: &Group = groups.get(e & entry::PAYLOAD)?;
+    let host = a & 0xff;
+    let word = (host >> 6) as usize & 3;
+    let bits = group.bitmap[word] << (63 - (host & 63));
+    let leaf = group
+        .base
+        .wrapping_add(group.rank[word] as u32)
+        .wrapping_add(popcount(bits))
+        .wrapping_sub(1);
+    line_entry(leaves, leaf)
 }
 
 /// Entry `index` of an array of 16-entry lines.

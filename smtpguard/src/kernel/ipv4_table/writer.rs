@@ -98,7 +98,10 @@ impl<T: Copy + Default> Region<T> {
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(KernelError::MissingMap(name));
+            return Err(KernelError::MapMemory {
+                map: name,
+                source: std::io::Error::last_os_error(),
+            });
         }
         Ok(Region {
             base: NonNull::new(ptr.cast()).ok_or(KernelError::MissingMap(name))?,
@@ -132,8 +135,9 @@ impl Region<u32> {
     /// One aligned u32 store that a concurrent packet sees whole; Release
     /// so that the group and leaves it points to are visible first.
     fn publish(&self, index: usize, value: u32) {
-        // SAFETY: index < len is checked by the slice; u32 is aligned.
         let slot = &self.slice()[index] as *const u32 as *const AtomicU32;
+        // SAFETY: a valid, aligned u32 (bounds checked by the slice);
+        // AtomicU32 has u32's layout.
         unsafe { (*slot).store(value, Ordering::Release) };
     }
 }
