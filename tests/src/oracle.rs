@@ -14,7 +14,7 @@ use aya::{
 use ipnet::IpNet;
 use smtpguard::{
     kernel::{ApplyHow, MapSync, Stats, XdpFilter},
-    policy::{Enforcement, Policy, PolicyMode, Reason},
+    policy::{Enforcement, ListKind, Policy, PolicyMode, Reason},
 };
 use smtpguard_common::{map_names, Action, Rule, RuntimeConfig};
 
@@ -89,6 +89,25 @@ impl TrieReference {
         }
     }
 
+    /// Takes one prefix out of generation A's tries.
+    pub fn remove(&mut self, net: IpNet) {
+        let result = match net {
+            IpNet::V4(n) => {
+                let mut v4: LpmTrie<&mut MapData, [u8; 4], Rule> =
+                    LpmTrie::try_from(self.ebpf.map_mut(map_names::RULES_V4[0]).expect("map"))
+                        .expect("trie");
+                v4.remove(&Key::new(n.prefix_len() as u32, n.network().octets()))
+            }
+            IpNet::V6(n) => {
+                let mut v6: LpmTrie<&mut MapData, [u8; 16], Rule> =
+                    LpmTrie::try_from(self.ebpf.map_mut(map_names::RULES_V6[0]).expect("map"))
+                        .expect("trie");
+                v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets()))
+            }
+        };
+        result.expect("trie remove");
+    }
+
     /// Sets the runtime record (generation A).
     pub fn set_runtime(&mut self, mut runtime: RuntimeConfig) {
         runtime.active_generation = 0;
@@ -127,6 +146,8 @@ pub struct Oracle {
     policy: Policy,
     /// Rule id of each prefix, as the sync gave them.
     ids: HashMap<IpNet, u32>,
+    /// The highest rule id given so far.
+    max_id: u32,
 }
 
 impl Oracle {
@@ -158,6 +179,7 @@ impl Oracle {
             stats,
             trie,
             policy,
+            max_id: ids.values().copied().max().unwrap_or(0),
             ids,
         };
         oracle.configure(oracle.policy.mode(), oracle.policy.enforcement());
@@ -172,6 +194,65 @@ impl Oracle {
             .set_runtime(self.policy.mode().into(), enforcement.into(), &[PORT], 0)
             .expect("runtime");
         self.trie.set_runtime(self.sync.runtime());
+    }
+
+    /// Writes the same rules again through the atomic path, so the
+    /// production program switches to its other generation.
+    pub fn reapply(&mut self) {
+        let rules: Vec<(IpNet, Action)> = self
+            .policy
+            .compile()
+            .expect("policy compiles")
+            .into_iter()
+            .map(|r| (r.prefix, r.action))
+            .collect();
+        let before = self.sync.runtime().active_generation;
+        self.sync.apply(&rules, ApplyHow::Atomic).expect("apply");
+        assert_ne!(self.sync.runtime().active_generation, before, "switched");
+        for (p, id) in &self.ids {
+            assert_eq!(self.sync.prefix_of(*id), Some(*p), "ids stay stable");
+        }
+    }
+
+    /// Puts `prefix` on `list` (`Some`) or off both lists (`None`) in the
+    /// policy, and makes the same single-prefix change live in both
+    /// programs (the production one through `MapSync::update`, the path of
+    /// `smtpguard deny add`, expiry and `remove`).
+    pub fn change(&mut self, prefix: IpNet, list: Option<ListKind>) {
+        for kind in [ListKind::Deny, ListKind::Permit] {
+            self.policy.list_mut(kind).remove([prefix]);
+        }
+        if let Some(kind) = list {
+            self.policy
+                .list_mut(kind)
+                .add([prefix], None, None)
+                .expect("add");
+        }
+        let action = self.policy.list_holding(prefix).map(Action::from);
+        self.sync.update(&[(prefix, action)]).expect("update");
+        match action {
+            None => {
+                if let Some(id) = self.ids.remove(&prefix) {
+                    self.trie.remove(prefix);
+                    assert_eq!(self.sync.prefix_of(id), None, "id released");
+                }
+            }
+            Some(action) => {
+                let id = match self.ids.get(&prefix) {
+                    Some(id) => *id,
+                    None => {
+                        // A new id is a freed one or one past the highest given.
+                        let id = (1..=self.max_id + 1)
+                            .find(|id| self.sync.prefix_of(*id) == Some(prefix))
+                            .expect("the new prefix has an id");
+                        self.max_id = self.max_id.max(id);
+                        self.ids.insert(prefix, id);
+                        id
+                    }
+                };
+                self.trie.install(&[(prefix, action, id)]);
+            }
+        }
     }
 
     /// The policy judged.

@@ -4,7 +4,8 @@
 //! down to /32, /25-/31 inside /24s, the same prefix on both lists and
 //! (from 1k up) /0; each is probed at every prefix boundary +-1, inside
 //! every prefix and at random, at least 100,000 addresses per list, in
-//! both modes and all three enforcement settings.
+//! both modes and all three enforcement settings. Then the same list in
+//! the other generation, then live single-prefix changes of every length.
 
 use std::{
     collections::BTreeSet,
@@ -21,6 +22,8 @@ use smtpguard_tests::{oracle::Oracle, require_root};
 /// mode/enforcement pairs get every `SPARSE`th of them.
 const PROBES: usize = 100_000;
 const SPARSE: usize = 20;
+/// Live single-prefix changes per list, after the whole-list checks.
+const CHANGES: usize = 300;
 /// Each list's check must finish within this (loading 1M prefixes into the
 /// reference trie alone takes seconds).
 const LIMIT: Duration = Duration::from_secs(300);
@@ -152,6 +155,56 @@ fn check_list(size: usize, seed: u64) {
         );
     }
     assert!(checked >= PROBES, "{checked} checks");
+
+    // The same list in the other generation.
+    oracle.configure(PolicyMode::DenyAllExceptPermit, Enforcement::Enforce);
+    oracle.reapply();
+    for addr in probes.iter().step_by(SPARSE) {
+        oracle.check(*addr);
+    }
+    // Live single-prefix changes (deny add, permit add, remove) of every
+    // length, nested in listed prefixes and not, each checked at its
+    // boundaries and around them before the next one.
+    for round in 0..CHANGES {
+        let outer = prefixes[rng.random_range(0..prefixes.len())];
+        let len = rng.random_range(if round % 4 == 0 { 0..=24 } else { 20..=32 });
+        let host = u32::from(outer.network()) | (rng.random::<u32>() & !u32::from(outer.netmask()));
+        let p = net(host, len);
+        let list = match rng.random_range(0..3) {
+            0 => Some(ListKind::Deny),
+            1 => Some(ListKind::Permit),
+            _ => None,
+        };
+        // Removals mostly of listed prefixes.
+        let (p, list) = if list.is_none() && round % 2 == 0 {
+            (outer, None)
+        } else {
+            (p, list)
+        };
+        oracle.change(IpNet::V4(p), list);
+        let first = u32::from(p.network());
+        let last = u32::from(p.broadcast());
+        for a in [
+            first.wrapping_sub(1),
+            first,
+            first | 1,
+            last ^ 1,
+            last,
+            last.wrapping_add(1),
+        ] {
+            oracle.check(IpAddr::V4(a.into()));
+        }
+        for _ in 0..20 {
+            let near = first
+                .wrapping_add(rng.random_range(0..512))
+                .wrapping_sub(256);
+            oracle.check(IpAddr::V4(near.into()));
+        }
+    }
+    assert!(
+        start.elapsed() < LIMIT,
+        "list of {size}: took longer than {LIMIT:?}"
+    );
 }
 
 #[test]
