@@ -135,10 +135,12 @@ impl Region<u32> {
     /// One aligned u32 store that a concurrent packet sees whole; Release
     /// so that the group and leaves it points to are visible first.
     fn publish(&self, index: usize, value: u32) {
-        let slot = &self.slice()[index] as *const u32 as *const AtomicU32;
-        // SAFETY: a valid, aligned u32 (bounds checked by the slice);
-        // AtomicU32 has u32's layout.
-        unsafe { (*slot).store(value, Ordering::Release) };
+        assert!(index < self.len, "first-level index {index} out of range");
+        // SAFETY: in bounds (checked above), aligned, derived from the raw
+        // pointer (shared memory, not a Rust reference); AtomicU32 has
+        // u32's layout.
+        let slot = unsafe { &*self.base.as_ptr().add(index).cast::<AtomicU32>() };
+        slot.store(value, Ordering::Release);
     }
 }
 
