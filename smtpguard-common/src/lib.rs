@@ -16,8 +16,17 @@ pub const PROGRAM_NAME: &str = "smtpguard";
 pub mod map_names {
     /// `Array<RuntimeConfig>` with one element: mode, ports, generation.
     pub const CONFIG: &str = "SG_CONFIG";
-    /// IPv4 LPM tries, one per list generation (see [`super::RuntimeConfig::active_generation`]).
+    /// IPv4 LPM tries, one per list generation: only the frozen
+    /// `trie-reference` program has them now (the bench baseline and the
+    /// lookup oracle); the production program uses the compiled table.
     pub const RULES_V4: [&str; 2] = ["SG_RULES4_A", "SG_RULES4_B"];
+    /// The IPv4 first level, `Array<[u32; 16]>`, one per generation (see
+    /// [`super::ipv4_table`]).
+    pub const TBL24: [&str; 2] = ["SG_TBL24_A", "SG_TBL24_B"];
+    /// The IPv4 groups, `Array<Group>`, one per generation.
+    pub const GROUPS4: [&str; 2] = ["SG_GROUPS4_A", "SG_GROUPS4_B"];
+    /// The IPv4 group leaves, `Array<[u32; 16]>`, one per generation.
+    pub const LEAVES4: [&str; 2] = ["SG_LEAVES4_A", "SG_LEAVES4_B"];
     /// IPv6 LPM tries, one per list generation.
     pub const RULES_V6: [&str; 2] = ["SG_RULES6_A", "SG_RULES6_B"];
     /// `PerCpuArray<u64>` of [`super::COUNTER_COUNT`] verdict counters.
@@ -33,6 +42,71 @@ pub mod map_names {
 /// The tries are created with `BPF_F_NO_PREALLOC`, so unused capacity costs
 /// no kernel memory.
 pub const MAX_PREFIXES_PER_FAMILY: u32 = 1 << 20;
+
+/// The compiled IPv4 lookup: a DIR-24 first level plus popcount-indexed
+/// groups for the /24s that hold longer prefixes (/25 to /32).
+///
+/// - `TBL24` has one [entry](entry) per /24 (2^24 of them, index = the top
+///   24 address bits), stored 16 to a 64-byte array element
+///   ([`TBL24_LINES`] elements) because the kernel rounds array elements
+///   up to 8 bytes.
+/// - A group entry points into `GROUPS4`: the verdicts of the /24's 256
+///   addresses as runs. Bit `i` of the 256-bit `bitmap` is set where a run
+///   starts (bit 0 always), and the run holding host `h` is leaf
+///   `base + rank[h / 64] + popcount(bitmap[h / 64] << (63 - h % 64)) - 1`.
+/// - `LEAVES4` holds leaves (plain rule entries), 16 to an element.
+///
+/// Every entry already carries the longest-prefix verdict: the compiler
+/// merges permit and deny (deny wins a tie) before writing.
+pub mod ipv4_table {
+    /// `TBL24` elements (16 entries each): 2^24 entries, 64 MiB.
+    pub const TBL24_LINES: u32 = 1 << 20;
+    /// Entries per `TBL24` or `LEAVES4` element.
+    pub const ENTRIES_PER_LINE: u32 = 16;
+    /// Capacity of `GROUPS4` per generation: one group per /24 holding a
+    /// longer prefix, so a list of `MAX_PREFIXES_PER_FAMILY` always fits.
+    pub const MAX_GROUPS: u32 = super::MAX_PREFIXES_PER_FAMILY;
+    /// Capacity of `LEAVES4` per generation, in leaves: a /24 with k longer
+    /// prefixes has at most 2k + 1 runs, so a full list needs at most
+    /// 3 * 2^20 and the rest is room for copy-on-write updates.
+    pub const MAX_LEAVES: u32 = 1 << 22;
+    /// `LEAVES4` elements.
+    pub const LEAF_LINES: u32 = MAX_LEAVES / ENTRIES_PER_LINE;
+
+    /// The encoding of a `TBL24` or leaf entry: `[kind:2][payload:30]`.
+    pub mod entry {
+        /// Where the kind starts.
+        pub const KIND_SHIFT: u32 = 30;
+        /// The payload bits: a rule id or a group index.
+        pub const PAYLOAD: u32 = (1 << KIND_SHIFT) - 1;
+        /// No entry covers these addresses (the mode decides).
+        pub const NONE: u32 = 0;
+        /// A permit rule; the payload is its rule id. Equals `Action::Permit`.
+        pub const PERMIT: u32 = 1;
+        /// A deny rule; the payload is its rule id. Equals `Action::Deny`.
+        pub const DENY: u32 = 2;
+        /// A group (`TBL24` only); the payload indexes `GROUPS4`.
+        pub const GROUP: u32 = 3;
+
+        /// Packs a kind and a payload.
+        pub const fn pack(kind: u32, payload: u32) -> u32 {
+            (kind << KIND_SHIFT) | (payload & PAYLOAD)
+        }
+    }
+
+    /// One /24 that holds prefixes longer than /24: an element of `GROUPS4`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Group {
+        /// Bit `h` (word `h / 64`, bit `h % 64`) is set where a run of equal
+        /// entries starts at host `h`; bit 0 is always set.
+        pub bitmap: [u64; 4],
+        /// Index in `LEAVES4` of the first run's leaf.
+        pub base: u32,
+        /// Set bits in the words before word `w` (`rank[0]` is 0).
+        pub rank: [u8; 4],
+    }
+}
 
 /// Size of the hit-counter array: rule ids are `0..MAX_RULE_IDS`.
 /// Rule id 0 is never assigned, so a zeroed value reads as "no rule".
@@ -237,4 +311,6 @@ mod pod {
     unsafe impl aya::Pod for super::RuntimeConfig {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::LogWindow {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::ipv4_table::Group {}
 }

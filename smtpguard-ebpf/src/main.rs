@@ -7,6 +7,7 @@
 // which the bpfel target lacks; inline asm reaches the instruction directly.
 #![feature(asm_experimental_arch)]
 
+mod lookup_v4;
 mod maps;
 mod parse;
 
@@ -15,6 +16,7 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
 };
 use aya_log_ebpf::warn;
+use lookup_v4::lookup_v4;
 use maps::*;
 use parse::{Source, Syn};
 use smtpguard_common::{counter, Action, Enforcement, Mode, Rule, RuntimeConfig};
@@ -92,17 +94,6 @@ fn ipv4_mapped(addr: &[u8; 16]) -> Option<[u8; 4]> {
     } else {
         None
     }
-}
-
-#[inline(always)]
-fn lookup_v4(cfg: &RuntimeConfig, addr: [u8; 4]) -> Option<Rule> {
-    let key = Key::new(32, addr);
-    let trie = if cfg.active_generation == 0 {
-        &SG_RULES4_A
-    } else {
-        &SG_RULES4_B
-    };
-    trie.get(&key).copied()
 }
 
 #[inline(always)]

@@ -9,6 +9,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, LpmTrie, PerCpuArray},
 };
+use smtpguard_common::ipv4_table::{Group, LEAF_LINES, MAX_GROUPS, TBL24_LINES};
 use smtpguard_common::{
     LogWindow, Rule, RuntimeConfig, COUNTER_COUNT, MAX_PREFIXES_PER_FAMILY, MAX_RULE_IDS,
 };
@@ -17,15 +18,30 @@ use smtpguard_common::{
 #[map]
 pub static SG_CONFIG: Array<RuntimeConfig> = Array::with_max_entries(1, 0);
 
-/// IPv4 permit/deny entries, generation A.
+/// The compiled IPv4 lookup (see `smtpguard_common::ipv4_table`), one set
+/// per generation. Mmapable: userspace writes a whole generation as memory.
 #[map]
-pub static SG_RULES4_A: LpmTrie<[u8; 4], Rule> =
-    LpmTrie::with_max_entries(MAX_PREFIXES_PER_FAMILY, 0);
+pub static SG_TBL24_A: Array<[u32; 16]> = Array::with_max_entries(TBL24_LINES, BPF_F_MMAPABLE);
 
-/// IPv4 permit/deny entries, generation B.
+/// `SG_TBL24_A`'s twin, generation B.
 #[map]
-pub static SG_RULES4_B: LpmTrie<[u8; 4], Rule> =
-    LpmTrie::with_max_entries(MAX_PREFIXES_PER_FAMILY, 0);
+pub static SG_TBL24_B: Array<[u32; 16]> = Array::with_max_entries(TBL24_LINES, BPF_F_MMAPABLE);
+
+/// IPv4 groups (/24s holding longer prefixes), generation A.
+#[map]
+pub static SG_GROUPS4_A: Array<Group> = Array::with_max_entries(MAX_GROUPS, BPF_F_MMAPABLE);
+
+/// IPv4 groups, generation B.
+#[map]
+pub static SG_GROUPS4_B: Array<Group> = Array::with_max_entries(MAX_GROUPS, BPF_F_MMAPABLE);
+
+/// IPv4 group leaves, generation A.
+#[map]
+pub static SG_LEAVES4_A: Array<[u32; 16]> = Array::with_max_entries(LEAF_LINES, BPF_F_MMAPABLE);
+
+/// IPv4 group leaves, generation B.
+#[map]
+pub static SG_LEAVES4_B: Array<[u32; 16]> = Array::with_max_entries(LEAF_LINES, BPF_F_MMAPABLE);
 
 /// IPv6 permit/deny entries, generation A.
 #[map]

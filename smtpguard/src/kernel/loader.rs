@@ -160,10 +160,8 @@ impl XdpFilter {
         let mut loader = EbpfLoader::new();
         loader.verifier_log_level(VerifierLogLevel::default());
         if let Some(capacity) = capacity {
-            for name in smtpguard_common::map_names::RULES_V4
-                .iter()
-                .chain(&smtpguard_common::map_names::RULES_V6)
-            {
+            // IPv4's table is preallocated; its capacity is enforced by the writer.
+            for name in &smtpguard_common::map_names::RULES_V6 {
                 loader.map_max_entries(name, capacity);
             }
         }
@@ -181,7 +179,8 @@ impl XdpFilter {
             source,
         })?;
         let hits = std::sync::Arc::new(super::hits::HitsMapping::take_from(&mut ebpf)?);
-        let sync = MapSync::take_from(&mut ebpf, std::sync::Arc::clone(&hits))?;
+        let v4_capacity = capacity.unwrap_or(smtpguard_common::MAX_PREFIXES_PER_FAMILY);
+        let sync = MapSync::take_from(&mut ebpf, std::sync::Arc::clone(&hits), v4_capacity)?;
         let stats = Stats::take_from(&mut ebpf, hits)?;
         Ok((
             XdpFilter {

@@ -5,6 +5,7 @@
 //! with, for every submodule.
 
 mod hits;
+pub mod ipv4_table;
 pub mod loader;
 pub mod stats;
 pub mod sync;
@@ -43,6 +44,14 @@ pub enum KernelError {
     /// A map the program must have is missing or has the wrong type.
     #[error("XDP object has no usable map {0}")]
     MissingMap(&'static str),
+    /// A `BPF_F_MMAPABLE` map could not be mapped into memory.
+    #[error("cannot map the kernel map {map} into memory")]
+    MapMemory {
+        /// Map name.
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     /// The runtime configuration record could not be zeroed at load.
     #[error("cannot write the initial XDP runtime configuration")]
     InitialConfig(#[source] SyncError),

@@ -1,13 +1,14 @@
 //! The one owner of the XDP program's list and configuration maps.
 //!
 //! Lists reach the kernel as a set of `(prefix, action)` pairs (the policy
-//! module merges the permit and deny lists into it). Two ways to apply:
+//! module merges the permit and deny lists into it). IPv4 goes to the
+//! compiled table ([`super::ipv4_table`]), IPv6 to LPM tries. Two ways to apply:
 //! - [`ApplyHow::Incremental`]: only the differences are written to the
-//!   active tries, entry by entry (each single update is atomic).
+//!   active generation, entry by entry (each single update is atomic).
 //! - [`ApplyHow::Atomic`]: the whole set is written into the inactive
 //!   generation, then one write of the config record switches the program
 //!   over. The program never sees half of the old and half of the new list;
-//!   if the inactive tries run out of space the old list stays in force.
+//!   if the inactive generation runs out of space the old list stays in force.
 //!
 //! Keys are canonical (host bits zero): the kernel stores whatever prefix
 //! bits it is given, so `10.9.9.9/8` would alias `10.0.0.0/8`.
@@ -25,7 +26,14 @@ use smtpguard_common::{
 
 use std::sync::Arc;
 
-use super::{hits::HitsMapping, KernelError};
+use super::{
+    hits::HitsMapping,
+    ipv4_table::{
+        compile::{leaf_entry, Ipv4Rule},
+        writer::{Ipv4Table, Ipv4TableError},
+    },
+    KernelError,
+};
 
 /// Errors while writing the maps.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +50,17 @@ pub enum SyncError {
         #[source]
         source: MapError,
     },
+    /// The IPv4 table holds fewer prefixes than the list; the old list stays in force.
+    #[error("kernel IPv4 list is full after {written} of {wanted} prefixes; the previous list stays in force")]
+    Ipv4Full {
+        /// Prefixes that fit (the capacity), or were written before the failure.
+        written: usize,
+        /// Prefixes that needed to fit.
+        wanted: usize,
+    },
+    /// The IPv4 table could not take a change.
+    #[error("updating the kernel IPv4 table")]
+    Ipv4Table(#[source] Ipv4TableError),
     /// More than [`MAX_RULE_IDS`] distinct prefixes.
     #[error("too many prefixes: {0} (at most {max})", max = MAX_RULE_IDS - 1)]
     TooManyRules(usize),
@@ -86,13 +105,12 @@ struct Installed {
     rule_id: u32,
 }
 
-type Trie4 = LpmTrie<MapData, [u8; 4], Rule>;
 type Trie6 = LpmTrie<MapData, [u8; 16], Rule>;
 
-/// Owner of `SG_CONFIG` and the four LPM tries. See the module docs.
+/// Owner of `SG_CONFIG`, the IPv4 table and the IPv6 LPM tries. See the module docs.
 pub struct MapSync {
     config_map: Array<MapData, RuntimeConfig>,
-    v4: [Trie4; 2],
+    v4: Ipv4Table,
     v6: [Trie6; 2],
     /// The record last written to `SG_CONFIG`.
     runtime: RuntimeConfig,
@@ -106,7 +124,11 @@ pub struct MapSync {
 }
 
 impl MapSync {
-    pub(crate) fn take_from(ebpf: &mut Ebpf, hits: Arc<HitsMapping>) -> Result<Self, KernelError> {
+    pub(crate) fn take_from(
+        ebpf: &mut Ebpf,
+        hits: Arc<HitsMapping>,
+        v4_capacity: u32,
+    ) -> Result<Self, KernelError> {
         fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
         where
             T: TryFrom<aya::maps::Map>,
@@ -115,11 +137,10 @@ impl MapSync {
                 .and_then(|m| T::try_from(m).ok())
                 .ok_or(KernelError::MissingMap(name))
         }
-        let [a4, b4] = map_names::RULES_V4;
         let [a6, b6] = map_names::RULES_V6;
         let mut sync = MapSync {
             config_map: take(ebpf, map_names::CONFIG)?,
-            v4: [take(ebpf, a4)?, take(ebpf, b4)?],
+            v4: Ipv4Table::take_from(ebpf, 0, v4_capacity as usize)?,
             v6: [take(ebpf, a6)?, take(ebpf, b6)?],
             runtime: RuntimeConfig::zeroed(),
             installed: HashMap::new(),
@@ -252,7 +273,7 @@ impl MapSync {
             match action {
                 None => {
                     if self.installed.remove(&net).is_some() {
-                        remove(&mut self.v4[generation], &mut self.v6[generation], &net)?;
+                        self.remove_one(generation, &net)?;
                         self.ids.release(&net);
                         report.removed += 1;
                     }
@@ -269,14 +290,8 @@ impl MapSync {
                     if fresh {
                         self.hits.reset(rule_id);
                     }
-                    insert(
-                        &mut self.v4[generation],
-                        &mut self.v6[generation],
-                        &net,
-                        *action,
-                        rule_id,
-                    )
-                    .map_err(|source| full_error(&net, written, changes.len(), source))?;
+                    self.insert_one(generation, &net, *action, rule_id)
+                        .map_err(|e| e.into_sync(&net, written, changes.len()))?;
                     self.installed.insert(
                         net,
                         Installed {
@@ -299,26 +314,31 @@ impl MapSync {
     fn apply_atomic(&mut self, wanted: &HashMap<IpNet, Action>) -> Result<(), SyncError> {
         let active = self.runtime.active_generation as usize;
         let next = 1 - active;
-        clear(&mut self.v4[next], &mut self.v6[next])?;
+        clear(&mut self.v6[next])?;
         let mut ids = self.ids.clone();
         let mut installed = HashMap::with_capacity(wanted.len());
         ids.retain(|n| wanted.contains_key(n));
+        let mut v4_rules = Vec::new();
         for (written, (net, action)) in wanted.iter().enumerate() {
             let (rule_id, fresh) = ids.assign(*net);
             if fresh {
                 self.hits.reset(rule_id);
             }
-            if let Err(source) = insert(
-                &mut self.v4[next],
-                &mut self.v6[next],
-                net,
-                *action,
-                rule_id,
-            ) {
+            let result = match net {
+                IpNet::V4(n) => {
+                    v4_rules.push(Ipv4Rule {
+                        prefix: *n,
+                        entry: leaf_entry(*action, rule_id),
+                    });
+                    Ok(())
+                }
+                IpNet::V6(_) => insert_v6(&mut self.v6[next], net, *action, rule_id),
+            };
+            if let Err(source) = result {
                 let wanted_family = wanted.keys().filter(|n| same_family(n, net)).count();
                 let err = full_error(net, written, wanted_family, source);
                 // Leave nothing half-built behind.
-                let _ = clear(&mut self.v4[next], &mut self.v6[next]);
+                let _ = clear(&mut self.v6[next]);
                 return Err(err);
             }
             installed.insert(
@@ -329,19 +349,94 @@ impl MapSync {
                 },
             );
         }
+        if let Err(e) = self.v4.prepare(&v4_rules) {
+            let _ = clear(&mut self.v6[next]);
+            return Err(match e {
+                Ipv4TableError::TooManyPrefixes { count, max } => SyncError::Ipv4Full {
+                    written: max,
+                    wanted: count,
+                },
+                e => SyncError::Ipv4Table(e),
+            });
+        }
         // The switch: one write of the config record.
         self.runtime.active_generation = next as u32;
         if let Err(e) = self.write_runtime() {
             self.runtime.active_generation = active as u32;
+            self.v4.abandon();
             return Err(e);
         }
+        self.v4.switched();
         self.installed = installed;
         self.ids = ids;
         // A packet that read the old generation number may still be looking
         // up the old tries; XDP runs inside an RCU read section of a few
         // microseconds, so a short pause lets every such packet finish.
         std::thread::sleep(std::time::Duration::from_millis(2));
-        clear(&mut self.v4[active], &mut self.v6[active])
+        clear(&mut self.v6[active])
+    }
+
+    /// Installs one prefix in the active generation.
+    fn insert_one(
+        &mut self,
+        generation: usize,
+        net: &IpNet,
+        action: Action,
+        rule_id: u32,
+    ) -> Result<(), OneError> {
+        match net {
+            IpNet::V4(n) => self.set_v4(*n, Some((action, rule_id))),
+            IpNet::V6(_) => {
+                insert_v6(&mut self.v6[generation], net, action, rule_id).map_err(OneError::Map)
+            }
+        }
+    }
+
+    /// Takes one prefix out of the active generation (already gone from `installed`).
+    fn remove_one(&mut self, generation: usize, net: &IpNet) -> Result<(), SyncError> {
+        match net {
+            IpNet::V4(n) => self.set_v4(*n, None).map_err(|e| e.into_sync(net, 0, 1)),
+            IpNet::V6(_) => remove_v6(&mut self.v6[generation], net),
+        }
+    }
+
+    /// One IPv4 change in place; when the table has no free slot for it,
+    /// the whole list (with the change) goes into the other generation,
+    /// which compacts the table.
+    fn set_v4(&mut self, net: ipnet::Ipv4Net, rule: Option<(Action, u32)>) -> Result<(), OneError> {
+        match self.v4.set(net, rule.map(|(a, id)| leaf_entry(a, id))) {
+            Ok(()) => Ok(()),
+            Err(Ipv4TableError::OutOfSlots) => {
+                let mut wanted: HashMap<IpNet, Action> =
+                    self.installed.iter().map(|(n, i)| (*n, i.action)).collect();
+                match rule {
+                    Some((action, _)) => wanted.insert(IpNet::V4(net), action),
+                    None => wanted.remove(&IpNet::V4(net)),
+                };
+                self.apply_atomic(&wanted).map_err(OneError::Sync)
+            }
+            Err(Ipv4TableError::TooManyPrefixes { .. }) => Err(OneError::Full),
+        }
+    }
+}
+
+/// Why a single-prefix change failed.
+enum OneError {
+    /// An IPv6 trie refused it.
+    Map(MapError),
+    /// The IPv4 table is at its capacity.
+    Full,
+    /// The rebuild it fell back to failed.
+    Sync(SyncError),
+}
+
+impl OneError {
+    fn into_sync(self, net: &IpNet, written: usize, wanted: usize) -> SyncError {
+        match self {
+            OneError::Map(source) => full_error(net, written, wanted, source),
+            OneError::Full => SyncError::Ipv4Full { written, wanted },
+            OneError::Sync(e) => e,
+        }
     }
 }
 
@@ -366,63 +461,36 @@ fn full_error(net: &IpNet, written: usize, wanted: usize, source: MapError) -> S
     }
 }
 
-fn insert(
-    v4: &mut Trie4,
-    v6: &mut Trie6,
-    net: &IpNet,
-    action: Action,
-    rule_id: u32,
-) -> Result<(), MapError> {
+fn insert_v6(v6: &mut Trie6, net: &IpNet, action: Action, rule_id: u32) -> Result<(), MapError> {
     let rule = Rule {
         action: action as u32,
         rule_id,
     };
     match net {
-        IpNet::V4(n) => v4.insert(
-            &Key::new(n.prefix_len() as u32, n.network().octets()),
-            rule,
-            0,
-        ),
         IpNet::V6(n) => v6.insert(
             &Key::new(n.prefix_len() as u32, n.network().octets()),
             rule,
             0,
         ),
+        IpNet::V4(_) => unreachable!("IPv4 goes to the compiled table"),
     }
 }
 
-fn remove(v4: &mut Trie4, v6: &mut Trie6, net: &IpNet) -> Result<(), SyncError> {
-    let result = match net {
-        IpNet::V4(n) => v4.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
-        IpNet::V6(n) => v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
+fn remove_v6(v6: &mut Trie6, net: &IpNet) -> Result<(), SyncError> {
+    let IpNet::V6(n) = net else {
+        return Ok(());
     };
-    match result {
+    match v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets())) {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(source) => Err(SyncError::Map {
-            map: if matches!(net, IpNet::V4(_)) {
-                "SG_RULES4"
-            } else {
-                "SG_RULES6"
-            },
+            map: "SG_RULES6",
             source,
         }),
     }
 }
 
-/// Empties one generation's tries.
-fn clear(v4: &mut Trie4, v6: &mut Trie6) -> Result<(), SyncError> {
-    let keys4: Vec<Key<[u8; 4]>> = v4.keys().filter_map(Result::ok).collect();
-    for key in keys4 {
-        match v4.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => {
-                return Err(SyncError::Map {
-                    map: "SG_RULES4",
-                    source,
-                })
-            }
-        }
-    }
+/// Empties one generation's IPv6 trie.
+fn clear(v6: &mut Trie6) -> Result<(), SyncError> {
     let keys6: Vec<Key<[u8; 16]>> = v6.keys().filter_map(Result::ok).collect();
     for key in keys6 {
         match v6.remove(&key) {

@@ -1,0 +1,299 @@
+//! The lookup oracle: one policy judged three ways (the production XDP
+//! program, the frozen `trie-reference` program with its kernel LPM tries,
+//! and userspace [`Policy::decide`]), address by address, verdict and rule
+//! id. `tests/lookup_oracle.rs` uses it for IPv4; the IPv6 cases reuse it
+//! with IPv6 lists and addresses.
+
+use std::{collections::HashMap, net::IpAddr, path::PathBuf};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, LpmTrie, MapData},
+    programs::{TestRun, TestRunOptions, Xdp},
+    Ebpf, EbpfLoader,
+};
+use ipnet::IpNet;
+use smtpguard::{
+    kernel::{ApplyHow, MapSync, Stats, XdpFilter},
+    policy::{Enforcement, ListKind, Policy, PolicyMode, Reason},
+};
+use smtpguard_common::{map_names, Action, Rule, RuntimeConfig};
+
+use crate::packet;
+
+/// XDP_DROP.
+pub const XDP_DROP: u32 = 1;
+/// XDP_PASS.
+pub const XDP_PASS: u32 = 2;
+/// The guarded port of the crafted SYNs.
+pub const PORT: u16 = 25;
+
+/// Where `cargo xtask build` puts the frozen trie program:
+/// `SMTPGUARD_TRIE_OBJECT`, else the workspace's target directory.
+pub fn trie_object() -> PathBuf {
+    std::env::var_os("SMTPGUARD_TRIE_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/bpf/bpfel-unknown-none/release/trie-reference")
+        })
+}
+
+/// The frozen trie program, loaded (not attached), lists in generation A.
+pub struct TrieReference {
+    ebpf: Ebpf,
+}
+
+impl TrieReference {
+    /// Loads the object of [`trie_object`].
+    pub fn load() -> Self {
+        let path = trie_object();
+        let bytes = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (run `cargo xtask build`)", path.display()));
+        let mut ebpf = EbpfLoader::new().load(&bytes).expect("load trie-reference");
+        let program: &mut Xdp = ebpf
+            .program_mut("smtpguard_trie")
+            .expect("program smtpguard_trie")
+            .try_into()
+            .expect("an XDP program");
+        program.load().expect("verifier accepts trie-reference");
+        TrieReference { ebpf }
+    }
+
+    /// Writes `rules` (prefix, action, rule id) into generation A's tries.
+    pub fn install(&mut self, rules: &[(IpNet, Action, u32)]) {
+        let mut v4: LpmTrie<&mut MapData, [u8; 4], Rule> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::RULES_V4[0]).expect("map"))
+                .expect("trie");
+        for (net, action, rule_id) in rules {
+            if let IpNet::V4(n) = net {
+                let key = Key::new(n.prefix_len() as u32, n.network().octets());
+                let rule = Rule {
+                    action: *action as u32,
+                    rule_id: *rule_id,
+                };
+                v4.insert(&key, rule, 0).expect("trie insert");
+            }
+        }
+        let mut v6: LpmTrie<&mut MapData, [u8; 16], Rule> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::RULES_V6[0]).expect("map"))
+                .expect("trie");
+        for (net, action, rule_id) in rules {
+            if let IpNet::V6(n) = net {
+                let key = Key::new(n.prefix_len() as u32, n.network().octets());
+                let rule = Rule {
+                    action: *action as u32,
+                    rule_id: *rule_id,
+                };
+                v6.insert(&key, rule, 0).expect("trie insert");
+            }
+        }
+    }
+
+    /// Takes one prefix out of generation A's tries.
+    pub fn remove(&mut self, net: IpNet) {
+        let result = match net {
+            IpNet::V4(n) => {
+                let mut v4: LpmTrie<&mut MapData, [u8; 4], Rule> =
+                    LpmTrie::try_from(self.ebpf.map_mut(map_names::RULES_V4[0]).expect("map"))
+                        .expect("trie");
+                v4.remove(&Key::new(n.prefix_len() as u32, n.network().octets()))
+            }
+            IpNet::V6(n) => {
+                let mut v6: LpmTrie<&mut MapData, [u8; 16], Rule> =
+                    LpmTrie::try_from(self.ebpf.map_mut(map_names::RULES_V6[0]).expect("map"))
+                        .expect("trie");
+                v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets()))
+            }
+        };
+        result.expect("trie remove");
+    }
+
+    /// Sets the runtime record (generation A).
+    pub fn set_runtime(&mut self, mut runtime: RuntimeConfig) {
+        runtime.active_generation = 0;
+        let mut config: Array<&mut MapData, RuntimeConfig> =
+            Array::try_from(self.ebpf.map_mut(map_names::CONFIG).expect("map")).expect("array");
+        config.set(0, runtime, 0).expect("config");
+    }
+
+    /// Hits of `rule_id`.
+    pub fn hits(&self, rule_id: u32) -> u64 {
+        let hits: Array<&MapData, u64> =
+            Array::try_from(self.ebpf.map(map_names::HITS).expect("map")).expect("array");
+        hits.get(&rule_id, 0).unwrap_or(0)
+    }
+
+    /// Runs one frame: the XDP action.
+    pub fn run(&mut self, frame: &[u8]) -> u32 {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut("smtpguard_trie")
+            .expect("program")
+            .try_into()
+            .expect("xdp");
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        program.test_run(opts).expect("test run").return_value
+    }
+}
+
+/// The production program and the trie reference, loaded with one policy.
+pub struct Oracle {
+    filter: XdpFilter,
+    sync: MapSync,
+    stats: Stats,
+    trie: TrieReference,
+    policy: Policy,
+    /// Rule id of each prefix, as the sync gave them.
+    ids: HashMap<IpNet, u32>,
+    /// The highest rule id given so far.
+    max_id: u32,
+}
+
+impl Oracle {
+    /// Loads both programs and installs `policy` in both (the production
+    /// one through the atomic whole-list path).
+    pub fn new(policy: Policy) -> Self {
+        let (filter, mut sync, stats) = XdpFilter::load().expect("load the XDP program");
+        let rules: Vec<(IpNet, Action)> = policy
+            .compile()
+            .expect("policy compiles")
+            .into_iter()
+            .map(|r| (r.prefix, r.action))
+            .collect();
+        sync.apply(&rules, ApplyHow::Atomic).expect("apply");
+        let mut ids = HashMap::with_capacity(rules.len());
+        for id in 1..=rules.len() as u32 + 1 {
+            if let Some(p) = sync.prefix_of(id) {
+                ids.insert(p, id);
+            }
+        }
+        assert_eq!(ids.len(), rules.len(), "every rule has an id");
+        let with_ids: Vec<(IpNet, Action, u32)> =
+            rules.iter().map(|(p, a)| (*p, *a, ids[p])).collect();
+        let mut trie = TrieReference::load();
+        trie.install(&with_ids);
+        let mut oracle = Oracle {
+            filter,
+            sync,
+            stats,
+            trie,
+            policy,
+            max_id: ids.values().copied().max().unwrap_or(0),
+            ids,
+        };
+        oracle.configure(oracle.policy.mode(), oracle.policy.enforcement());
+        oracle
+    }
+
+    /// Switches mode and enforcement in both programs and the policy.
+    pub fn configure(&mut self, mode: PolicyMode, enforcement: Enforcement) {
+        self.policy.set_mode(mode);
+        self.policy.set_enforcement(enforcement);
+        self.sync
+            .set_runtime(self.policy.mode().into(), enforcement.into(), &[PORT], 0)
+            .expect("runtime");
+        self.trie.set_runtime(self.sync.runtime());
+    }
+
+    /// Writes the same rules again through the atomic path, so the
+    /// production program switches to its other generation.
+    pub fn reapply(&mut self) {
+        let rules: Vec<(IpNet, Action)> = self
+            .policy
+            .compile()
+            .expect("policy compiles")
+            .into_iter()
+            .map(|r| (r.prefix, r.action))
+            .collect();
+        let before = self.sync.runtime().active_generation;
+        self.sync.apply(&rules, ApplyHow::Atomic).expect("apply");
+        assert_ne!(self.sync.runtime().active_generation, before, "switched");
+        for (p, id) in &self.ids {
+            assert_eq!(self.sync.prefix_of(*id), Some(*p), "ids stay stable");
+        }
+    }
+
+    /// Puts `prefix` on `list` (`Some`) or off both lists (`None`) in the
+    /// policy, and makes the same single-prefix change live in both
+    /// programs (the production one through `MapSync::update`, the path of
+    /// `smtpguard deny add`, expiry and `remove`).
+    pub fn change(&mut self, prefix: IpNet, list: Option<ListKind>) {
+        for kind in [ListKind::Deny, ListKind::Permit] {
+            self.policy.list_mut(kind).remove([prefix]);
+        }
+        if let Some(kind) = list {
+            self.policy
+                .list_mut(kind)
+                .add([prefix], None, None)
+                .expect("add");
+        }
+        let action = self.policy.list_holding(prefix).map(Action::from);
+        self.sync.update(&[(prefix, action)]).expect("update");
+        match action {
+            None => {
+                if let Some(id) = self.ids.remove(&prefix) {
+                    self.trie.remove(prefix);
+                    assert_eq!(self.sync.prefix_of(id), None, "id released");
+                }
+            }
+            Some(action) => {
+                let id = match self.ids.get(&prefix) {
+                    Some(id) => *id,
+                    None => {
+                        // A new id is a freed one or one past the highest given.
+                        let id = (1..=self.max_id + 1)
+                            .find(|id| self.sync.prefix_of(*id) == Some(prefix))
+                            .expect("the new prefix has an id");
+                        self.max_id = self.max_id.max(id);
+                        self.ids.insert(prefix, id);
+                        id
+                    }
+                };
+                self.trie.install(&[(prefix, action, id)]);
+            }
+        }
+    }
+
+    /// The policy judged.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Judges `addr` three ways and panics with all three on a
+    /// disagreement: the XDP action and the rule whose hit counter moved.
+    pub fn check(&mut self, addr: IpAddr) {
+        let frame = match addr {
+            IpAddr::V4(a) => packet::syn_v4(&a.to_string(), PORT),
+            IpAddr::V6(a) => packet::syn_v6(&a.to_string(), PORT),
+        };
+        let explanation = self.policy.explain(addr);
+        let rule = match explanation.reason {
+            Reason::DenyList => explanation.deny_match.as_ref().map(|e| e.prefix),
+            Reason::Permitted => explanation.permit_match.as_ref().map(|e| e.prefix),
+            _ => None,
+        }
+        .map(|p| self.ids[&p]);
+        let judged = self.policy.enforcement() != Enforcement::Off;
+        let want = if explanation.refused() {
+            XDP_DROP
+        } else {
+            XDP_PASS
+        };
+        let before = rule.map(|id| (self.stats.hits(id), self.trie.hits(id)));
+        let new = self.filter.test_run(&frame).expect("test run");
+        let old = self.trie.run(&frame);
+        assert!(
+            new == want && old == want,
+            "{addr}: policy {want}, compiled {new}, trie {old}\n{explanation}"
+        );
+        if let (Some(id), Some((new_hits, old_hits)), true) = (rule, before, judged) {
+            assert_eq!(
+                (self.stats.hits(id), self.trie.hits(id)),
+                (new_hits + 1, old_hits + 1),
+                "{addr}: rule {id} ({:?}) not hit in both programs\n{explanation}",
+                self.sync.prefix_of(id)
+            );
+        }
+    }
+}
