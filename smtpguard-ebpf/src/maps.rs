@@ -10,7 +10,7 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, PerCpuArray},
 };
 use smtpguard_common::{
-    LogWindow, Rule, RuntimeConfig, COUNTER_COUNT, MAX_PREFIXES_PER_FAMILY, MAX_RULE_IDS,
+    slot, HitPending, LogWindow, Rule, RuntimeConfig, MAX_PREFIXES_PER_FAMILY, MAX_RULE_IDS,
 };
 
 /// Runtime configuration (mode, ports, active generation); one element.
@@ -37,16 +37,22 @@ pub static SG_RULES6_A: LpmTrie<[u8; 16], Rule> =
 pub static SG_RULES6_B: LpmTrie<[u8; 16], Rule> =
     LpmTrie::with_max_entries(MAX_PREFIXES_PER_FAMILY, 0);
 
-/// Verdict counters, per CPU so that counting never contends.
+/// Outcome counters (see `smtpguard_common::slot`), per CPU so that
+/// counting never contends: one increment per packet.
 #[map]
-pub static SG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+pub static SG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(slot::SLOT_COUNT, 0);
 
 /// Hits per list entry, indexed by rule id. Shared (not per CPU): a per-CPU
-/// array of 2M counters would cost 16 MiB per CPU. Mmapable, so userspace
-/// reads all of it without a syscall per entry.
+/// array of 2M counters would cost 16 MiB per CPU. Written only when a CPU
+/// flushes its `SG_HIT_PENDING`. Mmapable, so userspace reads all of it
+/// without a syscall per entry.
 #[map]
 pub static SG_HITS: Array<u64> = Array::with_max_entries(MAX_RULE_IDS, BPF_F_MMAPABLE);
 
-/// Drop-event rate limiter state; one element.
+/// Each CPU's hits not yet in `SG_HITS` (16 bytes per CPU).
 #[map]
-pub static SG_LOG_WINDOW: Array<LogWindow> = Array::with_max_entries(1, 0);
+pub static SG_HIT_PENDING: PerCpuArray<HitPending> = PerCpuArray::with_max_entries(1, 0);
+
+/// Drop-event rate limiter state of each CPU; one element.
+#[map]
+pub static SG_LOG_WINDOW: PerCpuArray<LogWindow> = PerCpuArray::with_max_entries(1, 0);

@@ -758,6 +758,68 @@ fn entry_hits_are_counted_by_rule() {
 }
 
 #[test]
+fn pending_hits_are_visible_before_and_after_their_flush() {
+    let (mut filter, mut sync, stats) = load();
+    sync.apply(&rules_of(BASE_RULES), ApplyHow::Atomic).unwrap();
+    sync.set_runtime(Mode::AcceptAllExceptDeny, Enforcement::Enforce, &PORTS, 0)
+        .unwrap();
+    let id_of = |prefix: &str| {
+        let net: IpNet = prefix.parse().unwrap();
+        (1..64).find(|id| sync.prefix_of(*id) == Some(net)).unwrap()
+    };
+    let (deny, permit) = (id_of("203.0.113.0/24"), id_of("203.0.113.77/32"));
+    // One run of repeats stays on one CPU: all four hits are still pending
+    // in that CPU's record, none in SG_HITS yet.
+    let denied = packet::syn_v4("203.0.113.9", 25);
+    assert_eq!(filter.test_run_repeat(&denied, 4).unwrap().0, XDP_DROP);
+    assert_eq!(stats.hits(deny), 4);
+    assert_eq!(stats.all_hits(), vec![(deny, 4)]);
+    // A hit of another entry flushes the pending ones (on that CPU).
+    let permitted = packet::syn_v4("203.0.113.77", 25);
+    assert_eq!(filter.test_run_repeat(&permitted, 2).unwrap().0, XDP_PASS);
+    assert_eq!((stats.hits(deny), stats.hits(permit)), (4, 2));
+    let mut want = vec![(deny, 4), (permit, 2)];
+    want.sort();
+    assert_eq!(stats.all_hits(), want);
+    // The /32's two hits are still pending when its id goes to a new
+    // prefix: they are not the new prefix's hits.
+    let gone: IpNet = "203.0.113.77/32".parse().unwrap();
+    let new: IpNet = "192.0.2.0/24".parse().unwrap();
+    sync.update(&[(gone, None), (new, Some(Action::Deny))])
+        .unwrap();
+    assert_eq!(sync.prefix_of(permit), Some(new), "the freed id is reused");
+    assert_eq!(stats.hits(permit), 0);
+    assert_eq!(stats.all_hits(), vec![(deny, 4)]);
+    let from_new = packet::syn_v4("192.0.2.1", 25);
+    assert_eq!(filter.test_run(&from_new).unwrap(), XDP_DROP);
+    assert_eq!(stats.hits(permit), 1);
+}
+
+#[test]
+fn suppressed_drop_logs_are_counted_without_a_write() {
+    let (mut filter, mut sync, stats) = load();
+    sync.apply(&rules_of(BASE_RULES), ApplyHow::Atomic).unwrap();
+    // Two events a second per CPU; one run of repeats stays on one CPU and
+    // takes far less than the one-second window.
+    sync.set_runtime(Mode::AcceptAllExceptDeny, Enforcement::Enforce, &PORTS, 2)
+        .unwrap();
+    let before = stats.counters();
+    let denied = packet::syn_v4("203.0.113.9", 25);
+    assert_eq!(filter.test_run_repeat(&denied, 5).unwrap().0, XDP_DROP);
+    let delta = stats.counters().since(&before);
+    assert_eq!(delta.get(counter::DROP_DENY_LIST), 5);
+    assert_eq!(delta.get(counter::LOG_SUPPRESSED), 3);
+    // Logging off: drops are not log events, nothing is suppressed.
+    sync.set_runtime(Mode::AcceptAllExceptDeny, Enforcement::Enforce, &PORTS, 0)
+        .unwrap();
+    let before = stats.counters();
+    assert_eq!(filter.test_run_repeat(&denied, 5).unwrap().0, XDP_DROP);
+    let delta = stats.counters().since(&before);
+    assert_eq!(delta.get(counter::DROP_DENY_LIST), 5);
+    assert_eq!(delta.get(counter::LOG_SUPPRESSED), 0);
+}
+
+#[test]
 fn atomic_replace_switches_generation_and_empties_the_old_one() {
     let (mut filter, mut sync, _stats) = load();
     sync.set_runtime(Mode::AcceptAllExceptDeny, Enforcement::Enforce, &PORTS, 0)
