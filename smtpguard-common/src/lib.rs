@@ -18,8 +18,13 @@ pub mod map_names {
     pub const CONFIG: &str = "SG_CONFIG";
     /// IPv4 LPM tries, one per list generation (see [`super::RuntimeConfig::active_generation`]).
     pub const RULES_V4: [&str; 2] = ["SG_RULES4_A", "SG_RULES4_B"];
-    /// IPv6 LPM tries, one per list generation.
+    /// IPv6 entries, one hash map per IPv6 generation (see [`super::V6Key`]);
+    /// LPM tries in the frozen `trie-reference` program.
     pub const RULES_V6: [&str; 2] = ["SG_RULES6_A", "SG_RULES6_B"];
+    /// `Array<V6Lengths>` with one element per IPv6 generation.
+    pub const LENGTHS_V6: &str = "SG_LENS6";
+    /// `Array<u32>` with one element: the IPv6 generation in force (0 or 1).
+    pub const GENERATION_V6: &str = "SG_GEN6";
     /// `PerCpuArray<u64>` of [`super::slot::SLOT_COUNT`] outcome slots
     /// (see [`super::slot`]); userspace derives the [`super::counter`] totals.
     pub const COUNTERS: &str = "SG_COUNTERS";
@@ -37,6 +42,12 @@ pub mod map_names {
 /// The tries are created with `BPF_F_NO_PREALLOC`, so unused capacity costs
 /// no kernel memory.
 pub const MAX_PREFIXES_PER_FAMILY: u32 = 1 << 20;
+
+/// Capacity of each IPv6 hash map (one generation), in entries: prefixes
+/// plus the markers the binary search on lengths needs (at most
+/// `log2(129)`, i.e. 7, per prefix, shared between prefixes). Created with
+/// `BPF_F_NO_PREALLOC`: unused capacity costs no kernel memory.
+pub const MAX_V6_ENTRIES: u32 = 1 << 22;
 
 /// Size of the hit-counter array: rule ids are `0..MAX_RULE_IDS`.
 /// Rule id 0 is never assigned, so a zeroed value reads as "no rule".
@@ -69,6 +80,48 @@ pub struct Rule {
     pub action: u32,
     /// Index into the hit-counter map `SG_HITS`; never 0.
     pub rule_id: u32,
+}
+
+/// Key of the production program's IPv6 hash maps: a prefix or a marker of
+/// the binary search on prefix lengths (Waldvogel et al., "Scalable
+/// High-Speed Prefix Matching", 1997/2001).
+///
+/// The value is a [`Rule`]: for a list entry, its own; for a marker (a
+/// prefix of a longer entry, on the search path to it), the longest entry
+/// that covers the marker, or `action` 0 when none does. The search probes
+/// the lengths in force ([`V6Lengths`]) in binary-search order, going
+/// longer after a hit and shorter after a miss, and returns the value of
+/// the last hit: at most 8 probes for any set of lengths.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct V6Key {
+    /// Prefix length in bits, `0..=128`.
+    pub prefix_len: u32,
+    /// The prefix in network byte order with the host bits zero, as four
+    /// native-endian words (`u32::from_ne_bytes` of each four octets), as
+    /// the program loads it from the packet.
+    pub addr: [u32; 4],
+}
+
+/// The distinct prefix lengths of one IPv6 generation, ascending: element
+/// 0 or 1 of `SG_LENS6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct V6Lengths {
+    /// How many of `lengths` are in use (`0..=129`).
+    pub count: u32,
+    /// Prefix lengths, strictly ascending; the rest is 0.
+    pub lengths: [u8; 132],
+}
+
+impl V6Lengths {
+    /// No lengths: every lookup misses.
+    pub const fn empty() -> Self {
+        Self {
+            count: 0,
+            lengths: [0; 132],
+        }
+    }
 }
 
 /// What the program does with a SYN from an address that matches no entry.
@@ -295,7 +348,7 @@ pub const IPV6_MAX_EXTENSION_HEADERS: u32 = 8;
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY (all four): repr(C), Copy, no padding the compiler adds
+    // SAFETY (all): repr(C), Copy, no padding the compiler adds
     // (explicit `_pad` fields), valid for any bit pattern.
     // SAFETY: see above.
     unsafe impl aya::Pod for super::Rule {}
@@ -305,4 +358,8 @@ mod pod {
     unsafe impl aya::Pod for super::LogWindow {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::HitPending {}
+    // SAFETY: see above (u32 and u8 arrays, no implicit padding).
+    unsafe impl aya::Pod for super::V6Key {}
+    // SAFETY: see above (4 + 132 bytes, no implicit padding).
+    unsafe impl aya::Pod for super::V6Lengths {}
 }

@@ -7,6 +7,7 @@
 // which the bpfel target lacks; inline asm reaches the instruction directly.
 #![feature(asm_experimental_arch)]
 
+mod lookup_v6;
 mod maps;
 mod parse;
 
@@ -41,7 +42,7 @@ fn judge(ctx: &XdpContext, cfg: &RuntimeConfig, syn: &Syn, log_on: u32) -> u32 {
         Source::V6(addr) => match ipv4_mapped(addr) {
             // ::ffff:a.b.c.d is an IPv4 client on a dual-stack socket.
             Some(v4) => (lookup_v4(cfg, v4), slot::FAMILY_V4),
-            None => (lookup_v6(cfg, addr), slot::FAMILY_V6),
+            None => (lookup_v6(addr), slot::FAMILY_V6),
         },
     };
     if cfg.enforcement == Enforcement::Off as u32 {
@@ -98,14 +99,9 @@ fn lookup_v4(cfg: &RuntimeConfig, addr: [u8; 4]) -> Option<Rule> {
 }
 
 #[inline(always)]
-fn lookup_v6(cfg: &RuntimeConfig, addr: &[u8; 16]) -> Option<Rule> {
-    let key = Key::new(128, *addr);
-    let trie = if cfg.active_generation == 0 {
-        &SG_RULES6_A
-    } else {
-        &SG_RULES6_B
-    };
-    trie.get(&key).copied()
+fn lookup_v6(addr: &[u8; 16]) -> Option<Rule> {
+    // SAFETY: same size, any bits are valid; the words are as loaded.
+    lookup_v6::lookup(&unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*addr) })
 }
 
 #[inline(always)]

@@ -5,12 +5,13 @@
 //! object file against them).
 
 use aya_ebpf::{
-    bindings::BPF_F_MMAPABLE,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray},
 };
 use smtpguard_common::{
-    slot, HitPending, LogWindow, Rule, RuntimeConfig, MAX_PREFIXES_PER_FAMILY, MAX_RULE_IDS,
+    slot, HitPending, LogWindow, Rule, RuntimeConfig, V6Key, V6Lengths, MAX_PREFIXES_PER_FAMILY,
+    MAX_RULE_IDS, MAX_V6_ENTRIES,
 };
 
 /// Runtime configuration (mode, ports, active generation); one element.
@@ -27,15 +28,24 @@ pub static SG_RULES4_A: LpmTrie<[u8; 4], Rule> =
 pub static SG_RULES4_B: LpmTrie<[u8; 4], Rule> =
     LpmTrie::with_max_entries(MAX_PREFIXES_PER_FAMILY, 0);
 
-/// IPv6 permit/deny entries, generation A.
+/// IPv6 entries and markers (see `V6Key`), IPv6 generation A.
 #[map]
-pub static SG_RULES6_A: LpmTrie<[u8; 16], Rule> =
-    LpmTrie::with_max_entries(MAX_PREFIXES_PER_FAMILY, 0);
+pub static SG_RULES6_A: HashMap<V6Key, Rule> =
+    HashMap::with_max_entries(MAX_V6_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// IPv6 permit/deny entries, generation B.
+/// IPv6 entries and markers, IPv6 generation B.
 #[map]
-pub static SG_RULES6_B: LpmTrie<[u8; 16], Rule> =
-    LpmTrie::with_max_entries(MAX_PREFIXES_PER_FAMILY, 0);
+pub static SG_RULES6_B: HashMap<V6Key, Rule> =
+    HashMap::with_max_entries(MAX_V6_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// The prefix lengths of each IPv6 generation (element 0: A, 1: B).
+#[map]
+pub static SG_LENS6: Array<V6Lengths> = Array::with_max_entries(2, 0);
+
+/// The IPv6 generation in force (0: A, 1: B); one element. IPv6 switches
+/// on its own, so that a single-entry change can be a whole-table switch.
+#[map]
+pub static SG_GEN6: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Outcome counters (see `smtpguard_common::slot`), per CPU so that
 /// counting never contends: one increment per packet.

@@ -893,23 +893,22 @@ fn tries_hold_a_million_prefixes_per_family_and_generation() {
     let (_filter, _sync, _stats) = load();
     // The program passed the verifier with these sizes (load() above); check
     // the kernel really created them that large.
+    use aya::maps::MapType::{Hash, LpmTrie};
+    // IPv6: entries plus the markers of the search on lengths (up to 7
+    // per prefix, mostly shared), in hash maps that allocate per entry.
     let want = [
-        ("SG_RULES4_A", 1_048_576),
-        ("SG_RULES4_B", 1_048_576),
-        ("SG_RULES6_A", 1_048_576),
-        ("SG_RULES6_B", 1_048_576),
+        ("SG_RULES4_A", 1_048_576, LpmTrie),
+        ("SG_RULES4_B", 1_048_576, LpmTrie),
+        ("SG_RULES6_A", 4 * 1_048_576, Hash),
+        ("SG_RULES6_B", 4 * 1_048_576, Hash),
     ];
-    for (name, entries) in want {
+    for (name, entries, map_type) in want {
         let info = aya::maps::loaded_maps()
             .filter_map(Result::ok)
             .find(|m| m.name_as_str() == Some(name))
             .unwrap_or_else(|| panic!("map {name} not loaded"));
         assert_eq!(info.max_entries(), entries, "{name}");
-        assert_eq!(
-            info.map_type().unwrap(),
-            aya::maps::MapType::LpmTrie,
-            "{name}"
-        );
+        assert_eq!(info.map_type().unwrap(), map_type, "{name}");
     }
 }
 
@@ -960,5 +959,66 @@ fn a_list_that_does_not_fit_leaves_the_old_one_in_force() {
             .test_run(&packet::syn_v4("198.51.100.1", 25))
             .unwrap(),
         XDP_DROP
+    );
+}
+
+#[test]
+fn an_ipv6_list_that_does_not_fit_leaves_the_old_one_in_force() {
+    require_root();
+    let (mut filter, mut sync, _stats) = XdpFilter::load_with_capacity(8).expect("load");
+    sync.set_runtime(Mode::AcceptAllExceptDeny, Enforcement::Enforce, &PORTS, 0)
+        .unwrap();
+    sync.apply(
+        &rules_of(&[("2001:db8:bad::/48", Action::Deny)]),
+        ApplyHow::Atomic,
+    )
+    .unwrap();
+    // Nine /128s (one length, so no markers) into hash maps that hold eight.
+    let too_many: Vec<(IpNet, Action)> = (1..10)
+        .map(|i| {
+            (
+                format!("2001:db8:1::{i}/128").parse().unwrap(),
+                Action::Deny,
+            )
+        })
+        .collect();
+    for how in [ApplyHow::Atomic, ApplyHow::Incremental] {
+        let err = sync.apply(&too_many, how).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "writing the kernel IPv6 table; the previous IPv6 list stays in force"
+            ),
+            "{how:?}: {err}"
+        );
+        assert_eq!(sync.len(), (0, 1), "{how:?}: nothing recorded as applied");
+        assert_eq!(
+            filter
+                .test_run(&packet::syn_v6("2001:db8:bad::1", 25))
+                .unwrap(),
+            XDP_DROP,
+            "{how:?}: old list in force"
+        );
+        assert_eq!(
+            filter
+                .test_run(&packet::syn_v6("2001:db8:1::1", 25))
+                .unwrap(),
+            XDP_PASS,
+            "{how:?}: nothing of the new one"
+        );
+    }
+    // What was half-written into the inactive table does not get in the
+    // way of a list that fits.
+    sync.apply(&too_many[..8], ApplyHow::Atomic).unwrap();
+    assert_eq!(
+        filter
+            .test_run(&packet::syn_v6("2001:db8:1::1", 25))
+            .unwrap(),
+        XDP_DROP
+    );
+    assert_eq!(
+        filter
+            .test_run(&packet::syn_v6("2001:db8:bad::1", 25))
+            .unwrap(),
+        XDP_PASS
     );
 }

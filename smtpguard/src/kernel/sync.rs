@@ -11,6 +11,9 @@
 //!
 //! Keys are canonical (host bits zero): the kernel stores whatever prefix
 //! bits it is given, so `10.9.9.9/8` would alias `10.0.0.0/8`.
+//!
+//! IPv6 has its own structure and generation ([`Ipv6Table`]): every IPv6
+//! change, single or whole-list, is compiled and switched to at once.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -25,7 +28,11 @@ use smtpguard_common::{
 
 use std::sync::Arc;
 
-use super::{hits::HitsMapping, KernelError};
+use super::{
+    hits::HitsMapping,
+    ipv6_table::{Ipv6Table, Ipv6TableError},
+    KernelError,
+};
 
 /// Errors while writing the maps.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +52,9 @@ pub enum SyncError {
     /// More than [`MAX_RULE_IDS`] distinct prefixes.
     #[error("too many prefixes: {0} (at most {max})", max = MAX_RULE_IDS - 1)]
     TooManyRules(usize),
+    /// The IPv6 table could not be written; the IPv6 list in force stays.
+    #[error("writing the kernel IPv6 table; the previous IPv6 list stays in force")]
+    Ipv6(#[source] Ipv6TableError),
     /// More ports than the program watches.
     #[error("at most {MAX_PORTS} SMTP ports can be guarded, got {0}")]
     TooManyPorts(usize),
@@ -87,13 +97,12 @@ struct Installed {
 }
 
 type Trie4 = LpmTrie<MapData, [u8; 4], Rule>;
-type Trie6 = LpmTrie<MapData, [u8; 16], Rule>;
 
-/// Owner of `SG_CONFIG` and the four LPM tries. See the module docs.
+/// Owner of `SG_CONFIG`, the IPv4 tries and the IPv6 table. See the module docs.
 pub struct MapSync {
     config_map: Array<MapData, RuntimeConfig>,
     v4: [Trie4; 2],
-    v6: [Trie6; 2],
+    v6: Ipv6Table,
     /// The record last written to `SG_CONFIG`.
     runtime: RuntimeConfig,
     /// What the active generation holds, so applies can be diffs.
@@ -120,7 +129,11 @@ impl MapSync {
         let mut sync = MapSync {
             config_map: take(ebpf, map_names::CONFIG)?,
             v4: [take(ebpf, a4)?, take(ebpf, b4)?],
-            v6: [take(ebpf, a6)?, take(ebpf, b6)?],
+            v6: Ipv6Table::new(
+                [take(ebpf, a6)?, take(ebpf, b6)?],
+                take(ebpf, map_names::LENGTHS_V6)?,
+                take(ebpf, map_names::GENERATION_V6)?,
+            ),
             runtime: RuntimeConfig::zeroed(),
             installed: HashMap::new(),
             ids: RuleIds::default(),
@@ -247,12 +260,16 @@ impl MapSync {
     ) -> Result<ApplyReport, SyncError> {
         let generation = self.runtime.active_generation as usize;
         let mut report = ApplyReport::default();
+        self.update_v6(changes, &mut report)?;
         for (written, (net, action)) in changes.iter().enumerate() {
             let net = net.trunc();
+            if matches!(net, IpNet::V6(_)) {
+                continue;
+            }
             match action {
                 None => {
                     if self.installed.remove(&net).is_some() {
-                        remove(&mut self.v4[generation], &mut self.v6[generation], &net)?;
+                        remove(&mut self.v4[generation], &net)?;
                         self.ids.release(&net);
                         report.removed += 1;
                     }
@@ -269,14 +286,8 @@ impl MapSync {
                     if fresh {
                         self.hits.reset(rule_id);
                     }
-                    insert(
-                        &mut self.v4[generation],
-                        &mut self.v6[generation],
-                        &net,
-                        *action,
-                        rule_id,
-                    )
-                    .map_err(|source| full_error(&net, written, changes.len(), source))?;
+                    insert(&mut self.v4[generation], &net, *action, rule_id)
+                        .map_err(|source| full_error(&net, written, changes.len(), source))?;
                     self.installed.insert(
                         net,
                         Installed {
@@ -296,29 +307,107 @@ impl MapSync {
         Ok(report)
     }
 
+    /// The IPv6 part of `changes`, all at once: one compile and switch of
+    /// the IPv6 table. On error nothing of it is applied.
+    fn update_v6(
+        &mut self,
+        changes: &[(IpNet, Option<Action>)],
+        report: &mut ApplyReport,
+    ) -> Result<(), SyncError> {
+        // Last change of a prefix wins, as when applied one by one.
+        let mut wanted: HashMap<IpNet, Option<Action>> = HashMap::new();
+        for (net, action) in changes {
+            let net = net.trunc();
+            if matches!(net, IpNet::V6(_)) {
+                wanted.insert(net, *action);
+            }
+        }
+        wanted.retain(|net, action| self.installed.get(net).map(|i| i.action) != *action);
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let added = wanted
+            .iter()
+            .filter(|(n, a)| a.is_some() && !self.installed.contains_key(n))
+            .count();
+        if added > 0 && self.installed.len() + added >= MAX_RULE_IDS as usize {
+            return Err(SyncError::TooManyRules(self.installed.len() + added));
+        }
+        let mut fresh = Vec::new();
+        let mut assigned = HashMap::new();
+        for (net, action) in &wanted {
+            if let Some(action) = action {
+                let (rule_id, is_fresh) = self.ids.assign(*net);
+                if is_fresh {
+                    fresh.push((*net, rule_id));
+                }
+                assigned.insert(*net, (*action, rule_id));
+            }
+        }
+        let mut list: Vec<(ipnet::Ipv6Net, Rule)> = self
+            .installed
+            .iter()
+            .filter(|(net, _)| !wanted.contains_key(net))
+            .filter_map(|(net, i)| match net {
+                IpNet::V6(n) => Some((*n, rule(i.action, i.rule_id))),
+                IpNet::V4(_) => None,
+            })
+            .collect();
+        list.extend(assigned.iter().filter_map(|(net, (action, id))| match net {
+            IpNet::V6(n) => Some((*n, rule(*action, *id))),
+            IpNet::V4(_) => None,
+        }));
+        if let Err(e) = self.v6.write(&list) {
+            for (net, _) in &fresh {
+                self.ids.release(net);
+            }
+            return Err(SyncError::Ipv6(e));
+        }
+        for (_, rule_id) in fresh {
+            self.hits.reset(rule_id);
+        }
+        for (net, action) in wanted {
+            match action {
+                None => {
+                    self.installed.remove(&net);
+                    self.ids.release(&net);
+                    report.removed += 1;
+                }
+                Some(_) => {
+                    let (action, rule_id) = assigned[&net];
+                    let previous = self.installed.insert(net, Installed { action, rule_id });
+                    if previous.is_some() {
+                        report.changed += 1;
+                    } else {
+                        report.added += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn apply_atomic(&mut self, wanted: &HashMap<IpNet, Action>) -> Result<(), SyncError> {
         let active = self.runtime.active_generation as usize;
         let next = 1 - active;
-        clear(&mut self.v4[next], &mut self.v6[next])?;
+        clear(&mut self.v4[next])?;
         let mut ids = self.ids.clone();
         let mut installed = HashMap::with_capacity(wanted.len());
         ids.retain(|n| wanted.contains_key(n));
+        let mut v6 = Vec::new();
+        let mut fresh = Vec::new();
         for (written, (net, action)) in wanted.iter().enumerate() {
-            let (rule_id, fresh) = ids.assign(*net);
-            if fresh {
-                self.hits.reset(rule_id);
+            let (rule_id, is_fresh) = ids.assign(*net);
+            if is_fresh {
+                fresh.push(rule_id);
             }
-            if let Err(source) = insert(
-                &mut self.v4[next],
-                &mut self.v6[next],
-                net,
-                *action,
-                rule_id,
-            ) {
+            if let IpNet::V6(n) = net {
+                v6.push((*n, rule(*action, rule_id)));
+            } else if let Err(source) = insert(&mut self.v4[next], net, *action, rule_id) {
                 let wanted_family = wanted.keys().filter(|n| same_family(n, net)).count();
                 let err = full_error(net, written, wanted_family, source);
                 // Leave nothing half-built behind.
-                let _ = clear(&mut self.v4[next], &mut self.v6[next]);
+                let _ = clear(&mut self.v4[next]);
                 return Err(err);
             }
             installed.insert(
@@ -329,10 +418,22 @@ impl MapSync {
                 },
             );
         }
-        // The switch: one write of the config record.
+        // IPv6 switches first, on its own; a packet is of one family, so
+        // none sees half of the old and half of the new list.
+        let old_v6 = self.installed_v6();
+        if let Err(e) = self.v6.write(&v6) {
+            let _ = clear(&mut self.v4[next]);
+            return Err(SyncError::Ipv6(e));
+        }
+        for rule_id in fresh {
+            self.hits.reset(rule_id);
+        }
+        // The IPv4 switch: one write of the config record.
         self.runtime.active_generation = next as u32;
         if let Err(e) = self.write_runtime() {
             self.runtime.active_generation = active as u32;
+            // Best effort: the IPv6 list in force goes back as well.
+            let _ = self.v6.write(&old_v6);
             return Err(e);
         }
         self.installed = installed;
@@ -341,7 +442,25 @@ impl MapSync {
         // up the old tries; XDP runs inside an RCU read section of a few
         // microseconds, so a short pause lets every such packet finish.
         std::thread::sleep(std::time::Duration::from_millis(2));
-        clear(&mut self.v4[active], &mut self.v6[active])
+        clear(&mut self.v4[active])
+    }
+
+    /// The IPv6 entries in force, as the IPv6 table takes them.
+    fn installed_v6(&self) -> Vec<(ipnet::Ipv6Net, Rule)> {
+        self.installed
+            .iter()
+            .filter_map(|(net, i)| match net {
+                IpNet::V6(n) => Some((*n, rule(i.action, i.rule_id))),
+                IpNet::V4(_) => None,
+            })
+            .collect()
+    }
+}
+
+fn rule(action: Action, rule_id: u32) -> Rule {
+    Rule {
+        action: action as u32,
+        rule_id,
     }
 }
 
@@ -366,51 +485,32 @@ fn full_error(net: &IpNet, written: usize, wanted: usize, source: MapError) -> S
     }
 }
 
-fn insert(
-    v4: &mut Trie4,
-    v6: &mut Trie6,
-    net: &IpNet,
-    action: Action,
-    rule_id: u32,
-) -> Result<(), MapError> {
-    let rule = Rule {
-        action: action as u32,
-        rule_id,
-    };
+fn insert(v4: &mut Trie4, net: &IpNet, action: Action, rule_id: u32) -> Result<(), MapError> {
     match net {
         IpNet::V4(n) => v4.insert(
             &Key::new(n.prefix_len() as u32, n.network().octets()),
-            rule,
+            rule(action, rule_id),
             0,
         ),
-        IpNet::V6(n) => v6.insert(
-            &Key::new(n.prefix_len() as u32, n.network().octets()),
-            rule,
-            0,
-        ),
+        IpNet::V6(_) => Ok(()),
     }
 }
 
-fn remove(v4: &mut Trie4, v6: &mut Trie6, net: &IpNet) -> Result<(), SyncError> {
-    let result = match net {
-        IpNet::V4(n) => v4.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
-        IpNet::V6(n) => v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
+fn remove(v4: &mut Trie4, net: &IpNet) -> Result<(), SyncError> {
+    let IpNet::V4(n) = net else {
+        return Ok(());
     };
-    match result {
+    match v4.remove(&Key::new(n.prefix_len() as u32, n.network().octets())) {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(source) => Err(SyncError::Map {
-            map: if matches!(net, IpNet::V4(_)) {
-                "SG_RULES4"
-            } else {
-                "SG_RULES6"
-            },
+            map: "SG_RULES4",
             source,
         }),
     }
 }
 
-/// Empties one generation's tries.
-fn clear(v4: &mut Trie4, v6: &mut Trie6) -> Result<(), SyncError> {
+/// Empties one generation's IPv4 trie.
+fn clear(v4: &mut Trie4) -> Result<(), SyncError> {
     let keys4: Vec<Key<[u8; 4]>> = v4.keys().filter_map(Result::ok).collect();
     for key in keys4 {
         match v4.remove(&key) {
@@ -418,18 +518,6 @@ fn clear(v4: &mut Trie4, v6: &mut Trie6) -> Result<(), SyncError> {
             Err(source) => {
                 return Err(SyncError::Map {
                     map: "SG_RULES4",
-                    source,
-                })
-            }
-        }
-    }
-    let keys6: Vec<Key<[u8; 16]>> = v6.keys().filter_map(Result::ok).collect();
-    for key in keys6 {
-        match v6.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => {
-                return Err(SyncError::Map {
-                    map: "SG_RULES6",
                     source,
                 })
             }
