@@ -1,12 +1,14 @@
 //! Helpers for smtpguard's privileged integration tests: frame builders
 //! ([`packet`]) and a raw frame sender for floods ([`flood`]),
 //! network-namespace scaffolding that cleans up after itself ([`netns`]),
-//! a private Postfix ([`postfix`]), and bounded waiting ([`wait_for`], [`run_bounded`]).
+//! a private Postfix ([`postfix`]), the frozen LPM-trie program
+//! ([`trie_reference`]), and bounded waiting ([`wait_for`], [`run_bounded`]).
 
 pub mod flood;
 pub mod netns;
 pub mod packet;
 pub mod postfix;
+pub mod trie_reference;
 
 use std::{
     process::{Command, Output},

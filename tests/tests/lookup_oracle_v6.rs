@@ -13,11 +13,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::{
-    maps::{lpm_trie::Key, Array, LpmTrie, MapData, PerCpuArray},
-    programs::{TestRun, TestRunOptions, Xdp},
-    Ebpf,
-};
 use ipnet::{IpNet, Ipv6Net};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use smtpguard::{
@@ -27,8 +22,8 @@ use smtpguard::{
         Verdict,
     },
 };
-use smtpguard_common::{counter, Action, Rule, RuntimeConfig, MAX_PORTS};
-use smtpguard_tests::{packet, require_root};
+use smtpguard_common::{counter, Action};
+use smtpguard_tests::{packet, require_root, trie_reference::TrieReference};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -49,72 +44,6 @@ fn shared_data(file: &str) -> PathBuf {
         .map(|d| workspace().join(d).join(file))
         .find(|p| p.exists())
         .unwrap_or_else(|| workspace().join("../shared/data").join(file))
-}
-
-/// The frozen LPM-trie program, loaded from its own object, generation A.
-struct TrieReference {
-    ebpf: Ebpf,
-}
-
-impl TrieReference {
-    const PROGRAM: &str = "smtpguard_trie";
-
-    fn load(rules: &[(IpNet, Action)]) -> TrieReference {
-        let path = workspace().join("target/bpf/bpfel-unknown-none/release/trie-reference");
-        let mut ebpf = Ebpf::load_file(&path)
-            .unwrap_or_else(|e| panic!("{} (`cargo xtask build` builds it): {e}", path.display()));
-        let program: &mut Xdp = ebpf.program_mut(Self::PROGRAM).unwrap().try_into().unwrap();
-        program.load().expect("trie-reference passes the verifier");
-        let mut trie: LpmTrie<&mut MapData, [u8; 16], Rule> =
-            LpmTrie::try_from(ebpf.map_mut("SG_RULES6_A").unwrap()).unwrap();
-        for (id, (net, action)) in rules.iter().enumerate() {
-            if let IpNet::V6(n) = net {
-                let rule = Rule {
-                    action: *action as u32,
-                    rule_id: id as u32 + 1,
-                };
-                trie.insert(
-                    &Key::new(n.prefix_len().into(), n.network().octets()),
-                    rule,
-                    0,
-                )
-                .unwrap();
-            }
-        }
-        TrieReference { ebpf }
-    }
-
-    fn set_runtime(&mut self, mode: PolicyMode, enforcement: Enforcement) {
-        let mut cfg = RuntimeConfig::zeroed();
-        cfg.mode = smtpguard_common::Mode::from(mode) as u32;
-        cfg.enforcement = smtpguard_common::Enforcement::from(enforcement) as u32;
-        cfg.port_count = 1;
-        cfg.ports = [0; MAX_PORTS];
-        cfg.ports[0] = PORT.to_be();
-        let mut config: Array<&mut MapData, RuntimeConfig> =
-            Array::try_from(self.ebpf.map_mut("SG_CONFIG").unwrap()).unwrap();
-        config.set(0, cfg, 0).unwrap();
-    }
-
-    fn run(&mut self, frame: &[u8]) -> u32 {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(Self::PROGRAM)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.repeat = 1;
-        program.test_run(opts).unwrap().return_value
-    }
-
-    /// Its old-layout counter `index`, summed over CPUs.
-    fn counter(&self, index: u32) -> u64 {
-        let counters: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.ebpf.map("SG_COUNTERS").unwrap()).unwrap();
-        counters.get(&index, 0).unwrap().iter().sum()
-    }
 }
 
 struct Production {
@@ -269,7 +198,7 @@ fn check_list(name: &str, rules: &[(IpNet, Action)], addrs: &[IpAddr]) -> usize 
         prod.sync
             .set_runtime(mode.into(), Enforcement::Enforce.into(), &[PORT], 0)
             .unwrap();
-        reference.set_runtime(mode, Enforcement::Enforce);
+        reference.set_runtime(mode.into(), Enforcement::Enforce.into(), PORT, 0);
         for addr in addrs {
             let f = frame(*addr);
             let want = if policy.decide(*addr).verdict() == Verdict::Deny {
@@ -278,7 +207,7 @@ fn check_list(name: &str, rules: &[(IpNet, Action)], addrs: &[IpAddr]) -> usize 
                 XDP_PASS
             };
             let got = prod.filter.test_run(&f).unwrap();
-            let old = reference.run(&f);
+            let old = reference.run(&f, 1).unwrap().0;
             if got != want || old != want {
                 failures.push(format!(
                     "{name}, {mode}: {addr}: policy {want}, program {got}, trie-reference {old}\n{}",
@@ -293,7 +222,7 @@ fn check_list(name: &str, rules: &[(IpNet, Action)], addrs: &[IpAddr]) -> usize 
             prod.sync
                 .set_runtime(mode.into(), enforcement.into(), &[PORT], 0)
                 .unwrap();
-            reference.set_runtime(mode, enforcement);
+            reference.set_runtime(mode.into(), enforcement.into(), PORT, 0);
             for addr in addrs.iter().step_by(addrs.len() / ENFORCEMENT_SAMPLE + 1) {
                 let f = frame(*addr);
                 let denied = policy.decide(*addr).verdict() == Verdict::Deny;
@@ -301,7 +230,7 @@ fn check_list(name: &str, rules: &[(IpNet, Action)], addrs: &[IpAddr]) -> usize 
                 let before = prod.stats.counters();
                 let old_before = reference.counter(counter::WOULD_DROP);
                 let got = prod.filter.test_run(&f).unwrap();
-                let old = reference.run(&f);
+                let old = reference.run(&f, 1).unwrap().0;
                 let would = prod
                     .stats
                     .counters()
