@@ -44,10 +44,11 @@ pub mod map_names {
 pub const MAX_PREFIXES_PER_FAMILY: u32 = 1 << 20;
 
 /// Capacity of each IPv6 hash map (one generation), in entries: prefixes
-/// plus the markers the binary search on lengths needs (at most
-/// `log2(129)`, i.e. 7, per prefix, shared between prefixes). Created with
-/// `BPF_F_NO_PREALLOC`: unused capacity costs no kernel memory.
-pub const MAX_V6_ENTRIES: u32 = 1 << 22;
+/// plus the markers the binary search on lengths needs (at most 7 per
+/// prefix, mostly shared). Created with `BPF_F_NO_PREALLOC`, so entries
+/// cost memory only when written, but the kernel allocates the bucket
+/// array up front: 16 bytes per entry of capacity, 16 MiB per generation.
+pub const MAX_V6_ENTRIES: u32 = 1 << 20;
 
 /// Size of the hit-counter array: rule ids are `0..MAX_RULE_IDS`.
 /// Rule id 0 is never assigned, so a zeroed value reads as "no rule".

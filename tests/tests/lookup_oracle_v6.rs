@@ -275,6 +275,23 @@ fn production_trie_reference_and_policy_agree_on_ipv6() {
     checked += check_list("1k nested", &nested, &addrs);
 
     let bogons = bogons_list(&mut rng);
+    let v6: Vec<(Ipv6Net, smtpguard_common::Rule)> = bogons
+        .iter()
+        .filter_map(|(n, a)| match n {
+            IpNet::V6(n) => Some((
+                *n,
+                smtpguard_common::Rule {
+                    action: *a as u32,
+                    rule_id: 1,
+                },
+            )),
+            IpNet::V4(_) => None,
+        })
+        .collect();
+    eprintln!(
+        "full bogons: {} IPv6 entries and markers",
+        smtpguard::kernel::ipv6_table::compile(&v6).entries.len()
+    );
     let addrs = addresses(&mut rng, &bogons, 80_000);
     checked += check_list("full bogons", &bogons, &addrs);
 
