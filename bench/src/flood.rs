@@ -37,12 +37,15 @@ use smtpguard_tests::netns::{Topology, GW_V4};
 
 /// The gateway's SMTP port in this section.
 const PORT: u16 = 2525;
+/// The production default of `xdp.log_rate_per_second`.
+const DEFAULT_LOG_RATE: u32 = 10;
 
 /// What filters the flood.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Guard {
-    /// smtpguard's program, native or skb mode.
-    Smtpguard(AttachMode),
+    /// smtpguard's program, native or skb mode, with drop logging at this
+    /// many events per second per CPU (0: off).
+    Smtpguard(AttachMode, u32),
     /// xdp-filter's program (aya-loaded), native mode.
     XdpFilter,
     /// An nftables drop rule on the same list.
@@ -54,8 +57,16 @@ enum Guard {
 impl Guard {
     fn label(self) -> String {
         match self {
-            Guard::Smtpguard(AttachMode::Native) => "smtpguard native XDP".into(),
-            Guard::Smtpguard(_) => "smtpguard skb-mode XDP".into(),
+            Guard::Smtpguard(AttachMode::Native, 0) => "smtpguard native XDP".into(),
+            Guard::Smtpguard(AttachMode::Native, rate) => {
+                format!(
+                    "smtpguard native XDP, drop logging at {rate}/s per CPU (production default)"
+                )
+            }
+            Guard::Smtpguard(_, 0) => "smtpguard skb-mode XDP".into(),
+            Guard::Smtpguard(_, rate) => {
+                format!("smtpguard skb-mode XDP, drop logging at {rate}/s per CPU")
+            }
             Guard::XdpFilter => "xdp-filter native XDP (exact addresses)".into(),
             Guard::Nft(hook) => hook.label().into(),
             Guard::None => "no filter (listener; SYNs handled)".into(),
@@ -135,10 +146,15 @@ impl Bed {
     fn activate(&self, guard: Guard) -> Result<Active> {
         let gw_if = self.topo.gw_if.as_str();
         Ok(match guard {
-            Guard::Smtpguard(mode) => {
+            Guard::Smtpguard(mode, log_rate) => {
                 let (mut xdp, mut sync, stats) = XdpFilter::load()?;
                 sync.apply(&self.list.rules(), ApplyHow::Atomic)?;
-                sync.set_runtime(Mode::AcceptAllExceptDeny, Enforcement::Enforce, &[PORT], 0)?;
+                sync.set_runtime(
+                    Mode::AcceptAllExceptDeny,
+                    Enforcement::Enforce,
+                    &[PORT],
+                    log_rate,
+                )?;
                 self.topo.gw.enter(|| xdp.attach(gw_if, mode))?;
                 Active::Smtpguard {
                     _filter: Box::new(xdp),
@@ -265,9 +281,12 @@ pub fn run(settings: &Settings) -> Result<Vec<Row>> {
         .enter(|| TcpListener::bind((GW_V4, PORT)))
         .context("listening on the gateway")?;
     let acceptor = Acceptor::spawn(listener)?;
+    // smtpguard first (logging off, then at the production default).
+    let ours = 3;
     let filters = [
-        Guard::Smtpguard(AttachMode::Native),
-        Guard::Smtpguard(AttachMode::Skb),
+        Guard::Smtpguard(AttachMode::Native, 0),
+        Guard::Smtpguard(AttachMode::Skb, 0),
+        Guard::Smtpguard(AttachMode::Native, DEFAULT_LOG_RATE),
         Guard::Nft(Hook::NetdevIngress),
         Guard::Nft(Hook::InetPrerouting),
         Guard::XdpFilter,
@@ -298,21 +317,18 @@ pub fn run(settings: &Settings) -> Result<Vec<Row>> {
             .map_err(Clone::clone)
     };
     let mut rows = Vec::new();
-    for (i, mode) in ["smtpguard native XDP", "smtpguard skb-mode XDP"]
-        .iter()
-        .enumerate()
-    {
+    for (i, mode) in filters[..ours].iter().map(|f| f.label()).enumerate() {
         for (rate, metric) in [
             (true, "SYNs dropped per second"),
             (false, "CPU per SYN (sender + softirq)"),
         ] {
-            let baselines = filters[2..]
+            let baselines = filters[ours..]
                 .iter()
-                .zip(&results[2..])
+                .zip(&results[ours..])
                 .map(|(f, r)| (f.label(), figure_of(r, rate)))
                 .collect();
             rows.push(Row::new(
-                what(metric, mode),
+                what(metric, &mode),
                 figure_of(&results[i], rate),
                 baselines,
                 "report",

@@ -18,6 +18,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use smtpguard::kernel::XdpFilter;
+use smtpguard_tests::trie_reference::TrieReference;
 
 /// An XDP program that can be test-run on a frame.
 pub trait PacketProgram {
@@ -38,6 +39,17 @@ impl PacketProgram for XdpFilter {
 
     fn run_live(&mut self, frame: &[u8], repeat: u32) -> Result<u64> {
         Ok(self.test_run_live(frame, repeat, LIVE_BATCH)?)
+    }
+}
+
+/// The frozen LPM-trie program: the "old trie program" of every row.
+impl PacketProgram for TrieReference {
+    fn run(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, u64)> {
+        Ok(TrieReference::run(self, frame, repeat)?)
+    }
+
+    fn run_live(&mut self, frame: &[u8], repeat: u32) -> Result<u64> {
+        Ok(TrieReference::run_live(self, frame, repeat, LIVE_BATCH)?)
     }
 }
 
@@ -273,6 +285,27 @@ pub fn memlock_since(before: &BTreeSet<u32>, map_type: Option<u32>) -> u64 {
         .filter(|(id, (kind, _))| !before.contains(id) && map_type.is_none_or(|t| t == *kind))
         .map(|(_, (_, memlock))| memlock)
         .sum()
+}
+
+/// Kernel memory of the maps opened since `before`, by map name (maps of
+/// the same name summed).
+pub fn memlock_by_name_since(before: &BTreeSet<u32>) -> BTreeMap<String, u64> {
+    let names: BTreeMap<u32, String> = aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .filter_map(|m| Some((m.id(), m.name_as_str()?.to_string())))
+        .collect();
+    let mut out = BTreeMap::new();
+    for (id, (_, memlock)) in open_maps() {
+        if before.contains(&id) {
+            continue;
+        }
+        let name = names
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("map {id}"));
+        *out.entry(name).or_insert(0) += memlock;
+    }
+    out
 }
 
 /// The ids of the maps open now, to diff against later.

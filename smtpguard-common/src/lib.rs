@@ -27,13 +27,22 @@ pub mod map_names {
     pub const GROUPS4: [&str; 2] = ["SG_GROUPS4_A", "SG_GROUPS4_B"];
     /// The IPv4 group leaves, `Array<[u32; 16]>`, one per generation.
     pub const LEAVES4: [&str; 2] = ["SG_LEAVES4_A", "SG_LEAVES4_B"];
-    /// IPv6 LPM tries, one per list generation.
+    /// IPv6 entries, one hash map per IPv6 generation (see [`super::V6Key`]);
+    /// LPM tries in the frozen `trie-reference` program.
     pub const RULES_V6: [&str; 2] = ["SG_RULES6_A", "SG_RULES6_B"];
-    /// `PerCpuArray<u64>` of [`super::COUNTER_COUNT`] verdict counters.
+    /// `Array<V6Lengths>` with one element per IPv6 generation.
+    pub const LENGTHS_V6: &str = "SG_LENS6";
+    /// `Array<u32>` with one element: the IPv6 generation in force (0 or 1).
+    pub const GENERATION_V6: &str = "SG_GEN6";
+    /// `PerCpuArray<u64>` of [`super::slot::SLOT_COUNT`] outcome slots
+    /// (see [`super::slot`]); userspace derives the [`super::counter`] totals.
     pub const COUNTERS: &str = "SG_COUNTERS";
     /// `Array<u64>` of [`super::MAX_RULE_IDS`] per-entry hit counters, indexed by rule id.
     pub const HITS: &str = "SG_HITS";
-    /// `Array<LogWindow>` with one element: the drop-event rate limiter.
+    /// `PerCpuArray<HitPending>` with one element: hits not yet added to `SG_HITS`.
+    pub const HIT_PENDING: &str = "SG_HIT_PENDING";
+    /// `PerCpuArray<LogWindow>` with one element: the drop-event rate
+    /// limiter of each CPU.
     pub const LOG_WINDOW: &str = "SG_LOG_WINDOW";
 }
 
@@ -108,6 +117,13 @@ pub mod ipv4_table {
     }
 }
 
+/// Capacity of each IPv6 hash map (one generation), in entries: prefixes
+/// plus the markers the binary search on lengths needs (at most 7 per
+/// prefix, mostly shared). Created with `BPF_F_NO_PREALLOC`, so entries
+/// cost memory only when written, but the kernel allocates the bucket
+/// array up front: 16 bytes per entry of capacity, 16 MiB per generation.
+pub const MAX_V6_ENTRIES: u32 = 1 << 20;
+
 /// Size of the hit-counter array: rule ids are `0..MAX_RULE_IDS`.
 /// Rule id 0 is never assigned, so a zeroed value reads as "no rule".
 pub const MAX_RULE_IDS: u32 = 1 << 21;
@@ -139,6 +155,48 @@ pub struct Rule {
     pub action: u32,
     /// Index into the hit-counter map `SG_HITS`; never 0.
     pub rule_id: u32,
+}
+
+/// Key of the production program's IPv6 hash maps: a prefix or a marker of
+/// the binary search on prefix lengths (Waldvogel et al., "Scalable
+/// High-Speed Prefix Matching", 1997/2001).
+///
+/// The value is a [`Rule`]: for a list entry, its own; for a marker (a
+/// prefix of a longer entry, on the search path to it), the longest entry
+/// that covers the marker, or `action` 0 when none does. The search probes
+/// the lengths in force ([`V6Lengths`]) in binary-search order, going
+/// longer after a hit and shorter after a miss, and returns the value of
+/// the last hit: at most 8 probes for any set of lengths.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct V6Key {
+    /// Prefix length in bits, `0..=128`.
+    pub prefix_len: u32,
+    /// The prefix in network byte order with the host bits zero, as four
+    /// native-endian words (`u32::from_ne_bytes` of each four octets), as
+    /// the program loads it from the packet.
+    pub addr: [u32; 4],
+}
+
+/// The distinct prefix lengths of one IPv6 generation, ascending: element
+/// 0 or 1 of `SG_LENS6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct V6Lengths {
+    /// How many of `lengths` are in use (`0..=129`).
+    pub count: u32,
+    /// Prefix lengths, strictly ascending; the rest is 0.
+    pub lengths: [u8; 132],
+}
+
+impl V6Lengths {
+    /// No lengths: every lookup misses.
+    pub const fn empty() -> Self {
+        Self {
+            count: 0,
+            lengths: [0; 132],
+        }
+    }
 }
 
 /// What the program does with a SYN from an address that matches no entry.
@@ -204,22 +262,51 @@ impl RuntimeConfig {
     }
 }
 
-/// State of the drop-event rate limiter: element 0 of `SG_LOG_WINDOW`.
+/// State of the drop-event rate limiter: element 0 of `SG_LOG_WINDOW`, one
+/// per CPU in the production program (the frozen `trie-reference` program
+/// keeps one shared element).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LogWindow {
-    /// Start of the current one-second window, `bpf_ktime_get_ns` nanoseconds.
+    /// Start of the current one-second window, `bpf_ktime_get_coarse_ns`
+    /// nanoseconds (`bpf_ktime_get_ns` in `trie-reference`).
     pub start_ns: u64,
     /// Events logged in the current window.
     pub logged: u64,
 }
 
-/// Indices into the per-CPU counter map `SG_COUNTERS`.
+/// Hits of one CPU not yet added to `SG_HITS`: element 0 of the per-CPU
+/// `SG_HIT_PENDING`.
+///
+/// A flood from one source hits the same entry packet after packet, so the
+/// program counts into this per-CPU record and adds `count` to the shared
+/// `SG_HITS[rule_id]` (one atomic add) only when a packet hits a different
+/// entry. An entry's hits are therefore `SG_HITS[id]` plus the `count` of
+/// every CPU whose `rule_id` is `id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HitPending {
+    /// The entry hit last on this CPU (0: none yet).
+    pub rule_id: u32,
+    /// Explicit padding; always 0.
+    pub _pad: u32,
+    /// Hits of `rule_id` on this CPU not yet in `SG_HITS`.
+    pub count: u64,
+}
+
+/// The verdict counters operators see (`stats`, `/metrics`, the log line),
+/// indexed like [`COUNTER_NAMES`].
 ///
 /// Invariant, per packet: `PACKETS` goes up by one, and so does exactly one
 /// of `DROP_DENY_LIST`, `DROP_NOT_PERMITTED` or one `PASS_*` counter
 /// (`WOULD_DROP` counts as a pass reason). `PASSED` is the sum of the pass
 /// reasons, so `PACKETS = DROP_DENY_LIST + DROP_NOT_PERMITTED + PASSED`.
+///
+/// The production program counts each packet once, in the [`slot`] of its
+/// outcome (one of those reasons) and family; userspace derives `PACKETS`,
+/// `SYN*`, `DROP_V4`/`DROP_V6`, `PASSED` and `LOG_SUPPRESSED` from the
+/// slots, so the invariant holds by construction. The frozen
+/// `trie-reference` program still increments these indices directly.
 pub mod counter {
     /// Every packet the program saw.
     pub const PACKETS: u32 = 0;
@@ -297,13 +384,46 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "log_suppressed",
 ];
 
+/// Layout of the production program's per-CPU `SG_COUNTERS`: one slot per
+/// (outcome, family, logging on), plus [`slot::LOGGED`].
+///
+/// The outcome is a terminal [`counter`] index: a drop reason, `WOULD_DROP`
+/// or a `PASS_*` reason (the other indices stay unused). The family is that
+/// of a judged SYN's source (IPv4-mapped IPv6 sources are IPv4); packets
+/// that are not judged SYNs count as family 0. "Logging on" is whether
+/// `log_rate_per_sec` was non-zero, so that suppressed log events can be
+/// derived without a write on the suppressed path:
+/// `LOG_SUPPRESSED = drop events with logging on - LOGGED`.
+pub mod slot {
+    use super::COUNTER_COUNT;
+
+    /// Family 0: IPv4 (or not a judged SYN).
+    pub const FAMILY_V4: u32 = 0;
+    /// Family 1: IPv6.
+    pub const FAMILY_V6: u32 = 1;
+
+    /// Slot of `outcome` (a [`super::counter`] index) for `family`
+    /// (`FAMILY_V4`/`FAMILY_V6`) and `log_on` (0 or 1).
+    #[inline(always)]
+    pub const fn index(outcome: u32, family: u32, log_on: u32) -> u32 {
+        outcome + COUNTER_COUNT * (family + 2 * log_on)
+    }
+
+    /// Drop events written to the log (not a verdict; counted in addition
+    /// to the packet's outcome, at most the log rate per second per CPU).
+    pub const LOGGED: u32 = COUNTER_COUNT * 4;
+
+    /// Number of slots in `SG_COUNTERS`.
+    pub const SLOT_COUNT: u32 = LOGGED + 1;
+}
+
 /// How deep the program walks IPv6 extension headers before giving up
 /// (the chain then passes, counted as `PASS_IPV6_CHAIN`).
 pub const IPV6_MAX_EXTENSION_HEADERS: u32 = 8;
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY (all three): repr(C), Copy, no padding the compiler adds
+    // SAFETY (all): repr(C), Copy, no padding the compiler adds
     // (explicit `_pad` fields), valid for any bit pattern.
     // SAFETY: see above.
     unsafe impl aya::Pod for super::Rule {}
@@ -313,4 +433,10 @@ mod pod {
     unsafe impl aya::Pod for super::LogWindow {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::ipv4_table::Group {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::HitPending {}
+    // SAFETY: see above (u32 and u8 arrays, no implicit padding).
+    unsafe impl aya::Pod for super::V6Key {}
+    // SAFETY: see above (4 + 132 bytes, no implicit padding).
+    unsafe impl aya::Pod for super::V6Lengths {}
 }

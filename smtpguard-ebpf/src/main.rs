@@ -8,51 +8,46 @@
 #![feature(asm_experimental_arch)]
 
 mod lookup_v4;
+mod lookup_v6;
 mod maps;
 mod parse;
 
-use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
+    bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
 };
 use aya_log_ebpf::warn;
 use lookup_v4::lookup_v4;
 use maps::*;
 use parse::{Source, Syn};
-use smtpguard_common::{counter, Action, Enforcement, Mode, Rule, RuntimeConfig};
+use smtpguard_common::{counter, slot, Action, Enforcement, Mode, Rule, RuntimeConfig};
 
 #[xdp]
 pub fn smtpguard(ctx: XdpContext) -> u32 {
-    count(counter::PACKETS);
     // Element 0 always exists in an array map; zeroed means "drop nothing".
     let Some(cfg) = SG_CONFIG.get(0) else {
-        return pass(counter::PASS_MALFORMED);
+        return pass(counter::PASS_MALFORMED, slot::FAMILY_V4, 0);
     };
+    let log_on = (cfg.log_rate_per_sec != 0) as u32;
     match parse::classify(&ctx, cfg) {
-        Ok(syn) => judge(&ctx, cfg, &syn),
-        Err(reason) => pass(reason),
+        Ok(syn) => judge(&ctx, cfg, &syn, log_on),
+        Err(reason) => pass(reason, slot::FAMILY_V4, log_on),
     }
 }
 
-/// Applies the lists to a SYN: longest prefix wins; no match falls back to the mode.
+/// Applies the lists to a SYN: longest prefix wins; no match falls back to
+/// the mode. Counts the outcome once, in its (reason, family) slot.
 #[inline(always)]
-fn judge(ctx: &XdpContext, cfg: &RuntimeConfig, syn: &Syn) -> u32 {
-    count(counter::SYN);
-    let (rule, is_v4) = match &syn.source {
-        Source::V4(addr) => (lookup_v4(cfg, *addr), true),
+fn judge(ctx: &XdpContext, cfg: &RuntimeConfig, syn: &Syn, log_on: u32) -> u32 {
+    let (rule, family) = match &syn.source {
+        Source::V4(addr) => (lookup_v4(cfg, *addr), slot::FAMILY_V4),
         Source::V6(addr) => match ipv4_mapped(addr) {
             // ::ffff:a.b.c.d is an IPv4 client on a dual-stack socket.
-            Some(v4) => (lookup_v4(cfg, v4), true),
-            None => (lookup_v6(cfg, addr), false),
+            Some(v4) => (lookup_v4(cfg, v4), slot::FAMILY_V4),
+            None => (lookup_v6(addr), slot::FAMILY_V6),
         },
     };
-    count(if is_v4 {
-        counter::SYN_V4
-    } else {
-        counter::SYN_V6
-    });
     if cfg.enforcement == Enforcement::Off as u32 {
-        return pass(counter::PASS_FILTER_OFF);
+        return pass(counter::PASS_FILTER_OFF, family, log_on);
     }
     let (deny, drop_reason, rule_id) = match rule {
         Some(r) => {
@@ -70,19 +65,16 @@ fn judge(ctx: &XdpContext, cfg: &RuntimeConfig, syn: &Syn) -> u32 {
         ),
     };
     if !deny {
-        return pass(counter::PASS_PERMITTED);
+        return pass(counter::PASS_PERMITTED, family, log_on);
     }
     let monitor = cfg.enforcement == Enforcement::Monitor as u32;
-    log_drop(ctx, cfg, syn, drop_reason, rule_id, monitor);
-    if monitor {
-        return pass(counter::WOULD_DROP);
+    if log_on != 0 {
+        log_drop(ctx, cfg, syn, drop_reason, rule_id, monitor);
     }
-    count(drop_reason);
-    count(if is_v4 {
-        counter::DROP_V4
-    } else {
-        counter::DROP_V6
-    });
+    if monitor {
+        return pass(counter::WOULD_DROP, family, log_on);
+    }
+    count(slot::index(drop_reason, family, log_on));
     xdp_action::XDP_DROP
 }
 
@@ -97,14 +89,9 @@ fn ipv4_mapped(addr: &[u8; 16]) -> Option<[u8; 4]> {
 }
 
 #[inline(always)]
-fn lookup_v6(cfg: &RuntimeConfig, addr: &[u8; 16]) -> Option<Rule> {
-    let key = Key::new(128, *addr);
-    let trie = if cfg.active_generation == 0 {
-        &SG_RULES6_A
-    } else {
-        &SG_RULES6_B
-    };
-    trie.get(&key).copied()
+fn lookup_v6(addr: &[u8; 16]) -> Option<Rule> {
+    // SAFETY: same size, any bits are valid; the words are as loaded.
+    lookup_v6::lookup(&unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*addr) })
 }
 
 #[inline(always)]
@@ -116,25 +103,48 @@ fn count(index: u32) {
 }
 
 #[inline(always)]
-fn pass(reason: u32) -> u32 {
-    count(counter::PASSED);
-    count(reason);
+fn pass(reason: u32, family: u32, log_on: u32) -> u32 {
+    count(slot::index(reason, family, log_on));
     xdp_action::XDP_PASS
 }
 
+/// Counts a hit of `rule_id` in this CPU's pending record; the shared
+/// `SG_HITS` is written (one atomic add) only when the entry changes, so a
+/// flood from one network costs no shared write per packet.
 #[inline(always)]
 fn hit(rule_id: u32) {
-    if let Some(slot) = SG_HITS.get_ptr_mut(rule_id) {
+    let Some(pending) = SG_HIT_PENDING.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU value, XDP runs with preemption disabled.
+    let (previous, count) = unsafe {
+        if (*pending).rule_id == rule_id {
+            (*pending).count += 1;
+            return;
+        }
+        let flushed = ((*pending).rule_id, (*pending).count);
+        // Replace before adding to SG_HITS: a reader that adds SG_HITS and
+        // then the pending records may miss a flush for a moment, but never
+        // counts one twice.
+        (*pending).rule_id = rule_id;
+        (*pending).count = 1;
+        flushed
+    };
+    if count == 0 {
+        return;
+    }
+    if let Some(total) = SG_HITS.get_ptr_mut(previous) {
         // SAFETY: valid, 8-byte aligned map value; shared between CPUs, so
         // the add must be atomic (BPF_ATOMIC | BPF_ADD, no fetch).
         unsafe {
-            core::arch::asm!("lock *(u64 *)({0} + 0) += {1}", in(reg) slot, in(reg) 1u64);
+            core::arch::asm!("lock *(u64 *)({0} + 0) += {1}", in(reg) total, in(reg) count);
         }
     }
 }
 
-/// Logs a drop (or would-drop) through aya-log, at most
-/// `log_rate_per_sec` events per second; the rest are counted as suppressed.
+/// Logs a drop (or would-drop) through aya-log, at most `log_rate_per_sec`
+/// events per second on each CPU. A suppressed event writes nothing; its
+/// count is derived in userspace (see `smtpguard_common::slot`).
 #[inline(always)]
 fn log_drop(
     ctx: &XdpContext,
@@ -144,28 +154,23 @@ fn log_drop(
     rule_id: u32,
     monitor: bool,
 ) {
-    // Logging off: no clock read and no write to the shared window on
-    // the drop path, which is the flood path.
-    if cfg.log_rate_per_sec == 0 {
-        return;
-    }
     let Some(window) = SG_LOG_WINDOW.get_ptr_mut(0) else {
         return;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: valid map value. Races between CPUs only blur the limit a little.
-    let allowed = unsafe {
+    // The coarse clock (tick resolution) is plenty for a one-second window
+    // and much cheaper than bpf_ktime_get_ns.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: per-CPU value, XDP runs with preemption disabled.
+    unsafe {
         if now.wrapping_sub((*window).start_ns) >= 1_000_000_000 {
             (*window).start_ns = now;
             (*window).logged = 0;
+        } else if (*window).logged >= cfg.log_rate_per_sec as u64 {
+            return;
         }
         (*window).logged += 1;
-        (*window).logged <= cfg.log_rate_per_sec as u64
-    };
-    if !allowed {
-        count(counter::LOG_SUPPRESSED);
-        return;
     }
+    count(slot::LOGGED);
     let port = u16::from_be(syn.dport_be);
     let what = if monitor { "would drop" } else { "dropped" };
     let why = if reason == counter::DROP_DENY_LIST {

@@ -5,13 +5,14 @@
 //! object file against them).
 
 use aya_ebpf::{
-    bindings::BPF_F_MMAPABLE,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use smtpguard_common::ipv4_table::{Group, LEAF_LINES, MAX_GROUPS, TBL24_LINES};
 use smtpguard_common::{
-    LogWindow, Rule, RuntimeConfig, COUNTER_COUNT, MAX_PREFIXES_PER_FAMILY, MAX_RULE_IDS,
+    slot, HitPending, LogWindow, Rule, RuntimeConfig, V6Key, V6Lengths, MAX_RULE_IDS,
+    MAX_V6_ENTRIES,
 };
 
 /// Runtime configuration (mode, ports, active generation); one element.
@@ -43,26 +44,41 @@ pub static SG_LEAVES4_A: Array<[u32; 16]> = Array::with_max_entries(LEAF_LINES, 
 #[map]
 pub static SG_LEAVES4_B: Array<[u32; 16]> = Array::with_max_entries(LEAF_LINES, BPF_F_MMAPABLE);
 
-/// IPv6 permit/deny entries, generation A.
+/// IPv6 entries and markers (see `V6Key`), IPv6 generation A.
 #[map]
-pub static SG_RULES6_A: LpmTrie<[u8; 16], Rule> =
-    LpmTrie::with_max_entries(MAX_PREFIXES_PER_FAMILY, 0);
+pub static SG_RULES6_A: HashMap<V6Key, Rule> =
+    HashMap::with_max_entries(MAX_V6_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// IPv6 permit/deny entries, generation B.
+/// IPv6 entries and markers, IPv6 generation B.
 #[map]
-pub static SG_RULES6_B: LpmTrie<[u8; 16], Rule> =
-    LpmTrie::with_max_entries(MAX_PREFIXES_PER_FAMILY, 0);
+pub static SG_RULES6_B: HashMap<V6Key, Rule> =
+    HashMap::with_max_entries(MAX_V6_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// Verdict counters, per CPU so that counting never contends.
+/// The prefix lengths of each IPv6 generation (element 0: A, 1: B).
 #[map]
-pub static SG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+pub static SG_LENS6: Array<V6Lengths> = Array::with_max_entries(2, 0);
+
+/// The IPv6 generation in force (0: A, 1: B); one element. IPv6 switches
+/// on its own, so that a single-entry change can be a whole-table switch.
+#[map]
+pub static SG_GEN6: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Outcome counters (see `smtpguard_common::slot`), per CPU so that
+/// counting never contends: one increment per packet.
+#[map]
+pub static SG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(slot::SLOT_COUNT, 0);
 
 /// Hits per list entry, indexed by rule id. Shared (not per CPU): a per-CPU
-/// array of 2M counters would cost 16 MiB per CPU. Mmapable, so userspace
-/// reads all of it without a syscall per entry.
+/// array of 2M counters would cost 16 MiB per CPU. Written only when a CPU
+/// flushes its `SG_HIT_PENDING`. Mmapable, so userspace reads all of it
+/// without a syscall per entry.
 #[map]
 pub static SG_HITS: Array<u64> = Array::with_max_entries(MAX_RULE_IDS, BPF_F_MMAPABLE);
 
-/// Drop-event rate limiter state; one element.
+/// Each CPU's hits not yet in `SG_HITS` (16 bytes per CPU).
 #[map]
-pub static SG_LOG_WINDOW: Array<LogWindow> = Array::with_max_entries(1, 0);
+pub static SG_HIT_PENDING: PerCpuArray<HitPending> = PerCpuArray::with_max_entries(1, 0);
+
+/// Drop-event rate limiter state of each CPU; one element.
+#[map]
+pub static SG_LOG_WINDOW: PerCpuArray<LogWindow> = PerCpuArray::with_max_entries(1, 0);

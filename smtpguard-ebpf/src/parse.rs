@@ -51,22 +51,62 @@ pub struct Syn {
 /// Pass reason (a `counter::PASS_*` index) when the packet is not a SYN to judge.
 pub type PassReason = u32;
 
-/// Reads a `T` at `offset` bytes into the frame, bounds-checked against the
-/// end of the packet; a short packet is `PASS_MALFORMED`.
+/// The address of `len` bytes at `offset` into the frame, bounds-checked
+/// against the end of the packet; a short packet is `PASS_MALFORMED`.
 #[inline(always)]
-fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, PassReason> {
+fn at(ctx: &XdpContext, offset: usize, len: usize) -> Result<usize, PassReason> {
     let start = ctx.data();
     let end = ctx.data_end();
-    if offset > MAX_HEADER_OFFSET || start + offset + size_of::<T>() > end {
+    if offset > MAX_HEADER_OFFSET || start + offset + len > end {
         return Err(counter::PASS_MALFORMED);
     }
-    // SAFETY: bounds checked just above; the packet has no alignment guarantee.
-    Ok(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+    Ok(start + offset)
 }
 
+/// Reads the byte at `offset`.
 #[inline(always)]
-fn be16(b: [u8; 2]) -> u16 {
-    u16::from_be_bytes(b)
+fn load_u8(ctx: &XdpContext, offset: usize) -> Result<u8, PassReason> {
+    let p = at(ctx, offset, 1)?;
+    // SAFETY: bounds checked by `at`.
+    Ok(unsafe { *(p as *const u8) })
+}
+
+// Header fields are loaded whole, with one BPF load each. The packet has no
+// alignment guarantee, so Rust's unaligned reads make LLVM split every field
+// into byte loads and shifts; the BPF load instructions themselves accept
+// any alignment on x86-64 and arm64 (the verifier checks alignment only
+// with strict alignment, which those JITs do not ask for).
+
+/// Reads the `u16` at `offset` as it is in the packet (network byte order).
+#[inline(always)]
+fn load_u16(ctx: &XdpContext, offset: usize) -> Result<u16, PassReason> {
+    let p = at(ctx, offset, 2)?;
+    let v: u64;
+    // SAFETY: two bytes bounds-checked by `at`; the instruction only reads.
+    unsafe {
+        core::arch::asm!("{0} = *(u16 *)({1} + 0)", out(reg) v, in(reg) p,
+            options(pure, readonly, nostack));
+    }
+    Ok(v as u16)
+}
+
+/// Reads the `u32` at `offset` as it is in the packet (network byte order).
+#[inline(always)]
+fn load_u32(ctx: &XdpContext, offset: usize) -> Result<u32, PassReason> {
+    let p = at(ctx, offset, 4)?;
+    let v: u64;
+    // SAFETY: four bytes bounds-checked by `at`; the instruction only reads.
+    unsafe {
+        core::arch::asm!("{0} = *(u32 *)({1} + 0)", out(reg) v, in(reg) p,
+            options(pure, readonly, nostack));
+    }
+    Ok(v as u32)
+}
+
+/// Loads a big-endian `u16` as a number.
+#[inline(always)]
+fn load_be16(ctx: &XdpContext, offset: usize) -> Result<u16, PassReason> {
+    Ok(u16::from_be(load_u16(ctx, offset)?))
 }
 
 #[inline(always)]
@@ -77,15 +117,15 @@ fn is_vlan(ethertype: u16) -> bool {
 /// Classifies one frame. See the module documentation.
 #[inline(always)]
 pub fn classify(ctx: &XdpContext, cfg: &RuntimeConfig) -> Result<Syn, PassReason> {
-    let mut ethertype = be16(load(ctx, 12)?);
+    let mut ethertype = load_be16(ctx, 12)?;
     let mut l3 = ETH_HLEN;
     // Up to two tags (802.1Q, or 802.1ad outer + 802.1Q inner); a third is
     // unusual enough to pass untouched, counted.
     if is_vlan(ethertype) {
-        ethertype = be16(load(ctx, l3 + 2)?);
+        ethertype = load_be16(ctx, l3 + 2)?;
         l3 += 4;
         if is_vlan(ethertype) {
-            ethertype = be16(load(ctx, l3 + 2)?);
+            ethertype = load_be16(ctx, l3 + 2)?;
             l3 += 4;
             if is_vlan(ethertype) {
                 return Err(counter::PASS_VLAN_DEPTH);
@@ -101,25 +141,28 @@ pub fn classify(ctx: &XdpContext, cfg: &RuntimeConfig) -> Result<Syn, PassReason
 
 #[inline(always)]
 fn ipv4(ctx: &XdpContext, cfg: &RuntimeConfig, l3: usize) -> Result<Syn, PassReason> {
-    let h: [u8; 20] = load(ctx, l3)?;
-    let ihl = (h[0] & 0x0f) as usize;
-    if h[0] >> 4 != 4 || ihl < 5 {
+    // Whole fields, not a byte array: one load each instead of one per byte.
+    let version_ihl = load_u8(ctx, l3)?;
+    let ihl = (version_ihl & 0x0f) as usize;
+    if version_ihl >> 4 != 4 || ihl < 5 {
         return Err(counter::PASS_MALFORMED);
     }
-    if h[9] != IPPROTO_TCP {
+    let protocol = load_u8(ctx, l3 + 9)?;
+    if protocol != IPPROTO_TCP {
         return Err(counter::PASS_NOT_TCP);
     }
-    let frag = be16([h[6], h[7]]);
+    let frag = load_be16(ctx, l3 + 6)?;
     if frag & 0x1fff != 0 {
         // A non-first fragment carries no TCP header: never parse it as one.
         return Err(counter::PASS_FRAGMENT);
     }
     let more_fragments = frag & 0x2000 != 0;
     let header_len = ihl * 4;
-    let total_len = be16([h[2], h[3]]) as usize;
+    let total_len = load_be16(ctx, l3 + 2)? as usize;
     if total_len < header_len {
         return Err(counter::PASS_MALFORMED);
     }
+    let source = load_u32(ctx, l3 + 12)?;
     // The IP length, not the frame end, bounds the TCP header: Ethernet
     // pads short frames to 60 bytes and the padding is not TCP.
     tcp(
@@ -128,19 +171,24 @@ fn ipv4(ctx: &XdpContext, cfg: &RuntimeConfig, l3: usize) -> Result<Syn, PassRea
         l3 + header_len,
         total_len - header_len,
         more_fragments,
-        Source::V4([h[12], h[13], h[14], h[15]]),
+        Source::V4(source.to_ne_bytes()),
     )
 }
 
 #[inline(always)]
 fn ipv6(ctx: &XdpContext, cfg: &RuntimeConfig, l3: usize) -> Result<Syn, PassReason> {
-    let h: [u8; 8] = load(ctx, l3)?;
-    if h[0] >> 4 != 6 {
+    let version = load_u8(ctx, l3)?;
+    if version >> 4 != 6 {
         return Err(counter::PASS_MALFORMED);
     }
-    let source: [u8; 16] = load(ctx, l3 + 8)?;
-    let payload_len = be16([h[4], h[5]]) as usize;
-    let mut next = h[6];
+    let source: [u32; 4] = [
+        load_u32(ctx, l3 + 8)?,
+        load_u32(ctx, l3 + 12)?,
+        load_u32(ctx, l3 + 16)?,
+        load_u32(ctx, l3 + 20)?,
+    ];
+    let payload_len = load_be16(ctx, l3 + 4)? as usize;
+    let mut next = load_u8(ctx, l3 + 6)?;
     let mut offset = l3 + 40;
     let payload_end = offset + payload_len;
     let mut first_fragment = false;
@@ -151,24 +199,26 @@ fn ipv6(ctx: &XdpContext, cfg: &RuntimeConfig, l3: usize) -> Result<Syn, PassRea
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MOBILITY
             | IPPROTO_HIP | IPPROTO_SHIM6 => {
                 // Generic format (RFC 8200 §4.2): length in 8-octet units, not counting the first.
-                let e: [u8; 2] = load(ctx, offset)?;
-                next = e[0];
-                offset += (e[1] as usize + 1) * 8;
+                let e = load_be16(ctx, offset)?;
+                next = (e >> 8) as u8;
+                offset += ((e & 0xff) as usize + 1) * 8;
             }
             IPPROTO_AH => {
                 // AH counts 4-octet units, minus 2 (RFC 4302 §2.2).
-                let e: [u8; 2] = load(ctx, offset)?;
-                next = e[0];
-                offset += (e[1] as usize + 2) * 4;
+                let e = load_be16(ctx, offset)?;
+                next = (e >> 8) as u8;
+                offset += ((e & 0xff) as usize + 2) * 4;
             }
             IPPROTO_FRAGMENT => {
-                let e: [u8; 4] = load(ctx, offset)?;
-                let offset_and_flags = be16([e[2], e[3]]);
+                // One load for the whole first word: next header, reserved,
+                // then offset and flags (RFC 8200 §4.5).
+                let word = load_u32(ctx, offset)?.to_ne_bytes();
+                let offset_and_flags = u16::from_be_bytes([word[2], word[3]]);
                 if offset_and_flags & 0xfff8 != 0 {
                     return Err(counter::PASS_FRAGMENT);
                 }
                 first_fragment = offset_and_flags & 1 != 0;
-                next = e[0];
+                next = word[0];
                 offset += 8;
             }
             IPPROTO_ESP => return Err(counter::PASS_ESP),
@@ -187,7 +237,8 @@ fn ipv6(ctx: &XdpContext, cfg: &RuntimeConfig, l3: usize) -> Result<Syn, PassRea
         offset,
         payload_end - offset,
         first_fragment,
-        Source::V6(source),
+        // SAFETY: [u32; 4] and [u8; 16] have the same size; any bits are valid.
+        Source::V6(unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(source) }),
     )
 }
 
@@ -205,8 +256,7 @@ fn tcp(
     if l4_len < 4 {
         return Err(counter::PASS_MALFORMED);
     }
-    let ports: [u8; 4] = load(ctx, l4)?;
-    let dport_be = u16::from_ne_bytes([ports[2], ports[3]]);
+    let dport_be = load_u16(ctx, l4 + 2)?;
     if !port_guarded(cfg, dport_be) {
         return Err(counter::PASS_OTHER_PORT);
     }
@@ -219,7 +269,7 @@ fn tcp(
             Err(counter::PASS_MALFORMED)
         };
     }
-    let flags: u8 = load(ctx, l4 + TCP_FLAGS_OFFSET)?;
+    let flags = load_u8(ctx, l4 + TCP_FLAGS_OFFSET)?;
     // A new connection: SYN without ACK. ECE/CWR (ECN setup), FIN, RST, PSH
     // and data (TCP Fast Open) do not make it any less of a new connection.
     if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {

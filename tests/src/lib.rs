@@ -1,14 +1,16 @@
 //! Helpers for smtpguard's privileged integration tests: frame builders
 //! ([`packet`]) and a raw frame sender for floods ([`flood`]),
 //! network-namespace scaffolding that cleans up after itself ([`netns`]),
-//! the three-way lookup oracle ([`oracle`]),
-//! a private Postfix ([`postfix`]), and bounded waiting ([`wait_for`], [`run_bounded`]).
+//! the three-way lookup oracle ([`oracle`]), a private Postfix ([`postfix`]),
+//! the frozen LPM-trie program ([`trie_reference`]), and bounded waiting
+//! ([`wait_for`], [`run_bounded`]).
 
 pub mod flood;
 pub mod netns;
 pub mod oracle;
 pub mod packet;
 pub mod postfix;
+pub mod trie_reference;
 
 use std::{
     process::{Command, Output},

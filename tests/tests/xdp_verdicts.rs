@@ -758,6 +758,68 @@ fn entry_hits_are_counted_by_rule() {
 }
 
 #[test]
+fn pending_hits_are_visible_before_and_after_their_flush() {
+    let (mut filter, mut sync, stats) = load();
+    sync.apply(&rules_of(BASE_RULES), ApplyHow::Atomic).unwrap();
+    sync.set_runtime(Mode::AcceptAllExceptDeny, Enforcement::Enforce, &PORTS, 0)
+        .unwrap();
+    let id_of = |prefix: &str| {
+        let net: IpNet = prefix.parse().unwrap();
+        (1..64).find(|id| sync.prefix_of(*id) == Some(net)).unwrap()
+    };
+    let (deny, permit) = (id_of("203.0.113.0/24"), id_of("203.0.113.77/32"));
+    // One run of repeats stays on one CPU: all four hits are still pending
+    // in that CPU's record, none in SG_HITS yet.
+    let denied = packet::syn_v4("203.0.113.9", 25);
+    assert_eq!(filter.test_run_repeat(&denied, 4).unwrap().0, XDP_DROP);
+    assert_eq!(stats.hits(deny), 4);
+    assert_eq!(stats.all_hits(), vec![(deny, 4)]);
+    // A hit of another entry flushes the pending ones (on that CPU).
+    let permitted = packet::syn_v4("203.0.113.77", 25);
+    assert_eq!(filter.test_run_repeat(&permitted, 2).unwrap().0, XDP_PASS);
+    assert_eq!((stats.hits(deny), stats.hits(permit)), (4, 2));
+    let mut want = vec![(deny, 4), (permit, 2)];
+    want.sort();
+    assert_eq!(stats.all_hits(), want);
+    // The /32's two hits are still pending when its id goes to a new
+    // prefix: they are not the new prefix's hits.
+    let gone: IpNet = "203.0.113.77/32".parse().unwrap();
+    let new: IpNet = "192.0.2.0/24".parse().unwrap();
+    sync.update(&[(gone, None), (new, Some(Action::Deny))])
+        .unwrap();
+    assert_eq!(sync.prefix_of(permit), Some(new), "the freed id is reused");
+    assert_eq!(stats.hits(permit), 0);
+    assert_eq!(stats.all_hits(), vec![(deny, 4)]);
+    let from_new = packet::syn_v4("192.0.2.1", 25);
+    assert_eq!(filter.test_run(&from_new).unwrap(), XDP_DROP);
+    assert_eq!(stats.hits(permit), 1);
+}
+
+#[test]
+fn suppressed_drop_logs_are_counted_without_a_write() {
+    let (mut filter, mut sync, stats) = load();
+    sync.apply(&rules_of(BASE_RULES), ApplyHow::Atomic).unwrap();
+    // Two events a second per CPU; one run of repeats stays on one CPU and
+    // takes far less than the one-second window.
+    sync.set_runtime(Mode::AcceptAllExceptDeny, Enforcement::Enforce, &PORTS, 2)
+        .unwrap();
+    let before = stats.counters();
+    let denied = packet::syn_v4("203.0.113.9", 25);
+    assert_eq!(filter.test_run_repeat(&denied, 5).unwrap().0, XDP_DROP);
+    let delta = stats.counters().since(&before);
+    assert_eq!(delta.get(counter::DROP_DENY_LIST), 5);
+    assert_eq!(delta.get(counter::LOG_SUPPRESSED), 3);
+    // Logging off: drops are not log events, nothing is suppressed.
+    sync.set_runtime(Mode::AcceptAllExceptDeny, Enforcement::Enforce, &PORTS, 0)
+        .unwrap();
+    let before = stats.counters();
+    assert_eq!(filter.test_run_repeat(&denied, 5).unwrap().0, XDP_DROP);
+    let delta = stats.counters().since(&before);
+    assert_eq!(delta.get(counter::DROP_DENY_LIST), 5);
+    assert_eq!(delta.get(counter::LOG_SUPPRESSED), 0);
+}
+
+#[test]
 fn atomic_replace_switches_generation_and_empties_the_old_one() {
     let (mut filter, mut sync, _stats) = load();
     sync.set_runtime(Mode::AcceptAllExceptDeny, Enforcement::Enforce, &PORTS, 0)
@@ -828,26 +890,40 @@ fn non_canonical_prefixes_are_stored_canonical() {
 
 #[test]
 fn tries_hold_a_million_prefixes_per_family_and_generation() {
+    // Other programs on the machine (other tests, the frozen trie-reference)
+    // have maps of the same names: look only at the maps this load made.
+    let ids = || -> std::collections::BTreeSet<u32> {
+        aya::maps::loaded_maps()
+            .filter_map(Result::ok)
+            .map(|m| m.id())
+            .collect()
+    };
+    let before = ids();
     let (_filter, _sync, _stats) = load();
     // The program passed the verifier with these sizes (load() above); check
     // the kernel really created them that large. IPv4 is the compiled table
     // (2^24 first-level entries 16 to an element, a group per /24 holding
-    // longer prefixes), IPv6 the LPM tries.
+    // longer prefixes); IPv6 holds entries plus the markers of the search
+    // on lengths, in hash maps that allocate per entry.
+    use aya::maps::MapType::{Array, Hash};
     let want = [
-        ("SG_TBL24_A", 1 << 20, aya::maps::MapType::Array),
-        ("SG_TBL24_B", 1 << 20, aya::maps::MapType::Array),
-        ("SG_GROUPS4_A", 1 << 20, aya::maps::MapType::Array),
-        ("SG_GROUPS4_B", 1 << 20, aya::maps::MapType::Array),
-        ("SG_RULES6_A", 1_048_576, aya::maps::MapType::LpmTrie),
-        ("SG_RULES6_B", 1_048_576, aya::maps::MapType::LpmTrie),
+        ("SG_TBL24_A", 1 << 20, Array),
+        ("SG_TBL24_B", 1 << 20, Array),
+        ("SG_GROUPS4_A", 1 << 20, Array),
+        ("SG_GROUPS4_B", 1 << 20, Array),
+        ("SG_RULES6_A", 1_048_576, Hash),
+        ("SG_RULES6_B", 1_048_576, Hash),
     ];
-    for (name, entries, kind) in want {
-        let info = aya::maps::loaded_maps()
+    for (name, entries, map_type) in want {
+        let found: Vec<(u32, aya::maps::MapType)> = aya::maps::loaded_maps()
             .filter_map(Result::ok)
-            .find(|m| m.name_as_str() == Some(name))
-            .unwrap_or_else(|| panic!("map {name} not loaded"));
-        assert_eq!(info.max_entries(), entries, "{name}");
-        assert_eq!(info.map_type().unwrap(), kind, "{name}");
+            .filter(|m| !before.contains(&m.id()) && m.name_as_str() == Some(name))
+            .map(|m| (m.max_entries(), m.map_type().unwrap()))
+            .collect();
+        assert!(
+            found.contains(&(entries, map_type)),
+            "{name}: want {entries} entries of {map_type:?}, new maps of that name: {found:?}"
+        );
     }
 }
 
@@ -898,5 +974,66 @@ fn a_list_that_does_not_fit_leaves_the_old_one_in_force() {
             .test_run(&packet::syn_v4("198.51.100.1", 25))
             .unwrap(),
         XDP_DROP
+    );
+}
+
+#[test]
+fn an_ipv6_list_that_does_not_fit_leaves_the_old_one_in_force() {
+    require_root();
+    let (mut filter, mut sync, _stats) = XdpFilter::load_with_capacity(8).expect("load");
+    sync.set_runtime(Mode::AcceptAllExceptDeny, Enforcement::Enforce, &PORTS, 0)
+        .unwrap();
+    sync.apply(
+        &rules_of(&[("2001:db8:bad::/48", Action::Deny)]),
+        ApplyHow::Atomic,
+    )
+    .unwrap();
+    // Nine /128s (one length, so no markers) into hash maps that hold eight.
+    let too_many: Vec<(IpNet, Action)> = (1..10)
+        .map(|i| {
+            (
+                format!("2001:db8:1::{i}/128").parse().unwrap(),
+                Action::Deny,
+            )
+        })
+        .collect();
+    for how in [ApplyHow::Atomic, ApplyHow::Incremental] {
+        let err = sync.apply(&too_many, how).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "writing the kernel IPv6 table; the previous IPv6 list stays in force"
+            ),
+            "{how:?}: {err}"
+        );
+        assert_eq!(sync.len(), (0, 1), "{how:?}: nothing recorded as applied");
+        assert_eq!(
+            filter
+                .test_run(&packet::syn_v6("2001:db8:bad::1", 25))
+                .unwrap(),
+            XDP_DROP,
+            "{how:?}: old list in force"
+        );
+        assert_eq!(
+            filter
+                .test_run(&packet::syn_v6("2001:db8:1::1", 25))
+                .unwrap(),
+            XDP_PASS,
+            "{how:?}: nothing of the new one"
+        );
+    }
+    // What was half-written into the inactive table does not get in the
+    // way of a list that fits.
+    sync.apply(&too_many[..8], ApplyHow::Atomic).unwrap();
+    assert_eq!(
+        filter
+            .test_run(&packet::syn_v6("2001:db8:1::1", 25))
+            .unwrap(),
+        XDP_DROP
+    );
+    assert_eq!(
+        filter
+            .test_run(&packet::syn_v6("2001:db8:bad::1", 25))
+            .unwrap(),
+        XDP_PASS
     );
 }

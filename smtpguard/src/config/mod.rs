@@ -383,7 +383,8 @@ pub struct XdpConfig {
     /// Default: `"auto"`.
     pub mode: XdpMode,
     /// `log_rate_per_second`: at most this many drop events per second go
-    /// to the log; `0` logs none (the counters still count).
+    /// to the log from each CPU (the XDP limiter is per CPU so that it
+    /// shares no cache line); `0` logs none (the counters still count).
     ///
     /// Default: 10.
     pub log_rate_per_second: u32,

@@ -1,19 +1,24 @@
-//! `SG_HITS`, the per-entry hit counters, mapped into our address space
-//! (the map is `BPF_F_MMAPABLE`): reading 2M counters is a memory scan,
-//! not 2M syscalls. The stats reader reads it; the sync zeroes a rule id's
-//! counter when it gives the id to a new prefix.
+//! The per-entry hit counters: `SG_HITS` mapped into our address space
+//! (the map is `BPF_F_MMAPABLE`: reading 2M counters is a memory scan, not
+//! 2M syscalls) plus each CPU's not yet flushed `SG_HIT_PENDING` record.
+//! The stats reader reads them; the sync starts a rule id's count from zero
+//! when it gives the id to a new prefix.
 
 use std::{
+    collections::{BTreeMap, HashMap},
     os::fd::{AsFd, AsRawFd},
     ptr::NonNull,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
 };
 
 use aya::{
-    maps::{Map, MapData},
+    maps::{Map, MapData, PerCpuArray},
     Ebpf,
 };
-use smtpguard_common::{map_names, MAX_RULE_IDS};
+use smtpguard_common::{map_names, HitPending, MAX_RULE_IDS};
 
 use super::KernelError;
 
@@ -21,6 +26,12 @@ use super::KernelError;
 pub(crate) struct HitsMapping {
     _map: MapData,
     base: NonNull<u64>,
+    /// Each CPU's hits not yet added to `SG_HITS` (see `HitPending`).
+    pending: PerCpuArray<MapData, HitPending>,
+    /// Hits of a rule id's previous prefix still pending on some CPU when
+    /// the id was given to a new prefix: they will be flushed into the new
+    /// prefix's counter, so they are subtracted from it.
+    stale: Mutex<HashMap<u32, u64>>,
 }
 
 // SAFETY: the mapping lives as long as the struct; every access is an
@@ -33,15 +44,19 @@ impl HitsMapping {
     const LEN: usize = MAX_RULE_IDS as usize * size_of::<u64>();
 
     pub(crate) fn take_from(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
+        let pending = ebpf
+            .take_map(map_names::HIT_PENDING)
+            .and_then(|m| PerCpuArray::try_from(m).ok())
+            .ok_or(KernelError::MissingMap(map_names::HIT_PENDING))?;
         match ebpf.take_map(map_names::HITS) {
             Some(Map::Array(data)) => {
-                Self::new(data).ok_or(KernelError::MissingMap(map_names::HITS))
+                Self::new(data, pending).ok_or(KernelError::MissingMap(map_names::HITS))
             }
             _ => Err(KernelError::MissingMap(map_names::HITS)),
         }
     }
 
-    fn new(map: MapData) -> Option<Self> {
+    fn new(map: MapData, pending: PerCpuArray<MapData, HitPending>) -> Option<Self> {
         let fd = map.fd().as_fd().as_raw_fd();
         // SAFETY: mapping a BPF array fd, shared, whole length.
         let ptr = unsafe {
@@ -60,6 +75,8 @@ impl HitsMapping {
         Some(HitsMapping {
             _map: map,
             base: NonNull::new(ptr.cast())?,
+            pending,
+            stale: Mutex::new(HashMap::new()),
         })
     }
 
@@ -74,12 +91,39 @@ impl HitsMapping {
         }
     }
 
-    /// Hits of `rule_id` (0 out of range).
+    /// Each CPU's pending record (none if the map cannot be read).
+    fn pending(&self) -> Vec<HitPending> {
+        self.pending
+            .get(&0, 0)
+            .map(|values| values.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Pending hits of `rule_id`, summed over CPUs.
+    fn pending_of(&self, rule_id: u32) -> u64 {
+        self.pending()
+            .iter()
+            .filter(|p| p.rule_id == rule_id && rule_id != 0)
+            .map(|p| p.count)
+            .sum()
+    }
+
+    fn stale(&self) -> std::sync::MutexGuard<'_, HashMap<u32, u64>> {
+        self.stale.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hits of `rule_id` (0 out of range), pending ones included.
     pub(crate) fn get(&self, rule_id: u32) -> u64 {
-        self.slice()
+        // SG_HITS first, then the pending records: the program replaces a
+        // pending record before it adds it to SG_HITS, so this order may
+        // miss a flush for a moment but never counts one twice.
+        let flushed = self
+            .slice()
             .get(rule_id as usize)
             .map(|v| v.load(Ordering::Relaxed))
-            .unwrap_or(0)
+            .unwrap_or(0);
+        let total = flushed + self.pending_of(rule_id);
+        total.saturating_sub(self.stale().get(&rule_id).copied().unwrap_or(0))
     }
 
     /// Starts `rule_id`'s count again from zero (the id has a new prefix).
@@ -87,17 +131,35 @@ impl HitsMapping {
         if let Some(v) = self.slice().get(rule_id as usize) {
             v.store(0, Ordering::Relaxed);
         }
+        let stale = self.pending_of(rule_id);
+        let mut all = self.stale();
+        if stale == 0 {
+            all.remove(&rule_id);
+        } else {
+            all.insert(rule_id, stale);
+        }
     }
 
-    /// Every id with hits, as `(rule_id, hits)`.
+    /// Every id with hits, as `(rule_id, hits)`, ascending by id.
     pub(crate) fn nonzero(&self) -> Vec<(u32, u64)> {
-        self.slice()
+        let mut all: BTreeMap<u32, u64> = self
+            .slice()
             .iter()
             .enumerate()
             .filter_map(|(id, v)| {
                 let v = v.load(Ordering::Relaxed);
                 (v != 0).then_some((id as u32, v))
             })
+            .collect();
+        for p in self.pending() {
+            if p.rule_id != 0 && p.count != 0 {
+                *all.entry(p.rule_id).or_insert(0) += p.count;
+            }
+        }
+        let stale = self.stale();
+        all.into_iter()
+            .map(|(id, n)| (id, n.saturating_sub(stale.get(&id).copied().unwrap_or(0))))
+            .filter(|(_, n)| *n != 0)
             .collect()
     }
 }

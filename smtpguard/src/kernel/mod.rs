@@ -1,11 +1,13 @@
 //! The kernel fast path from userspace: loading and attaching the XDP
 //! program ([`loader`]), the one owner of its list and config maps
-//! ([`sync`]), and reading its counters ([`stats`]). [`Kernel`] holds the
+//! ([`sync`], with the IPv6 structure in [`ipv6_table`]), and reading its
+//! counters ([`stats`]). [`Kernel`] holds the
 //! three for the daemon; [`KernelError`] is what loading them can go wrong
 //! with, for every submodule.
 
 mod hits;
 pub mod ipv4_table;
+pub mod ipv6_table;
 pub mod loader;
 pub mod stats;
 pub mod sync;

@@ -1,4 +1,8 @@
 //! Reads the XDP program's verdict counters and per-entry hit counters.
+//!
+//! The program counts each packet once, in the slot of its outcome and
+//! family (`smtpguard_common::slot`); the totals operators see
+//! ([`CounterSnapshot`], named by `COUNTER_NAMES`) are derived here.
 
 use std::sync::Arc;
 
@@ -6,7 +10,7 @@ use aya::{
     maps::{MapData, PerCpuArray},
     Ebpf,
 };
-use smtpguard_common::{counter, map_names, COUNTER_COUNT, COUNTER_NAMES};
+use smtpguard_common::{counter, map_names, slot, COUNTER_COUNT, COUNTER_NAMES};
 
 use super::{hits::HitsMapping, KernelError};
 
@@ -46,7 +50,7 @@ impl CounterSnapshot {
 /// two that agree.
 pub const SNAPSHOT_TRIES: usize = 16;
 
-/// Reader of `SG_COUNTERS` and `SG_HITS`.
+/// Reader of `SG_COUNTERS` and the hit counters.
 pub struct Stats {
     counters: PerCpuArray<MapData, u64>,
     hits: Arc<HitsMapping>,
@@ -85,22 +89,126 @@ impl Stats {
     }
 
     fn read_counters(&self) -> CounterSnapshot {
-        let mut out = [0u64; COUNTER_COUNT as usize];
-        for (index, slot) in out.iter_mut().enumerate() {
+        let mut slots = [0u64; slot::SLOT_COUNT as usize];
+        for (index, value) in slots.iter_mut().enumerate() {
             if let Ok(values) = self.counters.get(&(index as u32), 0) {
-                *slot = values.iter().sum();
+                *value = values.iter().sum();
             }
         }
-        CounterSnapshot(out)
+        derive_totals(&slots)
     }
 
-    /// Hits of one rule id (0 for ids out of range).
+    /// Hits of one rule id (0 for ids out of range), pending ones included.
     pub fn hits(&self, rule_id: u32) -> u64 {
         self.hits.get(rule_id)
     }
 
-    /// Every rule id with a non-zero hit count, as `(rule_id, hits)`.
+    /// Every rule id with a non-zero hit count, as `(rule_id, hits)`,
+    /// ascending by rule id.
     pub fn all_hits(&self) -> Vec<(u32, u64)> {
         self.hits.nonzero()
+    }
+}
+
+/// The totals of [`counter`] from the per-CPU outcome slots (each summed
+/// over CPUs). See `smtpguard_common::slot` for the layout.
+fn derive_totals(slots: &[u64; slot::SLOT_COUNT as usize]) -> CounterSnapshot {
+    use counter::*;
+    let at = |outcome: u32, family: u32, log_on: u32| {
+        slots[slot::index(outcome, family, log_on) as usize]
+    };
+    let mut out = [0u64; COUNTER_COUNT as usize];
+    let mut logged_events = 0u64;
+    for outcome in 0..COUNTER_COUNT {
+        for family in [slot::FAMILY_V4, slot::FAMILY_V6] {
+            for log_on in [0, 1] {
+                let n = at(outcome, family, log_on);
+                if n == 0 {
+                    continue;
+                }
+                out[outcome as usize] += n;
+                out[PACKETS as usize] += n;
+                let judged = matches!(
+                    outcome,
+                    DROP_DENY_LIST
+                        | DROP_NOT_PERMITTED
+                        | WOULD_DROP
+                        | PASS_PERMITTED
+                        | PASS_FILTER_OFF
+                );
+                if judged {
+                    out[SYN as usize] += n;
+                    let by_family = if family == slot::FAMILY_V4 {
+                        SYN_V4
+                    } else {
+                        SYN_V6
+                    };
+                    out[by_family as usize] += n;
+                }
+                match outcome {
+                    DROP_DENY_LIST | DROP_NOT_PERMITTED => {
+                        let by_family = if family == slot::FAMILY_V4 {
+                            DROP_V4
+                        } else {
+                            DROP_V6
+                        };
+                        out[by_family as usize] += n;
+                    }
+                    _ => out[PASSED as usize] += n,
+                }
+                if log_on == 1
+                    && matches!(outcome, DROP_DENY_LIST | DROP_NOT_PERMITTED | WOULD_DROP)
+                {
+                    logged_events += n;
+                }
+            }
+        }
+    }
+    // Only terminal outcomes have slots; the derived indices read as zero
+    // there, so the sums above counted nothing twice.
+    out[LOG_SUPPRESSED as usize] = logged_events.saturating_sub(slots[slot::LOGGED as usize]);
+    CounterSnapshot(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smtpguard_common::counter::*;
+
+    fn slots(entries: &[(u32, u32, u32, u64)], logged: u64) -> [u64; slot::SLOT_COUNT as usize] {
+        let mut s = [0; slot::SLOT_COUNT as usize];
+        for (outcome, family, log_on, n) in entries {
+            s[slot::index(*outcome, *family, *log_on) as usize] += n;
+        }
+        s[slot::LOGGED as usize] = logged;
+        s
+    }
+
+    #[test]
+    fn totals_are_derived_from_outcome_slots() {
+        let (v4, v6) = (slot::FAMILY_V4, slot::FAMILY_V6);
+        let c = derive_totals(&slots(
+            &[
+                (DROP_DENY_LIST, v4, 0, 5),
+                (DROP_DENY_LIST, v6, 1, 7),
+                (DROP_NOT_PERMITTED, v4, 1, 2),
+                (WOULD_DROP, v6, 1, 1),
+                (PASS_PERMITTED, v6, 0, 3),
+                (PASS_FILTER_OFF, v4, 0, 4),
+                (PASS_NOT_TCP, v4, 0, 11),
+                (PASS_MALFORMED, v4, 1, 13),
+            ],
+            6,
+        ));
+        assert_eq!(c.get(PACKETS), 46);
+        assert_eq!(c.get(SYN), 22);
+        assert_eq!((c.get(SYN_V4), c.get(SYN_V6)), (11, 11));
+        assert_eq!((c.get(DROP_V4), c.get(DROP_V6)), (7, 7));
+        assert_eq!(c.dropped(), 14);
+        assert_eq!(c.get(PASSED), 46 - 14);
+        assert_eq!(c.get(WOULD_DROP), 1);
+        assert_eq!(c.get(PASS_NOT_TCP), 11);
+        // Drop events while logging was on: 7 + 2 + 1, of which 6 logged.
+        assert_eq!(c.get(LOG_SUPPRESSED), 4);
     }
 }

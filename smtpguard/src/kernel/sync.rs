@@ -2,7 +2,8 @@
 //!
 //! Lists reach the kernel as a set of `(prefix, action)` pairs (the policy
 //! module merges the permit and deny lists into it). IPv4 goes to the
-//! compiled table ([`super::ipv4_table`]), IPv6 to LPM tries. Two ways to apply:
+//! compiled table ([`super::ipv4_table`]), IPv6 to its hash table
+//! ([`super::ipv6_table`]). Two ways to apply:
 //! - [`ApplyHow::Incremental`]: only the differences are written to the
 //!   active generation, entry by entry (each single update is atomic).
 //! - [`ApplyHow::Atomic`]: the whole set is written into the inactive
@@ -12,11 +13,14 @@
 //!
 //! Keys are canonical (host bits zero): the kernel stores whatever prefix
 //! bits it is given, so `10.9.9.9/8` would alias `10.0.0.0/8`.
+//!
+//! IPv6 has its own structure and generation ([`Ipv6Table`]): every IPv6
+//! change, single or whole-list, is compiled and switched to at once.
 
 use std::collections::{BTreeSet, HashMap};
 
 use aya::{
-    maps::{lpm_trie::Key, Array, LpmTrie, MapData, MapError},
+    maps::{Array, MapData, MapError},
     Ebpf,
 };
 use ipnet::IpNet;
@@ -32,6 +36,7 @@ use super::{
         compile::{leaf_entry, Ipv4Rule},
         writer::{Ipv4Table, Ipv4TableError},
     },
+    ipv6_table::{Ipv6Table, Ipv6TableError},
     KernelError,
 };
 
@@ -64,6 +69,9 @@ pub enum SyncError {
     /// More than [`MAX_RULE_IDS`] distinct prefixes.
     #[error("too many prefixes: {0} (at most {max})", max = MAX_RULE_IDS - 1)]
     TooManyRules(usize),
+    /// The IPv6 table could not be written; the IPv6 list in force stays.
+    #[error("writing the kernel IPv6 table; the previous IPv6 list stays in force")]
+    Ipv6(#[source] Ipv6TableError),
     /// More ports than the program watches.
     #[error("at most {MAX_PORTS} SMTP ports can be guarded, got {0}")]
     TooManyPorts(usize),
@@ -105,13 +113,11 @@ struct Installed {
     rule_id: u32,
 }
 
-type Trie6 = LpmTrie<MapData, [u8; 16], Rule>;
-
-/// Owner of `SG_CONFIG`, the IPv4 table and the IPv6 LPM tries. See the module docs.
+/// Owner of `SG_CONFIG`, the IPv4 table and the IPv6 table. See the module docs.
 pub struct MapSync {
     config_map: Array<MapData, RuntimeConfig>,
     v4: Ipv4Table,
-    v6: [Trie6; 2],
+    v6: Ipv6Table,
     /// The record last written to `SG_CONFIG`.
     runtime: RuntimeConfig,
     /// What the active generation holds, so applies can be diffs.
@@ -141,7 +147,11 @@ impl MapSync {
         let mut sync = MapSync {
             config_map: take(ebpf, map_names::CONFIG)?,
             v4: Ipv4Table::take_from(ebpf, 0, v4_capacity as usize)?,
-            v6: [take(ebpf, a6)?, take(ebpf, b6)?],
+            v6: Ipv6Table::new(
+                [take(ebpf, a6)?, take(ebpf, b6)?],
+                take(ebpf, map_names::LENGTHS_V6)?,
+                take(ebpf, map_names::GENERATION_V6)?,
+            ),
             runtime: RuntimeConfig::zeroed(),
             installed: HashMap::new(),
             ids: RuleIds::default(),
@@ -266,14 +276,17 @@ impl MapSync {
         &mut self,
         changes: &[(IpNet, Option<Action>)],
     ) -> Result<ApplyReport, SyncError> {
-        let generation = self.runtime.active_generation as usize;
         let mut report = ApplyReport::default();
+        self.update_v6(changes, &mut report)?;
         for (written, (net, action)) in changes.iter().enumerate() {
-            let net = net.trunc();
+            let IpNet::V4(net4) = net.trunc() else {
+                continue;
+            };
+            let net = IpNet::V4(net4);
             match action {
                 None => {
                     if self.installed.remove(&net).is_some() {
-                        self.remove_one(generation, &net)?;
+                        self.set_v4(net4, None).map_err(|e| e.into_sync(0, 1))?;
                         self.ids.release(&net);
                         report.removed += 1;
                     }
@@ -290,8 +303,8 @@ impl MapSync {
                     if fresh {
                         self.hits.reset(rule_id);
                     }
-                    self.insert_one(generation, &net, *action, rule_id)
-                        .map_err(|e| e.into_sync(&net, written, changes.len()))?;
+                    self.set_v4(net4, Some((*action, rule_id)))
+                        .map_err(|e| e.into_sync(written, changes.len()))?;
                     self.installed.insert(
                         net,
                         Installed {
@@ -311,35 +324,108 @@ impl MapSync {
         Ok(report)
     }
 
+    /// The IPv6 part of `changes`, all at once: one compile and switch of
+    /// the IPv6 table. On error nothing of it is applied.
+    fn update_v6(
+        &mut self,
+        changes: &[(IpNet, Option<Action>)],
+        report: &mut ApplyReport,
+    ) -> Result<(), SyncError> {
+        // Last change of a prefix wins, as when applied one by one.
+        let mut wanted: HashMap<IpNet, Option<Action>> = HashMap::new();
+        for (net, action) in changes {
+            let net = net.trunc();
+            if matches!(net, IpNet::V6(_)) {
+                wanted.insert(net, *action);
+            }
+        }
+        wanted.retain(|net, action| self.installed.get(net).map(|i| i.action) != *action);
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let added = wanted
+            .iter()
+            .filter(|(n, a)| a.is_some() && !self.installed.contains_key(n))
+            .count();
+        if added > 0 && self.installed.len() + added >= MAX_RULE_IDS as usize {
+            return Err(SyncError::TooManyRules(self.installed.len() + added));
+        }
+        let mut fresh = Vec::new();
+        let mut assigned = HashMap::new();
+        for (net, action) in &wanted {
+            if let Some(action) = action {
+                let (rule_id, is_fresh) = self.ids.assign(*net);
+                if is_fresh {
+                    fresh.push((*net, rule_id));
+                }
+                assigned.insert(*net, (*action, rule_id));
+            }
+        }
+        let mut list: Vec<(ipnet::Ipv6Net, Rule)> = self
+            .installed
+            .iter()
+            .filter(|(net, _)| !wanted.contains_key(net))
+            .filter_map(|(net, i)| match net {
+                IpNet::V6(n) => Some((*n, rule(i.action, i.rule_id))),
+                IpNet::V4(_) => None,
+            })
+            .collect();
+        list.extend(assigned.iter().filter_map(|(net, (action, id))| match net {
+            IpNet::V6(n) => Some((*n, rule(*action, *id))),
+            IpNet::V4(_) => None,
+        }));
+        if let Err(e) = self.v6.write(&list) {
+            for (net, _) in &fresh {
+                self.ids.release(net);
+            }
+            return Err(SyncError::Ipv6(e));
+        }
+        for (_, rule_id) in fresh {
+            self.hits.reset(rule_id);
+        }
+        for (net, action) in wanted {
+            match action {
+                None => {
+                    self.installed.remove(&net);
+                    self.ids.release(&net);
+                    report.removed += 1;
+                }
+                Some(_) => {
+                    let (action, rule_id) = assigned[&net];
+                    let previous = self.installed.insert(net, Installed { action, rule_id });
+                    if previous.is_some() {
+                        report.changed += 1;
+                    } else {
+                        report.added += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn apply_atomic(&mut self, wanted: &HashMap<IpNet, Action>) -> Result<(), SyncError> {
         let active = self.runtime.active_generation as usize;
         let next = 1 - active;
-        clear(&mut self.v6[next])?;
         let mut ids = self.ids.clone();
         let mut installed = HashMap::with_capacity(wanted.len());
         ids.retain(|n| wanted.contains_key(n));
         let mut v4_rules = Vec::new();
-        for (written, (net, action)) in wanted.iter().enumerate() {
-            let (rule_id, fresh) = ids.assign(*net);
-            if fresh {
-                self.hits.reset(rule_id);
+        let mut v6_rules = Vec::new();
+        // Hit counters of newly given ids restart only once the new list
+        // is in force: a failed apply leaves every counter as it was.
+        let mut fresh = Vec::new();
+        for (net, action) in wanted {
+            let (rule_id, is_fresh) = ids.assign(*net);
+            if is_fresh {
+                fresh.push(rule_id);
             }
-            let result = match net {
-                IpNet::V4(n) => {
-                    v4_rules.push(Ipv4Rule {
-                        prefix: *n,
-                        entry: leaf_entry(*action, rule_id),
-                    });
-                    Ok(())
-                }
-                IpNet::V6(_) => insert_v6(&mut self.v6[next], net, *action, rule_id),
-            };
-            if let Err(source) = result {
-                let wanted_family = wanted.keys().filter(|n| same_family(n, net)).count();
-                let err = full_error(net, written, wanted_family, source);
-                // Leave nothing half-built behind.
-                let _ = clear(&mut self.v6[next]);
-                return Err(err);
+            match net {
+                IpNet::V4(n) => v4_rules.push(Ipv4Rule {
+                    prefix: *n,
+                    entry: leaf_entry(*action, rule_id),
+                }),
+                IpNet::V6(n) => v6_rules.push((*n, rule(*action, rule_id))),
             }
             installed.insert(
                 *net,
@@ -350,7 +436,6 @@ impl MapSync {
             );
         }
         if let Err(e) = self.v4.prepare(&v4_rules) {
-            let _ = clear(&mut self.v6[next]);
             return Err(match e {
                 Ipv4TableError::TooManyPrefixes { count, max } => SyncError::Ipv4Full {
                     written: max,
@@ -359,45 +444,40 @@ impl MapSync {
                 e => SyncError::Ipv4Table(e),
             });
         }
-        // The switch: one write of the config record.
+        // IPv6 switches first, on its own; a packet is of one family, so
+        // none sees half of the old and half of the new list.
+        let old_v6 = self.installed_v6();
+        if let Err(e) = self.v6.write(&v6_rules) {
+            self.v4.abandon();
+            return Err(SyncError::Ipv6(e));
+        }
+        // The IPv4 switch: one write of the config record.
         self.runtime.active_generation = next as u32;
         if let Err(e) = self.write_runtime() {
             self.runtime.active_generation = active as u32;
             self.v4.abandon();
+            // Best effort: the IPv6 list in force goes back as well.
+            let _ = self.v6.write(&old_v6);
             return Err(e);
         }
         self.v4.switched();
+        for rule_id in fresh {
+            self.hits.reset(rule_id);
+        }
         self.installed = installed;
         self.ids = ids;
-        // A packet that read the old generation number may still be looking
-        // up the old tries; XDP runs inside an RCU read section of a few
-        // microseconds, so a short pause lets every such packet finish.
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        clear(&mut self.v6[active])
+        Ok(())
     }
 
-    /// Installs one prefix in the active generation.
-    fn insert_one(
-        &mut self,
-        generation: usize,
-        net: &IpNet,
-        action: Action,
-        rule_id: u32,
-    ) -> Result<(), OneError> {
-        match net {
-            IpNet::V4(n) => self.set_v4(*n, Some((action, rule_id))),
-            IpNet::V6(_) => {
-                insert_v6(&mut self.v6[generation], net, action, rule_id).map_err(OneError::Map)
-            }
-        }
-    }
-
-    /// Takes one prefix out of the active generation (already gone from `installed`).
-    fn remove_one(&mut self, generation: usize, net: &IpNet) -> Result<(), SyncError> {
-        match net {
-            IpNet::V4(n) => self.set_v4(*n, None).map_err(|e| e.into_sync(net, 0, 1)),
-            IpNet::V6(_) => remove_v6(&mut self.v6[generation], net),
-        }
+    /// The IPv6 entries in force, as the IPv6 table takes them.
+    fn installed_v6(&self) -> Vec<(ipnet::Ipv6Net, Rule)> {
+        self.installed
+            .iter()
+            .filter_map(|(net, i)| match net {
+                IpNet::V6(n) => Some((*n, rule(i.action, i.rule_id))),
+                IpNet::V4(_) => None,
+            })
+            .collect()
     }
 
     /// One IPv4 change in place; when the table has no free slot for it,
@@ -420,10 +500,8 @@ impl MapSync {
     }
 }
 
-/// Why a single-prefix change failed.
+/// Why a single IPv4 change failed.
 enum OneError {
-    /// An IPv6 trie refused it.
-    Map(MapError),
     /// The IPv4 table is at its capacity.
     Full,
     /// The rebuild it fell back to failed.
@@ -431,79 +509,19 @@ enum OneError {
 }
 
 impl OneError {
-    fn into_sync(self, net: &IpNet, written: usize, wanted: usize) -> SyncError {
+    fn into_sync(self, written: usize, wanted: usize) -> SyncError {
         match self {
-            OneError::Map(source) => full_error(net, written, wanted, source),
             OneError::Full => SyncError::Ipv4Full { written, wanted },
             OneError::Sync(e) => e,
         }
     }
 }
 
-fn same_family(a: &IpNet, b: &IpNet) -> bool {
-    matches!(
-        (a, b),
-        (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))
-    )
-}
-
-fn full_error(net: &IpNet, written: usize, wanted: usize, source: MapError) -> SyncError {
-    let family = if matches!(net, IpNet::V4(_)) {
-        "IPv4"
-    } else {
-        "IPv6"
-    };
-    SyncError::Full {
-        family,
-        written,
-        wanted,
-        source,
-    }
-}
-
-fn insert_v6(v6: &mut Trie6, net: &IpNet, action: Action, rule_id: u32) -> Result<(), MapError> {
-    let rule = Rule {
+fn rule(action: Action, rule_id: u32) -> Rule {
+    Rule {
         action: action as u32,
         rule_id,
-    };
-    match net {
-        IpNet::V6(n) => v6.insert(
-            &Key::new(n.prefix_len() as u32, n.network().octets()),
-            rule,
-            0,
-        ),
-        IpNet::V4(_) => unreachable!("IPv4 goes to the compiled table"),
     }
-}
-
-fn remove_v6(v6: &mut Trie6, net: &IpNet) -> Result<(), SyncError> {
-    let IpNet::V6(n) = net else {
-        return Ok(());
-    };
-    match v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets())) {
-        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(source) => Err(SyncError::Map {
-            map: "SG_RULES6",
-            source,
-        }),
-    }
-}
-
-/// Empties one generation's IPv6 trie.
-fn clear(v6: &mut Trie6) -> Result<(), SyncError> {
-    let keys6: Vec<Key<[u8; 16]>> = v6.keys().filter_map(Result::ok).collect();
-    for key in keys6 {
-        match v6.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => {
-                return Err(SyncError::Map {
-                    map: "SG_RULES6",
-                    source,
-                })
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Rule-id allocator: stable ids per prefix, freed ids reused.

@@ -1,0 +1,139 @@
+//! The frozen LPM-trie program (`smtpguard-ebpf/src/bin/trie-reference.rs`,
+//! XDP program `smtpguard_trie`) loaded from its own object with a list in
+//! its generation-A tries: the lookup oracle's kernel reference and the
+//! bench's "old trie program". `cargo xtask build` builds the object.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, LpmTrie, MapData, PerCpuArray},
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp},
+    Ebpf,
+};
+use ipnet::IpNet;
+use smtpguard_common::{Action, Enforcement, Mode, Rule, RuntimeConfig};
+
+/// The program, loaded and verified, not attached.
+pub struct TrieReference {
+    ebpf: Ebpf,
+}
+
+impl TrieReference {
+    /// The XDP program's name in the object.
+    pub const PROGRAM: &str = "smtpguard_trie";
+
+    /// Where `cargo xtask build` puts the object (`SMTPGUARD_TRIE_OBJECT`
+    /// overrides).
+    pub fn object() -> PathBuf {
+        std::env::var_os("SMTPGUARD_TRIE_OBJECT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../target/bpf/bpfel-unknown-none/release/trie-reference")
+            })
+    }
+
+    /// Loads the program with `rules` (canonical prefixes, one action each,
+    /// rule ids 1, 2, ... in order) in its tries; zeroed config (accept
+    /// all, no ports) until [`TrieReference::set_runtime`].
+    ///
+    /// # Panics
+    ///
+    /// If the object is missing, the verifier refuses it or a trie is full.
+    pub fn load(rules: &[(IpNet, Action)]) -> TrieReference {
+        let path = Self::object();
+        let mut ebpf = Ebpf::load_file(&path)
+            .unwrap_or_else(|e| panic!("{} (`cargo xtask build` builds it): {e}", path.display()));
+        let program: &mut Xdp = ebpf
+            .program_mut(Self::PROGRAM)
+            .expect("the object holds smtpguard_trie")
+            .try_into()
+            .expect("an XDP program");
+        program.load().expect("trie-reference passes the verifier");
+        for (id, (net, action)) in rules.iter().enumerate() {
+            let rule = Rule {
+                action: *action as u32,
+                rule_id: id as u32 + 1,
+            };
+            let result = match net {
+                IpNet::V4(n) => {
+                    let map = ebpf.map_mut("SG_RULES4_A").expect("SG_RULES4_A");
+                    let mut trie: LpmTrie<&mut MapData, [u8; 4], Rule> =
+                        LpmTrie::try_from(map).unwrap();
+                    trie.insert(
+                        &Key::new(n.prefix_len().into(), n.network().octets()),
+                        rule,
+                        0,
+                    )
+                }
+                IpNet::V6(n) => {
+                    let map = ebpf.map_mut("SG_RULES6_A").expect("SG_RULES6_A");
+                    let mut trie: LpmTrie<&mut MapData, [u8; 16], Rule> =
+                        LpmTrie::try_from(map).unwrap();
+                    trie.insert(
+                        &Key::new(n.prefix_len().into(), n.network().octets()),
+                        rule,
+                        0,
+                    )
+                }
+            };
+            result.unwrap_or_else(|e| panic!("trie-reference: inserting {net}: {e}"));
+        }
+        TrieReference { ebpf }
+    }
+
+    /// Mode, enforcement, one guarded port (host order) and the log rate.
+    pub fn set_runtime(&mut self, mode: Mode, enforcement: Enforcement, port: u16, log_rate: u32) {
+        let mut cfg = RuntimeConfig::zeroed();
+        cfg.mode = mode as u32;
+        cfg.enforcement = enforcement as u32;
+        cfg.port_count = 1;
+        cfg.ports[0] = port.to_be();
+        cfg.log_rate_per_sec = log_rate;
+        let mut config: Array<&mut MapData, RuntimeConfig> =
+            Array::try_from(self.ebpf.map_mut("SG_CONFIG").expect("SG_CONFIG")).unwrap();
+        config.set(0, cfg, 0).expect("writing SG_CONFIG");
+    }
+
+    fn program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(Self::PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .expect("checked at load")
+    }
+
+    /// Runs `frame` `repeat` times: (verdict, the kernel's mean ns per run).
+    pub fn run(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, u64), aya::programs::ProgramError> {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.repeat = repeat;
+        let r = self.program().test_run(opts)?;
+        Ok((r.return_value, r.duration.as_nanos() as u64))
+    }
+
+    /// Live-frames mode, `batch` frames per batch: the kernel's mean ns per frame.
+    pub fn run_live(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+        batch: u32,
+    ) -> Result<u64, aya::programs::ProgramError> {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.repeat = repeat;
+        opts.attrs = TestRunAttrs::new().xdp_live_frames(batch);
+        Ok(self.program().test_run(opts)?.duration.as_nanos() as u64)
+    }
+
+    /// Its counter `index` (the old layout: `smtpguard_common::counter`),
+    /// summed over CPUs.
+    pub fn counter(&self, index: u32) -> u64 {
+        let counters: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("SG_COUNTERS").expect("SG_COUNTERS")).unwrap();
+        counters.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+}
