@@ -667,9 +667,16 @@ listen = "{METRICS}"
         "e2e: daemon up after {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    assert_eq!(
-        status["interfaces"],
-        serde_json::json!([{"name": topo.gw_if, "xdp_mode": "native"}]),
+    let interfaces = status["interfaces"].as_array().expect("interfaces");
+    assert_eq!(interfaces.len(), 1, "{status:#}");
+    assert_eq!(interfaces[0]["name"], topo.gw_if, "{status:#}");
+    assert_eq!(interfaces[0]["xdp_mode"], "native", "{status:#}");
+    // `ip netns exec` hides the host's bpffs: the daemon mounted its own
+    // there and pinned, so a crash would leave the filter in force.
+    assert!(
+        interfaces[0]["pinned"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("yes (/sys/fs/bpf/smtpguard/")),
         "{status:#}"
     );
     assert_eq!(status["ports"], serde_json::json!([PORT]));

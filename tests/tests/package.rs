@@ -256,6 +256,15 @@ socket = "{s}/control.sock"
         2,
         "bpffs mount and pin directory: {pre_root:?}"
     );
+    // The unprivileged pre-start lines (`config check`) run as the user.
+    let pre_user: Vec<String> = unit_values(unit, "ExecStartPre")
+        .into_iter()
+        .filter(|l| !l.starts_with('+'))
+        .collect();
+    assert!(
+        pre_user.iter().any(|l| l.contains("config check")),
+        "{pre_user:?}"
+    );
     let exec_start = unit_values(unit, "ExecStart").remove(0);
     // LimitNOFILE, capped at this machine's hard limit: raising the hard
     // limit needs CAP_SYS_RESOURCE, which a container may not grant.
@@ -275,14 +284,22 @@ socket = "{s}/control.sock"
         "mount --bind {} /etc/smtpguard/smtpguard.toml\n",
         config.display()
     ));
+    let log = dir.join("daemon.log");
+    for line in &pre_user {
+        script.push_str(&format!(
+            "setpriv --reuid=smtpguard --regid=smtpguard --init-groups --inh-caps=-all \
+             --no-new-privs {line} >>{log} 2>&1 || {{ echo pre-start-failed; exit 1; }}\n",
+            log = log.display()
+        ));
+    }
     script.push_str(&format!(
         "ulimit -n {limit_nofile}\n\
          setpriv --reuid=smtpguard --regid=smtpguard --init-groups \
          --inh-caps=-all,{caps} --ambient-caps=-all,{caps} --bounding-set=-all,{bounding} \
-         --no-new-privs {exec_start} >{log} 2>&1 &\n\
+         --no-new-privs {exec_start} >>{log} 2>&1 &\n\
          echo $!\nwait || true\nexec sleep 600\n",
         bounding = bounding.join(","),
-        log = dir.join("daemon.log").display(),
+        log = log.display(),
     ));
     let mut child = topo
         .gw
@@ -296,8 +313,17 @@ socket = "{s}/control.sock"
     let holder = ChildGuard(child);
     let mut pid = String::new();
     BufReader::new(stdout).read_line(&mut pid).unwrap();
-    let daemon_pid: i32 = pid.trim().parse().expect("the daemon's pid");
     let log = || fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+    let daemon_pid: i32 = pid
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no daemon pid ({pid:?}):\n{}", log()));
+    // The pre-start check passed on the configuration the daemon then ran.
+    assert!(
+        log().contains("/etc/smtpguard/smtpguard.toml: configuration OK"),
+        "{}",
+        log()
+    );
 
     // READY=1 once filtering.
     let mut buf = [0u8; 512];
