@@ -128,15 +128,32 @@ impl HitsMapping {
 
     /// Starts `rule_id`'s count again from zero (the id has a new prefix).
     pub(crate) fn reset(&self, rule_id: u32) {
-        if let Some(v) = self.slice().get(rule_id as usize) {
-            v.store(0, Ordering::Relaxed);
+        self.reset_all(&[rule_id]);
+    }
+
+    /// [`HitsMapping::reset`] for many ids with one read of the pending
+    /// records: loading a million-entry list must not cost a bpf() call
+    /// per entry.
+    pub(crate) fn reset_all(&self, rule_ids: &[u32]) {
+        if rule_ids.is_empty() {
+            return;
         }
-        let stale = self.pending_of(rule_id);
-        let mut all = self.stale();
-        if stale == 0 {
-            all.remove(&rule_id);
-        } else {
-            all.insert(rule_id, stale);
+        let mut pending: HashMap<u32, u64> = HashMap::new();
+        for p in self.pending() {
+            if p.rule_id != 0 && p.count != 0 {
+                *pending.entry(p.rule_id).or_insert(0) += p.count;
+            }
+        }
+        let slice = self.slice();
+        let mut stale = self.stale();
+        for &rule_id in rule_ids {
+            if let Some(v) = slice.get(rule_id as usize) {
+                v.store(0, Ordering::Relaxed);
+            }
+            match pending.get(&rule_id) {
+                Some(&n) => stale.insert(rule_id, n),
+                None => stale.remove(&rule_id),
+            };
         }
     }
 

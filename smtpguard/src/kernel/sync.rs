@@ -17,7 +17,12 @@
 //! IPv6 has its own structure and generation ([`Ipv6Table`]): every IPv6
 //! change, single or whole-list, is compiled and switched to at once.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+// foldhash: a million-entry list is hashed several times per load; SipHash
+// was most of the load time. Seeded per process, so crafted lists cannot
+// aim at collisions.
+use foldhash::{HashMap, HashMapExt};
 
 use aya::{
     maps::{Array, MapData, MapError},
@@ -380,9 +385,8 @@ impl MapSync {
             }
             return Err(SyncError::Ipv6(e));
         }
-        for (_, rule_id) in fresh {
-            self.hits.reset(rule_id);
-        }
+        let fresh_ids: Vec<u32> = fresh.iter().map(|(_, id)| *id).collect();
+        self.hits.reset_all(&fresh_ids);
         for (net, action) in wanted {
             match action {
                 None => {
@@ -461,9 +465,7 @@ impl MapSync {
             return Err(e);
         }
         self.v4.switched();
-        for rule_id in fresh {
-            self.hits.reset(rule_id);
-        }
+        self.hits.reset_all(&fresh);
         self.installed = installed;
         self.ids = ids;
         Ok(())
