@@ -13,7 +13,7 @@ use std::{
 };
 
 use serde_json::Value;
-use smtpguard::testing::TempDir;
+use smtpguard::testing::{config_text, TempDir};
 use smtpguard_tests::{
     netns::{ChildGuard, Netns, Topology, GW_V4},
     require_root,
@@ -113,6 +113,13 @@ impl Gateway<'_> {
     }
 }
 
+/// Writes the gateway's `smtpguard.toml` into `dir`: the test base
+/// ([`config_text`]) listening on the gateway address, plus `tables`.
+fn write_config(dir: &TempDir, tables: &[(&str, &str)]) {
+    let listen = format!("{GW_V4}:{PORT}").parse().unwrap();
+    dir.write("smtpguard.toml", config_text(dir.path(), listen, tables));
+}
+
 /// Connects from `src` in `ns` to the gateway: the greeting, or the error.
 /// The timeout is under the 1 s initial SYN retransmission timeout: one
 /// SYN per try, so counters can be compared exactly.
@@ -168,34 +175,15 @@ fn live_list_changes_stats_metrics_and_restart() {
         topo.add_client(client);
     }
     let dir = TempDir::new("daemon");
-    let d = dir.path().display();
-    std::fs::write(
-        dir.join("smtpguard.toml"),
-        format!(
-            r#"
-[server]
-hostname = "gw.example.com"
-listen = ["{GW_V4}:{PORT}"]
-[policy]
-deny_list = "{d}/deny.list"
-permit_list = "{d}/permit.list"
-[xdp]
-interfaces = ["{iface}"]
-mode = "native"
-[delivery]
-spool_dir = "{d}/spool"
-accept_domains = ["example.com"]
-[control]
-socket = "{d}/control.sock"
-[logging]
-stats_interval = "1s"
-[metrics]
-listen = "127.0.0.1:9325"
-"#,
-            iface = topo.gw_if
-        ),
-    )
-    .unwrap();
+    let xdp = format!("interfaces = [\"{}\"]\nmode = \"native\"\n", topo.gw_if);
+    write_config(
+        &dir,
+        &[
+            ("xdp", &xdp),
+            ("logging", "stats_interval = \"1s\"\n"),
+            ("metrics", "listen = \"127.0.0.1:9325\"\n"),
+        ],
+    );
     let mut gw = Gateway {
         ns: &topo.gw,
         dir: dir.path(),
@@ -379,7 +367,6 @@ fn list_files_keep_what_operators_wrote_and_imports_say_what_they_do() {
     require_root();
     let topo = Topology::new();
     let dir = TempDir::new("daemon-lists");
-    let d = dir.path().display();
     // The deny list is written by hand; the permit list is a dangling
     // symlink into a "repository" directory.
     let hand_written = "# Team list, managed by ops\n\
@@ -392,25 +379,7 @@ fn list_files_keep_what_operators_wrote_and_imports_say_what_they_do() {
     std::fs::write(dir.join("deny.list"), hand_written).unwrap();
     std::fs::create_dir(dir.join("repo")).unwrap();
     std::os::unix::fs::symlink("repo/permit.list", dir.join("permit.list")).unwrap();
-    std::fs::write(
-        dir.join("smtpguard.toml"),
-        format!(
-            r#"
-[server]
-hostname = "gw.example.com"
-listen = ["{GW_V4}:{PORT}"]
-[policy]
-deny_list = "{d}/deny.list"
-permit_list = "{d}/permit.list"
-[delivery]
-spool_dir = "{d}/spool"
-accept_domains = ["example.com"]
-[control]
-socket = "{d}/control.sock"
-"#
-        ),
-    )
-    .unwrap();
+    write_config(&dir, &[]);
     let mut gw = Gateway {
         ns: &topo.gw,
         dir: dir.path(),
@@ -538,26 +507,7 @@ fn sources_keep_manual_entries_across_a_daily_refresh_and_a_restart() {
     require_root();
     let topo = Topology::new();
     let dir = TempDir::new("daemon-sources");
-    let d = dir.path().display();
-    std::fs::write(
-        dir.join("smtpguard.toml"),
-        format!(
-            r#"
-[server]
-hostname = "gw.example.com"
-listen = ["{GW_V4}:{PORT}"]
-[policy]
-deny_list = "{d}/deny.list"
-permit_list = "{d}/permit.list"
-[delivery]
-spool_dir = "{d}/spool"
-accept_domains = ["example.com"]
-[control]
-socket = "{d}/control.sock"
-"#
-        ),
-    )
-    .unwrap();
+    write_config(&dir, &[]);
     let mut gw = Gateway {
         ns: &topo.gw,
         dir: dir.path(),

@@ -31,7 +31,8 @@ fn main() -> io::Result<()> {
     fs::create_dir_all(&man)?;
     fs::create_dir_all(&completions)?;
 
-    let mut cmd = Cli::command();
+    // No `help` subcommand in the pages: it has no page of its own.
+    let mut cmd = without_help(Cli::command());
     cmd.build();
     write_pages(&cmd, "smtpguard", &man)?;
     fs::write(man.join("smtpguard.toml.5"), config_page(README))?;
@@ -46,6 +47,12 @@ fn main() -> io::Result<()> {
         fs::write(completions.join(file), buf)?;
     }
     Ok(())
+}
+
+/// `cmd` and its subcommands without clap's `help` subcommand.
+fn without_help(cmd: clap::Command) -> clap::Command {
+    cmd.disable_help_subcommand(true)
+        .mut_subcommands(without_help)
 }
 
 /// smtpguard(8) and a page per subcommand, recursively: `name` is the
@@ -80,8 +87,17 @@ fn config_page(readme: &str) -> String {
          .SH SYNOPSIS\n/etc/smtpguard/smtpguard.toml\n.SH DESCRIPTION\n",
     );
     let mut keys = String::new();
+    let mut in_code = false;
     for line in section.lines() {
         let line = line.trim();
+        // Code blocks would run into the prose; the README keeps them.
+        if line.starts_with("```") {
+            in_code = !in_code;
+            continue;
+        }
+        if in_code {
+            continue;
+        }
         if let Some(row) = line.strip_prefix('|') {
             let cells: Vec<&str> = row.trim_end_matches('|').split(" | ").collect();
             let [key, default, meaning] = cells[..] else {

@@ -45,50 +45,53 @@ pub fn check(path: &Path) -> CheckReport {
             return report;
         }
     };
-    let mut load = |kind: ListKind, file: &Path| match AccessList::load(file, kind) {
-        Ok(loaded) => {
-            report.warnings.extend(
-                loaded
-                    .warnings
-                    .iter()
-                    .map(|w| format!("{}: {w}", file.display())),
-            );
-            let state = if loaded.existed { "" } else { " (no file yet)" };
-            report.checked.push(format!(
-                "{kind} {} entries{state}",
-                loaded.list.len().total()
-            ));
-            Some(loaded.list)
-        }
-        Err(ListError::Import(ImportError::Rejected { errors, .. })) => {
-            report.problems.extend(errors.iter().map(|e| one_line(e)));
-            None
-        }
-        Err(e) => {
-            report
-                .problems
-                .push(format!("{}: {}", file.display(), one_line(&e)));
-            None
-        }
-    };
-    load(ListKind::Deny, &config.policy.deny_list);
-    load(ListKind::Permit, &config.policy.permit_list);
+    // `source` names a list of a source other than `local` in the summary.
+    let mut load =
+        |source: Option<&str>, kind: ListKind, file: &Path| match AccessList::load(file, kind) {
+            Ok(loaded) => {
+                report.warnings.extend(
+                    loaded
+                        .warnings
+                        .iter()
+                        .map(|w| format!("{}: {w}", file.display())),
+                );
+                let state = if loaded.existed { "" } else { " (no file yet)" };
+                report.checked.push(format!(
+                    "{}{kind} {} entries{state}",
+                    source.map(|s| format!("{s} ")).unwrap_or_default(),
+                    loaded.list.len().total()
+                ));
+                Some(loaded.list)
+            }
+            Err(ListError::Import(ImportError::Rejected { errors, .. })) => {
+                report.problems.extend(errors.iter().map(|e| one_line(e)));
+                None
+            }
+            Err(e) => {
+                report
+                    .problems
+                    .push(format!("{}: {}", file.display(), one_line(&e)));
+                None
+            }
+        };
+    load(None, ListKind::Deny, &config.policy.deny_list);
+    load(None, ListKind::Permit, &config.policy.permit_list);
     // Every other source's files, as a start reads them.
     let dir = super::paths::sources_dir(&config);
-    let mut sources: Vec<(String, ListKind)> = match std::fs::read_dir(&dir) {
+    let mut sources: Vec<(String, String, ListKind)> = match std::fs::read_dir(&dir) {
         Ok(entries) => entries
             .filter_map(Result::ok)
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let (_, kind) = super::paths::parse_source_file_name(&name)?;
-                Some((name, kind))
+                let (source, kind) = super::paths::parse_source_file_name(&name)?;
+                Some((name.clone(), source.to_owned(), kind))
             })
             .collect(),
         Err(_) => Vec::new(),
     };
     sources.sort();
-    for (name, kind) in &sources {
-        load(*kind, &dir.join(name));
+    for (name, source, kind) in &sources {
+        load(Some(source), *kind, &dir.join(name));
     }
     // Together, as at start: source names, the mode state file, and the
     // merge fitting the kernel.

@@ -39,6 +39,42 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// A daemon configuration for tests: hostname `gw.example.com`, one SMTP
+/// listener at `listen`, lists (`deny.list`, `permit.list`), spool (domain
+/// `example.com`) and control socket in `dir`, no XDP; then `tables`
+/// (`("xdp", "interfaces = [\"eth0\"]\n")`, ...), whose lines are appended
+/// to a base table of the same name or form a table of their own.
+pub fn config_text(dir: &Path, listen: SocketAddr, tables: &[(&str, &str)]) -> String {
+    let d = dir.display();
+    let mut base = vec![
+        (
+            "server".to_owned(),
+            format!("hostname = \"gw.example.com\"\nlisten = [\"{listen}\"]\n"),
+        ),
+        (
+            "policy".to_owned(),
+            format!("deny_list = \"{d}/deny.list\"\npermit_list = \"{d}/permit.list\"\n"),
+        ),
+        (
+            "delivery".to_owned(),
+            format!("spool_dir = \"{d}/spool\"\naccept_domains = [\"example.com\"]\n"),
+        ),
+        (
+            "control".to_owned(),
+            format!("socket = \"{d}/control.sock\"\n"),
+        ),
+    ];
+    for (table, lines) in tables {
+        match base.iter_mut().find(|(t, _)| t == table) {
+            Some((_, text)) => text.push_str(lines),
+            None => base.push(((*table).to_owned(), (*lines).to_owned())),
+        }
+    }
+    base.iter()
+        .map(|(t, lines)| format!("[{t}]\n{lines}\n"))
+        .collect()
+}
+
 impl TestDaemon {
     /// Starts `bin run --config` with a configuration of the given
     /// `tables` (`("tls", "mode = \"optional\"\n...")`, ...) on top of the
@@ -54,35 +90,7 @@ impl TestDaemon {
         let smtp: SocketAddr = format!("127.0.0.1:{}", free_port())
             .parse()
             .expect("address");
-        let d = dir.path().display();
-        let mut base = vec![
-            (
-                "server".to_owned(),
-                format!("hostname = \"gw.example.com\"\nlisten = [\"{smtp}\"]\n"),
-            ),
-            (
-                "policy".to_owned(),
-                format!("deny_list = \"{d}/deny.list\"\npermit_list = \"{d}/permit.list\"\n"),
-            ),
-            (
-                "delivery".to_owned(),
-                format!("spool_dir = \"{d}/spool\"\naccept_domains = [\"example.com\"]\n"),
-            ),
-            (
-                "control".to_owned(),
-                format!("socket = \"{d}/control.sock\"\n"),
-            ),
-        ];
-        for (table, lines) in tables {
-            match base.iter_mut().find(|(t, _)| t == table) {
-                Some((_, text)) => text.push_str(lines),
-                None => base.push(((*table).to_owned(), (*lines).to_owned())),
-            }
-        }
-        let config: String = base
-            .iter()
-            .map(|(t, lines)| format!("[{t}]\n{lines}\n"))
-            .collect();
+        let config = config_text(dir.path(), smtp, tables);
         let config = dir.write("smtpguard.toml", config);
         let log = std::fs::File::create(dir.join("daemon.log")).expect("daemon.log");
         let child = Command::new(bin)

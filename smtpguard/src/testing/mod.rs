@@ -16,7 +16,7 @@ mod tempdir;
 
 use std::{future::Future, time::Duration};
 
-pub use daemon::{free_port, TestDaemon};
+pub use daemon::{config_text, free_port, TestDaemon};
 pub use pki::{TestCa, TestPki};
 pub use tempdir::TempDir;
 
