@@ -562,7 +562,8 @@ impl<H: Handoff> Driver<'_, H> {
             End::SessionTimeout => Rejection::SessionTimeout,
             End::TooManyErrors => Rejection::TooManyErrors,
             End::HttpRequest => Rejection::HttpRequest,
-            End::Kicked | End::KickedByOperator => Rejection::Kicked,
+            End::Kicked => Rejection::Denied,
+            End::KickedByOperator => Rejection::Kicked,
             _ => return,
         };
         self.conn.metrics.reject(rejection);
@@ -916,7 +917,7 @@ mod tests {
         .await
         .expect("kick did not end the stuck write");
         assert_eq!(end, End::Kicked);
-        assert_eq!(metrics.snapshot().rejected(Rejection::Kicked), 1);
+        assert_eq!(metrics.snapshot().rejected(Rejection::Denied), 1);
     }
 
     /// A client that says STARTTLS and then never starts the handshake is

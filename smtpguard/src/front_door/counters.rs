@@ -39,14 +39,16 @@ pub enum Rejection {
     TooManyErrors,
     /// An HTTP request on the SMTP port (`421 4.7.0`).
     HttpRequest,
-    /// The operator denied the address while the session was open
-    /// (`421 4.7.1`).
+    /// The address was newly denied while the session was open
+    /// (`close_denied_sessions`; `421 4.7.1`).
+    Denied,
+    /// The operator closed the session (`smtpguard kick`; `421 4.7.0`).
     Kicked,
 }
 
 impl Rejection {
     /// Every reason, in the order of [`Metrics`]' counters.
-    pub const ALL: [Rejection; 11] = [
+    pub const ALL: [Rejection; 12] = [
         Rejection::DenyList,
         Rejection::NotPermitted,
         Rejection::ConnectionCap,
@@ -57,6 +59,7 @@ impl Rejection {
         Rejection::TlsRequired,
         Rejection::TooManyErrors,
         Rejection::HttpRequest,
+        Rejection::Denied,
         Rejection::Kicked,
     ];
 
@@ -72,6 +75,7 @@ impl Rejection {
             | Rejection::SessionTimeout
             | Rejection::TooManyErrors
             | Rejection::HttpRequest
+            | Rejection::Denied
             | Rejection::Kicked => Stage::Closed,
             Rejection::TlsRequired => Stage::Replied,
         }
@@ -92,6 +96,7 @@ impl Rejection {
             Rejection::TlsRequired => "replied_tls_required",
             Rejection::TooManyErrors => "closed_too_many_errors",
             Rejection::HttpRequest => "closed_http_request",
+            Rejection::Denied => "closed_denied",
             Rejection::Kicked => "closed_kicked",
         }
     }
@@ -109,6 +114,7 @@ impl Rejection {
             Rejection::TlsRequired => "tls_required",
             Rejection::TooManyErrors => "too_many_errors",
             Rejection::HttpRequest => "http_request",
+            Rejection::Denied => "denied",
             Rejection::Kicked => "kicked",
         }
     }
