@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use smtpguard::testing::TempDir;
+use smtpguard::testing::{config_text, TempDir};
 use smtpguard_tests::netns::{ChildGuard, Topology, GW_V4};
 use smtpguard_tests::{require_root, wait_for};
 
@@ -50,29 +50,12 @@ fn pinned_as(start: Start) -> (String, String) {
     let dir = TempDir::new("bpffs");
     // `nobody` reads the config and writes lists and socket here.
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
-    let d = dir.path().display();
-    let config = dir.join("smtpguard.toml");
-    fs::write(
-        &config,
-        format!(
-            r#"
-[server]
-listen = ["{GW_V4}:2525"]
-[policy]
-deny_list = "{d}/deny.list"
-permit_list = "{d}/permit.list"
-[xdp]
-interfaces = ["{iface}"]
-mode = "skb"
-[delivery]
-spool_dir = "{d}/spool"
-[control]
-socket = "{d}/control.sock"
-"#,
-            iface = topo.gw_if
-        ),
-    )
-    .unwrap();
+    let xdp = format!("interfaces = [\"{}\"]\nmode = \"skb\"\n", topo.gw_if);
+    let listen = format!("{GW_V4}:2525").parse().unwrap();
+    let config = dir.write(
+        "smtpguard.toml",
+        config_text(dir.path(), listen, &[("xdp", &xdp)]),
+    );
     fs::set_permissions(&config, fs::Permissions::from_mode(0o644)).unwrap();
     let run = format!("{} run --config {}", binary().display(), config.display());
     let as_user = format!(

@@ -5,10 +5,9 @@
 //! mode: the kernel refuses both at once).
 
 use std::path::{Path, PathBuf};
-
 use std::time::Duration;
 
-use smtpguard::testing::TempDir;
+use smtpguard::testing::{config_text, TempDir};
 use smtpguard_tests::netns::{Topology, GW_V4};
 use smtpguard_tests::{require_root, run_bounded};
 
@@ -23,17 +22,11 @@ fn binary() -> PathBuf {
 fn start_beside_xdp_filter(mode: &str) -> (String, String) {
     let topo = Topology::new();
     let dir = TempDir::new("coexist");
-    let d = dir.path().display();
+    let xdp = format!("interfaces = [\"{}\"]\nmode = \"{mode}\"\n", topo.gw_if);
+    let listen = format!("{GW_V4}:2525").parse().unwrap();
     let config = dir.write(
         "smtpguard.toml",
-        format!(
-            "[server]\nlisten = [\"{GW_V4}:2525\"]\n\
-             [policy]\ndeny_list = \"{d}/deny.list\"\npermit_list = \"{d}/permit.list\"\n\
-             [xdp]\ninterfaces = [\"{iface}\"]\nmode = \"{mode}\"\n\
-             [delivery]\nspool_dir = \"{d}/spool\"\n\
-             [control]\nsocket = \"{d}/control.sock\"\n",
-            iface = topo.gw_if
-        ),
+        config_text(dir.path(), listen, &[("xdp", &xdp)]),
     );
     // libxdp needs a bpffs; `ip netns exec` gives this shell its own.
     let script = format!(
