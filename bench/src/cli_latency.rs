@@ -169,6 +169,8 @@ spool_dir = "{d}/spool"
 socket = "{d}/control.sock"
 [logging]
 level = "warn"
+[screening]
+greet_wait = "0s"
 "#
     )
 }

@@ -75,6 +75,8 @@ permit_list = "{d}/permit.list"
 {delivery}
 [control]
 socket = "{d}/control.sock"
+[screening]
+greet_wait = "0s"
 "#,
         chain = certs.chain.display(),
         key = certs.key.display(),

@@ -69,6 +69,8 @@ accept_domains = ["example.com"]
 socket = "{d}/control.sock"
 [logging]
 stats_interval = "0s"
+[screening]
+greet_wait = "0s"
 "#,
         iface = topo.gw_if
     );

@@ -89,7 +89,8 @@ impl Daemon {
                 "[server]\nhostname = \"gw.example.com\"\nlisten = [\"{smtp}\"]\n{server}\n\
                  [policy]\ndeny_list = \"{d}/deny.list\"\npermit_list = \"{d}/permit.list\"\n\
                  [delivery]\nupstream = \"{}\"\nupstream_protocol = \"none\"\n\
-                 [control]\nsocket = \"{d}/control.sock\"\n",
+                 [control]\nsocket = \"{d}/control.sock\"\n\
+                 [screening]\ngreet_wait = \"0s\"\n",
                 upstream()
             ),
         );

@@ -21,7 +21,8 @@ fn journal_lines_carry_priorities_and_no_timestamps() {
             "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\
              [policy]\ndeny_list = \"{d}/deny.list\"\npermit_list = \"{d}/permit.list\"\n\
              [delivery]\nspool_dir = \"{d}/spool\"\n\
-             [control]\nsocket = \"{d}/control.sock\"\n",
+             [control]\nsocket = \"{d}/control.sock\"\n\
+             [screening]\ngreet_wait = \"0s\"\n",
             port = free_port()
         ),
     );

@@ -689,6 +689,8 @@ spool_dir = "{d}/spool"
 accept_domains = ["example.com"]
 [control]
 socket = "{d}/control.sock"
+[screening]
+greet_wait = "0s"
 "#,
             iface = topo.gw_if
         ),

@@ -615,6 +615,9 @@ stats_interval = "5s"
 
 [metrics]
 listen = "{METRICS}"
+
+[screening]
+greet_wait = "0s"
 "#,
             cert = cert.display(),
             key = key.display(),

@@ -221,6 +221,8 @@ spool_dir = "{s}/spool"
 accept_domains = ["example.com"]
 [control]
 socket = "{s}/control.sock"
+[screening]
+greet_wait = "0s"
 "#,
             iface = topo.gw_if
         ),

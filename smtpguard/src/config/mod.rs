@@ -65,6 +65,22 @@
 //!
 //! [metrics]
 //! listen = "127.0.0.1:9325"          # default: no metrics endpoint
+//!
+//! [screening]
+//! greet_wait = "6s"                  # "0s" = no greet delay
+//! greet_action = "ignore"            # ignore | enforce | drop
+//! greet_banner = "ESMTP"             # "" = no early 220- line
+//! pass_cache_ttl = "24h"             # "0s" = no pass cache
+//! pass_cache_max_entries = 100000
+//! max_waiting = 1000                 # over it: 421 4.3.2
+//!
+//! [bans]
+//! ban_after = 3                      # violations within window; 0 = no bans
+//! window = "10m"
+//! ban_for = "1h"
+//! growth = 2                         # each repeat ban lasts twice as long
+//! max_ban_for = "24h"
+//! max_entries = 10000                # at the cap: new bans refused
 //! ```
 //!
 //! Durations are [humantime] strings: `"300ms"`, `"30s"`, `"5m"`, `"1h 30m"`.
@@ -175,6 +191,10 @@ pub struct Config {
     pub logging: LoggingConfig,
     /// `[metrics]`: the optional Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// `[screening]`: the greet delay, PREGREET and the pass cache.
+    pub screening: ScreeningConfig,
+    /// `[bans]`: violations that become temporary deny entries.
+    pub bans: BansConfig,
 }
 
 /// `[server]`: the SMTP front door.
@@ -528,6 +548,91 @@ pub struct MetricsConfig {
     ///
     /// Default: none (no endpoint).
     pub listen: Option<SocketAddr>,
+}
+
+/// `[screening]`: postscreen's pre-greeting test. Before the `220`, the
+/// front door waits; a client that sends anything before the greeting is
+/// complete talked early (PREGREET).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScreeningConfig {
+    /// `greet_wait` (postscreen_greet_wait): how long to wait before the
+    /// greeting; `"0s"` (`None` here) turns the test off.
+    ///
+    /// Default: `"6s"`.
+    pub greet_wait: Option<Duration>,
+    /// `greet_action` (postscreen_greet_action): what happens to a client
+    /// that talked early.
+    ///
+    /// Default: `"ignore"`.
+    pub greet_action: GreetAction,
+    /// `greet_banner` (postscreen_greet_banner): the text of a `220-`
+    /// line sent at once, before the wait (`220-HOSTNAME TEXT`), which
+    /// lures early talkers; `""` (`None` here) sends nothing before the
+    /// greeting.
+    ///
+    /// Default: `"ESMTP"`.
+    pub greet_banner: Option<String>,
+    /// `pass_cache_ttl` (postscreen_cache_retention_time): how long a
+    /// client that passed skips the wait; `"0s"` (`None` here) keeps no
+    /// cache.
+    ///
+    /// Default: `"24h"`.
+    pub pass_cache_ttl: Option<Duration>,
+    /// `pass_cache_max_entries`: clients the pass cache holds; the one that
+    /// passed longest ago goes first.
+    ///
+    /// Default: `100000`.
+    pub pass_cache_max_entries: usize,
+    /// `max_waiting` (postscreen_pre_queue_limit): clients in the wait at
+    /// once, apart from `server.max_connections`; over it: `421 4.3.2`.
+    ///
+    /// Default: `1000`.
+    pub max_waiting: usize,
+}
+
+/// `screening.greet_action`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GreetAction {
+    /// `"ignore"`: log and count, then serve the client as any other.
+    Ignore,
+    /// `"enforce"`: greet, then answer every command with `554 5.5.1
+    /// Protocol error`, logging sender and recipients.
+    Enforce,
+    /// `"drop"`: `521 5.5.1 Protocol error` and close at once.
+    Drop,
+}
+
+/// `[bans]`: automatic temporary bans in the `auto` source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BansConfig {
+    /// `ban_after`: violations within `window` that ban a client; `0`
+    /// (`None` here) bans nobody.
+    ///
+    /// Default: `3`.
+    pub ban_after: Option<std::num::NonZeroU32>,
+    /// `window`: how far back violations count.
+    ///
+    /// Default: `"10m"`.
+    pub window: Duration,
+    /// `ban_for`: the length of a first ban.
+    ///
+    /// Default: `"1h"`.
+    pub ban_for: Duration,
+    /// `growth`: each further ban of the same client lasts this many times
+    /// the one before (`1`: all the same), up to `max_ban_for`.
+    ///
+    /// Default: `2`.
+    pub growth: u32,
+    /// `max_ban_for`: the longest ban.
+    ///
+    /// Default: `"24h"`.
+    pub max_ban_for: Duration,
+    /// `max_entries`: bans in force at once; at the cap new bans are
+    /// refused (logged and counted as `bans_refused_full`).
+    ///
+    /// Default: `10000`.
+    pub max_entries: usize,
 }
 
 impl Config {

@@ -26,6 +26,8 @@ pub(super) struct RawConfig {
     pub control: RawControl,
     pub logging: RawLogging,
     pub metrics: RawMetrics,
+    pub screening: RawScreening,
+    pub bans: RawBans,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -104,6 +106,28 @@ pub(super) struct RawLogging {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawMetrics {
     pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawScreening {
+    pub greet_wait: Option<DurationValue>,
+    pub greet_action: Option<super::GreetAction>,
+    pub greet_banner: Option<String>,
+    pub pass_cache_ttl: Option<DurationValue>,
+    pub pass_cache_max_entries: Option<u32>,
+    pub max_waiting: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawBans {
+    pub ban_after: Option<u32>,
+    pub window: Option<DurationValue>,
+    pub ban_for: Option<DurationValue>,
+    pub growth: Option<u32>,
+    pub max_ban_for: Option<DurationValue>,
+    pub max_entries: Option<u32>,
 }
 
 /// A TOML integer or string, as written. Durations and counts accept both

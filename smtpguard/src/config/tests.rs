@@ -126,6 +126,16 @@ fn embedded_default_sets_the_same_values_as_the_built_in_defaults() {
     assert_eq!(dev_server, built_in.server);
     assert_eq!(file.tls, built_in.tls);
     assert_eq!(file.logging, built_in.logging);
+    // Development runs greet at once; everything else as built in.
+    assert_eq!(file.screening.greet_wait, None);
+    assert_eq!(
+        ScreeningConfig {
+            greet_wait: built_in.screening.greet_wait,
+            ..file.screening.clone()
+        },
+        built_in.screening
+    );
+    assert_eq!(file.bans, built_in.bans);
     assert_eq!(
         file.xdp.log_rate_per_second,
         built_in.xdp.log_rate_per_second
@@ -799,4 +809,78 @@ fn protected_ranges_take_list_entry_syntax() {
         "{e}"
     );
     assert!(e.source().is_some());
+}
+
+#[test]
+fn screening_and_bans_defaults_and_values() {
+    let c = parse("");
+    assert_eq!(c.screening.greet_wait, Some(Duration::from_secs(6)));
+    assert_eq!(c.screening.greet_action, GreetAction::Ignore);
+    assert_eq!(c.screening.greet_banner.as_deref(), Some("ESMTP"));
+    assert_eq!(
+        c.screening.pass_cache_ttl,
+        Some(Duration::from_secs(24 * 3600))
+    );
+    assert_eq!(c.screening.max_waiting, 1000);
+    assert_eq!(c.bans.ban_after.map(|n| n.get()), Some(3));
+    assert_eq!(c.bans.ban_for, Duration::from_secs(3600));
+    assert_eq!(c.bans.max_ban_for, Duration::from_secs(24 * 3600));
+    let c = parse(
+        r#"
+        [screening]
+        greet_wait = "0s"
+        greet_action = "drop"
+        greet_banner = ""
+        pass_cache_ttl = "0s"
+        max_waiting = 5
+        [bans]
+        ban_after = 0
+        ban_for = "2d"
+        "#,
+    );
+    assert_eq!(c.screening.greet_wait, None);
+    assert_eq!(c.screening.greet_action, GreetAction::Drop);
+    assert_eq!(c.screening.greet_banner, None);
+    assert_eq!(c.screening.pass_cache_ttl, None);
+    assert_eq!(c.screening.max_waiting, 5);
+    assert_eq!(c.bans.ban_after, None);
+    // max_ban_for unset follows a longer ban_for.
+    assert_eq!(c.bans.max_ban_for, Duration::from_secs(2 * 24 * 3600));
+}
+
+#[test]
+fn screening_and_bans_errors_name_the_key() {
+    for (text, needle) in [
+        (
+            "[screening]\ngreet_wait = 6\n",
+            "screening.greet_wait = 6 has no unit",
+        ),
+        (
+            "[screening]\ngreet_wait = \"10m\"\n",
+            "screening.greet_wait is longer than",
+        ),
+        (
+            "[screening]\nmax_waiting = 0\n",
+            "screening.max_waiting is 0",
+        ),
+        (
+            "[screening]\ngreet_banner = \"a\\r\\nb\"\n",
+            "screening.greet_banner",
+        ),
+        ("[bans]\ngrowth = 0\n", "bans.growth is 0"),
+        (
+            "[bans]\nban_for = \"2h\"\nmax_ban_for = \"1h\"\n",
+            "bans.max_ban_for = \"1h\" is shorter than bans.ban_for",
+        ),
+        ("[bans]\nwindow = \"0s\"\n", "bans.window = \"0s\" is zero"),
+    ] {
+        let e = Config::from_toml_str(text, Path::new("t.toml")).unwrap_err();
+        assert!(e.to_string().contains(needle), "{text}: {e}");
+    }
+    let e = Config::from_toml_str(
+        "[screening]\ngreet_action = \"reject\"\n",
+        Path::new("t.toml"),
+    )
+    .unwrap_err();
+    assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
 }

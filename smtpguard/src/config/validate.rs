@@ -43,6 +43,8 @@ const DEFAULT_STATS_INTERVAL: Duration = Duration::from_secs(10);
 /// Linux interface names are at most `IFNAMSIZ - 1` bytes.
 const MAX_INTERFACE_NAME_BYTES: usize = 15;
 
+mod defence;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
@@ -56,6 +58,8 @@ pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErro
         control: cx.control(raw.control)?,
         logging: cx.logging(raw.logging)?,
         metrics: cx.metrics(raw.metrics)?,
+        screening: cx.screening(raw.screening)?,
+        bans: cx.bans(raw.bans)?,
     };
     if let Delivery::Upstream(up) = &config.delivery {
         let local = host_addresses();

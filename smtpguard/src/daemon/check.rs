@@ -119,6 +119,25 @@ pub fn check(path: &Path) -> CheckReport {
             Err(e) => report.problems.push(one_line(&e)),
         }
     }
+    // A bad pass cache does not stop a start (it starts empty): a warning.
+    if let (Some(ttl), Some(_)) = (config.screening.pass_cache_ttl, config.screening.greet_wait) {
+        let path = super::defence::pass_cache_path(&config);
+        let max = config.screening.pass_cache_max_entries;
+        match crate::front_door::screening::PassCache::load(
+            &path,
+            ttl,
+            max,
+            std::time::SystemTime::now(),
+        ) {
+            Ok(cache) => report
+                .checked
+                .push(format!("pass cache {} clients", cache.len())),
+            Err(e) => report.warnings.push(format!(
+                "{}; a start would begin with an empty pass cache",
+                one_line(&e)
+            )),
+        }
+    }
     report
 }
 

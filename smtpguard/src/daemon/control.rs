@@ -247,7 +247,11 @@ fn answer(daemon: &Daemon, request: Request, still_wanted: &dyn Fn() -> bool) ->
             entries,
             source,
         } => {
-            let source = writable_source(source.as_deref())?;
+            // `auto` too: an operator may lift an automatic ban.
+            let source = match source.as_deref() {
+                Some(name) => SourceName::removable(name)?,
+                None => SourceName::local(),
+            };
             let (prefixes, mut warnings) = parse_entries(&entries, true)?;
             let k = kind(list);
             existing_source(daemon, &source)?;
@@ -1013,6 +1017,11 @@ fn stats(snapshot: &Snapshot, top: usize) -> StatsView {
                 (ip.to_string(), counts)
             })
             .collect();
+    }
+    if let Some(d) = &snapshot.defence {
+        view.front_door.extend(d.counters());
+        view.gauges
+            .extend(d.gauges().iter().map(|(n, v)| (n.to_string(), *v)));
     }
     view.top_entries = snapshot
         .entry_hits

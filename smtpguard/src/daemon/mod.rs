@@ -15,6 +15,7 @@
 
 pub mod check;
 pub mod control;
+pub mod defence;
 pub mod mode_state;
 mod notify;
 pub mod paths;
@@ -127,12 +128,21 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     };
     let mut front_door_settings = settings::front_door(&config.server, &config.tls);
     front_door_settings.max_sessions_by_fds = max_sessions_by_fds;
+    let defence = Arc::new(defence::DaemonDefence::new(
+        &daemon,
+        defence::load_pass_cache(&config),
+    ));
+    daemon.set_defence({
+        let defence = Arc::downgrade(&defence);
+        Box::new(move || defence.upgrade().map(|d| d.snapshot()).unwrap_or_default())
+    });
     let ctx = ServerContext::new(
         front_door_settings,
         tls.as_ref().map(|t| Arc::clone(&t.server_config)),
         access,
         delivery,
-    );
+    )
+    .with_screening(defence.screening(&config));
     daemon.set_server(ctx.handle());
 
     let shutdown = CancellationToken::new();
@@ -158,6 +168,9 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         ));
     }
     tasks.spawn(expire_entries(Arc::clone(&daemon), shutdown.clone()));
+    if defence.pass_cache.is_some() {
+        tasks.spawn(save_pass_cache(Arc::clone(&defence), shutdown.clone()));
+    }
     if let Some(listener) = metrics_listener {
         let render: crate::metrics::Render = {
             let daemon = Arc::clone(&daemon);
@@ -247,6 +260,22 @@ async fn wait_for_signals(
         let _ = server_task.await;
     }
     Ok(())
+}
+
+/// Writes the pass cache every [`defence::PASS_CACHE_SAVE_INTERVAL`] when
+/// it changed, and once more at shutdown.
+async fn save_pass_cache(defence: Arc<defence::DaemonDefence>, shutdown: CancellationToken) {
+    loop {
+        let stop = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = tokio::time::sleep(defence::PASS_CACHE_SAVE_INTERVAL) => false,
+        };
+        let d = Arc::clone(&defence);
+        let _ = tokio::task::spawn_blocking(move || d.save_pass_cache(false)).await;
+        if stop {
+            return;
+        }
+    }
 }
 
 /// Removes temporary entries when they expire: it sleeps until the next

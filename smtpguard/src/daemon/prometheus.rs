@@ -53,6 +53,67 @@ fn labelled(
     registry.register(name, help, family);
 }
 
+/// Screening per verdict, violations per kind, bans per event.
+fn defence_series(r: &mut Registry, d: &crate::front_door::screening::DefenceSnapshot) {
+    let verdicts: Vec<(String, u64)> = d
+        .screening
+        .named()
+        .iter()
+        .map(|(n, v)| (n.trim_start_matches("screening_").to_string(), *v))
+        .collect();
+    labelled(
+        r,
+        "smtpguard_screening",
+        "Clients screened before the greeting, by verdict (pregreet, pass_new, pass_old, ...).",
+        "verdict",
+        &verdicts,
+    );
+    gauge(
+        r,
+        "smtpguard_screening_waiting",
+        "Clients in the greet wait now.",
+        d.screening.waiting as i64,
+    );
+    let violations: Vec<(String, u64)> = d
+        .violations
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect();
+    labelled(
+        r,
+        "smtpguard_violations",
+        "Violations reported towards automatic bans, by kind.",
+        "kind",
+        &violations,
+    );
+    let bans = [
+        ("added".to_string(), d.bans_added),
+        ("expired".to_string(), d.bans_expired),
+        ("refused_full".to_string(), d.bans_refused_full),
+        ("failed".to_string(), d.bans_failed),
+        ("exempt".to_string(), d.violations_exempt),
+    ];
+    labelled(
+        r,
+        "smtpguard_bans",
+        "Automatic bans, by event (exempt: violations of protected or permitted addresses).",
+        "event",
+        &bans,
+    );
+    gauge(
+        r,
+        "smtpguard_bans_in_force",
+        "Automatic bans in force (entries of the auto deny list).",
+        d.bans_in_force as i64,
+    );
+    gauge(
+        r,
+        "smtpguard_pass_cache_entries",
+        "Clients in the pass cache.",
+        d.pass_cache_entries as i64,
+    );
+}
+
 /// The XDP counters, sorted into series by their names: `syn_v4` is
 /// `smtpguard_xdp_syn{family="ipv4"}`, `drop_<reason>` is
 /// `smtpguard_xdp_dropped{reason}`, `pass_<reason>` is
@@ -214,6 +275,9 @@ pub fn render(snapshot: &Snapshot) -> String {
             "Hand-offs that failed on our side (451).",
             m.handoff_failures,
         );
+    }
+    if let Some(d) = &snapshot.defence {
+        defence_series(&mut r, d);
     }
     let family = Family::<Labels, Gauge>::default();
     for kind in [ListKind::Deny, ListKind::Permit] {

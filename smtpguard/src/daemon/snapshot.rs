@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub permit_entries: FamilyCounts,
     /// The last whole-list load into the kernel, if any.
     pub last_list_load: Option<ListLoad>,
+    /// Screening and automatic bans; `None` until the front door runs.
+    pub defence: Option<crate::front_door::screening::DefenceSnapshot>,
 }
 
 /// One list entry's hit counter.
@@ -72,6 +74,7 @@ impl Snapshot {
             deny_entries: policy.total_len(ListKind::Deny),
             permit_entries: policy.total_len(ListKind::Permit),
             last_list_load: daemon.last_list_load(),
+            defence: daemon.defence_snapshot(),
         }
     }
 

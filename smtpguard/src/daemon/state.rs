@@ -19,7 +19,7 @@ use smtpguard_common::Action;
 
 use crate::{
     config::Config,
-    front_door::{Access, DenyReason, ServerHandle},
+    front_door::{screening::DefenceSnapshot, Access, DenyReason, ServerHandle},
     kernel::{ApplyHow, Attachment, CounterSnapshot, Kernel, SyncError},
     policy::{
         AccessList, Enforcement, ListError, ListKind, Policy, PolicyError, Reason, RuleOrigin,
@@ -98,6 +98,9 @@ impl From<super::startup::StartupError> for DaemonError {
 
 type Result<T, E = DaemonError> = std::result::Result<T, E>;
 
+/// Reads the screening and ban counters (the daemon's defence).
+pub type DefenceReader = Box<dyn Fn() -> DefenceSnapshot + Send + Sync>;
+
 /// State shared by the front door, the control socket and the timers.
 pub struct Daemon {
     /// The configuration in force; replaced whole by a reload.
@@ -126,6 +129,11 @@ pub struct Daemon {
     /// written by us: a file edited by hand since then is never silently
     /// overwritten by a CLI change.
     on_disk: Mutex<std::collections::HashMap<PathBuf, Option<(SystemTime, u64)>>>,
+    /// Reads the screening and ban counters; set once the front door is
+    /// built.
+    defence: OnceLock<DefenceReader>,
+    /// Bans of the `auto` source that expired since the start (count).
+    pub bans_expired: std::sync::atomic::AtomicU64,
 }
 
 /// What a change must write to disk, besides the kernel.
@@ -203,6 +211,8 @@ impl Daemon {
             certificate_not_after: RwLock::new(None),
             last_list_load: Mutex::new(None),
             on_disk: Mutex::new(std::collections::HashMap::new()),
+            defence: OnceLock::new(),
+            bans_expired: std::sync::atomic::AtomicU64::new(0),
         };
         daemon.remember_all_on_disk();
         daemon
@@ -276,6 +286,16 @@ impl Daemon {
     /// The running server, once started.
     pub fn server(&self) -> Option<&ServerHandle> {
         self.server.get()
+    }
+
+    /// Records how to read the screening and ban counters (once).
+    pub fn set_defence(&self, reader: DefenceReader) {
+        let _ = self.defence.set(reader);
+    }
+
+    /// The screening and ban counters, once the front door is built.
+    pub fn defence_snapshot(&self) -> Option<DefenceSnapshot> {
+        self.defence.get().map(|read| read())
     }
 
     /// Records the certificate expiry shown by status.
@@ -666,6 +686,13 @@ impl Daemon {
         if !expired.is_empty() {
             self.close_denied_sessions();
         }
+        let auto = SourceName::auto();
+        let bans = expired
+            .iter()
+            .filter(|(s, k, _)| *s == auto && *k == ListKind::Deny)
+            .count();
+        self.bans_expired
+            .fetch_add(bans as u64, std::sync::atomic::Ordering::Relaxed);
         for (source, kind, entry) in &expired {
             tracing::info!(source = %source, list = %kind, prefix = %entry.prefix, comment = entry.comment.as_deref().unwrap_or(""),
                 "temporary entry expired and was removed");

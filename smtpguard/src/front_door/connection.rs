@@ -538,6 +538,9 @@ impl<H: Handoff> Driver<'_, H> {
         if reply.code >= 400 && self.end.is_none() {
             self.conn.live.update(|l| l.errors += 1);
         }
+        if reply.code == 550 && *reply == Reply::relay_denied() {
+            self.conn.live.update(|l| l.relay_denied += 1);
+        }
         if reply.code == 530 {
             self.conn.metrics.reject(Rejection::TlsRequired);
             tracing::info!(

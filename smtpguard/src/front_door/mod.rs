@@ -37,6 +37,7 @@ pub mod access;
 pub mod connection;
 pub mod counters;
 mod registry;
+pub mod screening;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -59,6 +60,7 @@ pub use access::{Access, AccessCheck, AllowAll, DenyReason};
 pub use counters::{ClientCounts, Metrics, MetricsSnapshot, Rejection, Stage, MAX_TRACKED_CLIENTS};
 use registry::Sessions;
 pub use registry::{Live, LiveDetail, SessionState};
+use screening::{Admission, GreetAction, Screening, Violation, WaitOutcome};
 
 use connection::{ConnContext, ConnSettings, Stop};
 
@@ -190,6 +192,9 @@ struct Shared<H> {
     /// Cancelled when the shutdown grace is over: the remaining sessions
     /// get `421 4.3.2` and close.
     stop_sessions: CancellationToken,
+    /// The greet delay, PREGREET, the pass cache and the violation
+    /// reports; `None`: none of them (tests, benches).
+    screening: Option<Screening>,
 }
 
 impl<H: HandoffFactory> ServerContext<H> {
@@ -224,8 +229,18 @@ impl<H: HandoffFactory> ServerContext<H> {
                 sessions: Arc::new(Sessions::new()),
                 metrics: Arc::new(Metrics::default()),
                 stop_sessions: CancellationToken::new(),
+                screening: None,
             }),
         }
+    }
+
+    /// Screens clients before their greeting and reports violations
+    /// ([`screening`]). Call before [`ServerContext::handle`].
+    pub fn with_screening(mut self, screening: Screening) -> ServerContext<H> {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.screening = Some(screening);
+        }
+        self
     }
 
     /// A handle for the daemon: kicks and metrics, usable while [`run`]
@@ -394,7 +409,75 @@ fn admit<H: HandoffFactory>(
         }
     }
 
-    // 2. Connection caps.
+    // 2. The greet wait, without a slot (see `screening`).
+    let Some(screening) = &shared.screening else {
+        return open_session(shared, tracker, stream, peer, accepted_at, false);
+    };
+    let guard = match screening.admit(peer) {
+        Admission::Skip => {
+            return open_session(shared, tracker, stream, peer, accepted_at, false);
+        }
+        Admission::Full => return screening.refuse_full(&stream, peer, host),
+        Admission::Wait(guard) => guard,
+    };
+    // A full server refuses now rather than after a `220-` line.
+    if shared
+        .slots
+        .as_ref()
+        .is_some_and(|s| s.available_permits() == 0)
+    {
+        drop(guard);
+        return open_session(shared, tracker, stream, peer, accepted_at, false);
+    }
+    let shared = Arc::clone(shared);
+    let sessions = tracker.clone();
+    let span = tracing::info_span!("screening", client = %ip);
+    tracker.spawn(
+        async move {
+            let Some(screening) = &shared.screening else {
+                return;
+            };
+            let host = shared.settings.conn.session.hostname.clone();
+            let (outcome, ()) = screening
+                .pregreet(&stream, peer, &host, &shared.stop_sessions, async {})
+                .await;
+            drop(guard);
+            let enforce = match outcome {
+                WaitOutcome::Passed => false,
+                WaitOutcome::Pregreet => screening.settings.greet_action == GreetAction::Enforce,
+                WaitOutcome::Dropped | WaitOutcome::Gone => return,
+            };
+            open_session(&shared, &sessions, stream, peer, accepted_at, enforce);
+        }
+        .instrument(span),
+    );
+}
+
+/// The connection caps, then the session task: the SMTP session, or with
+/// `enforce` the engine that answers `554 5.5.1` to an early talker.
+fn open_session<H: HandoffFactory>(
+    shared: &Arc<Shared<H>>,
+    tracker: &TaskTracker,
+    stream: TcpStream,
+    peer: SocketAddr,
+    accepted_at: Instant,
+    enforce: bool,
+) {
+    let ip = peer.ip();
+    let metrics = &shared.metrics;
+    let host = &shared.settings.conn.session.hostname;
+    let out_of_resources = |stream| {
+        let reply = Reply::out_of_resources(host);
+        refuse(
+            metrics,
+            stream,
+            ip,
+            Rejection::FileDescriptors,
+            None,
+            &reply,
+        )
+    };
+
     let permit = match &shared.slots {
         None => None,
         Some(slots) => match Arc::clone(slots).try_acquire_owned() {
@@ -420,7 +503,7 @@ fn admit<H: HandoffFactory>(
         return refuse(metrics, stream, ip, Rejection::PerClientCap, None, &reply);
     };
 
-    // 3. The session (its first event is the greeting).
+    // 4. The session (its first event is the greeting).
     let _ = stream.set_nodelay(true);
     let span = tracing::info_span!("smtp", session = %slot.session_id, client = %ip);
     let shared = Arc::clone(shared);
@@ -451,11 +534,26 @@ fn admit<H: HandoffFactory>(
                 live: Arc::clone(&slot.live),
             };
             let session = async {
+                if enforce {
+                    let limits = screening::enforce::EnforceLimits {
+                        host: shared.settings.conn.session.hostname.clone(),
+                        idle_timeout: shared.settings.conn.idle_timeout,
+                        session_deadline: accepted_at + shared.settings.conn.max_session_duration,
+                        max_errors: shared.settings.conn.session.max_errors.max(1),
+                        write_timeout: shared.settings.conn.write_timeout,
+                    };
+                    let stop = connection.stop.clone();
+                    let live = Arc::clone(&connection.live);
+                    return screening::enforce::serve(stream, peer, limits, stop, live).await;
+                }
                 let handoff = shared.handoffs.session(ip);
                 connection::serve(stream, connection, handoff).await
             };
             match AssertUnwindSafe(session).catch_unwind().await {
-                Ok(end) => log_summary(&slot.live, end.as_str()),
+                Ok(end) => {
+                    log_summary(&slot.live, end.as_str());
+                    report_violations(&shared, ip, end, &slot.live, enforce);
+                }
                 Err(panic) => {
                     log_summary(&slot.live, "panic");
                     shared.metrics.session_panicked();
@@ -471,6 +569,26 @@ fn admit<H: HandoffFactory>(
         }
         .instrument(span),
     );
+}
+
+/// Tells the daemon what the session did wrong: the error cap (not for an
+/// enforced early talker, already reported), relay attempts.
+fn report_violations<H>(
+    shared: &Shared<H>,
+    ip: IpAddr,
+    end: connection::End,
+    live: &Live,
+    enforce: bool,
+) {
+    let Some(screening) = &shared.screening else {
+        return;
+    };
+    if end == connection::End::TooManyErrors && !enforce {
+        screening.defence.violation(ip, Violation::ProtocolErrors);
+    }
+    if live.detail().relay_denied > 0 {
+        screening.defence.violation(ip, Violation::RelayAttempt);
+    }
 }
 
 /// The one line per session (key=value, like Postfix's and postscreen's,

@@ -90,6 +90,9 @@ pub struct LiveDetail {
     pub msgs: u64,
     /// Error replies (4xx and 5xx) sent.
     pub errors: u64,
+    /// RCPTs refused as relay attempts (`550 5.7.1 Relay access denied`),
+    /// a violation towards an automatic ban.
+    pub relay_denied: u64,
 }
 
 impl Live {

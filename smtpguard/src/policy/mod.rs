@@ -42,6 +42,7 @@
 //! Postfix CIDR tables); [`AccessList::load`] and [`AccessList::save`]
 //! keep the lists in that same plain-text format, written atomically.
 
+pub mod bans;
 mod entry;
 mod import;
 mod list;

@@ -82,6 +82,29 @@ impl SourceName {
         SourceName(Self::LOCAL.to_string())
     }
 
+    /// The name of the automatic bans' source.
+    pub const AUTO: &'static str = "auto";
+
+    /// `auto`: the automatic bans (#16); the CLI may list and remove its
+    /// entries, never add.
+    pub fn auto() -> Self {
+        SourceName(Self::AUTO.to_string())
+    }
+
+    /// Checks a name the CLI wants to remove entries from: as
+    /// [`SourceName::writable`], but `auto` is allowed (an operator lifts
+    /// a ban by hand).
+    ///
+    /// # Errors
+    ///
+    /// As [`SourceName::writable`].
+    pub fn removable(name: &str) -> Result<Self, SourceError> {
+        if name == Self::AUTO {
+            return Ok(Self::auto());
+        }
+        Self::writable(name)
+    }
+
     /// Checks a name.
     ///
     /// # Errors

@@ -43,7 +43,8 @@ pub fn free_port() -> u16 {
 /// listener at `listen`, lists (`deny.list`, `permit.list`), spool (domain
 /// `example.com`) and control socket in `dir`, no XDP; then `tables`
 /// (`("xdp", "interfaces = [\"eth0\"]\n")`, ...), whose lines are appended
-/// to a base table of the same name or form a table of their own.
+/// to a base table of the same name or form a table of their own. Unless
+/// `tables` set `screening.greet_wait`, it is `"0s"`: no greet wait.
 pub fn config_text(dir: &Path, listen: SocketAddr, tables: &[(&str, &str)]) -> String {
     let d = dir.display();
     let mut base = vec![
@@ -69,6 +70,14 @@ pub fn config_text(dir: &Path, listen: SocketAddr, tables: &[(&str, &str)]) -> S
             Some((_, text)) => text.push_str(lines),
             None => base.push(((*table).to_owned(), (*lines).to_owned())),
         }
+    }
+    // Tests greet at once unless they ask for the greet wait.
+    match base.iter_mut().find(|(t, _)| t == "screening") {
+        Some((_, text)) if !text.contains("greet_wait") => {
+            text.insert_str(0, "greet_wait = \"0s\"\n")
+        }
+        Some(_) => {}
+        None => base.push(("screening".to_owned(), "greet_wait = \"0s\"\n".to_owned())),
     }
     base.iter()
         .map(|(t, lines)| format!("[{t}]\n{lines}\n"))

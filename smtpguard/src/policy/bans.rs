@@ -1,0 +1,347 @@
+//! Automatic bans, sans IO: which violations turn a client into a
+//! temporary deny entry of the `auto` source, and for how long.
+//!
+//! A client is banned when it commits `ban_after` violations within
+//! `window` (fail2ban's maxretry/findtime). Its first ban lasts `ban_for`;
+//! each later one `growth` times the one before, up to `max_ban_for`
+//! (fail2ban's bantime.increment). A client's earlier bans are remembered
+//! for `max_ban_for` plus a day after its last one. The caller applies a
+//! ban (the daemon writes the deny entry); this module only decides, from
+//! the clock it is given, and holds at most [`MAX_TRACKED`] clients.
+//!
+//! At the cap on bans in force (`max_entries`) a new ban is refused:
+//! evicting an older ban would let a flood of distinct sources free the
+//! worst offenders.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    num::NonZeroU32,
+    time::{Duration, Instant},
+};
+
+use ipnet::IpNet;
+
+/// Clients whose violations (and earlier bans) are remembered at once; a
+/// flood of distinct sources forgets the oldest first.
+pub const MAX_TRACKED: usize = 65_536;
+
+/// How long a client's earlier bans count for growth after the
+/// `max_ban_for` of its last one.
+const REPEAT_MEMORY: Duration = Duration::from_secs(24 * 3600);
+
+/// Something a client did that counts towards a ban.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Violation {
+    /// It talked before the greeting (postscreen's PREGREET).
+    Pregreet,
+    /// Its session reached `server.max_errors` and was closed.
+    ProtocolErrors,
+    /// It asked to relay: RCPT to a domain that is not accepted, from an
+    /// address outside `relay_networks`.
+    RelayAttempt,
+    /// Its SYNs went over the XDP rate limit (`[rate_limit]`).
+    RateLimit,
+    /// Its DNSBL score reached the threshold.
+    Dnsbl,
+}
+
+impl Violation {
+    /// The name in logs (`reason=`), entry comments and counters.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Violation::Pregreet => "pregreet",
+            Violation::ProtocolErrors => "protocol_errors",
+            Violation::RelayAttempt => "relay_attempt",
+            Violation::RateLimit => "rate_limit",
+            Violation::Dnsbl => "dnsbl",
+        }
+    }
+}
+
+/// The ban rules, from `[bans]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BanPolicy {
+    /// Violations within `window` that ban a client.
+    pub ban_after: NonZeroU32,
+    /// How far back violations count.
+    pub window: Duration,
+    /// The first ban's length.
+    pub ban_for: Duration,
+    /// Factor from one ban of a client to its next (1: no growth).
+    pub growth: u32,
+    /// The longest ban.
+    pub max_ban_for: Duration,
+    /// Bans in force at once.
+    pub max_entries: usize,
+}
+
+/// What one violation leads to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BanDecision {
+    /// Counted; not (yet) a ban.
+    Counted {
+        /// Violations of the client within the window, this one included.
+        strikes: u32,
+    },
+    /// Ban `prefix` for `duration`.
+    Ban {
+        /// The client's address as a host prefix (/32 or /128).
+        prefix: IpNet,
+        /// How long.
+        duration: Duration,
+        /// Earlier bans of the client still remembered (0 for a first).
+        repeats: u32,
+    },
+    /// A ban was due, but `max_entries` bans are in force.
+    RefusedFull,
+}
+
+#[derive(Debug, Default)]
+struct Record {
+    /// Times of the violations within the window, oldest first, at most
+    /// `ban_after`.
+    strikes: Vec<Instant>,
+    /// Bans so far and when the last one was decided.
+    bans: u32,
+    last_ban: Option<Instant>,
+    last_seen: Option<Instant>,
+}
+
+/// The violation counts per client; one per daemon.
+#[derive(Debug)]
+pub struct BanBook {
+    policy: BanPolicy,
+    clients: HashMap<IpAddr, Record>,
+}
+
+impl BanBook {
+    /// An empty book under `policy`.
+    pub fn new(policy: BanPolicy) -> BanBook {
+        BanBook {
+            policy,
+            clients: HashMap::new(),
+        }
+    }
+
+    /// The rules in force.
+    pub fn policy(&self) -> &BanPolicy {
+        &self.policy
+    }
+
+    /// Replaces the rules (a reload); counts so far stay.
+    pub fn set_policy(&mut self, policy: BanPolicy) {
+        self.policy = policy;
+    }
+
+    /// Counts one violation of `client` at `now`; `bans_in_force` is the
+    /// number of bans (entries of the `auto` deny list) in force now.
+    /// The caller checks protected and permitted addresses first: this
+    /// bans whoever it is told about.
+    pub fn record(&mut self, client: IpAddr, now: Instant, bans_in_force: usize) -> BanDecision {
+        let client = client.to_canonical();
+        if !self.clients.contains_key(&client) && self.clients.len() >= MAX_TRACKED {
+            self.forget_oldest(now);
+        }
+        let policy = &self.policy;
+        let record = self.clients.entry(client).or_default();
+        record.last_seen = Some(now);
+        if record
+            .last_ban
+            .is_some_and(|t| now.saturating_duration_since(t) > policy.max_ban_for + REPEAT_MEMORY)
+        {
+            record.bans = 0;
+            record.last_ban = None;
+        }
+        record
+            .strikes
+            .retain(|t| now.saturating_duration_since(*t) < policy.window);
+        record.strikes.push(now);
+        let strikes = record.strikes.len() as u32;
+        if strikes < policy.ban_after.get() {
+            return BanDecision::Counted { strikes };
+        }
+        if bans_in_force >= policy.max_entries {
+            // Keep the strikes: the next violation tries again.
+            record.strikes.remove(0);
+            return BanDecision::RefusedFull;
+        }
+        record.strikes.clear();
+        let repeats = record.bans;
+        record.bans = record.bans.saturating_add(1);
+        record.last_ban = Some(now);
+        BanDecision::Ban {
+            prefix: IpNet::from(client),
+            duration: ban_length(policy, repeats),
+            repeats,
+        }
+    }
+
+    /// Clients tracked now.
+    pub fn tracked(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Drops clients with nothing left to remember, then, if still full,
+    /// the one seen longest ago.
+    fn forget_oldest(&mut self, now: Instant) {
+        let policy = &self.policy;
+        self.clients.retain(|_, r| {
+            let strikes = r
+                .strikes
+                .last()
+                .is_some_and(|t| now.saturating_duration_since(*t) < policy.window);
+            let bans = r.last_ban.is_some_and(|t| {
+                now.saturating_duration_since(t) <= policy.max_ban_for + REPEAT_MEMORY
+            });
+            strikes || bans
+        });
+        if self.clients.len() >= MAX_TRACKED {
+            if let Some(oldest) = self
+                .clients
+                .iter()
+                .min_by_key(|(_, r)| r.last_seen)
+                .map(|(ip, _)| *ip)
+            {
+                self.clients.remove(&oldest);
+            }
+        }
+    }
+}
+
+/// `ban_for × growth^repeats`, at most `max_ban_for`.
+fn ban_length(policy: &BanPolicy, repeats: u32) -> Duration {
+    let mut length = policy.ban_for;
+    for _ in 0..repeats {
+        length = length.saturating_mul(policy.growth);
+        if length >= policy.max_ban_for {
+            return policy.max_ban_for;
+        }
+    }
+    length.min(policy.max_ban_for)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> BanPolicy {
+        BanPolicy {
+            ban_after: NonZeroU32::new(3).unwrap(),
+            window: Duration::from_secs(600),
+            ban_for: Duration::from_secs(3600),
+            growth: 2,
+            max_ban_for: Duration::from_secs(3 * 3600),
+            max_entries: 2,
+        }
+    }
+
+    const A: &str = "203.0.113.9";
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn bans_after_n_violations_within_the_window_only() {
+        let mut book = BanBook::new(policy());
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        assert_eq!(
+            book.record(ip(A), at(0), 0),
+            BanDecision::Counted { strikes: 1 }
+        );
+        assert_eq!(
+            book.record(ip(A), at(300), 0),
+            BanDecision::Counted { strikes: 2 }
+        );
+        // The first one is out of the window by now.
+        assert_eq!(
+            book.record(ip(A), at(601), 0),
+            BanDecision::Counted { strikes: 2 }
+        );
+        assert_eq!(
+            book.record(ip(A), at(602), 0),
+            BanDecision::Ban {
+                prefix: "203.0.113.9/32".parse().unwrap(),
+                duration: Duration::from_secs(3600),
+                repeats: 0,
+            }
+        );
+        // Counting starts again after a ban; another client is apart.
+        assert_eq!(
+            book.record(ip(A), at(603), 1),
+            BanDecision::Counted { strikes: 1 }
+        );
+        assert_eq!(
+            book.record(ip("2001:db8::7"), at(603), 1),
+            BanDecision::Counted { strikes: 1 }
+        );
+    }
+
+    #[test]
+    fn repeat_bans_grow_up_to_the_cap_and_are_forgotten() {
+        let mut book = BanBook::new(policy());
+        let t0 = Instant::now();
+        let mut lengths = Vec::new();
+        let mut t = 0;
+        for _ in 0..4 {
+            for _ in 0..3 {
+                t += 1;
+                if let BanDecision::Ban { duration, .. } =
+                    book.record(ip(A), t0 + Duration::from_secs(t), 0)
+                {
+                    lengths.push(duration.as_secs() / 3600);
+                }
+            }
+        }
+        assert_eq!(lengths, [1, 2, 3, 3], "doubling, capped at max_ban_for");
+        // Long after the last ban, a ban is a first ban again.
+        let later = t0 + Duration::from_secs(t) + Duration::from_secs(3 * 3600) + REPEAT_MEMORY;
+        book.record(ip(A), later + Duration::from_secs(1), 0);
+        book.record(ip(A), later + Duration::from_secs(2), 0);
+        assert!(matches!(
+            book.record(ip(A), later + Duration::from_secs(3), 0),
+            BanDecision::Ban { repeats: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn at_the_cap_a_ban_is_refused_and_tried_again() {
+        let mut book = BanBook::new(policy());
+        let t0 = Instant::now();
+        for s in 0..2 {
+            book.record(ip(A), t0 + Duration::from_secs(s), 2);
+        }
+        assert_eq!(
+            book.record(ip(A), t0 + Duration::from_secs(2), 2),
+            BanDecision::RefusedFull
+        );
+        // Once there is room, the next violation bans.
+        assert!(matches!(
+            book.record(ip(A), t0 + Duration::from_secs(3), 1),
+            BanDecision::Ban { .. }
+        ));
+    }
+
+    #[test]
+    fn the_book_is_bounded() {
+        let mut book = BanBook::new(BanPolicy {
+            ban_after: NonZeroU32::new(100).unwrap(),
+            ..policy()
+        });
+        let t0 = Instant::now();
+        for n in 0..(MAX_TRACKED as u32 + 10) {
+            let client = IpAddr::from(std::net::Ipv4Addr::from(0xC000_0000 + n));
+            book.record(client, t0, 0);
+        }
+        assert!(book.tracked() <= MAX_TRACKED);
+        // IPv4-mapped IPv6 is the IPv4 client.
+        let mut book = BanBook::new(policy());
+        book.record(ip("::ffff:203.0.113.9"), t0, 0);
+        assert_eq!(
+            book.record(ip(A), t0, 0),
+            BanDecision::Counted { strikes: 2 }
+        );
+    }
+}
