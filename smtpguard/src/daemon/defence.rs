@@ -196,9 +196,16 @@ fn bans_in_force(daemon: &Daemon) -> usize {
 
 impl Defence for DaemonDefence {
     fn permitted(&self, client: IpAddr) -> bool {
-        self.daemon
-            .upgrade()
-            .is_some_and(|d| d.policy().decide(client) == Reason::Permitted)
+        let Some(daemon) = self.daemon.upgrade() else {
+            return false;
+        };
+        let policy = daemon.policy();
+        match policy.decide(client) {
+            Reason::Permitted => true,
+            // A protected range hides whether a permit entry matches too.
+            Reason::Protected => policy.explain(client).permit_match.is_some(),
+            _ => false,
+        }
     }
 
     fn violation(&self, client: IpAddr, violation: Violation) {

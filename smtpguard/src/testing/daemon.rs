@@ -84,6 +84,23 @@ pub fn config_text(dir: &Path, listen: SocketAddr, tables: &[(&str, &str)]) -> S
         .collect()
 }
 
+/// `bin run --config CONFIG`, stdout and stderr appended to `log`.
+fn spawn(bin: &Path, config: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("daemon.log");
+    Command::new(bin)
+        .args(["run", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("daemon.log"))
+        .stderr(log)
+        .spawn()
+        .expect("start smtpguard")
+}
+
 impl TestDaemon {
     /// Starts `bin run --config` with a configuration of the given
     /// `tables` (`("tls", "mode = \"optional\"\n...")`, ...) on top of the
@@ -101,28 +118,38 @@ impl TestDaemon {
             .expect("address");
         let config = config_text(dir.path(), smtp, tables);
         let config = dir.write("smtpguard.toml", config);
-        let log = std::fs::File::create(dir.join("daemon.log")).expect("daemon.log");
-        let child = Command::new(bin)
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("daemon.log"))
-            .stderr(log)
-            .spawn()
-            .expect("start smtpguard");
+        let child = spawn(bin, &config, &dir.join("daemon.log"));
         let mut daemon = TestDaemon {
             child,
             bin: bin.to_owned(),
             dir,
             smtp,
         };
+        daemon.wait_until_up();
+        daemon
+    }
+
+    /// Stops it ([`TestDaemon::stop`]) and starts it again on the same
+    /// directory and configuration; the log goes on in `daemon.log`.
+    ///
+    /// # Panics
+    ///
+    /// As [`TestDaemon::stop`] and [`TestDaemon::start`].
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = spawn(&self.bin, &self.config(), &self.dir.join("daemon.log"));
+        self.wait_until_up();
+    }
+
+    fn wait_until_up(&mut self) {
+        let daemon = self;
         let deadline = Instant::now() + START_LIMIT;
         while Instant::now() < deadline {
             if let Some(status) = daemon.child.try_wait().expect("wait") {
                 panic!("the daemon exited ({status}):\n{}", daemon.log());
             }
             if daemon.cli(&["status"]).status.success() {
-                return daemon;
+                return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }

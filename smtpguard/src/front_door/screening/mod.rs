@@ -347,33 +347,29 @@ impl Screening {
             }
         }
         let mut talked = false;
+        let mut buf = [0u8; PEEK_BYTES];
         loop {
+            // Peeking consumes nothing (the session reads it all later)
+            // and, unlike a read, can be dropped by the select at any time.
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return WaitOutcome::Gone,
                 _ = tokio::time::sleep_until(deadline) => break,
-                ready = stream.readable(), if !talked => {
-                    if ready.is_err() {
+                peeked = stream.peek(&mut buf), if !talked => match peeked {
+                    Ok(0) | Err(_) => {
                         bump(&self.counters.gone_while_waiting);
                         return WaitOutcome::Gone;
                     }
-                    let mut buf = [0u8; PEEK_BYTES];
-                    match stream.peek(&mut buf).await {
-                        Ok(0) | Err(_) => {
-                            bump(&self.counters.gone_while_waiting);
-                            return WaitOutcome::Gone;
-                        }
-                        Ok(n) => {
-                            talked = true;
-                            self.early_talk(peer, &buf[..n], started.elapsed());
-                            if self.settings.greet_action == GreetAction::Drop {
-                                bump(&self.counters.pregreet_dropped);
-                                let _ = write_all(stream, b"521 5.5.1 Protocol error\r\n").await;
-                                return WaitOutcome::Dropped;
-                            }
+                    Ok(n) => {
+                        talked = true;
+                        self.early_talk(peer, &buf[..n], started.elapsed());
+                        if self.settings.greet_action == GreetAction::Drop {
+                            bump(&self.counters.pregreet_dropped);
+                            let _ = write_all(stream, b"521 5.5.1 Protocol error\r\n").await;
+                            return WaitOutcome::Dropped;
                         }
                     }
-                }
+                },
             }
         }
         if talked {
