@@ -773,3 +773,204 @@ greet_wait = "0s"
     );
     gw.stop();
 }
+
+/// Connects from `src` in `ns`, talks before the greeting, and reads until
+/// the gateway closes (at most 10 s).
+fn talk_early(ns: &Netns, src: &str) -> String {
+    ns.enter(|| {
+        let dst: SocketAddr = format!("{GW_V4}:{PORT}").parse().unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&SocketAddr::new(src.parse().unwrap(), 0).into())
+            .unwrap();
+        socket
+            .connect_timeout(&dst.into(), Duration::from_secs(2))
+            .unwrap();
+        let mut s: std::net::TcpStream = socket.into();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"EHLO early.example\r\n").unwrap();
+        let mut all = Vec::new();
+        let _ = s.read_to_end(&mut all);
+        String::from_utf8_lossy(&all).into_owned()
+    })
+}
+
+/// One session from `src` in `ns`: the greeting, then each of `lines`
+/// with its reply.
+fn session(ns: &Netns, src: &str, lines: &[&str]) -> Vec<String> {
+    use smtpguard::testing::client::{reply, say};
+    ns.enter(|| {
+        let dst: SocketAddr = format!("{GW_V4}:{PORT}").parse().unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&SocketAddr::new(src.parse().unwrap(), 0).into())
+            .unwrap();
+        socket
+            .connect_timeout(&dst.into(), Duration::from_secs(2))
+            .unwrap();
+        let mut s: std::net::TcpStream = socket.into();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = vec![reply(&mut s)];
+        got.extend(lines.iter().map(|l| say(&mut s, l)));
+        got
+    })
+}
+
+/// Waits (at most 10 s) for a daemon log line containing `needle`.
+fn wait_for_log(gw: &Gateway<'_>, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(line) = gw.log().lines().find(|l| l.contains(needle)) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {needle:?}:\n{}",
+            gw.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// #16's acceptance: an early talker gets `521` (`greet_action = "drop"`)
+/// and after `ban_after` violations a ban in the `auto` source; its next
+/// SYN dies in XDP (the entry's hits rise, no socket is accepted); the ban
+/// expires by itself. A protected and a permitted address are never
+/// banned; relay attempts ban too. (ignore and enforce: the loopback test
+/// `smtpguard/tests/screening.rs`.)
+#[test]
+fn early_talkers_are_banned_in_the_kernel_until_the_ban_expires() {
+    require_root();
+    let topo = Topology::new();
+    let (talker, quiet, relayer) = ("203.0.113.30", "203.0.113.31", "203.0.113.32");
+    let (protected, permitted) = ("198.51.100.30", "198.51.100.31");
+    for client in [talker, quiet, relayer, protected, permitted] {
+        topo.add_client(client);
+    }
+    let dir = TempDir::new("daemon-bans");
+    let xdp = format!("interfaces = [\"{}\"]\nmode = \"native\"\n", topo.gw_if);
+    let policy = format!("protected = [\"{protected}\"]\n");
+    write_config(
+        &dir,
+        &[
+            ("xdp", &xdp),
+            ("policy", &policy),
+            (
+                "screening",
+                "greet_wait = \"1s\"\ngreet_action = \"drop\"\n",
+            ),
+            ("bans", "ban_after = 2\nban_for = \"3s\"\n"),
+        ],
+    );
+    let mut gw = Gateway {
+        ns: &topo.gw,
+        dir: dir.path(),
+        daemon: None,
+    };
+    gw.start();
+    gw.ok(&["permit", "add", permitted]);
+    let net = &topo.net;
+    let auto = |gw: &Gateway<'_>| gw.json(&["deny", "list", "--source", "auto"])["entries"].clone();
+    let front_door =
+        |gw: &Gateway<'_>, name: &str| gw.json(&["stats"])["front_door"][name].as_u64().unwrap();
+
+    // A quiet client waits and passes.
+    assert_eq!(
+        session(net, quiet, &["QUIT"]),
+        [
+            "220-gw.example.com ESMTP\r\n220 gw.example.com ESMTP smtpguard\r\n",
+            "221 2.0.0 Bye\r\n"
+        ]
+    );
+    wait_for_log(&gw, &format!("PASS NEW [{quiet}]:"));
+
+    // Two early talks: 521 each, then the ban.
+    let dropped = "220-gw.example.com ESMTP\r\n521 5.5.1 Protocol error\r\n";
+    assert_eq!(talk_early(net, talker), dropped);
+    let line = wait_for_log(&gw, "PREGREET 20 after ");
+    assert!(
+        line.contains(&format!("from [{talker}]:")) && line.ends_with(": EHLO early.example\\r\\n"),
+        "{line}"
+    );
+    assert_eq!(talk_early(net, talker), dropped);
+    wait_for_log(&gw, &format!("BAN {talker}/32 for 3s reason=pregreet"));
+    let entries = auto(&gw);
+    assert_eq!(entries[0]["prefix"], format!("{talker}/32"), "{entries}");
+    assert_eq!(entries[0]["comment"], "reason=pregreet ban=1", "{entries}");
+    assert!(
+        entries[0]["expires_at_unix"].as_u64().is_some(),
+        "{entries}"
+    );
+    let file = std::fs::read_to_string(dir.join("sources/auto.deny.list")).unwrap();
+    assert!(file.contains(&format!("{talker}/32")), "persisted: {file}");
+
+    // Its next SYN is dropped in XDP: the entry's hits rise, no socket.
+    let accepted = front_door(&gw, "accepted_at_socket");
+    let hits = entries[0]["hits"].as_u64().unwrap_or(0);
+    assert_dropped(net, talker, "banned");
+    assert_eq!(auto(&gw)[0]["hits"].as_u64().unwrap_or(0), hits + 1);
+    assert_eq!(front_door(&gw, "accepted_at_socket"), accepted);
+
+    // Protected and permitted addresses: never banned.
+    for _ in 0..3 {
+        assert_eq!(talk_early(net, protected), dropped);
+        let relay = session(
+            net,
+            permitted,
+            &[
+                "HELO c.example",
+                "MAIL FROM:<a@example.net>",
+                "RCPT TO:<x@elsewhere.example>",
+                "QUIT",
+            ],
+        );
+        assert_eq!(
+            relay[0], "220 gw.example.com ESMTP smtpguard\r\n",
+            "permitted: no wait"
+        );
+        assert!(relay[3].starts_with("550 5.7.1"), "{relay:?}");
+    }
+    assert_eq!(auto(&gw).as_array().unwrap().len(), 1, "{}", gw.log());
+    assert!(front_door(&gw, "violations_exempt") >= 6);
+    assert_greeted(net, permitted, "permitted");
+
+    // Relay attempts count too.
+    for _ in 0..2 {
+        let relay = session(
+            net,
+            relayer,
+            &[
+                "HELO c.example",
+                "MAIL FROM:<a@example.net>",
+                "RCPT TO:<x@elsewhere.example>",
+                "QUIT",
+            ],
+        );
+        assert!(relay[3].starts_with("550 5.7.1"), "{relay:?}");
+    }
+    wait_for_log(
+        &gw,
+        &format!("BAN {relayer}/32 for 3s reason=relay_attempt"),
+    );
+
+    // The bans expire by themselves.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !auto(&gw).as_array().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the bans did not expire:\n{}",
+            gw.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let got = connect_from(net, talker);
+    assert!(
+        matches!(&got, Ok(g) if g.starts_with("220")),
+        "after expiry: {got:?}"
+    );
+    assert_eq!(front_door(&gw, "bans_added"), 2);
+    assert_eq!(front_door(&gw, "bans_expired"), 2);
+    gw.stop();
+}
