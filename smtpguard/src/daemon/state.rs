@@ -599,6 +599,11 @@ impl Daemon {
             config.logging = running.logging.clone();
             config.metrics = running.metrics.clone();
         }
+        if running.screening != config.screening || running.bans != config.bans {
+            restart.push("[screening]/[bans]");
+            config.screening = running.screening.clone();
+            config.bans = running.bans.clone();
+        }
         // With the running TLS mode: a mode change waits for the restart.
         let tls = match config.tls.active_files() {
             Some(f) => Some(crate::tls::load(
