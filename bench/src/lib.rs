@@ -25,6 +25,7 @@ pub mod lists;
 pub mod nft;
 pub mod programs;
 pub mod report;
+pub mod screening;
 pub mod sender;
 pub mod smtp_client;
 pub mod stats;

@@ -4,13 +4,14 @@
 //! live in this crate's library (`smtpguard_bench`).
 //!
 //! Usage: `bench [--quick] [--out PATH] [--only SECTION]`, SECTION one of
-//! `kernel`, `flood`, `greeting`, `sync`, `front-door` (for working on one section; the
+//! `kernel`, `flood`, `greeting`, `sync`, `front-door`, `screening` (for working on one section; the
 //! table then holds only that one).
 
 use std::{panic::AssertUnwindSafe, time::Instant};
 
 use smtpguard_bench::{
-    cli_latency, flood, front_door, greeting, kernel, report::Report, report::Row, Settings,
+    cli_latency, flood, front_door, greeting, kernel, report::Report, report::Row, screening,
+    Settings,
 };
 use smtpguard_tests::require_root;
 
@@ -70,6 +71,11 @@ fn main() {
     if wanted("front-door") {
         report.section("Front door (loopback)");
         section(&mut report, "front door", || front_door::run(&settings));
+    }
+
+    if wanted("screening") {
+        report.section("Screening and automatic bans (the daemon with native XDP on a veth)");
+        section(&mut report, "screening", || screening::run(&settings));
     }
 
     let table = report.markdown();

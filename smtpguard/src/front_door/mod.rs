@@ -447,6 +447,12 @@ fn admit<H: HandoffFactory>(
                 WaitOutcome::Pregreet => screening.settings.greet_action == GreetAction::Enforce,
                 WaitOutcome::Dropped | WaitOutcome::Gone => return,
             };
+            // A ban (or any deny) made during the wait applies now.
+            if let Access::Deny { reason, entry } = shared.access.check(ip) {
+                let reply = Reply::access_denied(ip);
+                let metrics = &shared.metrics;
+                return refuse(metrics, stream, ip, reason.into(), entry.as_deref(), &reply);
+            }
             open_session(&shared, &sessions, stream, peer, accepted_at, enforce);
         }
         .instrument(span),
