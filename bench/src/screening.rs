@@ -97,7 +97,7 @@ fn ban_round(topo: &Topology, talker: &str) -> Result<(f64, f64)> {
     violating.set_read_timeout(Some(Duration::from_secs(10)))?;
     // The 220- line says the wait began; the talk is then a PREGREET.
     let mut line = [0u8; 128];
-    let _ = violating.read(&mut line)?;
+    let _ = violating.read(&mut line).context("the 220- line")?;
     let t0 = Instant::now();
     violating.write_all(b"EHLO early.example\r\n")?;
     // New SYNs until one is dropped: its send time is the first drop.
@@ -136,7 +136,7 @@ pub fn run(settings: &Settings) -> Result<Vec<Row>> {
         dir.path(),
         &config(dir.path(), &topo.gw_if, "greet_wait = \"0s\""),
     )?;
-    let off = Sample::of(greetings(&topo, count)?);
+    let off = Sample::of(greetings(&topo, count).context("greet_wait off")?);
     daemon.stop();
 
     // Greet wait on; the client passes once, then is in the cache.
@@ -154,9 +154,9 @@ pub fn run(settings: &Settings) -> Result<Vec<Row>> {
     let mut first = connect(&topo.net, CLIENT, Duration::from_secs(2))?;
     first.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut greeting = Vec::new();
-    while !greeting.windows(5).any(|w| w == b"\r\n220 ") {
+    while !greeting.windows(6).any(|w| w == b"\r\n220 ") {
         let mut buf = [0u8; 256];
-        let n = first.read(&mut buf)?;
+        let n = first.read(&mut buf).context("the first greeting")?;
         anyhow::ensure!(
             n > 0,
             "no greeting: {:?}",
@@ -166,12 +166,13 @@ pub fn run(settings: &Settings) -> Result<Vec<Row>> {
     }
     first.write_all(b"QUIT\r\n")?;
     drop(first);
-    let cached = Sample::of(greetings(&topo, count)?);
+    let cached = Sample::of(greetings(&topo, count).context("in the pass cache")?);
 
     let mut to_drop = Vec::new();
     let mut to_close = Vec::new();
     for t in &talkers {
-        let (drop_ms, close_ms) = ban_round(&topo, t)?;
+        let (drop_ms, close_ms) =
+            ban_round(&topo, t).with_context(|| format!("ban round of {t}"))?;
         to_drop.push(drop_ms);
         to_close.push(close_ms);
     }
