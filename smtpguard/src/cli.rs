@@ -155,8 +155,8 @@ pub enum ListCommand {
         #[arg(required = true, value_name = "ENTRY")]
         entries: Vec<String>,
         /// The source: `local` (the default, your own entries), or a
-        /// name such as `ipsum` (a-z, 0-9, '-', '_'; `auto` and `fleet` are
-        /// reserved).
+        /// name such as `ipsum` (a-z, 0-9, '-', '_'); `auto` lifts an
+        /// automatic ban; `fleet` is reserved.
         #[arg(long, value_name = "NAME")]
         source: Option<String>,
     },
