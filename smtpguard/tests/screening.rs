@@ -167,3 +167,24 @@ fn the_pass_cache_survives_a_restart_and_its_clients_skip_the_wait() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_error_cap_and_relay_attempts_are_reported_as_violations() {
+    let daemon = TestDaemon::start(std::path::Path::new(BIN), &[("server", "max_errors = 2\n")]);
+    let mut s = connect_from("127.0.0.27", daemon.smtp);
+    assert_code(&reply(&mut s), "220 ");
+    assert_code(&say(&mut s, "HELO c.example"), "250");
+    assert_code(&say(&mut s, "MAIL FROM:<a@example.net>"), "250");
+    assert_code(&say(&mut s, "RCPT TO:<x@elsewhere.example>"), "550 5.7.1");
+    assert_code(&say(&mut s, "QUIT"), "221");
+    let mut s = connect_from("127.0.0.28", daemon.smtp);
+    assert_code(&reply(&mut s), "220 ");
+    assert_code(&say(&mut s, "BOGUS"), "500");
+    assert_code(&say(&mut s, "BOGUS"), "500");
+    wait_for_log(&daemon, "result=too_many_errors");
+    wait_for_log(&daemon, "violation=protocol_errors");
+    let s = stats(&daemon);
+    assert_eq!(s["front_door"]["violations_relay_attempt"], 1, "{s}");
+    assert_eq!(s["front_door"]["violations_protocol_errors"], 1, "{s}");
+    assert_eq!(s["front_door"]["violations_exempt"], 2, "loopback: {s}");
+}

@@ -217,7 +217,7 @@ impl Defence for DaemonDefence {
         let reason = daemon.policy().decide(client);
         if matches!(reason, Reason::Protected | Reason::Permitted) {
             self.counters.exempt.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(client = %client, violation = violation.as_str(), exempt = ?reason,
+            tracing::info!(client = %client, violation = %violation.as_str(), exempt = ?reason,
                 "violation of a protected or permitted address: never banned");
             return;
         }
@@ -231,11 +231,11 @@ impl Defence for DaemonDefence {
             .record(client, Instant::now(), in_force);
         match decision {
             BanDecision::Counted { strikes } => {
-                tracing::info!(client = %client, violation = violation.as_str(), strikes, "violation counted");
+                tracing::info!(client = %client, violation = %violation.as_str(), strikes, "violation counted");
             }
             BanDecision::RefusedFull => {
                 self.counters.refused_full.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(client = %client, violation = violation.as_str(), bans = in_force,
+                tracing::warn!(client = %client, violation = %violation.as_str(), bans = in_force,
                     "ban refused: bans.max_entries bans are in force");
             }
             BanDecision::Ban {
