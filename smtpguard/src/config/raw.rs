@@ -26,6 +26,7 @@ pub(super) struct RawConfig {
     pub control: RawControl,
     pub logging: RawLogging,
     pub metrics: RawMetrics,
+    pub rate_limit: RawRateLimit,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -104,6 +105,15 @@ pub(super) struct RawLogging {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawMetrics {
     pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawRateLimit {
+    pub syns_per_minute: Option<i64>,
+    pub ipv6_prefix: Option<i64>,
+    pub exempt_permitted: Option<bool>,
+    pub table_size: Option<i64>,
 }
 
 /// A TOML integer or string, as written. Durations and counts accept both

@@ -19,6 +19,7 @@ pub mod mode_state;
 mod notify;
 pub mod paths;
 pub mod prometheus;
+pub mod rate_limit;
 pub mod report;
 pub mod settings;
 pub mod snapshot;
@@ -86,9 +87,9 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         );
     }
     let started = startup::start_kernel(&config, &policy)?;
-    let (kernel, attachments, kernel_log) = match started {
-        Some(s) => (Some(s.kernel), s.attachments, s.log),
-        None => (None, Vec::new(), None),
+    let (kernel, attachments, kernel_log, rate_limiter) = match started {
+        Some(s) => (Some(s.kernel), s.attachments, s.log, s.rate_limiter),
+        None => (None, Vec::new(), None, None),
     };
 
     let daemon = Arc::new(Daemon::new(
@@ -150,6 +151,9 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         }
     });
     let kernel_log_task = kernel_log.map(|log| tokio::spawn(pump_kernel_log(log)));
+    // The stream of over-limit clients (#16's ban violations); held for
+    // the daemon's life, bounded (see rate_limit::EVENT_QUEUE).
+    let _over_limit = rate_limiter.and_then(|l| rate_limit::spawn(l, &tasks, shutdown.clone()));
     if let (Some(interval), true) = (config.logging.stats_interval, daemon.counters().is_some()) {
         tasks.spawn(report::log_counters(
             Arc::clone(&daemon),

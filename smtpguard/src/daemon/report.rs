@@ -203,9 +203,7 @@ pub async fn log_counters(daemon: Arc<Daemon>, interval: Duration, shutdown: Can
         let refused = refused_total.saturating_sub(last_refused);
         last_refused = refused_total;
         // Only a drop or a refusal is news; passing traffic is not.
-        let dropped = delta.get(counter::DROP_DENY_LIST)
-            + delta.get(counter::DROP_NOT_PERMITTED)
-            + delta.get(counter::WOULD_DROP);
+        let dropped = delta.dropped() + delta.get(counter::WOULD_DROP);
         if dropped == 0 && refused == 0 {
             continue;
         }
@@ -225,6 +223,7 @@ pub async fn log_counters(daemon: Arc<Daemon>, interval: Duration, shutdown: Can
             syn = delta.get(counter::SYN),
             dropped_deny_list = delta.get(counter::DROP_DENY_LIST),
             dropped_not_permitted = delta.get(counter::DROP_NOT_PERMITTED),
+            dropped_rate_limit = delta.get(counter::DROP_RATE_LIMIT),
             would_drop = delta.get(counter::WOULD_DROP),
             passed = delta.get(counter::PASSED),
             unparsed,
