@@ -52,7 +52,18 @@ fn drain(limiter: &mut RateLimiter) -> Vec<OverLimit> {
 }
 
 #[test]
-fn a_burst_passes_exactly_the_limit_and_the_rest_dies_in_xdp() {
+fn a_burst_passes_exactly_the_limit_and_the_rest_dies_in_xdp_native() {
+    burst(AttachMode::Native);
+}
+
+#[test]
+fn a_burst_passes_exactly_the_limit_and_the_rest_dies_in_xdp_skb() {
+    burst(AttachMode::Skb);
+}
+
+/// K SYNs in a burst from each of several clients over a veth, XDP
+/// attached in `mode`: exact counts per verdict, buckets and events.
+fn burst(mode: AttachMode) {
     const LIMIT: u32 = 5;
     const K: u32 = 12;
     let (mut filter, mut sync, stats, mut limiter) = load(1024);
@@ -69,7 +80,7 @@ fn a_burst_passes_exactly_the_limit_and_the_rest_dies_in_xdp() {
         .unwrap();
     sync.set_rate_limit(&limit(LIMIT)).unwrap();
     topo.gw
-        .enter(|| filter.attach(&topo.gw_if, AttachMode::Native))
+        .enter(|| filter.attach(&topo.gw_if, mode))
         .expect("attach XDP");
     let macs = (topo.net.mac(&topo.net_if), topo.gw.mac(&topo.gw_if));
     let gw4: Ipv4Addr = GW_V4.parse().unwrap();
@@ -346,4 +357,27 @@ fn monitor_mode_counts_would_drop_and_passes() {
     let delta = stats.counters().since(&before);
     assert_eq!(delta.get(counter::WOULD_DROP), 1);
     assert_eq!(delta.get(counter::DROP_RATE_LIMIT), 0);
+}
+
+#[test]
+fn the_async_reader_yields_events_and_the_sweeper_forgets_full_buckets() {
+    let (mut filter, mut sync, _stats, limiter) = load(64);
+    sync.set_runtime(Mode::AcceptAllExceptDeny, Enforcement::Enforce, &[PORT], 0)
+        .unwrap();
+    sync.set_rate_limit(&limit(1)).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut events, mut sweeper) = runtime.block_on(async { limiter.into_parts() }).unwrap();
+    assert_eq!(run(&mut filter, &syn6("2001:db8:7::1")), XDP_PASS);
+    assert_eq!(run(&mut filter, &syn6("2001:db8:7::2")), XDP_DROP);
+    let event = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), events.next()).await })
+        .expect("an event within 10 s")
+        .expect("read the event");
+    assert_eq!(event.to_string(), "RATE LIMIT [2001:db8:7::]/64 over 1 SYN/min");
+    // Not full yet (60 s per token): the sweeper keeps the bucket.
+    assert_eq!(sweeper.sweep().unwrap(), 0);
+    assert_eq!(run(&mut filter, &syn6("2001:db8:7::3")), XDP_DROP);
 }
