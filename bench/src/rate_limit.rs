@@ -14,9 +14,9 @@ use smtpguard_common::{Enforcement, Mode};
 use smtpguard_tests::packet::{self, ethertype, V4Opts};
 
 use super::{
-    lists::{self, List},
-    programs::{expect_verdict, PacketProgram},
-    report::{Figure, Measured, Row},
+    lists,
+    programs::{expect_verdict, memlock_by_name_since, open_map_ids, PacketProgram},
+    report::{bytes, Figure, Measured, Row},
     stats::{median_of_rounds, Round, Sample},
     Settings,
 };
@@ -64,8 +64,10 @@ fn frame_v4(src: std::net::Ipv4Addr) -> Vec<u8> {
 /// Runs the section.
 pub fn run(settings: &Settings) -> Result<Vec<Row>> {
     let list = lists::generated_v4(if settings.quick { 100_000 } else { 1_000_000 });
+    let before = open_map_ids();
     let (mut filter, mut sync, _stats) =
         XdpFilter::load().context("loading smtpguard's XDP program")?;
+    let memory = memlock_by_name_since(&before);
     let limiter = filter
         .take_rate_limiter()
         .context("the rate limiter's maps")?;
@@ -174,5 +176,28 @@ pub fn run(settings: &Settings) -> Result<Vec<Row>> {
         median_of_rounds(rounds, vec![batch(true), batch(false)]),
         "report",
     );
-    Ok(vec![denied_row, flood_row, scattered_row])
+    let of = |name: &str| memory.get(name).copied().unwrap_or(0);
+    let (table, ring, overflow) = (of("SG_RATE"), of("SG_RATE_EV"), of("SG_RATE_OVF"));
+    let table_size = loaded.borrow().limiter.table_size();
+    let memory_row = Row::new(
+        format!(
+            "kernel memory of the rate limiter at the default table_size ({} clients, \
+             preallocated hash)",
+            super::report::thousands(table_size as usize)
+        ),
+        Ok(Figure::new(
+            (table + ring + overflow) as f64,
+            format!(
+                "{} (bucket table {}, {:.0} bytes per client; event ring {}; overflow bucket {})",
+                bytes((table + ring + overflow) as f64),
+                bytes(table as f64),
+                table as f64 / f64::from(table_size),
+                bytes(ring as f64),
+                bytes(overflow as f64)
+            ),
+        )),
+        Vec::new(),
+        "report",
+    );
+    Ok(vec![denied_row, flood_row, scattered_row, memory_row])
 }

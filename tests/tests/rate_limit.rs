@@ -376,7 +376,10 @@ fn the_async_reader_yields_events_and_the_sweeper_forgets_full_buckets() {
         .block_on(async { tokio::time::timeout(Duration::from_secs(10), events.next()).await })
         .expect("an event within 10 s")
         .expect("read the event");
-    assert_eq!(event.to_string(), "RATE LIMIT [2001:db8:7::]/64 over 1 SYN/min");
+    assert_eq!(
+        event.to_string(),
+        "RATE LIMIT [2001:db8:7::]/64 over 1 SYN/min"
+    );
     // Not full yet (60 s per token): the sweeper keeps the bucket.
     assert_eq!(sweeper.sweep().unwrap(), 0);
     assert_eq!(run(&mut filter, &syn6("2001:db8:7::3")), XDP_DROP);

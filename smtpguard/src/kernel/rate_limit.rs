@@ -9,7 +9,7 @@
 //! against.
 //!
 //! Memory: `SG_RATE` is a preallocated hash of `table_size` buckets (20-byte
-//! key, 16-byte value, about 100 bytes per entry with the kernel's element
+//! key, 16-byte value, 104 bytes per entry measured with the kernel's element
 //! header and bucket array: 13 MiB at the default 131,072). Events come
 //! through a 256 KiB ring buffer; the reader hands them out one at a time,
 //! so a flood of distinct sources costs userspace no memory beyond it.
