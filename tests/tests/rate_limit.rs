@@ -384,3 +384,134 @@ fn the_async_reader_yields_events_and_the_sweeper_forgets_full_buckets() {
     assert_eq!(sweeper.sweep().unwrap(), 0);
     assert_eq!(run(&mut filter, &syn6("2001:db8:7::3")), XDP_DROP);
 }
+
+/// The daemon binary under test (`SMTPGUARD_BIN`, else the debug build).
+fn smtpguard_bin() -> std::path::PathBuf {
+    std::env::var_os("SMTPGUARD_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/smtpguard")
+        })
+}
+
+#[test]
+fn the_daemon_logs_rate_limit_events_counts_drops_and_reload_applies_the_limit() {
+    use smtpguard::testing::{config_text, TempDir};
+    use std::process::{Child, Command, Stdio};
+
+    /// SIGTERM on drop, so the daemon detaches XDP and removes its pins;
+    /// SIGKILL if it has not exited after 10 s.
+    struct Stop(Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = wait_for(Duration::from_secs(10), || {
+                matches!(self.0.try_wait(), Ok(Some(_)))
+            });
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    require_root();
+    let topo = Topology::new();
+    let dir = TempDir::new("ratelimit-daemon");
+    let listen: std::net::SocketAddr = format!("{GW_V4}:{PORT}").parse().unwrap();
+    let write_config = |syns: u32, table: u32| {
+        let xdp = format!("interfaces = [\"{}\"]\nmode = \"native\"\n", topo.gw_if);
+        let rate = format!("syns_per_minute = {syns}\ntable_size = {table}\n");
+        let text = config_text(
+            dir.path(),
+            listen,
+            &[("xdp", xdp.as_str()), ("rate_limit", rate.as_str())],
+        );
+        dir.write("smtpguard.toml", text)
+    };
+    let config = write_config(3, 1024);
+    let log_path = dir.join("daemon.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let bin = smtpguard_bin();
+    let _daemon = Stop(
+        topo.gw
+            .command(&bin.to_string_lossy())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start smtpguard"),
+    );
+    let socket = dir.join("control.sock");
+    let cli = |args: &[&str]| {
+        let mut cmd: Command = topo.gw.command(&bin.to_string_lossy());
+        cmd.arg("--socket").arg(&socket).args(args);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        smtpguard_tests::run_bounded(cmd, Duration::from_secs(60)).expect("run the CLI")
+    };
+    let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(
+        wait_for(Duration::from_secs(30), || cli(&["status"])
+            .status
+            .success()),
+        "the daemon did not come up:\n{}",
+        log_text()
+    );
+    let stat = |name: &str| -> u64 {
+        let out = cli(&["--json", "stats"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+        v.pointer(&format!("/xdp/{name}"))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or_else(|| panic!("no xdp.{name} in {v}"))
+    };
+
+    let macs = (topo.net.mac(&topo.net_if), topo.gw.mac(&topo.gw_if));
+    let gw4: Ipv4Addr = GW_V4.parse().unwrap();
+    let sender = topo
+        .net
+        .enter(|| FrameSender::open(&topo.net_if))
+        .expect("AF_PACKET socket");
+    let send = |src: &str, n: u16| {
+        for i in 0..n {
+            let frame = syn_frame_v4(macs, src.parse().unwrap(), gw4, 3000 + i, PORT);
+            while !sender.send(&frame).expect("send a SYN") {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    };
+    send("198.51.100.10", 8);
+    assert!(
+        wait_for(Duration::from_secs(10), || stat("drop_rate_limit") == 5),
+        "drop_rate_limit = {}, log:\n{}",
+        stat("drop_rate_limit"),
+        log_text()
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || log_text()
+            .contains("RATE LIMIT [198.51.100.10] over 3 SYN/min")),
+        "no RATE LIMIT line:\n{}",
+        log_text()
+    );
+
+    for line in log_text()
+        .lines()
+        .filter(|l| l.contains("RATE LIMIT") || l.contains("reason=rate_limit"))
+    {
+        eprintln!("daemon: {line}");
+    }
+
+    // reload: a new limit applies at once; a new table size waits.
+    write_config(10, 2048);
+    let out = cli(&["reload"]);
+    let reply =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{reply}");
+    assert!(reply.contains("rate_limit.table_size"), "{reply}");
+    send("198.51.100.20", 12);
+    assert!(
+        wait_for(Duration::from_secs(10), || stat("drop_rate_limit") == 5 + 2),
+        "after reload: drop_rate_limit = {}",
+        stat("drop_rate_limit")
+    );
+}
