@@ -458,6 +458,11 @@ fn the_daemon_logs_rate_limit_events_counts_drops_and_reload_applies_the_limit()
         "the daemon did not come up:\n{}",
         log_text()
     );
+    assert!(
+        log_text().contains("SYN rate limit 3/min per client (IPv6 per /64, permitted exempt)"),
+        "the start summary names the limit:\n{}",
+        log_text()
+    );
     let stat = |name: &str| -> u64 {
         let out = cli(&["--json", "stats"]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");

@@ -60,6 +60,7 @@ impl Summary {
                 .map(|a| format!("{} ({} mode, pinned: {})", a.interface, a.mode, a.pin))
                 .collect::<Vec<_>>()
                 .join(", ")
+                + &rate_limit_note(&config.rate_limit)
         };
         let listen: Vec<String> = config
             .server
@@ -233,6 +234,23 @@ pub async fn log_counters(daemon: Arc<Daemon>, interval: Duration, shutdown: Can
             "xdp counters"
         );
     }
+}
+
+/// `; SYN rate limit 60/min per client (IPv6 per /64, permitted exempt)`,
+/// or nothing when the limit is off.
+fn rate_limit_note(r: &crate::config::RateLimitConfig) -> String {
+    if r.syns_per_minute == 0 {
+        return String::new();
+    }
+    let exempt = if r.exempt_permitted {
+        ", permitted exempt"
+    } else {
+        ""
+    };
+    format!(
+        "; SYN rate limit {}/min per client (IPv6 per /{}{exempt})",
+        r.syns_per_minute, r.ipv6_prefix
+    )
 }
 
 /// Where mail goes, in words: `relayed to 127.0.0.1:10025 with PROXY
