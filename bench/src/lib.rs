@@ -11,6 +11,7 @@
 //! - [`cli_latency`]: from `smtpguard deny add` returning to the first
 //!   dropped SYN, beside `nft add element`.
 //! - [`front_door`]: the daemon's SMTP front door beside Postfix and HAProxy.
+//! - [`rate_limit`]: the per-client SYN rate limiter's cost, on versus off.
 //!
 //! Nothing here is a pass/fail timer: figures are reported, with ratios.
 
@@ -24,6 +25,7 @@ pub mod kernel;
 pub mod lists;
 pub mod nft;
 pub mod programs;
+pub mod rate_limit;
 pub mod report;
 pub mod screening;
 pub mod sender;

@@ -4,14 +4,15 @@
 //! live in this crate's library (`smtpguard_bench`).
 //!
 //! Usage: `bench [--quick] [--out PATH] [--only SECTION]`, SECTION one of
-//! `kernel`, `flood`, `greeting`, `sync`, `front-door`, `screening` (for working on one section; the
+//! `kernel`, `rate-limit`, `flood`, `greeting`, `sync`, `front-door`, `screening` (for working on one
+//! section; the
 //! table then holds only that one).
 
 use std::{panic::AssertUnwindSafe, time::Instant};
 
 use smtpguard_bench::{
-    cli_latency, flood, front_door, greeting, kernel, report::Report, report::Row, screening,
-    Settings,
+    cli_latency, flood, front_door, greeting, kernel, rate_limit, report::Report, report::Row,
+    screening, Settings,
 };
 use smtpguard_tests::require_root;
 
@@ -50,6 +51,10 @@ fn main() {
             sync_rows = rows.sync;
             Ok(rows.per_packet)
         });
+    }
+    if wanted("rate-limit") {
+        report.section("Per-client SYN rate limit (BPF_PROG_TEST_RUN)");
+        section(&mut report, "rate limit", || rate_limit::run(&settings));
     }
     if wanted("flood") {
         report.section("Under a SYN flood (veth pair between two namespaces)");

@@ -44,6 +44,14 @@ pub mod map_names {
     /// `PerCpuArray<LogWindow>` with one element: the drop-event rate
     /// limiter of each CPU.
     pub const LOG_WINDOW: &str = "SG_LOG_WINDOW";
+    /// `HashMap<RateKey, RateBucket>`: one token bucket per client (see
+    /// [`super::rate`]); `table_size` entries, preallocated, no eviction.
+    pub const RATE_BUCKETS: &str = "SG_RATE";
+    /// `Array<RateBucket>` with one element: the bucket shared by new
+    /// clients while `SG_RATE` is full.
+    pub const RATE_OVERFLOW: &str = "SG_RATE_OVF";
+    /// `RingBuf` of [`super::rate::RateEvent`]: "client over the limit".
+    pub const RATE_EVENTS: &str = "SG_RATE_EV";
 }
 
 /// Capacity of each LPM trie (one address family, one generation), in prefixes.
@@ -245,6 +253,24 @@ pub struct RuntimeConfig {
     pub log_rate_per_sec: u32,
     /// Explicit padding; always 0.
     pub _pad: u32,
+    /// The SYN rate limit per client, in SYNs per minute; 0 = off (see
+    /// [`rate`]).
+    pub rate_per_minute: u32,
+    /// 1: sources whose deciding entry is a permit entry skip the limiter.
+    pub rate_exempt_permitted: u32,
+    /// Emission interval of the token bucket: 60 s / `rate_per_minute`, ns.
+    pub rate_interval_ns: u64,
+    /// How far ahead of now a bucket's `tat_ns` may be for a SYN to pass:
+    /// `(rate_per_minute - 1) * rate_interval_ns` (a burst of
+    /// `rate_per_minute`).
+    pub rate_tolerance_ns: u64,
+    /// The IPv6 client grouping as a mask over the source address (network
+    /// byte order, as four native-endian words like [`V6Key::addr`]).
+    pub rate_v6_mask: [u32; 4],
+    /// The prefix length `rate_v6_mask` was made from (for events).
+    pub rate_v6_prefix: u32,
+    /// Explicit padding; always 0.
+    pub _pad2: u32,
 }
 
 impl RuntimeConfig {
@@ -258,7 +284,90 @@ impl RuntimeConfig {
             ports: [0; MAX_PORTS],
             log_rate_per_sec: 0,
             _pad: 0,
+            rate_per_minute: 0,
+            rate_exempt_permitted: 0,
+            rate_interval_ns: 0,
+            rate_tolerance_ns: 0,
+            rate_v6_mask: [0; 4],
+            rate_v6_prefix: 0,
+            _pad2: 0,
         }
+    }
+}
+
+/// The per-client SYN rate limit (issue #16): a token bucket per client,
+/// kept as GCRA (the "generic cell rate algorithm", ITU-T I.371), which is
+/// a token bucket stored as one number, so that one compare-and-swap
+/// updates it on any CPU.
+///
+/// A bucket holds `tat_ns`, the theoretical arrival time: when the bucket
+/// will be full again. A SYN at `now` passes when
+/// `max(tat_ns, now) - now <= tolerance` and then moves `tat_ns` to
+/// `max(tat_ns, now) + interval`; otherwise it is dropped and `tat_ns`
+/// stays. With `interval = 60 s / limit` and `tolerance = (limit - 1) *
+/// interval`, a burst of exactly `limit` SYNs passes from a full bucket,
+/// and a token comes back every `interval`. A bucket is full again (and
+/// can be forgotten) once `tat_ns <= now`: at most 60 s after its last SYN.
+///
+/// Clients are keyed by [`RateKey`]: IPv4 (and IPv4-mapped IPv6) by /32,
+/// IPv6 by the configured prefix. The table (`SG_RATE`) is a preallocated
+/// hash with no eviction: a flood of new sources can fill it but never push
+/// a known client out. While it is full, a new client is charged to the
+/// one shared overflow bucket (`SG_RATE_OVF`), so new sources fail closed
+/// together while known clients keep their own buckets; the daemon deletes
+/// full buckets every few seconds.
+pub mod rate {
+    /// One minute in nanoseconds: the refill period of a whole bucket.
+    pub const MINUTE_NS: u64 = 60_000_000_000;
+    /// Default of `rate_limit.table_size`, in clients.
+    pub const DEFAULT_TABLE_SIZE: u32 = 1 << 17;
+    /// `RateKey::family` of an IPv4 client.
+    pub const FAMILY_V4: u32 = 4;
+    /// `RateKey::family` of an IPv6 client group.
+    pub const FAMILY_V6: u32 = 6;
+    /// Size of the event ring buffer in bytes (a power of two, at least a
+    /// page): 4096 events of 48 bytes (8 bytes of ring header each).
+    pub const EVENT_RING_BYTES: u32 = 1 << 18;
+
+    /// Key of `SG_RATE`: a client.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct RateKey {
+        /// [`FAMILY_V4`] or [`FAMILY_V6`].
+        pub family: u32,
+        /// The address (IPv4: word 0, the rest 0) or the IPv6 prefix with
+        /// the host bits zero, in network byte order as native-endian words.
+        pub addr: [u32; 4],
+    }
+
+    /// Value of `SG_RATE` and of `SG_RATE_OVF`'s one element.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+    pub struct RateBucket {
+        /// When the bucket is full again, `bpf_ktime_get_coarse_ns` time
+        /// (CLOCK_MONOTONIC_COARSE). Updated by compare-and-swap.
+        pub tat_ns: u64,
+        /// When the last [`RateEvent`] of this bucket was sent (0: never);
+        /// at most one per `MINUTE_NS`. Updated by compare-and-swap.
+        pub event_ns: u64,
+    }
+
+    /// "A client went over the limit": the first drop of a bucket in each
+    /// minute, sent through `SG_RATE_EVENTS`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct RateEvent {
+        /// The client (or, with `overflow` 1, the first new client charged
+        /// to the full table's shared bucket).
+        pub key: RateKey,
+        /// 1 when the drop was charged to the overflow bucket.
+        pub overflow: u32,
+        /// The limit in force, SYNs per minute.
+        pub limit: u32,
+        /// Prefix length of `key` (32 for IPv4).
+        pub prefix_len: u32,
+        /// When, `bpf_ktime_get_coarse_ns` time.
+        pub at_ns: u64,
     }
 }
 
@@ -298,9 +407,10 @@ pub struct HitPending {
 /// indexed like [`COUNTER_NAMES`].
 ///
 /// Invariant, per packet: `PACKETS` goes up by one, and so does exactly one
-/// of `DROP_DENY_LIST`, `DROP_NOT_PERMITTED` or one `PASS_*` counter
-/// (`WOULD_DROP` counts as a pass reason). `PASSED` is the sum of the pass
-/// reasons, so `PACKETS = DROP_DENY_LIST + DROP_NOT_PERMITTED + PASSED`.
+/// of `DROP_DENY_LIST`, `DROP_NOT_PERMITTED`, `DROP_RATE_LIMIT` or one
+/// `PASS_*` counter (`WOULD_DROP` counts as a pass reason). `PASSED` is the
+/// sum of the pass reasons, so `PACKETS = DROP_DENY_LIST +
+/// DROP_NOT_PERMITTED + DROP_RATE_LIMIT + PASSED`.
 ///
 /// The production program counts each packet once, in the [`slot`] of its
 /// outcome (one of those reasons) and family; userspace derives `PACKETS`,
@@ -320,9 +430,9 @@ pub mod counter {
     pub const DROP_DENY_LIST: u32 = 4;
     /// SYNs dropped in deny-all mode because no permit entry matched.
     pub const DROP_NOT_PERMITTED: u32 = 5;
-    /// Drops of IPv4 SYNs (both reasons).
+    /// Drops of IPv4 SYNs (every drop reason).
     pub const DROP_V4: u32 = 6;
-    /// Drops of IPv6 SYNs (both reasons).
+    /// Drops of IPv6 SYNs (every drop reason).
     pub const DROP_V6: u32 = 7;
     /// Monitor mode: SYNs that enforcement would have dropped (passed).
     pub const WOULD_DROP: u32 = 8;
@@ -353,10 +463,13 @@ pub mod counter {
     /// Drop events not logged because of the rate limit (not a verdict;
     /// nothing is counted when the rate is 0, i.e. logging is off).
     pub const LOG_SUPPRESSED: u32 = 21;
+    /// SYNs dropped because their client was over the SYN rate limit
+    /// (see [`super::rate`]); only SYNs the lists let through are charged.
+    pub const DROP_RATE_LIMIT: u32 = 22;
 }
 
 /// Number of counters in `SG_COUNTERS`.
-pub const COUNTER_COUNT: u32 = 22;
+pub const COUNTER_COUNT: u32 = 23;
 
 /// Counter names for logs and metrics, indexed like [`counter`].
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
@@ -382,6 +495,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "pass_filter_off",
     "pass_esp",
     "log_suppressed",
+    "drop_rate_limit",
 ];
 
 /// Layout of the production program's per-CPU `SG_COUNTERS`: one slot per
@@ -439,4 +553,10 @@ mod pod {
     unsafe impl aya::Pod for super::V6Key {}
     // SAFETY: see above (4 + 132 bytes, no implicit padding).
     unsafe impl aya::Pod for super::V6Lengths {}
+    // SAFETY: see above (five u32, no implicit padding).
+    unsafe impl aya::Pod for super::rate::RateKey {}
+    // SAFETY: see above (two u64).
+    unsafe impl aya::Pod for super::rate::RateBucket {}
+    // SAFETY: see above (20 + 3 * 4 bytes, then a u64 at offset 32).
+    unsafe impl aya::Pod for super::rate::RateEvent {}
 }

@@ -11,6 +11,7 @@ mod lookup_v4;
 mod lookup_v6;
 mod maps;
 mod parse;
+mod rate_limit;
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
@@ -65,8 +66,29 @@ fn judge(ctx: &XdpContext, cfg: &RuntimeConfig, syn: &Syn, log_on: u32) -> u32 {
         ),
     };
     if !deny {
-        return pass(counter::PASS_PERMITTED, family, log_on);
+        // Charged only after the verdict: a denied SYN never pays for the
+        // limiter. A permit entry exempts unless configured otherwise.
+        let exempt = cfg.rate_exempt_permitted != 0 && rule_id != 0;
+        if cfg.rate_per_minute == 0 || exempt || !rate_limit::over_limit(cfg, &syn.source) {
+            return pass(counter::PASS_PERMITTED, family, log_on);
+        }
+        return refuse(ctx, cfg, syn, counter::DROP_RATE_LIMIT, 0, family, log_on);
     }
+    refuse(ctx, cfg, syn, drop_reason, rule_id, family, log_on)
+}
+
+/// Drops a SYN for `drop_reason` (or, in monitor mode, passes it counted as
+/// `WOULD_DROP`), logging it through the rate-limited drop log.
+#[inline(always)]
+fn refuse(
+    ctx: &XdpContext,
+    cfg: &RuntimeConfig,
+    syn: &Syn,
+    drop_reason: u32,
+    rule_id: u32,
+    family: u32,
+    log_on: u32,
+) -> u32 {
     let monitor = cfg.enforcement == Enforcement::Monitor as u32;
     if log_on != 0 {
         log_drop(ctx, cfg, syn, drop_reason, rule_id, monitor);
@@ -79,7 +101,7 @@ fn judge(ctx: &XdpContext, cfg: &RuntimeConfig, syn: &Syn, log_on: u32) -> u32 {
 }
 
 #[inline(always)]
-fn ipv4_mapped(addr: &[u8; 16]) -> Option<[u8; 4]> {
+pub(crate) fn ipv4_mapped(addr: &[u8; 16]) -> Option<[u8; 4]> {
     let prefix = [0u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
     if addr[..12] == prefix {
         Some([addr[12], addr[13], addr[14], addr[15]])
@@ -175,6 +197,8 @@ fn log_drop(
     let what = if monitor { "would drop" } else { "dropped" };
     let why = if reason == counter::DROP_DENY_LIST {
         "deny_list"
+    } else if reason == counter::DROP_RATE_LIMIT {
+        "rate_limit"
     } else {
         "not_permitted"
     };

@@ -7,9 +7,10 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use smtpguard_common::ipv4_table::{Group, LEAF_LINES, MAX_GROUPS, TBL24_LINES};
+use smtpguard_common::rate::{RateBucket, RateKey, DEFAULT_TABLE_SIZE, EVENT_RING_BYTES};
 use smtpguard_common::{
     slot, HitPending, LogWindow, Rule, RuntimeConfig, V6Key, V6Lengths, MAX_RULE_IDS,
     MAX_V6_ENTRIES,
@@ -82,3 +83,20 @@ pub static SG_HIT_PENDING: PerCpuArray<HitPending> = PerCpuArray::with_max_entri
 /// Drop-event rate limiter state of each CPU; one element.
 #[map]
 pub static SG_LOG_WINDOW: PerCpuArray<LogWindow> = PerCpuArray::with_max_entries(1, 0);
+
+/// One token bucket per client (see `smtpguard_common::rate`). A plain,
+/// preallocated hash: nothing is ever evicted by the kernel, so a flood of
+/// new sources cannot push a known client's bucket out (a fresh bucket
+/// would be a free pass). Sized at load from `rate_limit.table_size`
+/// (this is the default); the daemon deletes buckets that are full again.
+#[map]
+pub static SG_RATE: HashMap<RateKey, RateBucket> = HashMap::with_max_entries(DEFAULT_TABLE_SIZE, 0);
+
+/// The bucket every new client shares while `SG_RATE` is full; one element.
+#[map]
+pub static SG_RATE_OVF: Array<RateBucket> = Array::with_max_entries(1, 0);
+
+/// "Client over the limit" events for the daemon, at most one per bucket
+/// per minute.
+#[map]
+pub static SG_RATE_EV: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);

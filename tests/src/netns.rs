@@ -105,6 +105,25 @@ impl Netns {
         })
     }
 
+    /// The MAC address of `interface` in this namespace (`ip -br link show`).
+    pub fn mac(&self, interface: &str) -> [u8; 6] {
+        let out = self
+            .command("ip")
+            .args(["-br", "link", "show", "dev", interface])
+            .output()
+            .expect("run ip link show");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mac = text
+            .split_whitespace()
+            .find(|w| w.len() == 17 && w.matches(':').count() == 5)
+            .unwrap_or_else(|| panic!("no MAC address for {interface} in {text:?}"));
+        let mut bytes = [0u8; 6];
+        for (b, part) in bytes.iter_mut().zip(mac.split(':')) {
+            *b = u8::from_str_radix(part, 16).expect("hex MAC");
+        }
+        bytes
+    }
+
     /// A command that runs inside the namespace (`ip netns exec`).
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("ip");

@@ -887,7 +887,8 @@ fn early_talkers_are_banned_in_the_kernel_until_the_ban_expires() {
     wait_for_log(&gw, &format!("PASS NEW [{quiet}]:"));
 
     // Two early talks: 521 each, then the ban.
-    let dropped = "220-gw.example.com ESMTP\r\n521 5.5.1 Protocol error\r\n";
+    let dropped =
+        "220-gw.example.com ESMTP\r\n220 gw.example.com ESMTP smtpguard\r\n521 5.5.1 Protocol error\r\n";
     assert_eq!(talk_early(net, talker), dropped);
     let line = wait_for_log(&gw, "PREGREET 20 after ");
     assert!(

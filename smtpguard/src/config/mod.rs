@@ -195,6 +195,42 @@ pub struct Config {
     pub screening: ScreeningConfig,
     /// `[bans]`: violations that become temporary deny entries.
     pub bans: BansConfig,
+    /// `[rate_limit]`: the per-client SYN rate limit in XDP.
+    pub rate_limit: RateLimitConfig,
+}
+
+/// `[rate_limit]`: the per-client SYN rate limit, enforced by the XDP
+/// program on SYNs the lists let through (a token bucket per client; see
+/// `smtpguard_common::rate`). The equivalent of Postfix anvil's
+/// `smtpd_client_connection_rate_limit`, before the TCP handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    /// `syns_per_minute`: new connections (SYNs) per client per minute; a
+    /// burst of this many passes from an idle client, then one more every
+    /// 60 s / `syns_per_minute`. `0` turns the limiter off. At most 60,000.
+    ///
+    /// Default: 0 (the packaged configuration sets 60).
+    pub syns_per_minute: u32,
+    /// `ipv6_prefix`: IPv6 clients are grouped by this prefix length (one
+    /// bucket per /64 by default, as one host usually has a whole /64);
+    /// 1 to 128. IPv4 (and IPv4-mapped IPv6) clients are one per /32.
+    ///
+    /// Default: 64.
+    pub ipv6_prefix: u8,
+    /// `exempt_permitted`: a source whose deciding list entry is a permit
+    /// entry (protected ranges included) is not limited.
+    ///
+    /// Default: true.
+    pub exempt_permitted: bool,
+    /// `table_size`: how many clients the kernel's bucket table holds
+    /// (about 100 bytes each, preallocated). When it is full, new clients
+    /// share one bucket of `syns_per_minute` until the daemon forgets idle
+    /// ones (a bucket is idle 60 s after its client's last SYN); known
+    /// clients keep their own. Fixed at start: `reload` keeps the old size
+    /// and says a restart is needed. 1 to 16,777,216.
+    ///
+    /// Default: 131,072 (about 13 MiB).
+    pub table_size: u32,
 }
 
 /// `[server]`: the SMTP front door.

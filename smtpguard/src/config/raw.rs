@@ -28,6 +28,7 @@ pub(super) struct RawConfig {
     pub metrics: RawMetrics,
     pub screening: RawScreening,
     pub bans: RawBans,
+    pub rate_limit: RawRateLimit,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -128,6 +129,15 @@ pub(super) struct RawBans {
     pub growth: Option<u32>,
     pub max_ban_for: Option<DurationValue>,
     pub max_entries: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawRateLimit {
+    pub syns_per_minute: Option<i64>,
+    pub ipv6_prefix: Option<i64>,
+    pub exempt_permitted: Option<bool>,
+    pub table_size: Option<i64>,
 }
 
 /// A TOML integer or string, as written. Durations and counts accept both

@@ -884,3 +884,54 @@ fn screening_and_bans_errors_name_the_key() {
     .unwrap_err();
     assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
 }
+
+#[test]
+fn rate_limit_defaults_and_values() {
+    let c = parse("");
+    assert_eq!(
+        c.rate_limit,
+        RateLimitConfig {
+            syns_per_minute: 0,
+            ipv6_prefix: 64,
+            exempt_permitted: true,
+            table_size: 131_072,
+        }
+    );
+    let c = parse(
+        "[rate_limit]\nsyns_per_minute = 30\nipv6_prefix = 56\nexempt_permitted = false\n\
+         table_size = 1000\n",
+    );
+    assert_eq!(
+        c.rate_limit,
+        RateLimitConfig {
+            syns_per_minute: 30,
+            ipv6_prefix: 56,
+            exempt_permitted: false,
+            table_size: 1000,
+        }
+    );
+}
+
+#[test]
+fn rate_limit_errors_name_the_key() {
+    assert_eq!(
+        invalid("[rate_limit]\nsyns_per_minute = -1"),
+        "/etc/smtpguard/smtpguard.toml: rate_limit.syns_per_minute is -1; it must be 0 (off) \
+         or a number of SYNs per minute up to 60000"
+    );
+    assert_eq!(
+        invalid("[rate_limit]\nipv6_prefix = 0"),
+        "/etc/smtpguard/smtpguard.toml: rate_limit.ipv6_prefix is 0; it must be a prefix \
+         length from 1 to 128"
+    );
+    assert_eq!(
+        invalid("[rate_limit]\ntable_size = 0"),
+        "/etc/smtpguard/smtpguard.toml: rate_limit.table_size is 0; it must be a number of \
+         clients from 1 to 16777216"
+    );
+    let detail = error("[rate_limit]\nsyns_per_min = 3")
+        .source()
+        .unwrap()
+        .to_string();
+    assert!(detail.contains("unknown field `syns_per_min`"), "{detail}");
+}

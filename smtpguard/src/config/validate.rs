@@ -17,9 +17,9 @@ use tracing::level_filters::LevelFilter;
 use super::{
     raw::{self, Count, DurationValue, RawConfig, Scalar},
     BareLf, Config, ConfigError, ControlConfig, Delivery, Enforcement, LogFormat, LoggingConfig,
-    MetricsConfig, PolicyConfig, PolicyMode, ServerConfig, SpoolDelivery, TlsConfig, TlsFiles,
-    TlsMode, UpstreamDelivery, UpstreamProtocol, XdpConfig, XdpMode, MAX_LISTEN_PORTS,
-    MAX_SOCKET_PATH_BYTES,
+    MetricsConfig, PolicyConfig, PolicyMode, RateLimitConfig, ServerConfig, SpoolDelivery,
+    TlsConfig, TlsFiles, TlsMode, UpstreamDelivery, UpstreamProtocol, XdpConfig, XdpMode,
+    MAX_LISTEN_PORTS, MAX_SOCKET_PATH_BYTES,
 };
 
 const DEFAULT_LISTEN: [&str; 2] = ["0.0.0.0:25", "[::]:25"];
@@ -35,6 +35,12 @@ const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_DENY_LIST: &str = "/etc/smtpguard/deny.list";
 const DEFAULT_PERMIT_LIST: &str = "/etc/smtpguard/permit.list";
 const DEFAULT_XDP_LOG_RATE_PER_SECOND: u32 = 10;
+const DEFAULT_RATE_IPV6_PREFIX: u8 = 64;
+/// One SYN per millisecond: beyond it, a "limit" is no limit.
+const MAX_SYNS_PER_MINUTE: i64 = 60_000;
+const MIN_RATE_TABLE_SIZE: i64 = 1;
+/// 16M clients: about 1.6 GB of kernel memory, more than any gateway needs.
+const MAX_RATE_TABLE_SIZE: i64 = 1 << 24;
 const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_SPOOL_DIR: &str = "/var/spool/smtpguard";
 const DEFAULT_CONTROL_SOCKET: &str = "/run/smtpguard/control.sock";
@@ -60,6 +66,7 @@ pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErro
         metrics: cx.metrics(raw.metrics)?,
         screening: cx.screening(raw.screening)?,
         bans: cx.bans(raw.bans)?,
+        rate_limit: cx.rate_limit(raw.rate_limit)?,
     };
     if let Delivery::Upstream(up) = &config.delivery {
         let local = host_addresses();
@@ -448,6 +455,53 @@ impl Cx<'_> {
             log_rate_per_second: raw
                 .log_rate_per_second
                 .unwrap_or(DEFAULT_XDP_LOG_RATE_PER_SECOND),
+        })
+    }
+
+    // ----- [rate_limit] ---------------------------------------------------
+
+    fn rate_limit(&self, raw: raw::RawRateLimit) -> Result<RateLimitConfig, ConfigError> {
+        let syns_per_minute = match raw.syns_per_minute {
+            None => 0,
+            Some(n @ 0..=MAX_SYNS_PER_MINUTE) => n as u32,
+            Some(n) => {
+                return Err(self.invalid(
+                    "rate_limit.syns_per_minute",
+                    format!(
+                        "is {n}; it must be 0 (off) or a number of SYNs per minute up to \
+                         {MAX_SYNS_PER_MINUTE}"
+                    ),
+                ))
+            }
+        };
+        let ipv6_prefix = match raw.ipv6_prefix {
+            None => DEFAULT_RATE_IPV6_PREFIX,
+            Some(bits @ 1..=128) => bits as u8,
+            Some(bits) => {
+                return Err(self.invalid(
+                    "rate_limit.ipv6_prefix",
+                    format!("is {bits}; it must be a prefix length from 1 to 128"),
+                ))
+            }
+        };
+        let table_size = match raw.table_size {
+            None => smtpguard_common::rate::DEFAULT_TABLE_SIZE,
+            Some(n @ MIN_RATE_TABLE_SIZE..=MAX_RATE_TABLE_SIZE) => n as u32,
+            Some(n) => {
+                return Err(self.invalid(
+                    "rate_limit.table_size",
+                    format!(
+                        "is {n}; it must be a number of clients from {MIN_RATE_TABLE_SIZE} to \
+                         {MAX_RATE_TABLE_SIZE}"
+                    ),
+                ))
+            }
+        };
+        Ok(RateLimitConfig {
+            syns_per_minute,
+            ipv6_prefix,
+            exempt_permitted: raw.exempt_permitted.unwrap_or(true),
+            table_size,
         })
     }
 

@@ -209,12 +209,22 @@ impl Defence for DaemonDefence {
     }
 
     fn violation(&self, client: IpAddr, violation: Violation) {
+        self.violation_of(IpNet::from(client.to_canonical()), violation);
+    }
+}
+
+impl DaemonDefence {
+    /// Counts a violation of `client`, an address as a host prefix or the
+    /// IPv6 group the XDP rate limit counts as one client, and bans the
+    /// whole prefix when the `[bans]` rules say so. Protected ranges and
+    /// permit entries (judged at the prefix's first address) are exempt.
+    pub fn violation_of(&self, client: IpNet, violation: Violation) {
         let Some(daemon) = self.daemon.upgrade() else {
             return;
         };
         let index = KINDS.iter().position(|k| *k == violation).unwrap_or(0);
         self.counters.violations[index].fetch_add(1, Ordering::Relaxed);
-        let reason = daemon.policy().decide(client);
+        let reason = daemon.policy().decide(client.network());
         if matches!(reason, Reason::Protected | Reason::Permitted) {
             self.counters.exempt.fetch_add(1, Ordering::Relaxed);
             tracing::info!(client = %client, violation = %violation.as_str(), exempt = ?reason,
@@ -228,7 +238,7 @@ impl Defence for DaemonDefence {
         let decision = book
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .record(client, Instant::now(), in_force);
+            .record_prefix(client, Instant::now(), in_force);
         match decision {
             BanDecision::Counted { strikes } => {
                 tracing::info!(client = %client, violation = %violation.as_str(), strikes, "violation counted");

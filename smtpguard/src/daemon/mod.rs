@@ -20,6 +20,7 @@ pub mod mode_state;
 mod notify;
 pub mod paths;
 pub mod prometheus;
+pub mod rate_limit;
 pub mod report;
 pub mod settings;
 pub mod snapshot;
@@ -87,9 +88,9 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         );
     }
     let started = startup::start_kernel(&config, &policy)?;
-    let (kernel, attachments, kernel_log) = match started {
-        Some(s) => (Some(s.kernel), s.attachments, s.log),
-        None => (None, Vec::new(), None),
+    let (kernel, attachments, kernel_log, rate_limiter) = match started {
+        Some(s) => (Some(s.kernel), s.attachments, s.log, s.rate_limiter),
+        None => (None, Vec::new(), None, None),
     };
 
     let daemon = Arc::new(Daemon::new(
@@ -160,6 +161,16 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         }
     });
     let kernel_log_task = kernel_log.map(|log| tokio::spawn(pump_kernel_log(log)));
+    // Over-limit clients are ban violations; the stream is bounded (see
+    // rate_limit::EVENT_QUEUE).
+    if let Some(events) = rate_limiter.and_then(|l| rate_limit::spawn(l, &tasks, shutdown.clone()))
+    {
+        tasks.spawn(ban_over_limit_clients(
+            events,
+            Arc::clone(&defence),
+            shutdown.clone(),
+        ));
+    }
     if let (Some(interval), true) = (config.logging.stats_interval, daemon.counters().is_some()) {
         tasks.spawn(report::log_counters(
             Arc::clone(&daemon),
@@ -260,6 +271,27 @@ async fn wait_for_signals(
         let _ = server_task.await;
     }
     Ok(())
+}
+
+/// Turns the XDP rate limit's over-limit events into ban violations. An
+/// event of the shared overflow bucket (the bucket table was full) names
+/// only the first new client of that minute, not an offender: no
+/// violation.
+async fn ban_over_limit_clients(
+    mut events: rate_limit::RateLimitEvents,
+    defence: Arc<defence::DaemonDefence>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            e = events.stream.recv() => e,
+        };
+        let Some(event) = event else { return };
+        if !event.overflow {
+            defence.violation_of(event.client, crate::policy::bans::Violation::RateLimit);
+        }
+    }
 }
 
 /// Writes the pass cache every [`defence::PASS_CACHE_SAVE_INTERVAL`] when

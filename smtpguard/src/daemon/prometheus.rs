@@ -334,7 +334,7 @@ mod tests {
         assert_eq!(get(&xdp.syn, "ipv6"), Some(100 + counter::SYN_V6 as u64));
         assert_eq!(xdp.syn.len(), 2);
         let dropped: Vec<&str> = xdp.dropped.iter().map(|(l, _)| l.as_str()).collect();
-        assert_eq!(dropped, ["deny_list", "not_permitted"]);
+        assert_eq!(dropped, ["deny_list", "not_permitted", "rate_limit"]);
         let passed: Vec<&str> = xdp.passed.iter().map(|(l, _)| l.as_str()).collect();
         assert_eq!(
             passed,

@@ -60,6 +60,7 @@ impl Summary {
                 .map(|a| format!("{} ({} mode, pinned: {})", a.interface, a.mode, a.pin))
                 .collect::<Vec<_>>()
                 .join(", ")
+                + &rate_limit_note(&config.rate_limit)
         };
         let listen: Vec<String> = config
             .server
@@ -203,9 +204,7 @@ pub async fn log_counters(daemon: Arc<Daemon>, interval: Duration, shutdown: Can
         let refused = refused_total.saturating_sub(last_refused);
         last_refused = refused_total;
         // Only a drop or a refusal is news; passing traffic is not.
-        let dropped = delta.get(counter::DROP_DENY_LIST)
-            + delta.get(counter::DROP_NOT_PERMITTED)
-            + delta.get(counter::WOULD_DROP);
+        let dropped = delta.dropped() + delta.get(counter::WOULD_DROP);
         if dropped == 0 && refused == 0 {
             continue;
         }
@@ -225,6 +224,7 @@ pub async fn log_counters(daemon: Arc<Daemon>, interval: Duration, shutdown: Can
             syn = delta.get(counter::SYN),
             dropped_deny_list = delta.get(counter::DROP_DENY_LIST),
             dropped_not_permitted = delta.get(counter::DROP_NOT_PERMITTED),
+            dropped_rate_limit = delta.get(counter::DROP_RATE_LIMIT),
             would_drop = delta.get(counter::WOULD_DROP),
             passed = delta.get(counter::PASSED),
             unparsed,
@@ -234,6 +234,23 @@ pub async fn log_counters(daemon: Arc<Daemon>, interval: Duration, shutdown: Can
             "xdp counters"
         );
     }
+}
+
+/// `; SYN rate limit 60/min per client (IPv6 per /64, permitted exempt)`,
+/// or nothing when the limit is off.
+fn rate_limit_note(r: &crate::config::RateLimitConfig) -> String {
+    if r.syns_per_minute == 0 {
+        return String::new();
+    }
+    let exempt = if r.exempt_permitted {
+        ", permitted exempt"
+    } else {
+        ""
+    };
+    format!(
+        "; SYN rate limit {}/min per client (IPv6 per /{}{exempt})",
+        r.syns_per_minute, r.ipv6_prefix
+    )
 }
 
 /// Where mail goes, in words: `relayed to 127.0.0.1:10025 with PROXY

@@ -37,6 +37,15 @@ pub fn front_door(server: &ServerConfig, tls: &TlsConfig) -> front_door::Setting
     }
 }
 
+/// The XDP program's SYN rate limit, from `[rate_limit]`.
+pub fn rate_limit(r: &config::RateLimitConfig) -> crate::kernel::RateLimitSettings {
+    crate::kernel::RateLimitSettings {
+        syns_per_minute: r.syns_per_minute,
+        ipv6_prefix: r.ipv6_prefix,
+        exempt_permitted: r.exempt_permitted,
+    }
+}
+
 /// The hand-off's delivery mode, from `[delivery]`.
 pub fn delivery(delivery: &config::Delivery) -> DeliverySettings {
     match delivery {

@@ -11,7 +11,7 @@ use crate::{
     config::{Config, ConfigError, XdpMode},
     kernel::{
         loader::DEFAULT_PIN_DIR, ApplyHow, AttachMode, Attachment, Kernel, KernelError, KernelLog,
-        PinState, SyncError,
+        PinState, RateLimiter, SyncError,
     },
     policy::{
         AccessList, ListError, ListKind, Policy, PolicyError, Protected, ProtectedKind,
@@ -253,6 +253,8 @@ pub struct StartedKernel {
     pub attachments: Vec<Attachment>,
     /// The program's drop-event log.
     pub log: Option<KernelLog>,
+    /// The SYN rate limiter's bucket table and events.
+    pub rate_limiter: Option<RateLimiter>,
 }
 
 /// Loads the XDP program, fills its lists and runtime configuration, and
@@ -262,8 +264,13 @@ pub fn start_kernel(config: &Config, policy: &Policy) -> Result<Option<StartedKe
     if !config.xdp.enabled() {
         return Ok(None);
     }
-    let mut kernel = Kernel::load()?;
+    let mut kernel = Kernel::load_with_rate_table(config.rate_limit.table_size)?;
     let log = kernel.filter.take_log();
+    let rate_limiter = kernel.filter.take_rate_limiter();
+    kernel
+        .sync
+        .set_rate_limit(&super::settings::rate_limit(&config.rate_limit))
+        .map_err(|e| StartupError::Runtime(Box::new(e)))?;
     kernel
         .sync
         .set_runtime(
@@ -319,6 +326,7 @@ pub fn start_kernel(config: &Config, policy: &Policy) -> Result<Option<StartedKe
         kernel,
         attachments,
         log,
+        rate_limiter,
     }))
 }
 

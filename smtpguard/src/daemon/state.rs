@@ -508,6 +508,8 @@ impl Daemon {
             self.config().xdp.log_rate_per_second,
         )
         .map_err(|e| DaemonError::KernelRuntime(Box::new(e)))?;
+        sync.set_rate_limit(&super::settings::rate_limit(&self.config().rate_limit))
+            .map_err(|e| DaemonError::KernelRuntime(Box::new(e)))?;
         match write {
             KernelWrite::Everything => {
                 let started = Instant::now();
@@ -581,6 +583,11 @@ impl Daemon {
             restart.push("xdp.interfaces/xdp.mode");
             config.xdp.interfaces = running.xdp.interfaces.clone();
             config.xdp.mode = running.xdp.mode;
+        }
+        if running.rate_limit.table_size != config.rate_limit.table_size {
+            // The bucket table is sized when the program loads.
+            restart.push("rate_limit.table_size");
+            config.rate_limit.table_size = running.rate_limit.table_size;
         }
         if running.delivery != config.delivery {
             restart.push("[delivery]");

@@ -411,11 +411,11 @@ fn admit<H: HandoffFactory>(
 
     // 2. The greet wait, without a slot (see `screening`).
     let Some(screening) = &shared.screening else {
-        return open_session(shared, tracker, stream, peer, accepted_at, false);
+        return open_session(shared, tracker, stream, peer, accepted_at, false, false);
     };
     let guard = match screening.admit(peer) {
         Admission::Skip => {
-            return open_session(shared, tracker, stream, peer, accepted_at, false);
+            return open_session(shared, tracker, stream, peer, accepted_at, false, false);
         }
         Admission::Full => return screening.refuse_full(&stream, peer, host),
         Admission::Wait(guard) => guard,
@@ -427,7 +427,7 @@ fn admit<H: HandoffFactory>(
         .is_some_and(|s| s.available_permits() == 0)
     {
         drop(guard);
-        return open_session(shared, tracker, stream, peer, accepted_at, false);
+        return open_session(shared, tracker, stream, peer, accepted_at, false, false);
     }
     let shared = Arc::clone(shared);
     let sessions = tracker.clone();
@@ -447,13 +447,29 @@ fn admit<H: HandoffFactory>(
                 WaitOutcome::Pregreet => screening.settings.greet_action == GreetAction::Enforce,
                 WaitOutcome::Dropped | WaitOutcome::Gone => return,
             };
+            let banner_open = screening.settings.greet_banner.is_some();
             // A ban (or any deny) made during the wait applies now.
             if let Access::Deny { reason, entry } = shared.access.check(ip) {
-                let reply = Reply::access_denied(ip);
                 let metrics = &shared.metrics;
+                // After a `220-` line only the end of that greeting and
+                // then an unsolicited 421 are valid (RFC 5321 4.2.1, 3.8).
+                let reply = if banner_open {
+                    end_banner(&stream, &host);
+                    Reply::kicked(&host)
+                } else {
+                    Reply::access_denied(ip)
+                };
                 return refuse(metrics, stream, ip, reason.into(), entry.as_deref(), &reply);
             }
-            open_session(&shared, &sessions, stream, peer, accepted_at, enforce);
+            open_session(
+                &shared,
+                &sessions,
+                stream,
+                peer,
+                accepted_at,
+                enforce,
+                banner_open,
+            );
         }
         .instrument(span),
     );
@@ -468,20 +484,22 @@ fn open_session<H: HandoffFactory>(
     peer: SocketAddr,
     accepted_at: Instant,
     enforce: bool,
+    banner_open: bool,
 ) {
     let ip = peer.ip();
     let metrics = &shared.metrics;
     let host = &shared.settings.conn.session.hostname;
+    // Every refusal here is a 421; after a `220-` line it follows the end
+    // of that greeting, so the client reads two well-formed replies.
+    let refuse = |stream: TcpStream, reason, entry, reply: &Reply| {
+        if banner_open {
+            end_banner(&stream, host);
+        }
+        refuse(metrics, stream, ip, reason, entry, reply)
+    };
     let out_of_resources = |stream| {
         let reply = Reply::out_of_resources(host);
-        refuse(
-            metrics,
-            stream,
-            ip,
-            Rejection::FileDescriptors,
-            None,
-            &reply,
-        )
+        refuse(stream, Rejection::FileDescriptors, None, &reply)
     };
 
     let permit = match &shared.slots {
@@ -494,7 +512,7 @@ fn open_session<H: HandoffFactory>(
             }
             Err(_) => {
                 let reply = Reply::too_many_connections(host);
-                return refuse(metrics, stream, ip, Rejection::ConnectionCap, None, &reply);
+                return refuse(stream, Rejection::ConnectionCap, None, &reply);
             }
         },
     };
@@ -506,7 +524,7 @@ fn open_session<H: HandoffFactory>(
         .register(peer, local, group, cap, permit, metrics)
     else {
         let reply = Reply::too_many_connections_from(host, &registry::display_group(group));
-        return refuse(metrics, stream, ip, Rejection::PerClientCap, None, &reply);
+        return refuse(stream, Rejection::PerClientCap, None, &reply);
     };
 
     // 4. The session (its first event is the greeting).
@@ -630,6 +648,12 @@ fn log_summary(live: &Live, result: &str) {
 /// Sends the refusal and closes, without taking a slot. The reply fits in
 /// a fresh socket's send buffer, so a non-blocking write suffices and the
 /// accept loop never waits for the client.
+/// Ends a greeting begun with a `220-` line (`screening.greet_banner`)
+/// before a refusal, best effort like the refusal itself.
+fn end_banner(stream: &TcpStream, host: &str) {
+    let _ = stream.try_write(&Reply::greeting(host).to_bytes());
+}
+
 fn refuse(
     metrics: &Metrics,
     stream: TcpStream,

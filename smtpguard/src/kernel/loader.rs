@@ -22,7 +22,7 @@ use aya::{
 };
 use smtpguard_common::PROGRAM_NAME;
 
-use super::{stats::Stats, sync::MapSync, KernelError, EBPF_OBJECT};
+use super::{rate_limit::RateLimiter, stats::Stats, sync::MapSync, KernelError, EBPF_OBJECT};
 
 /// How to attach to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -125,6 +125,8 @@ pub struct XdpFilter {
     pinned: Vec<Pinned>,
     /// The directory they are pinned in, removed when empty at detach.
     pin_dir: Option<PathBuf>,
+    /// The SYN rate limiter's maps until [`XdpFilter::take_rate_limiter`].
+    rate_limiter: Option<RateLimiter>,
 }
 
 /// Reader of the program's aya-log ring buffer; its records go to the `log`
@@ -136,7 +138,20 @@ impl XdpFilter {
     /// hands out the owners of its maps: [`MapSync`] for lists and config,
     /// [`Stats`] for counters. Fill the lists before [`XdpFilter::attach`].
     pub fn load() -> Result<(XdpFilter, MapSync, Stats), KernelError> {
-        Self::load_with(EBPF_OBJECT, None)
+        Self::load_with(
+            EBPF_OBJECT,
+            None,
+            smtpguard_common::rate::DEFAULT_TABLE_SIZE,
+        )
+    }
+
+    /// As [`XdpFilter::load`], with room for `table_size` clients in the
+    /// SYN rate limiter's bucket table (`rate_limit.table_size`; a size
+    /// fixed at load, so changing it needs a restart).
+    pub fn load_with_rate_table(
+        table_size: u32,
+    ) -> Result<(XdpFilter, MapSync, Stats), KernelError> {
+        Self::load_with(EBPF_OBJECT, None, table_size)
     }
 
     /// As [`XdpFilter::load`], with each LPM trie holding at most
@@ -146,12 +161,17 @@ impl XdpFilter {
     pub fn load_with_capacity(
         prefixes_per_family: u32,
     ) -> Result<(XdpFilter, MapSync, Stats), KernelError> {
-        Self::load_with(EBPF_OBJECT, Some(prefixes_per_family))
+        Self::load_with(
+            EBPF_OBJECT,
+            Some(prefixes_per_family),
+            smtpguard_common::rate::DEFAULT_TABLE_SIZE,
+        )
     }
 
     fn load_with(
         object: &[u8],
         capacity: Option<u32>,
+        rate_table: u32,
     ) -> Result<(XdpFilter, MapSync, Stats), KernelError> {
         if object.is_empty() {
             return Err(KernelError::NoObject);
@@ -165,6 +185,7 @@ impl XdpFilter {
                 loader.map_max_entries(name, capacity);
             }
         }
+        loader.map_max_entries(smtpguard_common::map_names::RATE_BUCKETS, rate_table.max(1));
         let mut ebpf = loader.load(object).map_err(KernelError::Load)?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
@@ -182,11 +203,13 @@ impl XdpFilter {
         let v4_capacity = capacity.unwrap_or(smtpguard_common::MAX_PREFIXES_PER_FAMILY);
         let sync = MapSync::take_from(&mut ebpf, std::sync::Arc::clone(&hits), v4_capacity)?;
         let stats = Stats::take_from(&mut ebpf, hits)?;
+        let rate_limiter = RateLimiter::take_from(&mut ebpf, rate_table.max(1))?;
         Ok((
             XdpFilter {
                 ebpf,
                 pinned: Vec::new(),
                 pin_dir: None,
+                rate_limiter: Some(rate_limiter),
             },
             sync,
             stats,
@@ -418,6 +441,12 @@ impl XdpFilter {
     /// `None` if already taken.
     pub fn take_log(&mut self) -> Option<KernelLog> {
         aya_log::EbpfLogger::init(&mut self.ebpf).ok()
+    }
+
+    /// The SYN rate limiter's bucket table and event stream. `None` if
+    /// already taken.
+    pub fn take_rate_limiter(&mut self) -> Option<RateLimiter> {
+        self.rate_limiter.take()
     }
 
     /// Runs the program once on `frame` with `BPF_PROG_TEST_RUN` and

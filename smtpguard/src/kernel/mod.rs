@@ -9,6 +9,7 @@ mod hits;
 pub mod ipv4_table;
 pub mod ipv6_table;
 pub mod loader;
+pub mod rate_limit;
 pub mod stats;
 pub mod sync;
 pub mod xdp_holder;
@@ -21,6 +22,7 @@ use ipnet::IpNet;
 pub use loader::{
     pump_kernel_log, AttachMode, AttachedMode, Attachment, KernelLog, PinState, XdpFilter,
 };
+pub use rate_limit::{OverLimit, RateLimitSettings, RateLimiter};
 pub use stats::{CounterSnapshot, Stats};
 pub use sync::{ApplyHow, ApplyReport, MapSync, SyncError};
 
@@ -121,7 +123,17 @@ impl Kernel {
     /// [`KernelError::NoObject`] without an embedded object, else as
     /// [`XdpFilter::load`].
     pub fn load() -> Result<Kernel, KernelError> {
-        let (filter, sync, stats) = XdpFilter::load()?;
+        Self::load_with_rate_table(smtpguard_common::rate::DEFAULT_TABLE_SIZE)
+    }
+
+    /// As [`Kernel::load`], with room for `table_size` clients in the SYN
+    /// rate limiter (see [`XdpFilter::load_with_rate_table`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Kernel::load`].
+    pub fn load_with_rate_table(table_size: u32) -> Result<Kernel, KernelError> {
+        let (filter, sync, stats) = XdpFilter::load_with_rate_table(table_size)?;
         Ok(Kernel {
             filter,
             sync,

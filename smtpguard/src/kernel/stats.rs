@@ -40,9 +40,11 @@ impl CounterSnapshot {
         CounterSnapshot(out)
     }
 
-    /// SYNs dropped, both reasons.
+    /// SYNs dropped, every reason.
     pub fn dropped(&self) -> u64 {
-        self.get(counter::DROP_DENY_LIST) + self.get(counter::DROP_NOT_PERMITTED)
+        self.get(counter::DROP_DENY_LIST)
+            + self.get(counter::DROP_NOT_PERMITTED)
+            + self.get(counter::DROP_RATE_LIMIT)
     }
 }
 
@@ -132,6 +134,7 @@ fn derive_totals(slots: &[u64; slot::SLOT_COUNT as usize]) -> CounterSnapshot {
                     outcome,
                     DROP_DENY_LIST
                         | DROP_NOT_PERMITTED
+                        | DROP_RATE_LIMIT
                         | WOULD_DROP
                         | PASS_PERMITTED
                         | PASS_FILTER_OFF
@@ -146,7 +149,7 @@ fn derive_totals(slots: &[u64; slot::SLOT_COUNT as usize]) -> CounterSnapshot {
                     out[by_family as usize] += n;
                 }
                 match outcome {
-                    DROP_DENY_LIST | DROP_NOT_PERMITTED => {
+                    DROP_DENY_LIST | DROP_NOT_PERMITTED | DROP_RATE_LIMIT => {
                         let by_family = if family == slot::FAMILY_V4 {
                             DROP_V4
                         } else {
@@ -157,7 +160,10 @@ fn derive_totals(slots: &[u64; slot::SLOT_COUNT as usize]) -> CounterSnapshot {
                     _ => out[PASSED as usize] += n,
                 }
                 if log_on == 1
-                    && matches!(outcome, DROP_DENY_LIST | DROP_NOT_PERMITTED | WOULD_DROP)
+                    && matches!(
+                        outcome,
+                        DROP_DENY_LIST | DROP_NOT_PERMITTED | DROP_RATE_LIMIT | WOULD_DROP
+                    )
                 {
                     logged_events += n;
                 }
@@ -197,18 +203,21 @@ mod tests {
                 (PASS_FILTER_OFF, v4, 0, 4),
                 (PASS_NOT_TCP, v4, 0, 11),
                 (PASS_MALFORMED, v4, 1, 13),
+                (DROP_RATE_LIMIT, v4, 1, 3),
+                (DROP_RATE_LIMIT, v6, 0, 2),
             ],
             6,
         ));
-        assert_eq!(c.get(PACKETS), 46);
-        assert_eq!(c.get(SYN), 22);
-        assert_eq!((c.get(SYN_V4), c.get(SYN_V6)), (11, 11));
-        assert_eq!((c.get(DROP_V4), c.get(DROP_V6)), (7, 7));
-        assert_eq!(c.dropped(), 14);
-        assert_eq!(c.get(PASSED), 46 - 14);
+        assert_eq!(c.get(PACKETS), 51);
+        assert_eq!(c.get(SYN), 27);
+        assert_eq!((c.get(SYN_V4), c.get(SYN_V6)), (14, 13));
+        assert_eq!((c.get(DROP_V4), c.get(DROP_V6)), (10, 9));
+        assert_eq!(c.get(DROP_RATE_LIMIT), 5);
+        assert_eq!(c.dropped(), 19);
+        assert_eq!(c.get(PASSED), 51 - 19);
         assert_eq!(c.get(WOULD_DROP), 1);
         assert_eq!(c.get(PASS_NOT_TCP), 11);
-        // Drop events while logging was on: 7 + 2 + 1, of which 6 logged.
-        assert_eq!(c.get(LOG_SUPPRESSED), 4);
+        // Drop events while logging was on: 7 + 2 + 1 + 3, of which 6 logged.
+        assert_eq!(c.get(LOG_SUPPRESSED), 7);
     }
 }

@@ -42,6 +42,7 @@ use super::{
         writer::{Ipv4Table, Ipv4TableError},
     },
     ipv6_table::{Ipv6Table, Ipv6TableError},
+    rate_limit::RateLimitSettings,
     KernelError,
 };
 
@@ -187,6 +188,13 @@ impl MapSync {
             *slot = port.to_be();
         }
         self.runtime.log_rate_per_sec = log_rate_per_sec;
+        self.write_runtime()
+    }
+
+    /// Sets the per-client SYN rate limit. Takes effect on the next packet;
+    /// buckets already in the table keep their state.
+    pub fn set_rate_limit(&mut self, settings: &RateLimitSettings) -> Result<(), SyncError> {
+        settings.write_into(&mut self.runtime);
         self.write_runtime()
     }
 

@@ -86,7 +86,8 @@ pub enum BanDecision {
     },
     /// Ban `prefix` for `duration`.
     Ban {
-        /// The client's address as a host prefix (/32 or /128).
+        /// The client: its address as a host prefix (/32 or /128), or the
+        /// prefix it was counted as.
         prefix: IpNet,
         /// How long.
         duration: Duration,
@@ -112,7 +113,7 @@ struct Record {
 #[derive(Debug)]
 pub struct BanBook {
     policy: BanPolicy,
-    clients: HashMap<IpAddr, Record>,
+    clients: HashMap<IpNet, Record>,
 }
 
 impl BanBook {
@@ -139,7 +140,19 @@ impl BanBook {
     /// The caller checks protected and permitted addresses first: this
     /// bans whoever it is told about.
     pub fn record(&mut self, client: IpAddr, now: Instant, bans_in_force: usize) -> BanDecision {
-        let client = client.to_canonical();
+        self.record_prefix(IpNet::from(client.to_canonical()), now, bans_in_force)
+    }
+
+    /// [`BanBook::record`] for a client that is a prefix: the IPv6 group
+    /// the XDP rate limit counts as one client (`rate_limit.ipv6_prefix`).
+    /// The ban then covers the whole prefix.
+    pub fn record_prefix(
+        &mut self,
+        client: IpNet,
+        now: Instant,
+        bans_in_force: usize,
+    ) -> BanDecision {
+        let client = client.trunc();
         if !self.clients.contains_key(&client) && self.clients.len() >= MAX_TRACKED {
             self.forget_oldest(now);
         }
@@ -171,7 +184,7 @@ impl BanBook {
         record.bans = record.bans.saturating_add(1);
         record.last_ban = Some(now);
         BanDecision::Ban {
-            prefix: IpNet::from(client),
+            prefix: client,
             duration: ban_length(policy, repeats),
             repeats,
         }
@@ -343,5 +356,28 @@ mod tests {
             book.record(ip(A), t0, 0),
             BanDecision::Counted { strikes: 2 }
         );
+    }
+
+    #[test]
+    fn a_prefix_client_is_counted_and_banned_as_one() {
+        let mut book = BanBook::new(policy());
+        let t0 = Instant::now();
+        let group: IpNet = "2001:db8:1:1::/64".parse().unwrap();
+        // The host bits of the rate limit's group are ignored.
+        let same: IpNet = "2001:db8:1:1::9/64".parse().unwrap();
+        book.record_prefix(group, t0, 0);
+        assert_eq!(
+            book.record_prefix(same, t0, 0),
+            BanDecision::Counted { strikes: 2 }
+        );
+        // An address inside the group is another client.
+        assert_eq!(
+            book.record(ip("2001:db8:1:1::9"), t0, 0),
+            BanDecision::Counted { strikes: 1 }
+        );
+        assert!(matches!(
+            book.record_prefix(group, t0, 0),
+            BanDecision::Ban { prefix, .. } if prefix == group
+        ));
     }
 }

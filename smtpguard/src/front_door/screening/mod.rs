@@ -365,7 +365,15 @@ impl Screening {
                         self.early_talk(peer, &buf[..n], started.elapsed());
                         if self.settings.greet_action == GreetAction::Drop {
                             bump(&self.counters.pregreet_dropped);
-                            let _ = write_all(stream, b"521 5.5.1 Protocol error\r\n").await;
+                            // After a `220-` line the greeting must end
+                            // before another code (RFC 5321 4.2.1); the 521
+                            // then answers the early command.
+                            let mut reply = String::new();
+                            if self.settings.greet_banner.is_some() {
+                                reply = format!("220 {host} ESMTP smtpguard\r\n");
+                            }
+                            reply.push_str("521 5.5.1 Protocol error\r\n");
+                            let _ = write_all(stream, reply.as_bytes()).await;
                             return WaitOutcome::Dropped;
                         }
                     }
