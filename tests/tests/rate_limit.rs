@@ -421,10 +421,16 @@ fn the_daemon_logs_rate_limit_events_counts_drops_and_reload_applies_the_limit()
     let write_config = |syns: u32, table: u32| {
         let xdp = format!("interfaces = [\"{}\"]\nmode = \"native\"\n", topo.gw_if);
         let rate = format!("syns_per_minute = {syns}\ntable_size = {table}\n");
+        // One event per client and minute: a ban after the first.
+        let bans = "ban_after = 1\nban_for = \"1h\"\n";
         let text = config_text(
             dir.path(),
             listen,
-            &[("xdp", xdp.as_str()), ("rate_limit", rate.as_str())],
+            &[
+                ("xdp", xdp.as_str()),
+                ("rate_limit", rate.as_str()),
+                ("bans", bans),
+            ],
         );
         dir.write("smtpguard.toml", text)
     };
@@ -513,10 +519,36 @@ fn the_daemon_logs_rate_limit_events_counts_drops_and_reload_applies_the_limit()
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{reply}");
     assert!(reply.contains("rate_limit.table_size"), "{reply}");
-    send("198.51.100.20", 12);
+    // 11, not 12: the 11th SYN's event bans the client, and a 12th could
+    // meet the ban instead of the limit.
+    send("198.51.100.20", 11);
     assert!(
-        wait_for(Duration::from_secs(10), || stat("drop_rate_limit") == 5 + 2),
+        wait_for(Duration::from_secs(10), || stat("drop_rate_limit") == 5 + 1),
         "after reload: drop_rate_limit = {}",
         stat("drop_rate_limit")
     );
+
+    // Over the limit is a ban violation: both clients are banned in `auto`
+    // with the reason, and the next SYN dies on the ban, not the limit.
+    let auto =
+        || String::from_utf8_lossy(&cli(&["deny", "list", "--source", "auto"]).stdout).into_owned();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let l = auto();
+            l.contains("198.51.100.10/32") && l.contains("198.51.100.20/32")
+        }),
+        "no bans in auto:\n{}\nlog:\n{}",
+        auto(),
+        log_text()
+    );
+    assert!(auto().contains("reason=rate_limit"), "{}", auto());
+    let denied = stat("drop_deny_list");
+    send("198.51.100.10", 1);
+    assert!(
+        wait_for(Duration::from_secs(10), || stat("drop_deny_list")
+            == denied + 1),
+        "the banned client's SYN: drop_deny_list = {} (was {denied})",
+        stat("drop_deny_list")
+    );
+    assert_eq!(stat("drop_rate_limit"), 6);
 }
