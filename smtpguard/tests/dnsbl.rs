@@ -291,3 +291,133 @@ max_queries_in_flight = 2"#,
     })
     .await;
 }
+
+// ----- through the daemon's front door -------------------------------------
+
+mod daemon {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+
+    use smtpguard::testing::client::{assert_code, connect_from, reply, rest, say};
+    use smtpguard::testing::dns::{SilentDns, TestDns};
+    use smtpguard::testing::TestDaemon;
+
+    use super::LISTED;
+
+    const BIN: &str = env!("CARGO_BIN_EXE_smtpguard");
+
+    /// A daemon whose `[dnsbl]` asks `dnsbl.test` on `resolver`; `extra`:
+    /// more `[dnsbl]` lines.
+    fn daemon(resolver: std::net::SocketAddr, extra: &str) -> TestDaemon {
+        let table = format!("sites = [\"dnsbl.test\"]\nresolver = \"{resolver}\"\n{extra}");
+        TestDaemon::start(BIN.as_ref(), &[("dnsbl", &table)])
+    }
+
+    /// `127.0.0.2` is RFC 5782's test entry (listed), `127.0.0.3` is not.
+    fn rfc5782_zone() -> TestDns {
+        let dns = TestDns::start();
+        dns.zone("dnsbl.test", 300, &[("2.0.0.127", LISTED)]);
+        dns
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drop_gives_a_listed_client_521_and_closes() {
+        let dns = rfc5782_zone();
+        let d = daemon(dns.addr(), "action = \"drop\"\ntimeout = \"5s\"\n");
+        let mut listed = connect_from("127.0.0.2", d.smtp);
+        let got = rest(&mut listed);
+        assert!(
+            got.starts_with("521 5.7.1 gw.example.com Service unavailable; client [127.0.0.2] blocked using dnsbl.test\r\n"),
+            "{got:?}"
+        );
+        let mut clean = connect_from("127.0.0.3", d.smtp);
+        assert_code(&reply(&mut clean), "220 ");
+        assert_code(&say(&mut clean, "QUIT"), "221 ");
+        let log = d.log();
+        assert!(log.contains("DNSBL rank 1 for [127.0.0.2]:"), "{log}");
+        assert!(
+            log.contains("result=dnsbl_drop") || log.contains("dnsbl_drop"),
+            "{log}"
+        );
+        let stats = String::from_utf8_lossy(&d.cli(&["stats"]).stdout).into_owned();
+        for line in [
+            "dnsbl.dropped",
+            "dnsbl.dnsbl.test.hits",
+            "dnsbl.dnsbl.test.lookups",
+        ] {
+            let n = stats
+                .lines()
+                .find(|l| l.starts_with(line))
+                .unwrap_or_else(|| panic!("{line} missing:\n{stats}"));
+            assert!(!n.ends_with(" 0"), "{n}");
+        }
+        assert_eq!(dns.queries("dnsbl.test"), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn enforce_greets_then_refuses_every_recipient() {
+        let dns = rfc5782_zone();
+        let d = daemon(dns.addr(), "action = \"enforce\"\n");
+        let mut listed = connect_from("127.0.0.2", d.smtp);
+        assert_code(&reply(&mut listed), "220 ");
+        assert_code(&say(&mut listed, "EHLO client.example"), "250");
+        assert_code(&say(&mut listed, "MAIL FROM:<spam@example.org>"), "250 ");
+        let refused = say(&mut listed, "RCPT TO:<bob@example.com>");
+        assert!(
+            refused.starts_with(
+                "554 5.7.1 Service unavailable; client [127.0.0.2] blocked using dnsbl.test"
+            ),
+            "{refused:?}"
+        );
+        assert_code(&say(&mut listed, "DATA"), "554 ");
+        assert_code(&say(&mut listed, "QUIT"), "221 ");
+        let log = d.log();
+        assert!(log.contains("DNSBL enforce: recipient refused"), "{log}");
+        assert!(
+            log.contains("spam@example.org") && log.contains("bob@example.com"),
+            "{log}"
+        );
+        // An unlisted client delivers as usual.
+        let mut clean = connect_from("127.0.0.3", d.smtp);
+        assert_code(&reply(&mut clean), "220 ");
+        assert_code(&say(&mut clean, "HELO client.example"), "250 ");
+        assert_code(&say(&mut clean, "MAIL FROM:<a@example.org>"), "250 ");
+        assert_code(&say(&mut clean, "RCPT TO:<bob@example.com>"), "250 ");
+    }
+
+    /// A silent resolver: the unlisted verdict comes at `timeout`, then the
+    /// greeting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_resolver_delays_the_greeting_to_the_timeout() {
+        let silent = SilentDns::start();
+        let d = daemon(silent.addr(), "action = \"drop\"\ntimeout = \"1s\"\n");
+        let started = Instant::now();
+        let mut client = connect_from("127.0.0.2", d.smtp);
+        assert_code(&reply(&mut client), "220 ");
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(silent.received() >= 1);
+        let _ = client.write_all(b"QUIT\r\n");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_permitted_client_skips_dnsbl() {
+        let dns = rfc5782_zone();
+        let d = daemon(dns.addr(), "action = \"drop\"\n");
+        let added = d.cli(&["permit", "add", "127.0.0.2"]);
+        assert!(added.status.success(), "{added:?}");
+        let mut client = connect_from("127.0.0.2", d.smtp);
+        assert_code(&reply(&mut client), "220 ");
+        assert_eq!(dns.queries("dnsbl.test"), 0);
+        let stats = String::from_utf8_lossy(&d.cli(&["stats"]).stdout).into_owned();
+        assert!(
+            stats
+                .lines()
+                .any(|l| l.starts_with("dnsbl.skipped") && l.ends_with(" 1")),
+            "{stats}"
+        );
+    }
+}

@@ -175,6 +175,9 @@ pub struct Config {
     pub logging: LoggingConfig,
     /// `[metrics]`: the optional Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// `[dnsbl]`: DNS block/allow list scoring before the greeting;
+    /// `None` without the table (nothing is asked).
+    pub dnsbl: Option<crate::dnsbl::DnsblConfig>,
 }
 
 /// `[server]`: the SMTP front door.

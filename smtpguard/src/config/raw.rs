@@ -26,6 +26,7 @@ pub(super) struct RawConfig {
     pub control: RawControl,
     pub logging: RawLogging,
     pub metrics: RawMetrics,
+    pub dnsbl: Option<crate::dnsbl::config::RawDnsbl>,
 }
 
 #[derive(Debug, Default, Deserialize)]

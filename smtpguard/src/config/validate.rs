@@ -56,6 +56,7 @@ pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErro
         control: cx.control(raw.control)?,
         logging: cx.logging(raw.logging)?,
         metrics: cx.metrics(raw.metrics)?,
+        dnsbl: raw.dnsbl.map(|d| cx.dnsbl(d)).transpose()?,
     };
     if let Delivery::Upstream(up) = &config.delivery {
         let local = host_addresses();
@@ -138,6 +139,19 @@ const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 const MAX_COUNT: usize = 1_000_000;
 
 impl Cx<'_> {
+    /// `[dnsbl]`: validated by its own module, which names the key.
+    fn dnsbl(
+        &self,
+        raw: crate::dnsbl::config::RawDnsbl,
+    ) -> Result<crate::dnsbl::DnsblConfig, ConfigError> {
+        crate::dnsbl::DnsblConfig::from_raw(raw).map_err(|e| match e {
+            crate::dnsbl::DnsblError::Invalid { key, problem } => {
+                self.invalid(&format!("dnsbl.{key}"), problem)
+            }
+            other => self.invalid("dnsbl", other.to_string()),
+        })
+    }
+
     fn invalid(&self, key: &str, problem: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_owned(),

@@ -127,12 +127,15 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     };
     let mut front_door_settings = settings::front_door(&config.server, &config.tls);
     front_door_settings.max_sessions_by_fds = max_sessions_by_fds;
-    let ctx = ServerContext::new(
+    let mut ctx = ServerContext::new(
         front_door_settings,
         tls.as_ref().map(|t| Arc::clone(&t.server_config)),
         access,
         delivery,
     );
+    if let Some(dnsbl) = &config.dnsbl {
+        ctx = ctx.with_dnsbl(dnsbl_gate(dnsbl, &daemon)?);
+    }
     daemon.set_server(ctx.handle());
 
     let shutdown = CancellationToken::new();
@@ -196,6 +199,37 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     }
     tracing::info!("smtpguard stopped; XDP detached");
     Ok(())
+}
+
+/// The DNSBL step: the engine on the configured resolver; clients on a
+/// permit list skip it.
+fn dnsbl_gate(
+    config: &crate::dnsbl::DnsblConfig,
+    daemon: &Arc<Daemon>,
+) -> Result<front_door::dnsbl_gate::DnsblGate> {
+    let engine = crate::dnsbl::Dnsbl::new(config.clone()).context("[dnsbl]")?;
+    let skip: front_door::dnsbl_gate::SkipCheck = {
+        let daemon = Arc::downgrade(daemon);
+        Arc::new(move |ip| {
+            daemon.upgrade().is_some_and(|d| {
+                let policy = d.policy();
+                match policy.decide(ip) {
+                    crate::policy::Reason::Permitted => true,
+                    // A protected range decides before the lists, but a
+                    // permit entry inside it still skips DNSBL.
+                    crate::policy::Reason::Protected => policy.explain(ip).permit_match.is_some(),
+                    _ => false,
+                }
+            })
+        })
+    };
+    tracing::info!(
+        sites = config.sites.len(),
+        threshold = config.threshold,
+        action = config.action.as_str(),
+        "DNSBL scoring before the greeting"
+    );
+    Ok(front_door::dnsbl_gate::DnsblGate::new(engine, skip))
 }
 
 /// TLS files, when TLS is on; refuses to start on any problem with them.

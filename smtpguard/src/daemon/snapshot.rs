@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub permit_entries: FamilyCounts,
     /// The last whole-list load into the kernel, if any.
     pub last_list_load: Option<ListLoad>,
+    /// DNSBL counters; `None` without `[dnsbl]`.
+    pub dnsbl: Option<crate::front_door::dnsbl_gate::GateSnapshot>,
 }
 
 /// One list entry's hit counter.
@@ -72,6 +74,10 @@ impl Snapshot {
             deny_entries: policy.total_len(ListKind::Deny),
             permit_entries: policy.total_len(ListKind::Permit),
             last_list_load: daemon.last_list_load(),
+            dnsbl: daemon
+                .server()
+                .and_then(|s| s.dnsbl())
+                .map(|g| g.snapshot()),
         }
     }
 

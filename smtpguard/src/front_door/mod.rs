@@ -15,8 +15,10 @@
 //!    `421 4.7.0 <host> Error: too many connections...`, then close (with
 //!    `max_connections` unlimited, the cap is what the file descriptors
 //!    allow, and over it the reply is `421 4.3.2`);
-//! 3. only then a session task starts ([`connection`], the driver) and
-//!    sends the `220` greeting.
+//! 3. only then a session task starts; with `[dnsbl]`, it first awaits the
+//!    DNSBL verdict ([`dnsbl_gate`]: at most the DNSBL `timeout`; a listed
+//!    client may get `521 5.7.1` and close instead of a greeting); then
+//!    [`connection`], the driver, sends the `220` greeting.
 //!
 //! A session holds a slot (a semaphore permit plus its registry entry) that
 //! is released by a guard on every way out of the task, panics included; a
@@ -36,6 +38,7 @@
 pub mod access;
 pub mod connection;
 pub mod counters;
+pub mod dnsbl_gate;
 mod registry;
 
 use std::collections::BTreeMap;
@@ -190,6 +193,8 @@ struct Shared<H> {
     /// Cancelled when the shutdown grace is over: the remaining sessions
     /// get `421 4.3.2` and close.
     stop_sessions: CancellationToken,
+    /// DNSBL scoring before the greeting; `None` without `[dnsbl]`.
+    dnsbl: Option<dnsbl_gate::DnsblGate>,
 }
 
 impl<H: HandoffFactory> ServerContext<H> {
@@ -224,8 +229,21 @@ impl<H: HandoffFactory> ServerContext<H> {
                 sessions: Arc::new(Sessions::new()),
                 metrics: Arc::new(Metrics::default()),
                 stop_sessions: CancellationToken::new(),
+                dnsbl: None,
             }),
         }
+    }
+
+    /// Adds the DNSBL step before the greeting. Call before [`run`].
+    ///
+    /// # Panics
+    ///
+    /// When called after [`run`] started with this context.
+    pub fn with_dnsbl(mut self, gate: dnsbl_gate::DnsblGate) -> ServerContext<H> {
+        Arc::get_mut(&mut self.shared)
+            .expect("with_dnsbl before run")
+            .dnsbl = Some(gate);
+        self
     }
 
     /// A handle for the daemon: kicks and metrics, usable while [`run`]
@@ -235,6 +253,7 @@ impl<H: HandoffFactory> ServerContext<H> {
             sessions: Arc::clone(&self.shared.sessions),
             metrics: Arc::clone(&self.shared.metrics),
             tls: Arc::clone(&self.shared.tls),
+            dnsbl: self.shared.dnsbl.clone(),
         }
     }
 }
@@ -246,6 +265,8 @@ pub struct ServerHandle {
     metrics: Arc<Metrics>,
     /// The STARTTLS acceptor new sessions get; swapped by a reload.
     tls: Arc<std::sync::RwLock<Option<TlsAcceptor>>>,
+    /// The DNSBL step, for its counters; `None` without `[dnsbl]`.
+    dnsbl: Option<dnsbl_gate::DnsblGate>,
 }
 
 impl ServerHandle {
@@ -268,6 +289,12 @@ impl ServerHandle {
     /// The counters.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The DNSBL step (verdict counters, per-site counters); `None`
+    /// without `[dnsbl]`.
+    pub fn dnsbl(&self) -> Option<&dnsbl_gate::DnsblGate> {
+        self.dnsbl.as_ref()
     }
 
     /// Open sessions per client address.
@@ -451,11 +478,30 @@ fn admit<H: HandoffFactory>(
                 live: Arc::clone(&slot.live),
             };
             let session = async {
-                let handoff = shared.handoffs.session(ip);
-                connection::serve(stream, connection, handoff).await
+                let mut stream = stream;
+                let mut refusal = None;
+                if let Some((gate, lookup)) = shared
+                    .dnsbl
+                    .as_ref()
+                    .and_then(|gate| Some((gate, gate.start(ip)?)))
+                {
+                    let host = &shared.settings.conn.session.hostname;
+                    match gate.judge(&lookup.await, peer, host) {
+                        dnsbl_gate::Decision::Proceed => {}
+                        dnsbl_gate::Decision::Enforce(reply) => refusal = Some(reply),
+                        dnsbl_gate::Decision::Drop(reply) => {
+                            dnsbl_gate::send_and_close(&mut stream, &reply).await;
+                            return "dnsbl_drop";
+                        }
+                    }
+                }
+                let handoff = dnsbl_gate::Gated::new(shared.handoffs.session(ip), refusal);
+                connection::serve(stream, connection, handoff)
+                    .await
+                    .as_str()
             };
             match AssertUnwindSafe(session).catch_unwind().await {
-                Ok(end) => log_summary(&slot.live, end.as_str()),
+                Ok(end) => log_summary(&slot.live, end),
                 Err(panic) => {
                     log_summary(&slot.live, "panic");
                     shared.metrics.session_panicked();
@@ -482,7 +528,7 @@ fn admit<H: HandoffFactory>(
 /// client's commands (not the 421 of a kick, shutdown or timeout); bytes are
 /// bytes of SMTP (after TLS decryption, before encryption); `duration` is
 /// in seconds with millisecond precision; `result` is
-/// [`End::as_str`](connection::End::as_str) or `panic`.
+/// [`End::as_str`](connection::End::as_str), `dnsbl_drop` or `panic`.
 fn log_summary(live: &Live, result: &str) {
     let d = live.detail();
     let duration = live.since.elapsed().unwrap_or_default().as_secs_f64();
