@@ -11,11 +11,14 @@
 //! - [`cli_latency`]: from `smtpguard deny add` returning to the first
 //!   dropped SYN, beside `nft add element`.
 //! - [`front_door`]: the daemon's SMTP front door beside Postfix and HAProxy.
+//! - [`dnsbl`]: time to the greeting with DNSBL on, cached and off; lookups
+//!   per second against a local DNS server.
 //!
 //! Nothing here is a pass/fail timer: figures are reported, with ratios.
 
 pub mod cli_latency;
 pub mod daemon;
+pub mod dnsbl;
 pub mod flood;
 pub mod front_door;
 pub mod greeting;

@@ -4,13 +4,13 @@
 //! live in this crate's library (`smtpguard_bench`).
 //!
 //! Usage: `bench [--quick] [--out PATH] [--only SECTION]`, SECTION one of
-//! `kernel`, `flood`, `greeting`, `sync`, `front-door` (for working on one section; the
+//! `kernel`, `flood`, `greeting`, `sync`, `front-door`, `dnsbl` (for working on one section; the
 //! table then holds only that one).
 
 use std::{panic::AssertUnwindSafe, time::Instant};
 
 use smtpguard_bench::{
-    cli_latency, flood, front_door, greeting, kernel, report::Report, report::Row, Settings,
+    cli_latency, dnsbl, flood, front_door, greeting, kernel, report::Report, report::Row, Settings,
 };
 use smtpguard_tests::require_root;
 
@@ -70,6 +70,10 @@ fn main() {
     if wanted("front-door") {
         report.section("Front door (loopback)");
         section(&mut report, "front door", || front_door::run(&settings));
+    }
+    if wanted("dnsbl") {
+        report.section("DNSBL before the greeting (loopback, a local DNS server)");
+        section(&mut report, "dnsbl", || dnsbl::run(&settings));
     }
 
     let table = report.markdown();
