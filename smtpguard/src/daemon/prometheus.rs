@@ -338,6 +338,50 @@ mod tests {
     use super::*;
 
     #[test]
+    fn dnsbl_series_per_site() {
+        let site = |name: &str, lookups| crate::dnsbl::SiteSnapshot {
+            name: name.into(),
+            zone: format!("{name}.test"),
+            lookups,
+            hits: 2,
+            cache_hits: 3,
+            timeouts: 4,
+            errors: 5,
+            nxdomain: 6,
+            latency_seconds_sum: 0.5,
+        };
+        let snapshot = Snapshot {
+            xdp: None,
+            entry_hits: Vec::new(),
+            front_door: None,
+            deny_entries: Default::default(),
+            permit_entries: Default::default(),
+            last_list_load: None,
+            dnsbl: Some(crate::front_door::dnsbl_gate::GateSnapshot {
+                listed: 7,
+                dropped: 7,
+                cache_entries: 9,
+                sites: vec![site("zen", 11), site("dnswl", 12)],
+                ..Default::default()
+            }),
+        };
+        let text = render(&snapshot);
+        for line in [
+            "smtpguard_dnsbl_verdicts_total{verdict=\"listed\"} 7",
+            "smtpguard_dnsbl_actions_total{action=\"drop\"} 7",
+            "smtpguard_dnsbl_cache_entries 9",
+            "smtpguard_dnsbl_lookups_total{site=\"zen\"} 11",
+            "smtpguard_dnsbl_lookups_total{site=\"dnswl\"} 12",
+            "smtpguard_dnsbl_timeouts_total{site=\"zen\"} 4",
+            "smtpguard_dnsbl_errors_total{site=\"zen\"} 5",
+            "smtpguard_dnsbl_cache_hits_total{site=\"zen\"} 3",
+            "smtpguard_dnsbl_query_seconds_total{site=\"zen\"} 0.5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+    }
+
+    #[test]
     fn xdp_series_come_from_the_counter_names() {
         let mut values = [0u64; COUNTER_COUNT as usize];
         for (i, v) in values.iter_mut().enumerate() {
