@@ -211,15 +211,16 @@ fn dnsbl_gate(
     let skip: front_door::dnsbl_gate::SkipCheck = {
         let daemon = Arc::downgrade(daemon);
         Arc::new(move |ip| {
+            // Any permit entry covering the client, whatever else decides
+            // (a protected range, say): one LPM per source.
             daemon.upgrade().is_some_and(|d| {
-                let policy = d.policy();
-                match policy.decide(ip) {
-                    crate::policy::Reason::Permitted => true,
-                    // A protected range decides before the lists, but a
-                    // permit entry inside it still skips DNSBL.
-                    crate::policy::Reason::Protected => policy.explain(ip).permit_match.is_some(),
-                    _ => false,
-                }
+                d.policy().sources().any(|(_, lists)| {
+                    lists
+                        .list(crate::policy::ListKind::Permit)
+                        .table()
+                        .lpm(ip)
+                        .is_some()
+                })
             })
         })
     };

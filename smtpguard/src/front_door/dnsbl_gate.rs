@@ -121,6 +121,14 @@ impl DnsblGate {
     /// of it.
     pub fn judge(&self, verdict: &Verdict, peer: SocketAddr, host: &str) -> Decision {
         let config = self.dnsbl.config();
+        let ip = peer.ip();
+        if verdict.is_allow_listed() {
+            self.stats.allow_listed.fetch_add(1, Ordering::Relaxed);
+        }
+        // The common case, a score of 0, builds no strings.
+        if verdict.score == 0 {
+            return Decision::Proceed;
+        }
         let sites = verdict.matching_sites();
         let outcomes: Vec<String> = verdict
             .sites
@@ -128,17 +136,9 @@ impl DnsblGate {
             .map(|s| format!("{}={}", s.name, s.outcome.as_str()))
             .collect();
         let outcomes = outcomes.join(",");
-        let ip = peer.ip();
-        if verdict.is_allow_listed() {
-            self.stats.allow_listed.fetch_add(1, Ordering::Relaxed);
-        }
         if !verdict.is_listed() {
-            if verdict.score != 0 {
-                tracing::info!(client = %ip, score = verdict.score, %sites, %outcomes,
-                    "DNSBL rank {} for [{ip}]:{}", verdict.score, peer.port());
-            } else {
-                tracing::debug!(client = %ip, %outcomes, "DNSBL: not listed");
-            }
+            tracing::info!(client = %ip, score = verdict.score, %sites, %outcomes,
+                "DNSBL rank {} for [{ip}]:{}", verdict.score, peer.port());
             return Decision::Proceed;
         }
         self.stats.listed.fetch_add(1, Ordering::Relaxed);
