@@ -91,6 +91,35 @@ threshold = 3"#,
     .await;
 }
 
+/// postscreen's usual Spamhaus lines: one zone, several filters and
+/// weights; one query serves them all.
+#[tokio::test]
+async fn sites_on_one_zone_share_one_query() {
+    bounded(LIMIT, async {
+        let dns = TestDns::start();
+        let client = owner("203.0.113.50");
+        dns.zone(
+            "zen.test",
+            300,
+            &[(&client, &[Ipv4Addr::new(127, 0, 0, 4), Ipv4Addr::new(127, 0, 0, 10)])],
+        );
+        let dnsbl = engine(
+            dns.addr(),
+            r#"sites = ["zen.test=127.0.0.[10..11]*8", "zen.test=127.0.0.[4..7]*6", "zen.test=127.0.0.3*4"]
+threshold = 3"#,
+        )
+        ;
+        let v = dnsbl.lookup(ip("203.0.113.50")).await;
+        assert_eq!(v.score, 14, "{v:?}");
+        assert_eq!(v.sites[2].outcome.as_str(), "filtered");
+        assert_eq!(dns.queries("zen.test"), 1);
+        let s = dnsbl.snapshot();
+        assert_eq!((s[0].hits, s[1].hits, s[2].hits), (1, 1, 0));
+        assert_eq!(s[0].lookups, 1);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_allow_list_with_a_negative_weight() {
     bounded(LIMIT, async {

@@ -264,10 +264,25 @@ impl DnsblConfig {
         if raw_sites.is_empty() {
             return Err(invalid("sites", "is empty: name at least one DNS list"));
         }
-        let mut sites: Vec<Site> = Vec::with_capacity(raw_sites.len());
-        for (i, raw_site) in raw_sites.into_iter().enumerate() {
-            let site = parse_site(raw_site)
-                .map_err(|(zone, problem)| invalid(format!("sites[{i}] ({zone})"), problem))?;
+        let parsed = raw_sites
+            .into_iter()
+            .enumerate()
+            .map(|(i, raw_site)| {
+                parse_site(raw_site)
+                    .map_err(|(zone, problem)| invalid(format!("sites[{i}] ({zone})"), problem))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // A site without a name is called by its zone, or, when other sites
+        // share the zone (postscreen's one line per Spamhaus return code),
+        // by its zone and filter as written.
+        let zones: Vec<String> = parsed.iter().map(|(s, _)| s.zone.clone()).collect();
+        let mut sites: Vec<Site> = Vec::with_capacity(parsed.len());
+        for (i, (mut site, long_name)) in parsed.into_iter().enumerate() {
+            if let Some(long_name) = long_name {
+                if zones.iter().filter(|z| **z == site.zone).count() > 1 {
+                    site.name = long_name;
+                }
+            }
             if sites.iter().any(|s| s.name == site.name) {
                 return Err(invalid(
                     format!("sites[{i}] ({})", site.zone),
@@ -351,7 +366,9 @@ impl DnsblConfig {
 }
 
 /// A site from either shape; on error the zone as written and the problem.
-fn parse_site(raw: RawSite) -> Result<Site, (String, String)> {
+/// A site from either shape, and, when its name was not given, the longer
+/// name (`zone=filter`) it takes if other sites share its zone.
+fn parse_site(raw: RawSite) -> Result<(Site, Option<String>), (String, String)> {
     let (zone, filter, weight, name) = match raw {
         RawSite::Table(t) => (t.zone, t.filter, t.weight, t.name),
         RawSite::Text(text) => {
@@ -389,6 +406,7 @@ fn parse_site(raw: RawSite) -> Result<Site, (String, String)> {
             "zone {zone:?} is not a DNS name (letters, digits, '-', '_', dot-separated labels)"
         )));
     }
+    let filter_text = filter.clone();
     let filter = filter
         .map(|f| ReplyFilter::parse(&f))
         .transpose()
@@ -404,6 +422,10 @@ fn parse_site(raw: RawSite) -> Result<Site, (String, String)> {
                 ))
             })?,
     };
+    let long_name = match (&name, &filter_text) {
+        (None, Some(f)) => Some(format!("{normalized}={f}")),
+        _ => None,
+    };
     let name = match name {
         None => normalized.clone(),
         Some(n) if !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_graphic()) => n,
@@ -413,12 +435,15 @@ fn parse_site(raw: RawSite) -> Result<Site, (String, String)> {
             )))
         }
     };
-    Ok(Site {
-        zone: normalized,
-        filter,
-        weight,
-        name,
-    })
+    Ok((
+        Site {
+            zone: normalized,
+            filter,
+            weight,
+            name,
+        },
+        long_name,
+    ))
 }
 
 #[cfg(test)]
@@ -469,6 +494,21 @@ mod tests {
             ResolverSetting::Address("127.0.0.1:5353".parse().unwrap())
         );
         assert_eq!(c.cache_ttl, DEFAULT_CACHE_TTL);
+    }
+
+    #[test]
+    fn sites_sharing_a_zone_are_named_by_their_filter() {
+        let c = parse(r#"sites = ["zen.example=127.0.0.[10..11]*8", "zen.example=127.0.0.[4..7]*6", "other.example=127.0.0.2"]"#)
+            .unwrap();
+        let names: Vec<&str> = c.sites.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "zen.example=127.0.0.[10..11]",
+                "zen.example=127.0.0.[4..7]",
+                "other.example"
+            ]
+        );
     }
 
     #[test]

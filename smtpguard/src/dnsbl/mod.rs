@@ -13,15 +13,20 @@
 //!   list refusing to answer (Spamhaus: a public resolver, or too many
 //!   queries): an error, logged as such, never a listing. A reply outside
 //!   127.0.0.0/8 is an error too.
-//! * Cache: per (site, client), for the answer's DNS TTL (the SOA's
+//! * Sites on the same zone (postscreen's usual
+//!   `zen.spamhaus.org=127.0.0.[10..11]*8, zen.spamhaus.org=127.0.0.[4..7]*6`)
+//!   share one query: queries, the cache and their counters are per zone;
+//!   each site applies its own filter and weight to the zone's answer.
+//! * Cache: per (zone, client), for the answer's DNS TTL (the SOA's
 //!   negative TTL for NXDOMAIN), at most `cache_ttl`, at most
 //!   `max_cache_entries` entries. Errors and timeouts are not cached.
-//! * At most one query in flight per (site, client): a connection that
+//! * At most one query in flight per (zone, client): a connection that
 //!   arrives while one is under way waits for the same answer. At most
 //!   `max_queries_in_flight` queries in flight overall; one over the cap
 //!   waits for a slot within its `timeout`.
 //!
-//! Counters per site ([`SiteStats`]) feed `stats` and `/metrics`.
+//! Counters per zone ([`ZoneStats`]) and hits per site feed `stats` and
+//! `/metrics` ([`SiteSnapshot`]).
 
 pub mod config;
 mod query;
@@ -168,13 +173,11 @@ impl Verdict {
     }
 }
 
-/// Counters of one site, since start.
+/// Query counters of one zone, since start.
 #[derive(Debug, Default)]
-pub struct SiteStats {
+pub struct ZoneStats {
     /// Queries sent (cache misses that were not joined to one in flight).
     pub lookups: AtomicU64,
-    /// Answers that listed a client (queries and cache hits alike).
-    pub hits: AtomicU64,
     /// Answers taken from the cache.
     pub cache_hits: AtomicU64,
     /// Queries that got no answer within `timeout`.
@@ -188,24 +191,27 @@ pub struct SiteStats {
     pub latency_us_sum: AtomicU64,
 }
 
-/// A plain copy of one site's counters, for `stats` and `/metrics`.
+/// A plain copy of one site's counters, for `stats` and `/metrics`: its
+/// hits, and the counters of its zone (the same for every site on that
+/// zone).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct SiteSnapshot {
     /// The site's name.
     pub name: String,
     /// Its zone.
     pub zone: String,
-    /// See [`SiteStats`].
+    /// See [`ZoneStats`].
     pub lookups: u64,
-    /// See [`SiteStats`].
+    /// Verdicts in which this site listed the client (fresh and cached
+    /// answers alike).
     pub hits: u64,
-    /// See [`SiteStats`].
+    /// See [`ZoneStats`].
     pub cache_hits: u64,
-    /// See [`SiteStats`].
+    /// See [`ZoneStats`].
     pub timeouts: u64,
-    /// See [`SiteStats`].
+    /// See [`ZoneStats`].
     pub errors: u64,
-    /// See [`SiteStats`].
+    /// See [`ZoneStats`].
     pub nxdomain: u64,
     /// Sum of query latencies in seconds (count: `lookups`).
     pub latency_seconds_sum: f64,
@@ -231,7 +237,14 @@ struct Inner {
     resolver: Resolver<TokioRuntimeProvider>,
     state: Mutex<State>,
     slots: Arc<Semaphore>,
-    stats: Vec<SiteStats>,
+    /// The distinct zones of the sites, in first-seen order.
+    zones: Vec<String>,
+    /// For each site, the index of its zone in `zones`.
+    site_zone: Vec<usize>,
+    /// Per zone.
+    zone_stats: Vec<ZoneStats>,
+    /// Per site.
+    hits: Vec<AtomicU64>,
 }
 
 /// The DNSBL engine: cheap to clone, shared by every connection.
@@ -277,14 +290,30 @@ impl Dnsbl {
         opts.attempts = 1;
         opts.use_hosts_file = hickory_resolver::config::ResolveHosts::Never;
         let resolver = builder.build().map_err(DnsblError::Resolver)?;
-        let stats = config.sites.iter().map(|_| SiteStats::default()).collect();
+        let mut zones: Vec<String> = Vec::new();
+        let site_zone = config
+            .sites
+            .iter()
+            .map(|site| match zones.iter().position(|z| *z == site.zone) {
+                Some(i) => i,
+                None => {
+                    zones.push(site.zone.clone());
+                    zones.len() - 1
+                }
+            })
+            .collect();
+        let zone_stats = zones.iter().map(|_| ZoneStats::default()).collect();
+        let hits = config.sites.iter().map(|_| AtomicU64::new(0)).collect();
         Ok(Dnsbl {
             inner: Arc::new(Inner {
                 slots: Arc::new(Semaphore::new(config.max_queries_in_flight)),
                 config,
                 resolver,
                 state: Mutex::new(State::default()),
-                stats,
+                zones,
+                site_zone,
+                zone_stats,
+                hits,
             }),
         })
     }
@@ -309,16 +338,21 @@ impl Dnsbl {
         async move {
             let started = Instant::now();
             let deadline = started + this.inner.config.timeout;
-            let asks = (0..this.inner.config.sites.len()).map(|i| this.ask(i, client, deadline));
-            let results = futures::future::join_all(asks).await;
-            let config = &this.inner.config;
+            let asks = (0..this.inner.zones.len()).map(|z| this.ask(z, client, deadline));
+            let answers = futures::future::join_all(asks).await;
+            let inner = &this.inner;
             let mut score = 0i32;
-            let sites = config
+            let sites = inner
+                .config
                 .sites
                 .iter()
-                .zip(results)
-                .map(|(site, (outcome, cached))| {
+                .enumerate()
+                .map(|(i, site)| {
+                    let (answer, cached) = &answers[inner.site_zone[i]];
+                    let outcome = filtered(site, answer);
+                    let cached = *cached;
                     if matches!(outcome, Outcome::Listed(_)) {
+                        inner.hits[i].fetch_add(1, Ordering::Relaxed);
                         score = score.saturating_add(site.weight);
                     }
                     SiteResult {
@@ -331,26 +365,23 @@ impl Dnsbl {
                 .collect();
             Verdict {
                 score,
-                threshold: config.threshold,
+                threshold: inner.config.threshold,
                 sites,
             }
         }
     }
 
-    /// One site's outcome: from the cache, from a query in flight, or
-    /// from a new query; and whether it came from the cache.
-    async fn ask(&self, site: usize, client: IpAddr, deadline: Instant) -> (Outcome, bool) {
-        let stats = &self.inner.stats[site];
-        let key = (site, client);
+    /// One zone's answer (unfiltered): from the cache, from a query in
+    /// flight, or from a new query; and whether it came from the cache.
+    async fn ask(&self, zone: usize, client: IpAddr, deadline: Instant) -> (Outcome, bool) {
+        let stats = &self.inner.zone_stats[zone];
+        let key = (zone, client);
         let pending = {
             let mut state = self.inner.state.lock().expect("dnsbl lock");
             let now = Instant::now();
             match state.cache.get(&key) {
                 Some((outcome, until)) if *until > now => {
                     stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-                    if matches!(outcome, Outcome::Listed(_)) {
-                        stats.hits.fetch_add(1, Ordering::Relaxed);
-                    }
                     return (outcome.clone(), true);
                 }
                 Some(_) => {
@@ -365,7 +396,7 @@ impl Dnsbl {
                     // A task of its own, so the query finishes (and is
                     // cached) even when every connection waiting for it
                     // has gone.
-                    let task = tokio::spawn(async move { this.query(site, client).await });
+                    let task = tokio::spawn(async move { this.query(zone, client).await });
                     let pending: Pending = async move {
                         task.await
                             .unwrap_or_else(|e| Outcome::Failed(format!("query task: {e}")))
@@ -386,12 +417,13 @@ impl Dnsbl {
     }
 
     /// Sends one query (under the global cap, within `timeout`), counts
-    /// it, caches a definite answer, and clears the in-flight entry.
-    async fn query(&self, site_index: usize, client: IpAddr) -> Outcome {
+    /// it, caches a definite answer, and clears the in-flight entry. The
+    /// answer is unfiltered: each site filters it ([`filtered`]).
+    async fn query(&self, zone_index: usize, client: IpAddr) -> Outcome {
         let inner = &self.inner;
-        let site = &inner.config.sites[site_index];
-        let stats = &inner.stats[site_index];
-        let name = query_name(client, &site.zone);
+        let zone = &inner.zones[zone_index];
+        let stats = &inner.zone_stats[zone_index];
+        let name = query_name(client, zone);
         let started = Instant::now();
         let deadline = started + inner.config.timeout;
         let answer = tokio::time::timeout_at(deadline, async {
@@ -418,29 +450,26 @@ impl Dnsbl {
                 let ttl = lookup
                     .valid_until()
                     .saturating_duration_since(std::time::Instant::now());
-                (judge(site, replies), Some(ttl))
+                (judge(replies), Some(ttl))
             }
             Ok(Err(e)) => classify(&e),
         };
         match &outcome {
-            Outcome::Listed(_) => {
-                stats.hits.fetch_add(1, Ordering::Relaxed);
-            }
             Outcome::NotListed => {
                 stats.nxdomain.fetch_add(1, Ordering::Relaxed);
             }
             Outcome::Timeout => {
                 stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(site = %site.name, query = %name, timeout = ?inner.config.timeout, "DNSBL query timed out: not counted");
+                tracing::warn!(%zone, query = %name, timeout = ?inner.config.timeout, "DNSBL query timed out: not counted");
             }
             Outcome::Refused(code) => {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(site = %site.name, query = %name, reply = %code,
+                tracing::error!(%zone, query = %name, reply = %code,
                     "DNSBL refused the query (127.255.255.254: queries through a public resolver; .255: too many queries): not counted as a listing; use a local recursive resolver");
             }
             Outcome::BadReply(code) => {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(site = %site.name, query = %name, reply = %code,
+                tracing::error!(%zone, query = %name, reply = %code,
                     "DNSBL reply outside 127.0.0.0/8 (wildcard or hijacking resolver?): not counted");
             }
             Outcome::ServFail | Outcome::Failed(_) => {
@@ -449,12 +478,12 @@ impl Dnsbl {
                     Outcome::Failed(e) => e.as_str(),
                     _ => "SERVFAIL",
                 };
-                tracing::warn!(site = %site.name, query = %name, %error, "DNSBL query failed: not counted");
+                tracing::warn!(%zone, query = %name, %error, "DNSBL query failed: not counted");
             }
-            Outcome::Filtered(_) => {}
+            Outcome::Listed(_) | Outcome::Filtered(_) => {}
         }
         let mut state = inner.state.lock().expect("dnsbl lock");
-        state.in_flight.remove(&(site_index, client));
+        state.in_flight.remove(&(zone_index, client));
         let ttl = ttl.map(|t| t.min(inner.config.cache_ttl));
         if let (false, Some(ttl)) = (outcome.is_error(), ttl) {
             if !ttl.is_zero() {
@@ -470,7 +499,7 @@ impl Dnsbl {
                 }
                 state
                     .cache
-                    .insert((site_index, client), (outcome.clone(), now + ttl));
+                    .insert((zone_index, client), (outcome.clone(), now + ttl));
             }
         }
         outcome
@@ -487,12 +516,19 @@ impl Dnsbl {
             .config
             .sites
             .iter()
-            .zip(&self.inner.stats)
-            .map(|(site, s)| SiteSnapshot {
+            .enumerate()
+            .map(|(i, site)| {
+                (
+                    site,
+                    &self.inner.zone_stats[self.inner.site_zone[i]],
+                    &self.inner.hits[i],
+                )
+            })
+            .map(|(site, s, hits)| SiteSnapshot {
                 name: site.name.clone(),
                 zone: site.zone.clone(),
                 lookups: s.lookups.load(Ordering::Relaxed),
-                hits: s.hits.load(Ordering::Relaxed),
+                hits: hits.load(Ordering::Relaxed),
                 cache_hits: s.cache_hits.load(Ordering::Relaxed),
                 timeouts: s.timeouts.load(Ordering::Relaxed),
                 errors: s.errors.load(Ordering::Relaxed),
@@ -506,8 +542,9 @@ impl Dnsbl {
     }
 }
 
-/// The outcome of the A records `replies` for `site` (RFC 5782 §2.1).
-fn judge(site: &Site, replies: Vec<Ipv4Addr>) -> Outcome {
+/// The zone's answer, from its A records `replies` (RFC 5782 §2.1),
+/// before any site's filter.
+fn judge(replies: Vec<Ipv4Addr>) -> Outcome {
     if replies.is_empty() {
         return Outcome::NotListed;
     }
@@ -520,14 +557,23 @@ fn judge(site: &Site, replies: Vec<Ipv4Addr>) -> Outcome {
     if let Some(&bad) = replies.iter().find(|r| r.octets()[0] != 127) {
         return Outcome::BadReply(bad);
     }
-    let matching: Vec<Ipv4Addr> = match &site.filter {
-        None => replies.clone(),
-        Some(f) => replies.iter().copied().filter(|r| f.matches(*r)).collect(),
-    };
-    if matching.is_empty() {
-        Outcome::Filtered(replies)
-    } else {
-        Outcome::Listed(matching)
+    Outcome::Listed(replies)
+}
+
+/// What the zone's `answer` means for `site`: its filter applied to a
+/// listing; anything else as it is.
+fn filtered(site: &Site, answer: &Outcome) -> Outcome {
+    match (answer, &site.filter) {
+        (Outcome::Listed(replies), Some(f)) => {
+            let matching: Vec<Ipv4Addr> =
+                replies.iter().copied().filter(|r| f.matches(*r)).collect();
+            if matching.is_empty() {
+                Outcome::Filtered(replies.clone())
+            } else {
+                Outcome::Listed(matching)
+            }
+        }
+        _ => answer.clone(),
     }
 }
 
@@ -566,20 +612,21 @@ mod tests {
     #[test]
     fn rfc5782_replies() {
         let a = |d| Ipv4Addr::new(127, 0, 0, d);
-        assert_eq!(judge(&site(None), vec![a(2)]), Outcome::Listed(vec![a(2)]));
-        assert_eq!(judge(&site(None), vec![]), Outcome::NotListed);
+        let judge = |site: Site, replies| filtered(&site, &judge(replies));
+        assert_eq!(judge(site(None), vec![a(2)]), Outcome::Listed(vec![a(2)]));
+        assert_eq!(judge(site(None), vec![]), Outcome::NotListed);
         let refused = Ipv4Addr::new(127, 255, 255, 254);
         assert_eq!(
-            judge(&site(None), vec![a(2), refused]),
+            judge(site(None), vec![a(2), refused]),
             Outcome::Refused(refused)
         );
         let f = Some("127.0.0.[2..3]");
-        assert_eq!(judge(&site(f), vec![a(4)]), Outcome::Filtered(vec![a(4)]));
+        assert_eq!(judge(site(f), vec![a(4)]), Outcome::Filtered(vec![a(4)]));
         assert_eq!(
-            judge(&site(f), vec![a(4), a(3)]),
+            judge(site(f), vec![a(4), a(3)]),
             Outcome::Listed(vec![a(3)])
         );
         let wild = Ipv4Addr::new(192, 0, 2, 1);
-        assert_eq!(judge(&site(None), vec![wild]), Outcome::BadReply(wild));
+        assert_eq!(judge(site(None), vec![wild]), Outcome::BadReply(wild));
     }
 }
