@@ -12,11 +12,14 @@
 //!   dropped SYN, beside `nft add element`.
 //! - [`front_door`]: the daemon's SMTP front door beside Postfix and HAProxy.
 //! - [`rate_limit`]: the per-client SYN rate limiter's cost, on versus off.
+//! - [`dnsbl`]: time to the greeting with DNSBL on, cached and off; lookups
+//!   per second against a local DNS server.
 //!
 //! Nothing here is a pass/fail timer: figures are reported, with ratios.
 
 pub mod cli_latency;
 pub mod daemon;
+pub mod dnsbl;
 pub mod flood;
 pub mod front_door;
 pub mod greeting;

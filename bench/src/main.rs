@@ -4,15 +4,15 @@
 //! live in this crate's library (`smtpguard_bench`).
 //!
 //! Usage: `bench [--quick] [--out PATH] [--only SECTION]`, SECTION one of
-//! `kernel`, `rate-limit`, `flood`, `greeting`, `sync`, `front-door`, `screening` (for working on one
-//! section; the
+//! `kernel`, `rate-limit`, `flood`, `greeting`, `sync`, `front-door`, `dnsbl`, `screening` (for
+//! working on one section; the
 //! table then holds only that one).
 
 use std::{panic::AssertUnwindSafe, time::Instant};
 
 use smtpguard_bench::{
-    cli_latency, flood, front_door, greeting, kernel, rate_limit, report::Report, report::Row,
-    screening, Settings,
+    cli_latency, dnsbl, flood, front_door, greeting, kernel, rate_limit, report::Report,
+    report::Row, screening, Settings,
 };
 use smtpguard_tests::require_root;
 
@@ -76,6 +76,10 @@ fn main() {
     if wanted("front-door") {
         report.section("Front door (loopback)");
         section(&mut report, "front door", || front_door::run(&settings));
+    }
+    if wanted("dnsbl") {
+        report.section("DNSBL before the greeting (loopback, a local DNS server)");
+        section(&mut report, "dnsbl", || dnsbl::run(&settings));
     }
 
     if wanted("screening") {

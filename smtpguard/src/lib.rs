@@ -22,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod dnsbl;
 pub mod fds;
 pub mod files;
 pub mod front_door;

@@ -109,6 +109,37 @@ fn a_bad_value_is_named_with_its_key() {
     );
 }
 
+/// `[dnsbl]`: a bad site is named by its index and zone; a good table passes.
+#[test]
+fn a_bad_dnsbl_site_is_named_with_its_key_and_zone() {
+    let dir = TempDir::new("check-dnsbl");
+    let config = config(
+        &dir,
+        "",
+        "[dnsbl]\nsites = [\"zen.example*3\", \"list.example=127.0.[0..255]*-5\"]\n",
+    );
+    let p = problems(&check(&config));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].starts_with(&format!(
+            "{}: dnsbl.sites[1] (list.example) filter",
+            config.display()
+        )),
+        "{p:?}"
+    );
+    let good = config_with_dnsbl(&dir);
+    assert_eq!(check(&good).status.code(), Some(0));
+}
+
+fn config_with_dnsbl(dir: &TempDir) -> std::path::PathBuf {
+    config(
+        dir,
+        "",
+        "[dnsbl]\nsites = [\"zen.example*3\", { zone = \"wl.example\", filter = \"127.0.[0..255].[1..3]\", weight = -5 }]\n\
+         threshold = 3\naction = \"drop\"\ntimeout = \"2s\"\nresolver = \"127.0.0.1:53\"\n",
+    )
+}
+
 #[test]
 fn every_bad_list_line_is_named() {
     let dir = TempDir::new("check-list");

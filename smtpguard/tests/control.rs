@@ -125,6 +125,7 @@ fn stats_view() -> StatsView {
             },
         ],
         clients: BTreeMap::new(),
+        dnsbl: BTreeMap::new(),
     }
 }
 

@@ -975,3 +975,85 @@ fn early_talkers_are_banned_in_the_kernel_until_the_ban_expires() {
     assert_eq!(front_door(&gw, "bans_expired"), 2);
     gw.stop();
 }
+
+/// #17's end to end: a real DNS server (hickory-server, bound inside the
+/// gateway's namespace) lists one client; with `action = "drop"` it gets
+/// `521 5.7.1` instead of the greeting, is banned in the `auto` source
+/// (`reason=dnsbl`), and its next SYN dies in XDP (the ban's hits rise, no
+/// socket is accepted). An unlisted client is greeted, and the DNSBL
+/// answer for it comes from the one query the server saw.
+#[test]
+fn a_dnsbl_listed_client_is_dropped_banned_and_its_next_syn_dies_in_xdp() {
+    use smtpguard::testing::dns::TestDns;
+    require_root();
+    let topo = Topology::new();
+    let (listed, clean) = ("203.0.113.40", "203.0.113.41");
+    for client in [listed, clean] {
+        topo.add_client(client);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    // The server's socket is bound in the gateway's namespace, where the
+    // daemon asks it; the runtime's thread serves it from anywhere.
+    let dns = topo.gw.enter(|| {
+        let _rt = rt.enter();
+        TestDns::start()
+    });
+    dns.zone(
+        "dnsbl.test",
+        300,
+        &[("40.113.0.203", &[std::net::Ipv4Addr::new(127, 0, 0, 2)])],
+    );
+    let dir = TempDir::new("daemon-dnsbl");
+    let xdp = format!("interfaces = [\"{}\"]\nmode = \"native\"\n", topo.gw_if);
+    let dnsbl = format!(
+        "sites = [\"dnsbl.test*3\"]\nthreshold = 3\naction = \"drop\"\ntimeout = \"5s\"\nresolver = \"{}\"\n",
+        dns.addr()
+    );
+    write_config(
+        &dir,
+        &[
+            ("xdp", &xdp),
+            ("dnsbl", &dnsbl),
+            ("bans", "ban_after = 1\nban_for = \"1h\"\n"),
+        ],
+    );
+    let mut gw = Gateway {
+        ns: &topo.gw,
+        dir: dir.path(),
+        daemon: None,
+    };
+    gw.start();
+    let net = &topo.net;
+
+    assert_greeted(net, clean, "unlisted");
+    let refused = connect_from(net, listed).expect("the listed client connects");
+    assert!(
+        refused.starts_with("521 5.7.1 gw.example.com Service unavailable; client [203.0.113.40]"),
+        "{refused:?}"
+    );
+    wait_for_log(&gw, &format!("DNSBL rank 3 for [{listed}]:"));
+    wait_for_log(&gw, &format!("BAN {listed}/32 for 1h reason=dnsbl"));
+    let entries = gw.json(&["deny", "list", "--source", "auto"])["entries"].clone();
+    assert_eq!(entries[0]["prefix"], format!("{listed}/32"), "{entries}");
+    assert_eq!(entries[0]["comment"], "reason=dnsbl ban=1", "{entries}");
+
+    // Its next SYN is dropped in XDP: the ban's hits rise, no socket.
+    let accepted = gw.json(&["stats"])["front_door"]["accepted_at_socket"]
+        .as_u64()
+        .unwrap();
+    assert_dropped(net, listed, "banned by DNSBL");
+    let entries = gw.json(&["deny", "list", "--source", "auto"])["entries"].clone();
+    assert_eq!(entries[0]["hits"].as_u64(), Some(1), "{entries}");
+    assert_eq!(
+        gw.json(&["stats"])["front_door"]["accepted_at_socket"].as_u64(),
+        Some(accepted)
+    );
+    // One lookup per client (hickory may send a UDP query twice).
+    let queries = dns.queries("dnsbl.test");
+    assert!((2..=4).contains(&queries), "{queries} queries");
+    gw.stop();
+}

@@ -197,6 +197,9 @@ pub struct Config {
     pub bans: BansConfig,
     /// `[rate_limit]`: the per-client SYN rate limit in XDP.
     pub rate_limit: RateLimitConfig,
+    /// `[dnsbl]`: DNS block/allow list scoring before the greeting;
+    /// `None` without the table (nothing is asked).
+    pub dnsbl: Option<crate::dnsbl::DnsblConfig>,
 }
 
 /// `[rate_limit]`: the per-client SYN rate limit, enforced by the XDP

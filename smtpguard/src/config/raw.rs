@@ -29,6 +29,7 @@ pub(super) struct RawConfig {
     pub screening: RawScreening,
     pub bans: RawBans,
     pub rate_limit: RawRateLimit,
+    pub dnsbl: Option<crate::dnsbl::config::RawDnsbl>,
 }
 
 #[derive(Debug, Default, Deserialize)]

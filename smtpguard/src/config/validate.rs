@@ -67,6 +67,7 @@ pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErro
         screening: cx.screening(raw.screening)?,
         bans: cx.bans(raw.bans)?,
         rate_limit: cx.rate_limit(raw.rate_limit)?,
+        dnsbl: raw.dnsbl.map(|d| cx.dnsbl(d)).transpose()?,
     };
     if let Delivery::Upstream(up) = &config.delivery {
         let local = host_addresses();
@@ -149,6 +150,19 @@ const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 const MAX_COUNT: usize = 1_000_000;
 
 impl Cx<'_> {
+    /// `[dnsbl]`: validated by its own module, which names the key.
+    fn dnsbl(
+        &self,
+        raw: crate::dnsbl::config::RawDnsbl,
+    ) -> Result<crate::dnsbl::DnsblConfig, ConfigError> {
+        crate::dnsbl::DnsblConfig::from_raw(raw).map_err(|e| match e {
+            crate::dnsbl::DnsblError::Invalid { key, problem } => {
+                self.invalid(&format!("dnsbl.{key}"), problem)
+            }
+            other => self.invalid("dnsbl", other.to_string()),
+        })
+    }
+
     fn invalid(&self, key: &str, problem: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_owned(),

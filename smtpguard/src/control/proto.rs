@@ -585,6 +585,12 @@ pub struct StatsView {
     /// Shown by `--json` only: the text output would be one line a client.
     #[serde(default)]
     pub clients: BTreeMap<String, ClientView>,
+    /// DNSBL counters by name (`"listed"`, `"dropped"`,
+    /// `"<site>.lookups"`, `"<site>.hits"`, `"<site>.timeouts"`,
+    /// `"<site>.errors"`, `"<site>.cache_hits"`, ...; events); empty without
+    /// `[dnsbl]`.
+    #[serde(default)]
+    pub dnsbl: BTreeMap<String, u64>,
 }
 
 /// One client address's front-door counters, for [`StatsView::clients`].

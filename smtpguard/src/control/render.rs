@@ -233,6 +233,9 @@ fn stat_rows(s: &StatsView) -> Vec<(String, u64, bool)> {
     for (name, v) in &s.front_door {
         rows.push((format!("front_door.{name}"), *v, false));
     }
+    for (name, v) in &s.dnsbl {
+        rows.push((format!("dnsbl.{name}"), *v, false));
+    }
     for (name, v) in &s.gauges {
         rows.push((name.clone(), *v, true));
     }

@@ -1023,6 +1023,33 @@ fn stats(snapshot: &Snapshot, top: usize) -> StatsView {
         view.gauges
             .extend(d.gauges().iter().map(|(n, v)| (n.to_string(), *v)));
     }
+    if let Some(d) = &snapshot.dnsbl {
+        let map = &mut view.dnsbl;
+        for (name, n) in [
+            ("listed", d.listed),
+            ("allow_listed", d.allow_listed),
+            ("dropped", d.dropped),
+            ("enforced", d.enforced),
+            ("skipped", d.skipped),
+        ] {
+            map.insert(name.into(), n);
+        }
+        for s in &d.sites {
+            for (what, n) in [
+                ("lookups", s.lookups),
+                ("hits", s.hits),
+                ("cache_hits", s.cache_hits),
+                ("timeouts", s.timeouts),
+                ("errors", s.errors),
+                ("nxdomain", s.nxdomain),
+                ("latency_ms_sum", (s.latency_seconds_sum * 1000.0) as u64),
+            ] {
+                map.insert(format!("{}.{what}", s.name), n);
+            }
+        }
+        view.gauges
+            .insert("dnsbl_cache_entries".into(), d.cache_entries);
+    }
     view.top_entries = snapshot
         .entry_hits
         .iter()

@@ -137,13 +137,16 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         let defence = Arc::downgrade(&defence);
         Box::new(move || defence.upgrade().map(|d| d.snapshot()).unwrap_or_default())
     });
-    let ctx = ServerContext::new(
+    let mut ctx = ServerContext::new(
         front_door_settings,
         tls.as_ref().map(|t| Arc::clone(&t.server_config)),
         access,
         delivery,
     )
     .with_screening(defence.screening(&config));
+    if let Some(dnsbl) = &config.dnsbl {
+        ctx = ctx.with_dnsbl(dnsbl_gate(dnsbl, &daemon)?);
+    }
     daemon.set_server(ctx.handle());
 
     let shutdown = CancellationToken::new();
@@ -220,6 +223,38 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     }
     tracing::info!("smtpguard stopped; XDP detached");
     Ok(())
+}
+
+/// The DNSBL step: the engine on the configured resolver; clients on a
+/// permit list skip it.
+fn dnsbl_gate(
+    config: &crate::dnsbl::DnsblConfig,
+    daemon: &Arc<Daemon>,
+) -> Result<front_door::dnsbl_gate::DnsblGate> {
+    let engine = crate::dnsbl::Dnsbl::new(config.clone()).context("[dnsbl]")?;
+    let skip: front_door::dnsbl_gate::SkipCheck = {
+        let daemon = Arc::downgrade(daemon);
+        Arc::new(move |ip| {
+            // Any permit entry covering the client, whatever else decides
+            // (a protected range, say): one LPM per source.
+            daemon.upgrade().is_some_and(|d| {
+                d.policy().sources().any(|(_, lists)| {
+                    lists
+                        .list(crate::policy::ListKind::Permit)
+                        .table()
+                        .lpm(ip)
+                        .is_some()
+                })
+            })
+        })
+    };
+    tracing::info!(
+        sites = config.sites.len(),
+        threshold = config.threshold,
+        action = config.action.as_str(),
+        "DNSBL scoring before the greeting"
+    );
+    Ok(front_door::dnsbl_gate::DnsblGate::new(engine, skip))
 }
 
 /// TLS files, when TLS is on; refuses to start on any problem with them.

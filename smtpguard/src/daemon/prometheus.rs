@@ -279,6 +279,9 @@ pub fn render(snapshot: &Snapshot) -> String {
     if let Some(d) = &snapshot.defence {
         defence_series(&mut r, d);
     }
+    if let Some(d) = &snapshot.dnsbl {
+        dnsbl(&mut r, d);
+    }
     let family = Family::<Labels, Gauge>::default();
     for kind in [ListKind::Deny, ListKind::Permit] {
         let n = snapshot.entries(kind);
@@ -312,11 +315,136 @@ pub fn render(snapshot: &Snapshot) -> String {
     out
 }
 
+/// The DNSBL series: verdicts and actions, then one series per site
+/// (`site` label: the site's name).
+fn dnsbl(r: &mut Registry, d: &crate::front_door::dnsbl_gate::GateSnapshot) {
+    labelled(
+        r,
+        "smtpguard_dnsbl_verdicts",
+        "DNSBL verdicts: clients at or over the threshold, and with a negative score.",
+        "verdict",
+        &[
+            ("listed".into(), d.listed),
+            ("allow_listed".into(), d.allow_listed),
+        ],
+    );
+    labelled(
+        r,
+        "smtpguard_dnsbl_actions",
+        "Listed clients dropped (521) or refused recipients (enforce).",
+        "action",
+        &[("drop".into(), d.dropped), ("enforce".into(), d.enforced)],
+    );
+    counter(
+        r,
+        "smtpguard_dnsbl_skipped",
+        "Clients on a permit list, not asked about.",
+        d.skipped,
+    );
+    gauge(
+        r,
+        "smtpguard_dnsbl_cache_entries",
+        "Cached DNSBL answers.",
+        d.cache_entries as i64,
+    );
+    let per_site = |pick: fn(&crate::dnsbl::SiteSnapshot) -> u64| -> Vec<(String, u64)> {
+        d.sites.iter().map(|s| (s.name.clone(), pick(s))).collect()
+    };
+    for (name, help, pick) in [
+        (
+            "smtpguard_dnsbl_lookups",
+            "DNS queries sent, per site.",
+            (|s| s.lookups) as fn(&crate::dnsbl::SiteSnapshot) -> u64,
+        ),
+        ("smtpguard_dnsbl_hits", "Clients listed, per site.", |s| {
+            s.hits
+        }),
+        (
+            "smtpguard_dnsbl_cache_hits",
+            "Answers taken from the cache, per site.",
+            |s| s.cache_hits,
+        ),
+        (
+            "smtpguard_dnsbl_timeouts",
+            "Queries unanswered within the timeout, per site.",
+            |s| s.timeouts,
+        ),
+        (
+            "smtpguard_dnsbl_errors",
+            "Queries that failed (SERVFAIL, 127.255.255.254/255, bad replies), per site.",
+            |s| s.errors,
+        ),
+        (
+            "smtpguard_dnsbl_nxdomain",
+            "NXDOMAIN (not listed) answers, per site.",
+            |s| s.nxdomain,
+        ),
+    ] {
+        labelled(r, name, help, "site", &per_site(pick));
+    }
+    let family = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+    for s in &d.sites {
+        family
+            .get_or_create(&vec![("site".into(), s.name.clone())])
+            .inc_by(s.latency_seconds_sum);
+    }
+    r.register(
+        "smtpguard_dnsbl_query_seconds",
+        "Sum of DNS query latencies, per site (count: smtpguard_dnsbl_lookups_total).",
+        family,
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use smtpguard_common::{counter, COUNTER_COUNT};
 
     use super::*;
+
+    #[test]
+    fn dnsbl_series_per_site() {
+        let site = |name: &str, lookups| crate::dnsbl::SiteSnapshot {
+            name: name.into(),
+            zone: format!("{name}.test"),
+            lookups,
+            hits: 2,
+            cache_hits: 3,
+            timeouts: 4,
+            errors: 5,
+            nxdomain: 6,
+            latency_seconds_sum: 0.5,
+        };
+        let snapshot = Snapshot {
+            xdp: None,
+            entry_hits: Vec::new(),
+            front_door: None,
+            deny_entries: Default::default(),
+            permit_entries: Default::default(),
+            last_list_load: None,
+            defence: None,
+            dnsbl: Some(crate::front_door::dnsbl_gate::GateSnapshot {
+                listed: 7,
+                dropped: 7,
+                cache_entries: 9,
+                sites: vec![site("zen", 11), site("dnswl", 12)],
+                ..Default::default()
+            }),
+        };
+        let text = render(&snapshot);
+        for line in [
+            "smtpguard_dnsbl_verdicts_total{verdict=\"listed\"} 7",
+            "smtpguard_dnsbl_actions_total{action=\"drop\"} 7",
+            "smtpguard_dnsbl_cache_entries 9",
+            "smtpguard_dnsbl_lookups_total{site=\"zen\"} 11",
+            "smtpguard_dnsbl_lookups_total{site=\"dnswl\"} 12",
+            "smtpguard_dnsbl_timeouts_total{site=\"zen\"} 4",
+            "smtpguard_dnsbl_errors_total{site=\"zen\"} 5",
+            "smtpguard_dnsbl_cache_hits_total{site=\"zen\"} 3",
+            "smtpguard_dnsbl_query_seconds_total{site=\"zen\"} 0.5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+    }
 
     #[test]
     fn xdp_series_come_from_the_counter_names() {

@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub last_list_load: Option<ListLoad>,
     /// Screening and automatic bans; `None` until the front door runs.
     pub defence: Option<crate::front_door::screening::DefenceSnapshot>,
+    /// DNSBL counters; `None` without `[dnsbl]`.
+    pub dnsbl: Option<crate::front_door::dnsbl_gate::GateSnapshot>,
 }
 
 /// One list entry's hit counter.
@@ -75,6 +77,10 @@ impl Snapshot {
             permit_entries: policy.total_len(ListKind::Permit),
             last_list_load: daemon.last_list_load(),
             defence: daemon.defence_snapshot(),
+            dnsbl: daemon
+                .server()
+                .and_then(|s| s.dnsbl())
+                .map(|g| g.snapshot()),
         }
     }
 

@@ -541,7 +541,7 @@ impl Daemon {
     /// (SIGHUP, `smtpguard reload`). Everything is read and checked first;
     /// a bad file leaves the running configuration untouched. Lists, mode
     /// and certificates apply without dropping sessions; settings that
-    /// need a restart (listen addresses, interfaces, limits, delivery,
+    /// need a restart (listen addresses, interfaces, limits, delivery, dnsbl,
     /// control socket) are named in the returned summary.
     pub fn reload(&self) -> Result<String> {
         self.reload_for(&|| true)
@@ -600,6 +600,10 @@ impl Daemon {
         if running.tls.mode != config.tls.mode {
             restart.push("tls.mode");
             config.tls.mode = running.tls.mode;
+        }
+        if running.dnsbl != config.dnsbl {
+            restart.push("[dnsbl]");
+            config.dnsbl = running.dnsbl.clone();
         }
         if running.logging != config.logging || running.metrics != config.metrics {
             restart.push("[logging]/[metrics]");

@@ -15,8 +15,10 @@
 //!    `421 4.7.0 <host> Error: too many connections...`, then close (with
 //!    `max_connections` unlimited, the cap is what the file descriptors
 //!    allow, and over it the reply is `421 4.3.2`);
-//! 3. only then a session task starts ([`connection`], the driver) and
-//!    sends the `220` greeting.
+//! 3. only then a session task starts; with `[dnsbl]`, it first awaits the
+//!    DNSBL verdict ([`dnsbl_gate`]: at most the DNSBL `timeout`; a listed
+//!    client may get `521 5.7.1` and close instead of a greeting); then
+//!    [`connection`], the driver, sends the `220` greeting.
 //!
 //! A session holds a slot (a semaphore permit plus its registry entry) that
 //! is released by a guard on every way out of the task, panics included; a
@@ -36,6 +38,7 @@
 pub mod access;
 pub mod connection;
 pub mod counters;
+pub mod dnsbl_gate;
 mod registry;
 pub mod screening;
 
@@ -58,6 +61,7 @@ use tracing::Instrument;
 
 pub use access::{Access, AccessCheck, AllowAll, DenyReason};
 pub use counters::{ClientCounts, Metrics, MetricsSnapshot, Rejection, Stage, MAX_TRACKED_CLIENTS};
+use dnsbl_gate::DnsblStage;
 use registry::Sessions;
 pub use registry::{Live, LiveDetail, SessionState};
 use screening::{Admission, GreetAction, Screening, Violation, WaitOutcome};
@@ -195,6 +199,8 @@ struct Shared<H> {
     /// The greet delay, PREGREET, the pass cache and the violation
     /// reports; `None`: none of them (tests, benches).
     screening: Option<Screening>,
+    /// DNSBL scoring before the greeting; `None` without `[dnsbl]`.
+    dnsbl: Option<dnsbl_gate::DnsblGate>,
 }
 
 impl<H: HandoffFactory> ServerContext<H> {
@@ -230,6 +236,7 @@ impl<H: HandoffFactory> ServerContext<H> {
                 metrics: Arc::new(Metrics::default()),
                 stop_sessions: CancellationToken::new(),
                 screening: None,
+                dnsbl: None,
             }),
         }
     }
@@ -243,6 +250,18 @@ impl<H: HandoffFactory> ServerContext<H> {
         self
     }
 
+    /// Adds the DNSBL step before the greeting. Call before [`run`].
+    ///
+    /// # Panics
+    ///
+    /// When called after [`run`] started with this context.
+    pub fn with_dnsbl(mut self, gate: dnsbl_gate::DnsblGate) -> ServerContext<H> {
+        Arc::get_mut(&mut self.shared)
+            .expect("with_dnsbl before run")
+            .dnsbl = Some(gate);
+        self
+    }
+
     /// A handle for the daemon: kicks and metrics, usable while [`run`]
     /// runs and after.
     pub fn handle(&self) -> ServerHandle {
@@ -250,6 +269,7 @@ impl<H: HandoffFactory> ServerContext<H> {
             sessions: Arc::clone(&self.shared.sessions),
             metrics: Arc::clone(&self.shared.metrics),
             tls: Arc::clone(&self.shared.tls),
+            dnsbl: self.shared.dnsbl.clone(),
         }
     }
 }
@@ -261,6 +281,8 @@ pub struct ServerHandle {
     metrics: Arc<Metrics>,
     /// The STARTTLS acceptor new sessions get; swapped by a reload.
     tls: Arc<std::sync::RwLock<Option<TlsAcceptor>>>,
+    /// The DNSBL step, for its counters; `None` without `[dnsbl]`.
+    dnsbl: Option<dnsbl_gate::DnsblGate>,
 }
 
 impl ServerHandle {
@@ -283,6 +305,12 @@ impl ServerHandle {
     /// The counters.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The DNSBL step (verdict counters, per-site counters); `None`
+    /// without `[dnsbl]`.
+    pub fn dnsbl(&self) -> Option<&dnsbl_gate::DnsblGate> {
+        self.dnsbl.as_ref()
     }
 
     /// Open sessions per client address.
@@ -411,11 +439,29 @@ fn admit<H: HandoffFactory>(
 
     // 2. The greet wait, without a slot (see `screening`).
     let Some(screening) = &shared.screening else {
-        return open_session(shared, tracker, stream, peer, accepted_at, false, false);
+        return open_session(
+            shared,
+            tracker,
+            stream,
+            peer,
+            accepted_at,
+            false,
+            false,
+            DnsblStage::Ask,
+        );
     };
     let guard = match screening.admit(peer) {
         Admission::Skip => {
-            return open_session(shared, tracker, stream, peer, accepted_at, false, false);
+            return open_session(
+                shared,
+                tracker,
+                stream,
+                peer,
+                accepted_at,
+                false,
+                false,
+                DnsblStage::Ask,
+            );
         }
         Admission::Full => return screening.refuse_full(&stream, peer, host),
         Admission::Wait(guard) => guard,
@@ -427,7 +473,16 @@ fn admit<H: HandoffFactory>(
         .is_some_and(|s| s.available_permits() == 0)
     {
         drop(guard);
-        return open_session(shared, tracker, stream, peer, accepted_at, false, false);
+        return open_session(
+            shared,
+            tracker,
+            stream,
+            peer,
+            accepted_at,
+            false,
+            false,
+            DnsblStage::Ask,
+        );
     }
     let shared = Arc::clone(shared);
     let sessions = tracker.clone();
@@ -438,12 +493,27 @@ fn admit<H: HandoffFactory>(
                 return;
             };
             let host = shared.settings.conn.session.hostname.clone();
-            let (outcome, ()) = screening
-                .pregreet(&stream, peer, &host, &shared.stop_sessions, async {})
+            // DNSBL asks during the wait, so a good client waits no
+            // longer than greet_wait (or the DNSBL timeout).
+            let lookup = shared.dnsbl.as_ref().and_then(|g| g.start(ip));
+            let dnsbl = async move {
+                match lookup {
+                    Some(lookup) => Some(lookup.await),
+                    None => None,
+                }
+            };
+            let (outcome, verdict) = screening
+                .pregreet(&stream, peer, &host, &shared.stop_sessions, dnsbl)
                 .await;
             drop(guard);
             let enforce = match outcome {
-                WaitOutcome::Passed => false,
+                WaitOutcome::Passed => {
+                    // PASS NEW only for a client no DNSBL listed.
+                    if !verdict.as_ref().is_some_and(|v| v.is_listed()) {
+                        screening.pass_new(peer);
+                    }
+                    false
+                }
                 WaitOutcome::Pregreet => screening.settings.greet_action == GreetAction::Enforce,
                 WaitOutcome::Dropped | WaitOutcome::Gone => return,
             };
@@ -469,6 +539,7 @@ fn admit<H: HandoffFactory>(
                 accepted_at,
                 enforce,
                 banner_open,
+                DnsblStage::Done(verdict),
             );
         }
         .instrument(span),
@@ -485,6 +556,7 @@ fn open_session<H: HandoffFactory>(
     accepted_at: Instant,
     enforce: bool,
     banner_open: bool,
+    dnsbl: DnsblStage,
 ) {
     let ip = peer.ip();
     let metrics = &shared.metrics;
@@ -558,6 +630,36 @@ fn open_session<H: HandoffFactory>(
                 live: Arc::clone(&slot.live),
             };
             let session = async {
+                let mut stream = stream;
+                let verdict = match dnsbl {
+                    DnsblStage::Done(verdict) => verdict,
+                    DnsblStage::Ask => match shared.dnsbl.as_ref().and_then(|g| g.start(ip)) {
+                        Some(lookup) => Some(lookup.await),
+                        None => None,
+                    },
+                };
+                let mut refusal = None;
+                if let (Some(gate), Some(verdict)) = (&shared.dnsbl, &verdict) {
+                    let host = &shared.settings.conn.session.hostname;
+                    let decision = gate.judge(verdict, peer, host);
+                    // A listing acted on (not `ignore`) counts towards a ban.
+                    if !matches!(decision, dnsbl_gate::Decision::Proceed) {
+                        if let Some(screening) = &shared.screening {
+                            screening.defence.violation(ip, Violation::Dnsbl);
+                        }
+                    }
+                    match decision {
+                        dnsbl_gate::Decision::Proceed => {}
+                        dnsbl_gate::Decision::Enforce(reply) => refusal = Some(reply),
+                        dnsbl_gate::Decision::Drop(reply) => {
+                            if banner_open {
+                                end_banner(&stream, host);
+                            }
+                            dnsbl_gate::send_and_close(&mut stream, &reply).await;
+                            return None;
+                        }
+                    }
+                }
                 if enforce {
                     let limits = screening::enforce::EnforceLimits {
                         host: shared.settings.conn.session.hostname.clone(),
@@ -568,16 +670,17 @@ fn open_session<H: HandoffFactory>(
                     };
                     let stop = connection.stop.clone();
                     let live = Arc::clone(&connection.live);
-                    return screening::enforce::serve(stream, peer, limits, stop, live).await;
+                    return Some(screening::enforce::serve(stream, peer, limits, stop, live).await);
                 }
-                let handoff = shared.handoffs.session(ip);
-                connection::serve(stream, connection, handoff).await
+                let handoff = dnsbl_gate::Gated::new(shared.handoffs.session(ip), refusal);
+                Some(connection::serve(stream, connection, handoff).await)
             };
             match AssertUnwindSafe(session).catch_unwind().await {
-                Ok(end) => {
+                Ok(Some(end)) => {
                     log_summary(&slot.live, end.as_str());
                     report_violations(&shared, ip, end, &slot.live, enforce);
                 }
+                Ok(None) => log_summary(&slot.live, "dnsbl_drop"),
                 Err(panic) => {
                     log_summary(&slot.live, "panic");
                     shared.metrics.session_panicked();
@@ -624,7 +727,7 @@ fn report_violations<H>(
 /// client's commands (not the 421 of a kick, shutdown or timeout); bytes are
 /// bytes of SMTP (after TLS decryption, before encryption); `duration` is
 /// in seconds with millisecond precision; `result` is
-/// [`End::as_str`](connection::End::as_str) or `panic`.
+/// [`End::as_str`](connection::End::as_str), `dnsbl_drop` or `panic`.
 fn log_summary(live: &Live, result: &str) {
     let d = live.detail();
     let duration = live.since.elapsed().unwrap_or_default().as_secs_f64();

@@ -423,6 +423,7 @@ mod tests {
             sessions: Arc::clone(&sessions),
             metrics: Arc::clone(&metrics),
             tls: Arc::default(),
+            dnsbl: None,
         };
         assert_eq!(handle.kick(|ip| ip == a), 1);
         assert!(first.kick.is_cancelled() && !second.kick.is_cancelled());

@@ -7,10 +7,14 @@
 //! - [`TestCa`], [`TestPki`]: certificates made with rcgen at run time;
 //! - [`bounded`]: a test future that may not hang the suite;
 //! - [`TestDaemon`]: the real daemon binary on loopback, without XDP;
-//! - [`client`]: SMTP client steps from chosen loopback addresses.
+//! - [`client`]: SMTP client steps from chosen loopback addresses;
+//! - [`dns`]: a real DNS server (hickory-server) serving test DNSBL zones
+//!   (feature `test-support` only).
 
 pub mod client;
 mod daemon;
+#[cfg(feature = "test-support")]
+pub mod dns;
 mod pki;
 mod tempdir;
 

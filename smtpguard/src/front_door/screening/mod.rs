@@ -386,12 +386,17 @@ impl Screening {
             }
             return WaitOutcome::Pregreet;
         }
+        WaitOutcome::Passed
+    }
+
+    /// A client that waited quietly and that no other test (DNSBL) failed:
+    /// `PASS NEW`, and the pass cache remembers it.
+    pub(crate) fn pass_new(&self, peer: SocketAddr) {
         bump(&self.counters.pass_new);
         tracing::info!("PASS NEW [{}]:{}", peer.ip(), peer.port());
         if let Some(cache) = &self.pass_cache {
             cache.record(peer.ip(), SystemTime::now());
         }
-        WaitOutcome::Passed
     }
 
     /// Logs, counts and reports an early talker.
