@@ -76,6 +76,7 @@
 //!
 //! [humantime]: https://docs.rs/humantime
 
+mod fleet;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -107,6 +108,7 @@ pub const MAX_LISTEN_PORTS: usize = smtpguard_common::MAX_PORTS;
 
 /// The control socket owns its path limit; validation checks against it.
 pub use crate::control::MAX_SOCKET_PATH_BYTES;
+pub use fleet::{FleetAuth, FleetConfig, FleetTls};
 
 /// A configuration file that could not be read, parsed or accepted.
 ///
@@ -175,6 +177,9 @@ pub struct Config {
     pub logging: LoggingConfig,
     /// `[metrics]`: the optional Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// `[fleet]`: lists shared by many gateways through etcd; `None`
+    /// without the table (nothing changes then).
+    pub fleet: Option<FleetConfig>,
 }
 
 /// `[server]`: the SMTP front door.

@@ -26,6 +26,7 @@ pub(super) struct RawConfig {
     pub control: RawControl,
     pub logging: RawLogging,
     pub metrics: RawMetrics,
+    pub fleet: Option<super::fleet::RawFleet>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -56,6 +56,10 @@ pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErro
         control: cx.control(raw.control)?,
         logging: cx.logging(raw.logging)?,
         metrics: cx.metrics(raw.metrics)?,
+        fleet: raw
+            .fleet
+            .map(|f| super::fleet::validate(f, path))
+            .transpose()?,
     };
     if let Delivery::Upstream(up) = &config.delivery {
         let local = host_addresses();
