@@ -24,6 +24,7 @@ pub mod control;
 pub mod daemon;
 pub mod fds;
 pub mod files;
+pub mod fleet;
 pub mod front_door;
 pub mod kernel;
 pub mod logging;

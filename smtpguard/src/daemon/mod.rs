@@ -15,6 +15,7 @@
 
 pub mod check;
 pub mod control;
+pub mod fleet;
 pub mod mode_state;
 mod notify;
 pub mod paths;
@@ -60,7 +61,8 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         );
     }
     let tls = load_tls(&config)?;
-    let policy = startup::load_policy(&config)?;
+    let mut policy = startup::load_policy(&config)?;
+    let fleet_cache = fleet::load_cache(&config, &mut policy);
     startup::warn_about_delivery(&config);
     let delivery = Delivery::new(
         &settings::delivery(&config.delivery),
@@ -158,6 +160,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         ));
     }
     tasks.spawn(expire_entries(Arc::clone(&daemon), shutdown.clone()));
+    fleet::start(&daemon, fleet_cache, &tasks, &shutdown);
     if let Some(listener) = metrics_listener {
         let render: crate::metrics::Render = {
             let daemon = Arc::clone(&daemon);

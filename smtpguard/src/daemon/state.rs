@@ -126,6 +126,8 @@ pub struct Daemon {
     /// written by us: a file edited by hand since then is never silently
     /// overwritten by a CLI change.
     on_disk: Mutex<std::collections::HashMap<PathBuf, Option<(SystemTime, u64)>>>,
+    /// The fleet connection (#19), when `[fleet]` is configured.
+    fleet: OnceLock<Arc<crate::fleet::Fleet>>,
 }
 
 /// What a change must write to disk, besides the kernel.
@@ -203,6 +205,7 @@ impl Daemon {
             certificate_not_after: RwLock::new(None),
             last_list_load: Mutex::new(None),
             on_disk: Mutex::new(std::collections::HashMap::new()),
+            fleet: OnceLock::new(),
         };
         daemon.remember_all_on_disk();
         daemon
@@ -266,6 +269,16 @@ impl Daemon {
     /// Records a whole-list load into the kernel that took `took`.
     pub fn record_list_load(&self, took: Duration) {
         *self.last_list_load.lock().expect("load lock") = Some(ListLoad::now(took));
+    }
+
+    /// Records the fleet connection (once, at the start).
+    pub fn set_fleet(&self, fleet: Arc<crate::fleet::Fleet>) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// The fleet connection, when `[fleet]` is configured.
+    pub fn fleet(&self) -> Option<&Arc<crate::fleet::Fleet>> {
+        self.fleet.get()
     }
 
     /// Records the running server's handle (once).
@@ -592,7 +605,8 @@ impl Daemon {
         if !still_wanted() {
             return Err(DaemonError::Abandoned);
         }
-        let policy = super::startup::load_policy(&config)?;
+        let mut policy = super::startup::load_policy(&config)?;
+        super::fleet::carry_over(&self.policy(), &mut policy);
         // The configuration in force now: another reload may have run
         // while this one read its files.
         let old = self.config();
@@ -654,8 +668,11 @@ impl Daemon {
     /// Expires temporary entries whose time has come; logs each.
     pub fn expire_entries(&self, now: SystemTime) -> Result<usize> {
         let due = self.policy().due_lists(now);
+        // The fleet source has no list file: its entries expire from their
+        // values, and the fleet cache keeps them.
         let touched: Vec<Persist> = due
             .into_iter()
+            .filter(|(source, _)| source.as_str() != crate::fleet::SOURCE)
             .map(|(source, kind)| Persist::List(source, kind))
             .collect();
         let expired = self.change_policy(&touched, |p| {
