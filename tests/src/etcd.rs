@@ -42,6 +42,10 @@ pub struct Etcd {
     tls: Option<(PathBuf, PathBuf, PathBuf, bool)>,
     /// Client certificate and key for etcdctl under client-cert auth.
     client_identity: Option<(PathBuf, PathBuf)>,
+    /// The network namespace etcd and etcdctl run in (`None`: this one).
+    netns: Option<String>,
+    /// The address etcd listens on, as written in a URL.
+    host: String,
 }
 
 impl Drop for Etcd {
@@ -83,7 +87,22 @@ impl Etcd {
         Etcd::start(1, Some(tls))
     }
 
+    /// One member, plain HTTP, run inside network namespace `netns` and
+    /// listening on `host` (a URL host: `[2001:db8:f1ee::1]`) there, for
+    /// gateways in other namespaces linked to it.
+    ///
+    /// # Panics
+    ///
+    /// As [`Etcd::single`].
+    pub fn single_in(netns: &str, host: &str) -> Etcd {
+        Etcd::start_with(1, None, Some(netns.to_owned()), host.to_owned())
+    }
+
     fn start(n: usize, tls: Option<EtcdTls<'_>>) -> Etcd {
+        Etcd::start_with(n, tls, None, "127.0.0.1".to_owned())
+    }
+
+    fn start_with(n: usize, tls: Option<EtcdTls<'_>>, netns: Option<String>, host: String) -> Etcd {
         let dir = TempDir::new("etcd");
         let token = format!("sg-{}-{}", std::process::id(), free_port());
         let members: Vec<Member> = (0..n)
@@ -96,7 +115,7 @@ impl Etcd {
             .collect();
         let cluster = members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}=http://{host}:{}", m.name, m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
         let (tls, client_identity) = match tls {
@@ -125,6 +144,8 @@ impl Etcd {
             token,
             tls,
             client_identity,
+            netns,
+            host,
         };
         for i in 0..n {
             etcd.spawn(i);
@@ -146,14 +167,14 @@ impl Etcd {
     fn spawn(&mut self, i: usize) {
         let scheme = self.scheme();
         let m = &self.members[i];
-        let client = format!("{scheme}://127.0.0.1:{}", m.client_port);
-        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let client = format!("{scheme}://{}:{}", self.host, m.client_port);
+        let peer = format!("http://{}:{}", self.host, m.peer_port);
         let log = File::options()
             .create(true)
             .append(true)
             .open(self.dir.join(format!("{}.log", m.name)))
             .expect("etcd log");
-        let mut cmd = Command::new("etcd");
+        let mut cmd = self.command("etcd");
         cmd.arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
@@ -189,6 +210,7 @@ impl Etcd {
 
     fn wait_ready(&mut self, i: usize) {
         let deadline = Instant::now() + READY_LIMIT;
+        let mut last = String::new();
         while Instant::now() < deadline {
             if let Some(Some(status)) = self.members[i]
                 .child
@@ -197,16 +219,14 @@ impl Etcd {
             {
                 panic!("etcd member {i} exited ({status}):\n{}", self.log(i));
             }
-            if self
-                .etcdctl_at(&[self.endpoint(i)], &["endpoint", "health"])
-                .status
-                .success()
-            {
+            let out = self.etcdctl_at(&[self.endpoint(i)], &["endpoint", "health"]);
+            if out.status.success() {
                 return;
             }
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("etcd member {i} did not come up:\n{}", self.log(i));
+        panic!("etcd member {i} did not come up ({last}):\n{}", self.log(i));
     }
 
     /// Member `i`'s log.
@@ -218,8 +238,9 @@ impl Etcd {
     /// Member `i`'s client URL.
     pub fn endpoint(&self, i: usize) -> String {
         format!(
-            "{}://127.0.0.1:{}",
+            "{}://{}:{}",
             self.scheme(),
+            self.host,
             self.members[i].client_port
         )
     }
@@ -309,7 +330,7 @@ impl Etcd {
     }
 
     fn etcdctl_at(&self, endpoints: &[String], args: &[&str]) -> Output {
-        let mut cmd = Command::new("etcdctl");
+        let mut cmd = self.command("etcdctl");
         cmd.env("ETCDCTL_API", "3")
             .arg("--endpoints")
             .arg(endpoints.join(","))
@@ -329,6 +350,19 @@ impl Etcd {
             stdout: Vec::new(),
             stderr: e.into_bytes(),
         })
+    }
+
+    /// `program`, inside the namespace if there is one (`ip netns exec`
+    /// execs it, so the child is the program itself).
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns, program]);
+                cmd
+            }
+            None => Command::new(program),
+        }
     }
 
     /// The store's current revision.

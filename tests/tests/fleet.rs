@@ -6,7 +6,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Output,
+    process::{Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -14,6 +14,7 @@ use serde_json::Value;
 use smtpguard::testing::{TempDir, TestDaemon, TestPki};
 use smtpguard_tests::{
     etcd::{client_certificate, Etcd, EtcdTls},
+    netns::{ChildGuard, Topology, GW_V4},
     wait_for,
 };
 
@@ -674,4 +675,146 @@ fn tls_with_client_certificates_and_read_only_credentials() {
     let lone = gateway("x", &etcd.endpoints_toml(), &dir.join("x.cache"), &no_cert);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(fleet_status(&lone)["connected"], false);
+}
+
+/// A gateway with XDP in a namespace of its own (a [`Topology`]'s `gw`).
+struct NsGateway<'a> {
+    topo: &'a Topology,
+    dir: TempDir,
+    _child: ChildGuard,
+}
+
+impl NsGateway<'_> {
+    fn start<'a>(topo: &'a Topology, name: &str, endpoint: &str) -> NsGateway<'a> {
+        let dir = TempDir::new(&format!("fleet-ns-{name}"));
+        let listen = format!("{GW_V4}:2525").parse().unwrap();
+        let xdp = format!("interfaces = [\"{}\"]\nmode = \"native\"\n", topo.gw_if);
+        let fleet = format!(
+            "endpoints = [\"{endpoint}\"]\nprefix = \"{PREFIX}\"\ncache_file = \"{}\"\ngateway_name = \"{name}\"\n",
+            dir.join("fleet.cache").display()
+        );
+        let config = smtpguard::testing::config_text(
+            dir.path(),
+            listen,
+            &[("xdp", &xdp), ("fleet", &fleet)],
+        );
+        let config = dir.write("smtpguard.toml", config);
+        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let child = topo
+            .gw
+            .command(binary().to_str().unwrap())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start smtpguard");
+        let gw = NsGateway {
+            topo,
+            dir,
+            _child: ChildGuard(child),
+        };
+        assert!(
+            wait_for(Duration::from_secs(30), || gw
+                .cli(&["status"])
+                .status
+                .success()),
+            "{}",
+            gw.log()
+        );
+        gw
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        std::process::Command::new(binary())
+            .arg("--socket")
+            .arg(self.dir.join("control.sock"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Whether a SYN from `src` (on the client side) is dropped: no
+    /// answer within 600 ms, under the first SYN retransmission.
+    fn drops_syn_from(&self, src: &str) -> bool {
+        let dst = format!("{GW_V4}:2525").parse().unwrap();
+        matches!(self.topo.net.connect_from(src, dst, Duration::from_millis(600)),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut)
+    }
+}
+
+#[test]
+fn a_fleet_deny_on_gateway_a_makes_gateway_b_drop_the_syn_in_xdp() {
+    smtpguard_tests::require_root();
+    let (ta, tb) = (Topology::new(), Topology::new());
+    // A link between the two gateway namespaces, for etcd only.
+    let tag = smtpguard_tests::netns::unique_tag();
+    let (la, lb) = (format!("sg{tag}x"), format!("sg{tag}y"));
+    smtpguard_tests::netns::ip(&[
+        "link",
+        "add",
+        &la,
+        "netns",
+        ta.gw.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &lb,
+        "netns",
+        tb.gw.name(),
+    ]);
+    ta.gw.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:f1ee::1/64",
+        "dev",
+        &la,
+        "nodad",
+    ]);
+    tb.gw.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:f1ee::2/64",
+        "dev",
+        &lb,
+        "nodad",
+    ]);
+    ta.gw.ip(&["link", "set", &la, "up"]);
+    tb.gw.ip(&["link", "set", &lb, "up"]);
+    let etcd = Etcd::single_in(ta.gw.name(), "[2001:db8:f1ee::1]");
+    let endpoint = etcd.endpoint(0);
+    tb.add_client("203.0.113.9");
+    let a = NsGateway::start(&ta, "a", &endpoint);
+    let b = NsGateway::start(&tb, "b", &endpoint);
+    assert!(
+        !b.drops_syn_from("203.0.113.9"),
+        "greeted before the entry:\n{}",
+        b.log()
+    );
+
+    let out = a.cli(&["deny", "add", "203.0.113.0/24", "--source", "fleet"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), a.log());
+    let added = Instant::now();
+    assert!(
+        wait_for(PROPAGATION, || b.drops_syn_from("203.0.113.9")),
+        "B's XDP drops the SYN:\n{}",
+        b.log()
+    );
+    // Measured, not asserted (the bench has the figures).
+    eprintln!(
+        "fleet: deny add on A to SYN dropped by B's XDP: within {:?} (600 ms probe)",
+        added.elapsed()
+    );
+    let stats: Value = serde_json::from_slice(&b.cli(&["--json", "stats"]).stdout).unwrap();
+    assert!(
+        stats["xdp"]["drop_deny_list"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
 }
