@@ -16,6 +16,7 @@
 
 pub mod cli_latency;
 pub mod daemon;
+pub mod fleet;
 pub mod flood;
 pub mod front_door;
 pub mod greeting;

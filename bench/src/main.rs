@@ -4,13 +4,13 @@
 //! live in this crate's library (`smtpguard_bench`).
 //!
 //! Usage: `bench [--quick] [--out PATH] [--only SECTION]`, SECTION one of
-//! `kernel`, `flood`, `greeting`, `sync`, `front-door` (for working on one section; the
+//! `kernel`, `flood`, `greeting`, `sync`, `fleet`, `front-door` (for working on one section; the
 //! table then holds only that one).
 
 use std::{panic::AssertUnwindSafe, time::Instant};
 
 use smtpguard_bench::{
-    cli_latency, flood, front_door, greeting, kernel, report::Report, report::Row, Settings,
+    cli_latency, fleet, flood, front_door, greeting, kernel, report::Report, report::Row, Settings,
 };
 use smtpguard_tests::require_root;
 
@@ -66,6 +66,10 @@ fn main() {
         section(&mut report, "deny add latency", || {
             cli_latency::run(&settings)
         });
+    }
+    if wanted("fleet") {
+        report.section("Fleet (etcd)");
+        section(&mut report, "fleet", || fleet::run(&settings));
     }
     if wanted("front-door") {
         report.section("Front door (loopback)");

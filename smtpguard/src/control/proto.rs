@@ -705,6 +705,9 @@ pub struct FleetView {
     pub entries: u64,
     /// Full reads since the start.
     pub full_reads: u64,
+    /// How long the last full read took (read plus switch), milliseconds.
+    #[serde(default)]
+    pub last_full_read_ms: Option<u64>,
 }
 
 /// The outcome of [`Request::Reload`] ([`Response::Reloaded`]).

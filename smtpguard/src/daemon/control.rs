@@ -832,6 +832,7 @@ fn fleet_view(s: &crate::fleet::FleetStatus) -> crate::control::proto::FleetView
         last_error: s.last_error.clone(),
         entries: s.entries as u64,
         full_reads: s.full_reads,
+        last_full_read_ms: s.last_full_read_ms,
     }
 }
 

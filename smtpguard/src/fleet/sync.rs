@@ -89,6 +89,9 @@ pub struct FleetStatus {
     pub feed_entries: usize,
     /// Full reads since the start (1 + compactions and failed resumes).
     pub full_reads: u64,
+    /// How long the last full read took, paged read plus atomic switch
+    /// (kernel and policy), milliseconds.
+    pub last_full_read_ms: Option<u64>,
 }
 
 /// A gateway's status key's value (`<prefix>gateways/<host>`).
@@ -227,12 +230,17 @@ impl Fleet {
         let site = self.config.prefix.clone();
         let mut client = client::connect(&self.config).await?;
         if *need_full {
+            let started = Instant::now();
             let fresh = full_read(&mut client, &site).await?;
             let (deny, permit) = fresh.lists(SystemTime::now());
             call(target, move |t| t.switch(deny, permit)).await?;
             *state = fresh;
             *need_full = false;
-            self.set_status(|s| s.full_reads += 1);
+            let took = started.elapsed().as_millis() as u64;
+            self.set_status(|s| {
+                s.full_reads += 1;
+                s.last_full_read_ms = Some(took);
+            });
             save_cache(&self.config, state).await;
             tracing::info!(
                 revision = state.revision,
