@@ -818,3 +818,47 @@ fn a_fleet_deny_on_gateway_a_makes_gateway_b_drop_the_syn_in_xdp() {
         "{stats}"
     );
 }
+
+#[test]
+fn config_check_covers_fleet() {
+    let dir = TempDir::new("fleet-check");
+    let listen = "127.0.0.1:2525".parse().unwrap();
+    let write = |fleet: &str| {
+        let text = smtpguard::testing::config_text(dir.path(), listen, &[("fleet", fleet)]);
+        dir.write("smtpguard.toml", text)
+    };
+    let check = |config: &Path| {
+        std::process::Command::new(binary())
+            .args(["config", "check", "-c"])
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    let good = write(&format!(
+        "endpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"{PREFIX}\"\ncache_file = \"{}\"\n",
+        dir.join("c").display()
+    ));
+    let out = check(&good);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("fleet /smtpguard/v1/test/"));
+    let missing = write(&format!(
+        "endpoints = [\"https://127.0.0.1:2379\"]\nprefix = \"{PREFIX}\"\ncache_file = \"{}\"\nca = \"{}\"\n",
+        dir.join("c").display(),
+        dir.join("no-ca.pem").display()
+    ));
+    let out = check(&missing);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("fleet.ca: cannot read"),
+        "{}",
+        stderr(&out)
+    );
+    let bad = write("endpoints = []\nprefix = \"/x/\"\ncache_file = \"/c\"\n");
+    let out = check(&bad);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("fleet.endpoints is missing or empty"),
+        "{}",
+        stderr(&out)
+    );
+}

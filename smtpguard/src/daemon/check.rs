@@ -119,6 +119,17 @@ pub fn check(path: &Path) -> CheckReport {
             Err(e) => report.problems.push(one_line(&e)),
         }
     }
+    if let Some(fleet) = &config.fleet {
+        let problems = super::fleet::check_files(fleet);
+        if problems.is_empty() {
+            report.checked.push(format!(
+                "fleet {} at {}",
+                fleet.prefix,
+                fleet.endpoints.join(", ")
+            ));
+        }
+        report.problems.extend(problems);
+    }
     report
 }
 

@@ -51,6 +51,33 @@ pub fn load_cache(config: &Config, policy: &mut Policy) -> Option<FleetState> {
     }
 }
 
+/// `config check` for `[fleet]`, offline: the TLS and password files can
+/// be read, and the cache file (if there is one) is a cache of this prefix.
+/// One line per problem, naming the key and the file.
+pub fn check_files(fleet: &crate::config::FleetConfig) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut files: Vec<(&str, &std::path::Path)> = Vec::new();
+    if let Some(tls) = &fleet.tls {
+        files.push(("fleet.ca", &tls.ca));
+        if let Some((cert, key)) = &tls.identity {
+            files.push(("fleet.cert", cert));
+            files.push(("fleet.key", key));
+        }
+    }
+    if let Some(auth) = &fleet.auth {
+        files.push(("fleet.password_file", &auth.password_file));
+    }
+    for (key, path) in files {
+        if let Err(e) = std::fs::read(path) {
+            problems.push(format!("{key}: cannot read {}: {e}", path.display()));
+        }
+    }
+    if let Err(e) = fleet::cache::load(&fleet.cache_file, &fleet.prefix) {
+        problems.push(format!("fleet.cache_file: {}", one_line(&e)));
+    }
+    problems
+}
+
 /// Starts the fleet sync task, if `[fleet]` is configured.
 pub fn start(
     daemon: &Arc<Daemon>,
