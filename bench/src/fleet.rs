@@ -138,7 +138,7 @@ async fn refused(client: &Client, addr: Ipv4Addr) -> Result<bool> {
 
 async fn fleet_status(client: &Client) -> Result<smtpguard::control::proto::FleetView> {
     match client.request(&Request::Status).await? {
-        Response::Status(s) => s.fleet.context("the gateway has no [fleet]"),
+        Response::Status(s) => s.fleet.map(|f| *f).context("the gateway has no [fleet]"),
         other => bail!("unexpected reply {other:?}"),
     }
 }

@@ -149,11 +149,9 @@ fn an_entry_added_on_one_gateway_is_in_force_on_the_other() {
         check["results"][0]["deny_match"]["source"], "fleet",
         "{check}"
     );
-    assert_eq!(
-        etcd.etcdctl_ok(&["get", &entry_key("203.0.113.0/24"), "--print-value-only"])
-            .contains("spam run"),
-        true
-    );
+    assert!(etcd
+        .etcdctl_ok(&["get", &entry_key("203.0.113.0/24"), "--print-value-only"])
+        .contains("spam run"));
 
     // Status shows the connection, the revision and the lag.
     let status = fleet_status(&b);

@@ -681,7 +681,7 @@ pub struct StatusView {
     pub control_socket: String,
     /// The fleet connection (#19); `None` without `[fleet]`.
     #[serde(default)]
-    pub fleet: Option<FleetView>,
+    pub fleet: Option<Box<FleetView>>,
 }
 
 /// The fleet connection, for [`StatusView::fleet`].

@@ -1170,7 +1170,7 @@ fn status(daemon: &Daemon) -> StatusView {
         certificate_not_after_unix: daemon.certificate_not_after(),
         delivery: super::report::delivery_line(&config),
         control_socket: config.control.socket.display().to_string(),
-        fleet: daemon.fleet().map(|f| fleet_view(&f.status())),
+        fleet: daemon.fleet().map(|f| Box::new(fleet_view(&f.status()))),
     }
 }
 
