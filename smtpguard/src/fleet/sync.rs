@@ -286,6 +286,7 @@ impl Fleet {
             .map_err(|e| FleetError::Etcd("starting the watch", e))?;
         let mut cache_dirty = false;
         let mut last_cache = Instant::now();
+        let mut saving = None;
         let mut last_progress = Instant::now();
         let mut last_keepalive = Instant::now();
         let mut tick = tokio::time::interval(TICK);
@@ -355,8 +356,12 @@ impl Fleet {
                             .map_err(|e| FleetError::Etcd("writing the gateway status", e))?;
                         reported = Some(lists_revision);
                     }
-                    if cache_dirty && last_cache.elapsed() >= CACHE_EVERY {
-                        save_cache(&self.config, state).await;
+                    // In the background, one at a time: a large cache must not
+                    // hold up the watch.
+                    let idle = saving.as_ref().is_none_or(|h: &tokio::task::JoinHandle<()>| h.is_finished());
+                    if cache_dirty && idle && last_cache.elapsed() >= CACHE_EVERY {
+                        let (config, snapshot) = (self.config.clone(), state.clone());
+                        saving = Some(tokio::spawn(async move { save_cache(&config, &snapshot).await }));
                         cache_dirty = false;
                         last_cache = Instant::now();
                     }
