@@ -229,15 +229,3 @@ pub fn change(
         Ok(FleetChanged { written, warnings })
     })
 }
-
-/// The `fleet` source of `old`, carried into a freshly loaded policy
-/// (a reload re-reads the list files; the fleet source has none).
-pub fn carry_over(old: &Policy, new: &mut Policy) {
-    if let Some(lists) = old.source(&fleet::source_name()) {
-        let _ = new.insert_source(
-            fleet::source_name(),
-            lists.list(ListKind::Deny).clone(),
-            lists.list(ListKind::Permit).clone(),
-        );
-    }
-}

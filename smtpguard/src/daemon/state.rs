@@ -606,7 +606,7 @@ impl Daemon {
             return Err(DaemonError::Abandoned);
         }
         let mut policy = super::startup::load_policy(&config)?;
-        super::fleet::carry_over(&self.policy(), &mut policy);
+        crate::fleet::carry_over(&self.policy(), &mut policy);
         // The configuration in force now: another reload may have run
         // while this one read its files.
         let old = self.config();

@@ -23,7 +23,7 @@ pub use state::{Change, Effect, FleetState};
 pub use sync::{Fleet, FleetStatus, GatewayStatus, Written};
 pub use value::EntryValue;
 
-use crate::policy::{AccessList, ListEntry, ListKind, SourceName};
+use crate::policy::{AccessList, ListEntry, ListKind, Policy, SourceName};
 
 /// A boxed error from the daemon's side of [`FleetTarget`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -34,6 +34,18 @@ pub const SOURCE: &str = "fleet";
 /// The `fleet` source's name.
 pub fn source_name() -> SourceName {
     SourceName::new(SOURCE).expect("\"fleet\" is a valid source name")
+}
+
+/// The `fleet` source of `old`, carried into a freshly loaded policy
+/// (a reload re-reads the list files; the fleet source has none).
+pub fn carry_over(old: &Policy, new: &mut Policy) {
+    if let Some(lists) = old.source(&source_name()) {
+        let _ = new.insert_source(
+            source_name(),
+            lists.list(ListKind::Deny).clone(),
+            lists.list(ListKind::Permit).clone(),
+        );
+    }
 }
 
 /// Where the fleet's lists go: the daemon's one path for list changes.
