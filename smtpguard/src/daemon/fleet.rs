@@ -172,7 +172,10 @@ pub struct FleetChanged {
 #[derive(Debug, thiserror::Error)]
 pub enum FleetChangeError {
     /// `[fleet]` is not configured.
-    #[error("source fleet needs [fleet] in the configuration (etcd endpoints and prefix); nothing was changed")]
+    #[error(
+        "source \"fleet\" is reserved for lists shared by a fleet of gateways and needs [fleet] \
+         in the configuration (etcd endpoints and prefix); nothing was changed"
+    )]
     NotConfigured,
     /// etcd could not be written; nothing was changed.
     #[error(

@@ -1,7 +1,10 @@
 //! Connecting to etcd as `[fleet]` says: endpoints, TLS with rustls
 //! (mutual when `cert` and `key` are set), user and password.
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
@@ -56,7 +59,25 @@ pub async fn connect(config: &FleetConfig) -> Result<Client, FleetError> {
         let password = text.lines().next().unwrap_or("").to_owned();
         options = options.with_user(auth.user.clone(), password);
     }
-    let connect = Client::connect(&config.endpoints, Some(options));
+    // One member per connection, the next one first each time: the client
+    // keeps sending to a dead member of a multi-endpoint channel, so a
+    // session sticks to one member and a failure moves on to the next.
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = config.endpoints.len();
+    let first = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut last = FleetError::Timeout("connecting");
+    for i in 0..n {
+        let endpoint = &config.endpoints[(first + i) % n];
+        match connect_one(endpoint, options.clone()).await {
+            Ok(client) => return Ok(client),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+async fn connect_one(endpoint: &str, options: ConnectOptions) -> Result<Client, FleetError> {
+    let connect = Client::connect([endpoint], Some(options));
     let mut client = tokio::time::timeout(CONNECT_TIMEOUT + REQUEST_TIMEOUT, connect)
         .await
         .map_err(|_| FleetError::Timeout("connecting"))?
