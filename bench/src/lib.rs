@@ -20,6 +20,7 @@
 pub mod cli_latency;
 pub mod daemon;
 pub mod dnsbl;
+pub mod fleet;
 pub mod flood;
 pub mod front_door;
 pub mod greeting;

@@ -4,14 +4,14 @@
 //! live in this crate's library (`smtpguard_bench`).
 //!
 //! Usage: `bench [--quick] [--out PATH] [--only SECTION]`, SECTION one of
-//! `kernel`, `rate-limit`, `flood`, `greeting`, `sync`, `front-door`, `dnsbl`, `screening` (for
-//! working on one section; the
+//! `kernel`, `rate-limit`, `flood`, `greeting`, `sync`, `fleet`, `front-door`, `dnsbl`, `screening`
+//! (for working on one section; the
 //! table then holds only that one).
 
 use std::{panic::AssertUnwindSafe, time::Instant};
 
 use smtpguard_bench::{
-    cli_latency, dnsbl, flood, front_door, greeting, kernel, rate_limit, report::Report,
+    cli_latency, dnsbl, fleet, flood, front_door, greeting, kernel, rate_limit, report::Report,
     report::Row, screening, Settings,
 };
 use smtpguard_tests::require_root;
@@ -72,6 +72,10 @@ fn main() {
         section(&mut report, "deny add latency", || {
             cli_latency::run(&settings)
         });
+    }
+    if wanted("fleet") {
+        report.section("Fleet (etcd)");
+        section(&mut report, "fleet", || fleet::run(&settings));
     }
     if wanted("front-door") {
         report.section("Front door (loopback)");

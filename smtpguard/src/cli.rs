@@ -138,8 +138,8 @@ pub enum ListCommand {
         #[arg(long)]
         allow_all: bool,
         /// The source: `local` (the default, your own entries), or a
-        /// name such as `ipsum` (a-z, 0-9, '-', '_'; `auto` and `fleet` are
-        /// reserved).
+        /// name such as `ipsum` (a-z, 0-9, '-', '_'; `auto` is reserved;
+        /// `fleet` writes to the fleet's etcd through the daemon).
         #[arg(long, value_name = "NAME")]
         source: Option<String>,
         /// Deny even entries that cover protected ranges (loopback, the
@@ -147,6 +147,10 @@ pub enum ListCommand {
         /// protected addresses stay permitted all the same.
         #[arg(long)]
         force: bool,
+        /// With --source fleet: also wait until every gateway of the
+        /// fleet has applied the change (otherwise only this one).
+        #[arg(long)]
+        wait_fleet: bool,
     },
     /// Remove entries.
     #[command(visible_alias = "del")]
@@ -156,9 +160,14 @@ pub enum ListCommand {
         entries: Vec<String>,
         /// The source: `local` (the default, your own entries), or a
         /// name such as `ipsum` (a-z, 0-9, '-', '_'); `auto` lifts an
-        /// automatic ban; `fleet` is reserved.
+        /// automatic ban; `fleet` writes to the fleet's etcd through the
+        /// daemon.
         #[arg(long, value_name = "NAME")]
         source: Option<String>,
+        /// With --source fleet: also wait until every gateway of the
+        /// fleet has applied the change (otherwise only this one).
+        #[arg(long)]
+        wait_fleet: bool,
     },
     /// Show the entries (of every source, each named, unless --source).
     #[command(visible_alias = "show")]
@@ -601,6 +610,7 @@ fn list_request(list: ListName, command: ListCommand) -> Request {
             allow_all,
             source,
             force,
+            wait_fleet,
         } => Request::ListAdd {
             list,
             entries,
@@ -610,11 +620,17 @@ fn list_request(list: ListName, command: ListCommand) -> Request {
             allow_all,
             source,
             force,
+            wait_fleet,
         },
-        ListCommand::Remove { entries, source } => Request::ListRemove {
+        ListCommand::Remove {
+            entries,
+            source,
+            wait_fleet,
+        } => Request::ListRemove {
             list,
             entries,
             source,
+            wait_fleet,
         },
         ListCommand::List { source } => Request::ListShow { list, source },
     }

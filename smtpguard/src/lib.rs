@@ -25,6 +25,7 @@ pub mod daemon;
 pub mod dnsbl;
 pub mod fds;
 pub mod files;
+pub mod fleet;
 pub mod front_door;
 pub mod kernel;
 pub mod logging;

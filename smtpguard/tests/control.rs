@@ -131,6 +131,7 @@ fn stats_view() -> StatsView {
 
 fn status_view() -> StatusView {
     StatusView {
+        fleet: None,
         version: "0.1.0".into(),
         uptime_secs: 3 * 3600 + 2 * 60 + 1,
         interfaces: vec![InterfaceView {
@@ -396,11 +397,13 @@ fn every_request() -> Vec<Request> {
             allow_all: false,
             source: None,
             force: false,
+            wait_fleet: false,
         },
         Request::ListRemove {
             list: ListName::Permit,
             entries: vec!["198.51.100.7".into()],
             source: None,
+            wait_fleet: false,
         },
         Request::ListShow {
             list: ListName::Deny,
@@ -456,6 +459,7 @@ fn every_request_round_trips_through_the_socket() {
             allow_all: false,
             source: None,
             force: false,
+            wait_fleet: false,
         };
         assert_eq!(
             client.request(&failing).await.unwrap(),
@@ -500,6 +504,7 @@ fn wire_format_is_tagged_json() {
             allow_all: false,
             source: None,
             force: false,
+            wait_fleet: false,
         }
     );
     let reply = Response::ModeSet(ModeSet {
@@ -767,11 +772,13 @@ fn cli_human_output() {
                     allow_all: false,
                     source: None,
                     force: false,
+                    wait_fleet: false,
                 },
                 Request::ListRemove {
                     list: ListName::Permit,
                     entries: vec!["198.51.100.7".into()],
                     source: None,
+                    wait_fleet: false,
                 },
                 Request::SetMode {
                     mode: None,

@@ -5,6 +5,7 @@
 //! the frozen LPM-trie program ([`trie_reference`]), and bounded waiting
 //! ([`wait_for`], [`run_bounded`]).
 
+pub mod etcd;
 pub mod flood;
 pub mod netns;
 pub mod oracle;

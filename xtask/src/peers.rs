@@ -110,6 +110,22 @@ pub const PEERS: &[Peer] = &[
         package: "fail2ban",
         used_by: "fail2ban: fail2ban-regex runs contrib/fail2ban's filter over the daemon's real log",
     },
+    Peer {
+        package: "etcd-server",
+        used_by: "fleet, bench fleet rows: a private etcd (single member, 3-member cluster, TLS) on free loopback ports",
+    },
+    Peer {
+        package: "etcd-client",
+        used_by: "fleet: etcdctl sets up roles and users, compacts, and checks member health",
+    },
+    Peer {
+        package: "protobuf-compiler",
+        used_by: "building smtpguard: the etcd-client crate's build script runs protoc (fleet source)",
+    },
+    Peer {
+        package: "libprotobuf-dev",
+        used_by: "building smtpguard: google/protobuf/*.proto for protoc (only a Recommends of protobuf-compiler)",
+    },
 ];
 
 /// One thing the tests rely on, and how to prove it is there.
@@ -264,6 +280,26 @@ const CAPABILITIES: &[Capability] = &[
         what: "fail2ban-regex",
         provider: "fail2ban",
         probe: Probe::Runs(&["fail2ban-regex", "--version"]),
+    },
+    Capability {
+        what: "etcd",
+        provider: "etcd-server",
+        probe: Probe::Runs(&["etcd", "--version"]),
+    },
+    Capability {
+        what: "etcdctl (API v3)",
+        provider: "etcd-client",
+        probe: Probe::Runs(&["etcdctl", "version"]),
+    },
+    Capability {
+        what: "protoc with the well-known types",
+        provider: "protobuf-compiler and libprotobuf-dev",
+        probe: Probe::File("/usr/include/google/protobuf/empty.proto"),
+    },
+    Capability {
+        what: "protoc",
+        provider: "protobuf-compiler",
+        probe: Probe::Runs(&["protoc", "--version"]),
     },
 ];
 

@@ -92,6 +92,7 @@
 //!
 //! [humantime]: https://docs.rs/humantime
 
+mod fleet;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -123,6 +124,7 @@ pub const MAX_LISTEN_PORTS: usize = smtpguard_common::MAX_PORTS;
 
 /// The control socket owns its path limit; validation checks against it.
 pub use crate::control::MAX_SOCKET_PATH_BYTES;
+pub use fleet::{FleetAuth, FleetConfig, FleetTls};
 
 /// A configuration file that could not be read, parsed or accepted.
 ///
@@ -200,6 +202,9 @@ pub struct Config {
     /// `[dnsbl]`: DNS block/allow list scoring before the greeting;
     /// `None` without the table (nothing is asked).
     pub dnsbl: Option<crate::dnsbl::DnsblConfig>,
+    /// `[fleet]`: lists shared by many gateways through etcd; `None`
+    /// without the table (nothing changes then).
+    pub fleet: Option<FleetConfig>,
 }
 
 /// `[rate_limit]`: the per-client SYN rate limit, enforced by the XDP

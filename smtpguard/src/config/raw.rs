@@ -30,6 +30,7 @@ pub(super) struct RawConfig {
     pub bans: RawBans,
     pub rate_limit: RawRateLimit,
     pub dnsbl: Option<crate::dnsbl::config::RawDnsbl>,
+    pub fleet: Option<super::fleet::RawFleet>,
 }
 
 #[derive(Debug, Default, Deserialize)]

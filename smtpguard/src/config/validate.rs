@@ -68,6 +68,10 @@ pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErro
         bans: cx.bans(raw.bans)?,
         rate_limit: cx.rate_limit(raw.rate_limit)?,
         dnsbl: raw.dnsbl.map(|d| cx.dnsbl(d)).transpose()?,
+        fleet: raw
+            .fleet
+            .map(|f| super::fleet::validate(f, path))
+            .transpose()?,
     };
     if let Delivery::Upstream(up) = &config.delivery {
         let local = host_addresses();

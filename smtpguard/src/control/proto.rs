@@ -142,6 +142,10 @@ pub enum Request {
         /// (refused otherwise); the protected addresses stay permitted.
         #[serde(default)]
         force: bool,
+        /// With source `fleet`: also wait until every gateway's status
+        /// shows the change (#19).
+        #[serde(default)]
+        wait_fleet: bool,
     },
     /// Remove entries from a list (`smtpguard deny remove ...`). Answered
     /// with [`Response::ListChanged`].
@@ -157,6 +161,10 @@ pub enum Request {
         /// `fleet` are reserved and refused.
         #[serde(default)]
         source: Option<String>,
+        /// With source `fleet`: also wait until every gateway's status
+        /// shows the change (#19).
+        #[serde(default)]
+        wait_fleet: bool,
     },
     /// Show a list's entries (`smtpguard deny list`). Answered with
     /// [`Response::ListEntries`].
@@ -677,6 +685,35 @@ pub struct StatusView {
     pub delivery: String,
     /// The control socket's path.
     pub control_socket: String,
+    /// The fleet connection (#19); `None` without `[fleet]`.
+    #[serde(default)]
+    pub fleet: Option<Box<FleetView>>,
+}
+
+/// The fleet connection, for [`StatusView::fleet`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetView {
+    /// etcd's endpoints, comma-separated.
+    pub endpoints: String,
+    /// The key prefix.
+    pub prefix: String,
+    /// Whether the watch is running.
+    pub connected: bool,
+    /// The last etcd revision applied to this gateway's lists.
+    pub applied_revision: i64,
+    /// Revisions etcd is ahead of this gateway (as last heard).
+    pub lag_revisions: i64,
+    /// Seconds since etcd was last heard from; `None`: never.
+    pub last_heard_secs_ago: Option<u64>,
+    /// Why the connection is down, while it is.
+    pub last_error: Option<String>,
+    /// Entries in force from the fleet (own lists and feeds).
+    pub entries: u64,
+    /// Full reads since the start.
+    pub full_reads: u64,
+    /// How long the last full read took (read plus switch), milliseconds.
+    #[serde(default)]
+    pub last_full_read_ms: Option<u64>,
 }
 
 /// The outcome of [`Request::Reload`] ([`Response::Reloaded`]).

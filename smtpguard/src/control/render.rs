@@ -412,6 +412,28 @@ pub fn status(s: &StatusView) -> String {
             ],
         );
     }
+    if let Some(f) = &s.fleet {
+        let state = match (&f.last_error, f.connected) {
+            (_, true) => "connected".to_owned(),
+            (Some(e), false) => format!("DISCONNECTED ({}; the lists in force stay)", one_line(e)),
+            (None, false) => "connecting".to_owned(),
+        };
+        let heard = f
+            .last_heard_secs_ago
+            .map_or("never".to_owned(), |s| format!("{s}s ago"));
+        rows.push(vec![
+            "fleet:".to_owned(),
+            format!(
+                "{state}, {} {}, revision {} applied, lag {} revisions, last heard {heard}, {} entries, {} full reads",
+                one_line(&f.endpoints),
+                one_line(&f.prefix),
+                f.applied_revision,
+                f.lag_revisions,
+                f.entries,
+                f.full_reads
+            ),
+        ]);
+    }
     table(&rows, &[])
 }
 

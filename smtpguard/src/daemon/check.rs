@@ -138,6 +138,17 @@ pub fn check(path: &Path) -> CheckReport {
             )),
         }
     }
+    if let Some(fleet) = &config.fleet {
+        let problems = super::fleet::check_files(fleet);
+        if problems.is_empty() {
+            report.checked.push(format!(
+                "fleet {} at {}",
+                fleet.prefix,
+                fleet.endpoints.join(", ")
+            ));
+        }
+        report.problems.extend(problems);
+    }
     report
 }
 

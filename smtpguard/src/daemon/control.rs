@@ -123,6 +123,9 @@ pub enum RequestError {
     /// The daemon refused the change or the reload.
     #[error(transparent)]
     Daemon(#[from] DaemonError),
+    /// A change of the `fleet` source failed.
+    #[error(transparent)]
+    Fleet(#[from] super::fleet::FleetChangeError),
 }
 
 type Result<T, E = RequestError> = std::result::Result<T, E>;
@@ -186,8 +189,13 @@ fn answer(daemon: &Daemon, request: Request, still_wanted: &dyn Fn() -> bool) ->
             allow_all,
             source,
             force,
+            wait_fleet,
         } => {
-            let source = writable_source(source.as_deref())?;
+            let fleet = is_fleet(source.as_deref());
+            let source = match fleet {
+                true => crate::fleet::source_name(),
+                false => writable_source(source.as_deref())?,
+            };
             let (prefixes, mut warnings) = parse_entries(&entries, allow_all)?;
             let expires = match expires_in_secs {
                 None => None,
@@ -213,6 +221,15 @@ fn answer(daemon: &Daemon, request: Request, still_wanted: &dyn Fn() -> bool) ->
                 warnings.extend(protected.iter().map(|o| {
                     format!("{o}: stored (--force), but the protected addresses stay permitted")
                 }));
+            }
+            if fleet {
+                let value = crate::fleet::EntryValue {
+                    comment,
+                    expires_at: expires,
+                    added_by: Some(daemon.config().server.hostname.clone()),
+                    added_at: Some(SystemTime::now()),
+                };
+                return fleet_change(daemon, list, prefixes, Some(value), wait_fleet, warnings);
             }
             let touched = [Persist::List(source.clone(), k)];
             let outcome = daemon.change_policy_for(still_wanted, &touched, |p| {
@@ -246,7 +263,12 @@ fn answer(daemon: &Daemon, request: Request, still_wanted: &dyn Fn() -> bool) ->
             list,
             entries,
             source,
+            wait_fleet,
         } => {
+            if is_fleet(source.as_deref()) {
+                let (prefixes, warnings) = parse_entries(&entries, true)?;
+                return fleet_change(daemon, list, prefixes, None, wait_fleet, warnings);
+            }
             // `auto` too: an operator may lift an automatic ban.
             let source = match source.as_deref() {
                 Some(name) => SourceName::removable(name)?,
@@ -803,6 +825,64 @@ fn import(
     }))
 }
 
+fn fleet_view(s: &crate::fleet::FleetStatus) -> crate::control::proto::FleetView {
+    crate::control::proto::FleetView {
+        endpoints: s.endpoints.join(", "),
+        prefix: s.prefix.clone(),
+        connected: s.connected,
+        applied_revision: s.applied_revision,
+        lag_revisions: (s.store_revision - s.applied_revision).max(0),
+        last_heard_secs_ago: s.last_heard_secs_ago,
+        last_error: s.last_error.clone(),
+        entries: s.entries as u64,
+        full_reads: s.full_reads,
+        last_full_read_ms: s.last_full_read_ms,
+    }
+}
+
+/// Whether a change names the `fleet` source (written to etcd, #19).
+fn is_fleet(source: Option<&str>) -> bool {
+    source == Some(crate::fleet::SOURCE)
+}
+
+/// A change of the `fleet` source: written to etcd, answered once this
+/// gateway's watch has applied it (`value`: add; `None`: remove).
+fn fleet_change(
+    daemon: &Daemon,
+    list: ListName,
+    prefixes: Vec<IpNet>,
+    value: Option<crate::fleet::EntryValue>,
+    wait_fleet: bool,
+    mut warnings: Vec<String>,
+) -> Result<Response> {
+    let k = kind(list);
+    let adding = value.is_some();
+    let n = prefixes.len() as u64;
+    let done = super::fleet::change(
+        daemon,
+        &tokio::runtime::Handle::current(),
+        super::fleet::FleetChange {
+            kind: k,
+            prefixes,
+            value,
+            wait_fleet,
+        },
+    )?;
+    warnings.extend(done.warnings);
+    let existed = done.written.existed as u64;
+    tracing::info!(list = %k, revision = done.written.revision, adding, entries = n,
+        "fleet entries written and applied on this gateway");
+    Ok(Response::ListChanged(ListChanged {
+        list,
+        source: crate::fleet::SOURCE.to_owned(),
+        added: if adding { n - existed.min(n) } else { 0 },
+        removed: if adding { 0 } else { existed },
+        unchanged: if adding { existed } else { n - existed.min(n) },
+        warnings,
+        list_size: source_size(daemon, &crate::fleet::source_name(), k),
+    }))
+}
+
 /// The source a change names, `local` when none; reserved names refused.
 fn writable_source(name: Option<&str>) -> Result<SourceName> {
     Ok(match name {
@@ -1126,6 +1206,7 @@ fn status(daemon: &Daemon) -> StatusView {
         certificate_not_after_unix: daemon.certificate_not_after(),
         delivery: super::report::delivery_line(&config),
         control_socket: config.control.socket.display().to_string(),
+        fleet: daemon.fleet().map(|f| Box::new(fleet_view(&f.status()))),
     }
 }
 
@@ -1183,6 +1264,7 @@ mod tests {
             allow_all: false,
             source: None,
             force: false,
+            wait_fleet: false,
         }
     }
 
@@ -1241,6 +1323,7 @@ mod tests {
             allow_all: false,
             source: Some(source.into()),
             force: false,
+            wait_fleet: false,
         };
         answer(&daemon, add("local", "192.0.2.0/24", None), &always).unwrap();
         answer(&daemon, add("fail2ban", "198.51.100.7", Some(60)), &always).unwrap();

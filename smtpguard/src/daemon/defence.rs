@@ -304,5 +304,31 @@ fn ban(
         violation.as_str()
     );
     daemon.close_denied_sessions();
+    share_with_fleet(daemon, prefix, expires, comment);
     Ok(())
+}
+
+/// With `fleet.share_bans`, writes the ban to the fleet's deny list too
+/// (its expiry in the value), so every gateway drops the client in XDP.
+/// In the background: the local ban is already in force, and a fleet that
+/// cannot be reached only costs the other gateways the ban (logged).
+fn share_with_fleet(daemon: &Daemon, prefix: IpNet, expires: SystemTime, comment: String) {
+    let Some(fleet) = daemon.fleet().filter(|f| f.config().share_bans) else {
+        return;
+    };
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let fleet = Arc::clone(fleet);
+    rt.spawn(async move {
+        match fleet.share_ban(prefix, expires, &comment).await {
+            Ok(revision) => {
+                tracing::info!(%prefix, revision, "BAN {prefix} shared with the fleet");
+            }
+            Err(e) => {
+                tracing::warn!(%prefix, error = %logging::one_line(&e),
+                    "the ban could not be shared with the fleet; it holds on this gateway");
+            }
+        }
+    });
 }

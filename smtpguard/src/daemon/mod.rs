@@ -16,6 +16,7 @@
 pub mod check;
 pub mod control;
 pub mod defence;
+pub mod fleet;
 pub mod mode_state;
 mod notify;
 pub mod paths;
@@ -62,7 +63,8 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         );
     }
     let tls = load_tls(&config)?;
-    let policy = startup::load_policy(&config)?;
+    let mut policy = startup::load_policy(&config)?;
+    let fleet_cache = fleet::load_cache(&config, &mut policy);
     startup::warn_about_delivery(&config);
     let delivery = Delivery::new(
         &settings::delivery(&config.delivery),
@@ -185,6 +187,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     if defence.pass_cache.is_some() {
         tasks.spawn(save_pass_cache(Arc::clone(&defence), shutdown.clone()));
     }
+    fleet::start(&daemon, fleet_cache, &tasks, &shutdown);
     if let Some(listener) = metrics_listener {
         let render: crate::metrics::Render = {
             let daemon = Arc::clone(&daemon);

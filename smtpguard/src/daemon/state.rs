@@ -134,6 +134,8 @@ pub struct Daemon {
     defence: OnceLock<DefenceReader>,
     /// Bans of the `auto` source that expired since the start (count).
     pub bans_expired: std::sync::atomic::AtomicU64,
+    /// The fleet connection (#19), when `[fleet]` is configured.
+    fleet: OnceLock<Arc<crate::fleet::Fleet>>,
 }
 
 /// What a change must write to disk, besides the kernel.
@@ -213,6 +215,7 @@ impl Daemon {
             on_disk: Mutex::new(std::collections::HashMap::new()),
             defence: OnceLock::new(),
             bans_expired: std::sync::atomic::AtomicU64::new(0),
+            fleet: OnceLock::new(),
         };
         daemon.remember_all_on_disk();
         daemon
@@ -276,6 +279,16 @@ impl Daemon {
     /// Records a whole-list load into the kernel that took `took`.
     pub fn record_list_load(&self, took: Duration) {
         *self.last_list_load.lock().expect("load lock") = Some(ListLoad::now(took));
+    }
+
+    /// Records the fleet connection (once, at the start).
+    pub fn set_fleet(&self, fleet: Arc<crate::fleet::Fleet>) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// The fleet connection, when `[fleet]` is configured.
+    pub fn fleet(&self) -> Option<&Arc<crate::fleet::Fleet>> {
+        self.fleet.get()
     }
 
     /// Records the running server's handle (once).
@@ -628,7 +641,8 @@ impl Daemon {
         if !still_wanted() {
             return Err(DaemonError::Abandoned);
         }
-        let policy = super::startup::load_policy(&config)?;
+        let mut policy = super::startup::load_policy(&config)?;
+        crate::fleet::carry_over(&self.policy(), &mut policy);
         // The configuration in force now: another reload may have run
         // while this one read its files.
         let old = self.config();
@@ -690,8 +704,11 @@ impl Daemon {
     /// Expires temporary entries whose time has come; logs each.
     pub fn expire_entries(&self, now: SystemTime) -> Result<usize> {
         let due = self.policy().due_lists(now);
+        // The fleet source has no list file: its entries expire from their
+        // values, and the fleet cache keeps them.
         let touched: Vec<Persist> = due
             .into_iter()
+            .filter(|(source, _)| source.as_str() != crate::fleet::SOURCE)
             .map(|(source, kind)| Persist::List(source, kind))
             .collect();
         let expired = self.change_policy(&touched, |p| {

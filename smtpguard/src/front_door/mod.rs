@@ -445,9 +445,7 @@ fn admit<H: HandoffFactory>(
             stream,
             peer,
             accepted_at,
-            false,
-            false,
-            DnsblStage::Ask,
+            AfterWait::none(),
         );
     };
     let guard = match screening.admit(peer) {
@@ -458,9 +456,7 @@ fn admit<H: HandoffFactory>(
                 stream,
                 peer,
                 accepted_at,
-                false,
-                false,
-                DnsblStage::Ask,
+                AfterWait::none(),
             );
         }
         Admission::Full => return screening.refuse_full(&stream, peer, host),
@@ -479,9 +475,7 @@ fn admit<H: HandoffFactory>(
             stream,
             peer,
             accepted_at,
-            false,
-            false,
-            DnsblStage::Ask,
+            AfterWait::none(),
         );
     }
     let shared = Arc::clone(shared);
@@ -531,19 +525,37 @@ fn admit<H: HandoffFactory>(
                 };
                 return refuse(metrics, stream, ip, reason.into(), entry.as_deref(), &reply);
             }
-            open_session(
-                &shared,
-                &sessions,
-                stream,
-                peer,
-                accepted_at,
+            let after = AfterWait {
                 enforce,
                 banner_open,
-                DnsblStage::Done(verdict),
-            );
+                dnsbl: DnsblStage::Done(verdict),
+            };
+            open_session(&shared, &sessions, stream, peer, accepted_at, after);
         }
         .instrument(span),
     );
+}
+
+/// What the greet wait leaves for the session.
+struct AfterWait {
+    /// It talked early under `greet_action = "enforce"`: `554 5.5.1` to
+    /// every command.
+    enforce: bool,
+    /// A `220-` line was sent: a refusal first ends that greeting.
+    banner_open: bool,
+    /// The DNSBL verdict, if asked during the wait.
+    dnsbl: DnsblStage,
+}
+
+impl AfterWait {
+    /// No wait happened.
+    fn none() -> AfterWait {
+        AfterWait {
+            enforce: false,
+            banner_open: false,
+            dnsbl: DnsblStage::Ask,
+        }
+    }
 }
 
 /// The connection caps, then the session task: the SMTP session, or with
@@ -554,10 +566,13 @@ fn open_session<H: HandoffFactory>(
     stream: TcpStream,
     peer: SocketAddr,
     accepted_at: Instant,
-    enforce: bool,
-    banner_open: bool,
-    dnsbl: DnsblStage,
+    after: AfterWait,
 ) {
+    let AfterWait {
+        enforce,
+        banner_open,
+        dnsbl,
+    } = after;
     let ip = peer.ip();
     let metrics = &shared.metrics;
     let host = &shared.settings.conn.session.hostname;

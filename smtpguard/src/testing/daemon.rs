@@ -156,6 +156,11 @@ impl TestDaemon {
         panic!("the daemon did not come up:\n{}", daemon.log());
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Its configuration file.
     pub fn config(&self) -> PathBuf {
         self.dir.join("smtpguard.toml")
