@@ -59,6 +59,9 @@ accept_domains = ["example.com"]
 socket = "{d}/control.sock"
 [logging]
 stats_interval = "0s"
+# DNSBL's own cost: no greet wait (which would hide it).
+[screening]
+greet_wait = "0s"
 {table}"#
     )
 }

@@ -105,6 +105,28 @@ impl Netns {
         })
     }
 
+    /// Connects from `src` (an address of this namespace) to `dst`, sends
+    /// `early` at once, before any greeting (postscreen's PREGREET), and
+    /// reads until the server closes (at most 10 s): all it sent.
+    pub fn talk_early(&self, src: &str, dst: SocketAddr, early: &[u8]) -> String {
+        self.enter(|| {
+            let src: IpAddr = src.parse().expect("source address");
+            let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None).unwrap();
+            socket.bind(&SocketAddr::new(src, 0).into()).unwrap();
+            socket
+                .connect_timeout(&dst.into(), Duration::from_secs(2))
+                .unwrap();
+            let mut stream: TcpStream = socket.into();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            stream.write_all(early).unwrap();
+            let mut all = Vec::new();
+            let _ = stream.read_to_end(&mut all);
+            String::from_utf8_lossy(&all).into_owned()
+        })
+    }
+
     /// The MAC address of `interface` in this namespace (`ip -br link show`).
     pub fn mac(&self, interface: &str) -> [u8; 6] {
         let out = self

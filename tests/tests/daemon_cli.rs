@@ -774,26 +774,11 @@ greet_wait = "0s"
     gw.stop();
 }
 
-/// Connects from `src` in `ns`, talks before the greeting, and reads until
-/// the gateway closes (at most 10 s).
+/// Talks before the greeting from `src` in `ns` and reads until the
+/// gateway closes (at most 10 s).
 fn talk_early(ns: &Netns, src: &str) -> String {
-    ns.enter(|| {
-        let dst: SocketAddr = format!("{GW_V4}:{PORT}").parse().unwrap();
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        socket
-            .bind(&SocketAddr::new(src.parse().unwrap(), 0).into())
-            .unwrap();
-        socket
-            .connect_timeout(&dst.into(), Duration::from_secs(2))
-            .unwrap();
-        let mut s: std::net::TcpStream = socket.into();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(b"EHLO early.example\r\n").unwrap();
-        let mut all = Vec::new();
-        let _ = s.read_to_end(&mut all);
-        String::from_utf8_lossy(&all).into_owned()
-    })
+    let dst: SocketAddr = format!("{GW_V4}:{PORT}").parse().unwrap();
+    ns.talk_early(src, dst, b"EHLO early.example\r\n")
 }
 
 /// One session from `src` in `ns`: the greeting, then each of `lines`

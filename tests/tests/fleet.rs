@@ -863,24 +863,8 @@ fn a_fleet_deny_on_gateway_a_makes_gateway_b_drop_the_syn_in_xdp() {
         "greeted before the ban:\n{}",
         b.log()
     );
-    let early = ta.net.enter(|| {
-        use std::io::{Read, Write};
-        let dst: std::net::SocketAddr = format!("{GW_V4}:2525").parse().unwrap();
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        socket
-            .bind(&std::net::SocketAddr::new(talker.parse().unwrap(), 0).into())
-            .unwrap();
-        socket
-            .connect_timeout(&dst.into(), Duration::from_secs(2))
-            .unwrap();
-        let mut s: std::net::TcpStream = socket.into();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(b"EHLO early.example\r\n").unwrap();
-        let mut all = Vec::new();
-        let _ = s.read_to_end(&mut all);
-        String::from_utf8_lossy(&all).into_owned()
-    });
+    let dst = format!("{GW_V4}:2525").parse().unwrap();
+    let early = ta.net.talk_early(talker, dst, b"EHLO early.example\r\n");
     assert!(early.contains("521 5.5.1"), "{early:?}\n{}", a.log());
     assert!(
         wait_for(PROPAGATION, || b.drops_syn_from(talker)),

@@ -438,26 +438,22 @@ fn admit<H: HandoffFactory>(
     }
 
     // 2. The greet wait, without a slot (see `screening`).
-    let Some(screening) = &shared.screening else {
-        return open_session(
+    let no_wait = |stream| {
+        open_session(
             shared,
             tracker,
             stream,
             peer,
             accepted_at,
             AfterWait::none(),
-        );
+        )
+    };
+    let Some(screening) = &shared.screening else {
+        return no_wait(stream);
     };
     let guard = match screening.admit(peer) {
         Admission::Skip => {
-            return open_session(
-                shared,
-                tracker,
-                stream,
-                peer,
-                accepted_at,
-                AfterWait::none(),
-            );
+            return no_wait(stream);
         }
         Admission::Full => return screening.refuse_full(&stream, peer, host),
         Admission::Wait(guard) => guard,
@@ -469,14 +465,7 @@ fn admit<H: HandoffFactory>(
         .is_some_and(|s| s.available_permits() == 0)
     {
         drop(guard);
-        return open_session(
-            shared,
-            tracker,
-            stream,
-            peer,
-            accepted_at,
-            AfterWait::none(),
-        );
+        return no_wait(stream);
     }
     let shared = Arc::clone(shared);
     let sessions = tracker.clone();
