@@ -115,10 +115,17 @@ fn entry_key(prefix: &str) -> String {
     format!("{PREFIX}lists/deny/{prefix}")
 }
 
-/// The N-th test prefix: a /32 in 198.51.100.0/24 or 203.0.113.0/24,
-/// then /32s spread over 10.x (only as list entries, never as traffic).
+/// The `i`-th address of block `block` of 2001:db8::/32 (documentation,
+/// RFC 3849): `2001:db8:0:BLOCK::I`. The IPv4 documentation ranges hold
+/// too few for these tests.
+fn doc_addr(block: u16, i: u32) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::from((0x2001_0db8_u128 << 96) | (u128::from(block) << 64) | u128::from(i))
+}
+
+/// The N-th test prefix, a /128 of block 1 (only as a list entry, never as
+/// traffic).
 fn nth(i: u32) -> String {
-    format!("{}/32", std::net::Ipv4Addr::from(0x0a00_0000 + i))
+    format!("{}/128", doc_addr(1, i))
 }
 
 #[test]
@@ -452,7 +459,7 @@ fn a_three_member_cluster_loses_members() {
         ],
     );
     assert!(
-        wait_for(PROPAGATION, || refuses(&b, "10.0.0.1")),
+        wait_for(PROPAGATION, || refuses(&b, &doc_addr(1, 1).to_string())),
         "{}",
         b.log()
     );
@@ -470,7 +477,7 @@ fn a_three_member_cluster_loses_members() {
         a.log()
     );
     assert!(
-        wait_for(PROPAGATION, || refuses(&b, "10.0.0.2")),
+        wait_for(PROPAGATION, || refuses(&b, &doc_addr(1, 2).to_string())),
         "{}",
         b.log()
     );
@@ -490,13 +497,10 @@ fn a_three_member_cluster_loses_members() {
     );
     for gw in [&a, &b] {
         for i in 0..3 {
-            assert!(
-                refuses(gw, &std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string()),
-                "lists kept"
-            );
+            assert!(refuses(gw, &doc_addr(1, i).to_string()), "lists kept");
         }
     }
-    assert!(!refuses(&a, "10.0.0.3"));
+    assert!(!refuses(&a, &doc_addr(1, 3).to_string()));
 }
 
 #[test]
@@ -506,12 +510,12 @@ fn a_bulk_feed_of_120k_switches_at_once() {
     let gw = connected("gw", &etcd.endpoints_toml(), &dir.join("gw.cache"), "");
     let rt = runtime();
     let endpoints = etcd.endpoints();
-    let write_generation = |g: u64, n: u32, base: u32| {
+    let write_generation = |g: u64, n: u32, block: u16| {
         rt.block_on(async {
             let mut c = client(&endpoints).await;
             let mut ops = Vec::new();
             for i in 0..n {
-                let p = format!("{}/32", std::net::Ipv4Addr::from(base + i));
+                let p = format!("{}/128", doc_addr(block, i));
                 ops.push(etcd_client::TxnOp::put(
                     format!("{PREFIX}feeds/ipsum/g/{g}/deny/{p}"),
                     "{}",
@@ -573,7 +577,7 @@ fn a_bulk_feed_of_120k_switches_at_once() {
             }
         })
     };
-    write_generation(1, 120_000, 0x0b00_0000);
+    write_generation(1, 120_000, 11);
     let count = || fleet_status(&gw)["entries"].as_u64().unwrap_or(0);
     assert!(
         wait_for(Duration::from_secs(240), || count() == 120_000),
@@ -587,12 +591,17 @@ fn a_bulk_feed_of_120k_switches_at_once() {
         "one switch for generation 1:\n{}",
         gw.log()
     );
-    assert!(refuses(&gw, "11.0.0.5"));
+    assert!(refuses(&gw, &doc_addr(11, 5).to_string()));
     // Generation 2 replaces it: again one switch, never a mix.
-    write_generation(2, 120_000, 0x0c00_0000);
+    write_generation(2, 120_000, 12);
     assert!(
-        wait_for(Duration::from_secs(240), || refuses(&gw, "12.0.0.5")
-            && !refuses(&gw, "11.0.0.5")),
+        wait_for(Duration::from_secs(240), || refuses(
+            &gw,
+            &doc_addr(12, 5).to_string()
+        ) && !refuses(
+            &gw,
+            &doc_addr(11, 5).to_string()
+        )),
         "{}",
         gw.log()
     );
