@@ -11,11 +11,12 @@ use smtpguard_common::{
 
 use crate::maps::{SG_GROUPS4_A, SG_GROUPS4_B, SG_LEAVES4_A, SG_LEAVES4_B, SG_TBL24_A, SG_TBL24_B};
 
-/// The most specific rule covering `addr` (network byte order) in the
-/// generation in force, or `None` when no entry covers it.
+/// The most specific rule covering `addr` (as loaded from the packet:
+/// network byte order in memory) in the generation in force, or `None`
+/// when no entry covers it.
 #[inline(always)]
-pub fn lookup_v4(cfg: &RuntimeConfig, addr: [u8; 4]) -> Option<Rule> {
-    let a = u32::from_be_bytes(addr);
+pub fn lookup_v4(cfg: &RuntimeConfig, addr: u32) -> Option<Rule> {
+    let a = u32::from_be(addr);
     // One call site per generation, so that each sees constant maps: the
     // verifier inlines an array lookup only when the map is known, and a
     // map picked at run time costs a helper call per load.

@@ -19,8 +19,10 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use lookup_v4::lookup_v4;
 use maps::*;
-use parse::{Source, Syn};
-use smtpguard_common::{counter, slot, Action, Enforcement, Mode, Rule, RuntimeConfig};
+use parse::OnSyn;
+use smtpguard_common::{
+    counter, rate::RateKey, slot, Action, Enforcement, Mode, Rule, RuntimeConfig,
+};
 
 #[xdp]
 pub fn smtpguard(ctx: XdpContext) -> u32 {
@@ -29,91 +31,196 @@ pub fn smtpguard(ctx: XdpContext) -> u32 {
         return pass(counter::PASS_MALFORMED, slot::FAMILY_V4, 0);
     };
     let log_on = (cfg.log_rate_per_sec != 0) as u32;
-    match parse::classify(&ctx, cfg) {
-        Ok(syn) => judge(&ctx, cfg, &syn, log_on),
+    let judge = Judge {
+        ctx: &ctx,
+        cfg,
+        log_on,
+    };
+    match parse::classify(&ctx, cfg, &judge) {
+        Ok(action) => action,
         Err(reason) => pass(reason, slot::FAMILY_V4, log_on),
     }
 }
 
-/// Applies the lists to a SYN: longest prefix wins; no match falls back to
-/// the mode. Counts the outcome once, in its (reason, family) slot.
-#[inline(always)]
-fn judge(ctx: &XdpContext, cfg: &RuntimeConfig, syn: &Syn, log_on: u32) -> u32 {
-    let (rule, family) = match &syn.source {
-        Source::V4(addr) => (lookup_v4(cfg, *addr), slot::FAMILY_V4),
-        Source::V6(addr) => match ipv4_mapped(addr) {
-            // ::ffff:a.b.c.d is an IPv4 client on a dual-stack socket.
-            Some(v4) => (lookup_v4(cfg, v4), slot::FAMILY_V4),
-            None => (lookup_v6(addr), slot::FAMILY_V6),
-        },
-    };
-    if cfg.enforcement == Enforcement::Off as u32 {
-        return pass(counter::PASS_FILTER_OFF, family, log_on);
-    }
-    let (deny, drop_reason, rule_id) = match rule {
-        Some(r) => {
-            hit(r.rule_id);
-            (
-                r.action == Action::Deny as u32,
-                counter::DROP_DENY_LIST,
-                r.rule_id,
-            )
-        }
-        None => (
-            cfg.mode == Mode::DenyAllExceptPermit as u32,
-            counter::DROP_NOT_PERMITTED,
-            0,
-        ),
-    };
-    if !deny {
-        // Charged only after the verdict: a denied SYN never pays for the
-        // limiter. A permit entry exempts unless configured otherwise.
-        let exempt = cfg.rate_exempt_permitted != 0 && rule_id != 0;
-        if cfg.rate_per_minute == 0 || exempt || !rate_limit::over_limit(cfg, &syn.source) {
-            return pass(counter::PASS_PERMITTED, family, log_on);
-        }
-        return refuse(ctx, cfg, syn, counter::DROP_RATE_LIMIT, 0, family, log_on);
-    }
-    refuse(ctx, cfg, syn, drop_reason, rule_id, family, log_on)
-}
-
-/// Drops a SYN for `drop_reason` (or, in monitor mode, passes it counted as
-/// `WOULD_DROP`), logging it through the rate-limited drop log.
-#[inline(always)]
-fn refuse(
-    ctx: &XdpContext,
-    cfg: &RuntimeConfig,
-    syn: &Syn,
-    drop_reason: u32,
-    rule_id: u32,
-    family: u32,
+/// Judges the SYNs the parser hands over; the XDP action is the result.
+struct Judge<'a> {
+    ctx: &'a XdpContext,
+    cfg: &'a RuntimeConfig,
+    /// 1 when drop logging is on (see `smtpguard_common::slot`).
     log_on: u32,
-) -> u32 {
-    let monitor = cfg.enforcement == Enforcement::Monitor as u32;
-    if log_on != 0 {
-        log_drop(ctx, cfg, syn, drop_reason, rule_id, monitor);
-    }
-    if monitor {
-        return pass(counter::WOULD_DROP, family, log_on);
-    }
-    count(slot::index(drop_reason, family, log_on));
-    xdp_action::XDP_DROP
 }
 
+impl OnSyn for Judge<'_> {
+    type Out = u32;
+
+    #[inline(always)]
+    fn v4(&self, source: u32, dport_be: u16) -> u32 {
+        self.verdict(lookup_v4(self.cfg, source), source, dport_be)
+    }
+
+    #[inline(always)]
+    fn v6(&self, source: &[u32; 4], dport_be: u16) -> u32 {
+        match ipv4_mapped(source) {
+            // ::ffff:a.b.c.d is an IPv4 client on a dual-stack socket.
+            Some(v4) => self.v4(v4, dport_be),
+            None => self.verdict(lookup_v6::lookup(source), *source, dport_be),
+        }
+    }
+}
+
+impl Judge<'_> {
+    /// Applies the lists to a SYN from `client` whose longest-prefix entry
+    /// is `rule`: no match falls back to the mode. Counts the outcome once,
+    /// in its (reason, family) slot. Generic over the family, so that each
+    /// family's path is straight-line code that keeps its address in
+    /// registers.
+    #[inline(always)]
+    fn verdict<C: Client>(&self, rule: Option<Rule>, client: C, dport_be: u16) -> u32 {
+        let cfg = self.cfg;
+        if cfg.enforcement == Enforcement::Off as u32 {
+            return pass(counter::PASS_FILTER_OFF, C::FAMILY, self.log_on);
+        }
+        let (deny, drop_reason, rule_id) = match rule {
+            Some(r) => {
+                hit(r.rule_id);
+                (
+                    r.action == Action::Deny as u32,
+                    counter::DROP_DENY_LIST,
+                    r.rule_id,
+                )
+            }
+            None => (
+                cfg.mode == Mode::DenyAllExceptPermit as u32,
+                counter::DROP_NOT_PERMITTED,
+                0,
+            ),
+        };
+        let drop_reason = if deny {
+            drop_reason
+        } else {
+            // Charged only after the verdict: a denied SYN never pays for
+            // the limiter. A permit entry exempts unless configured otherwise.
+            let exempt = cfg.rate_exempt_permitted != 0 && rule_id != 0;
+            if cfg.rate_per_minute == 0
+                || exempt
+                || !rate_limit::over_limit(cfg, client.rate_key(cfg))
+            {
+                return pass(counter::PASS_PERMITTED, C::FAMILY, self.log_on);
+            }
+            counter::DROP_RATE_LIMIT
+        };
+        // Drops `drop_reason` (or, in monitor mode, passes it counted as
+        // `WOULD_DROP`), through the rate-limited drop log.
+        let monitor = cfg.enforcement == Enforcement::Monitor as u32;
+        if self.log_on != 0 {
+            self.log_drop(client, dport_be, drop_reason, rule_id, monitor);
+        }
+        if monitor {
+            return pass(counter::WOULD_DROP, C::FAMILY, self.log_on);
+        }
+        count(slot::index(drop_reason, C::FAMILY, self.log_on));
+        xdp_action::XDP_DROP
+    }
+
+    /// Logs a drop (or would-drop) through aya-log, at most
+    /// `log_rate_per_sec` events per second on each CPU. A suppressed event
+    /// writes nothing; its count is derived in userspace (see
+    /// `smtpguard_common::slot`).
+    #[inline(always)]
+    fn log_drop<C: Client>(
+        &self,
+        client: C,
+        dport_be: u16,
+        reason: u32,
+        rule_id: u32,
+        monitor: bool,
+    ) {
+        let Some(window) = SG_LOG_WINDOW.get_ptr_mut(0) else {
+            return;
+        };
+        // The coarse clock (tick resolution) is plenty for a one-second
+        // window and much cheaper than bpf_ktime_get_ns.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        // SAFETY: per-CPU value, XDP runs with preemption disabled.
+        unsafe {
+            if now.wrapping_sub((*window).start_ns) >= 1_000_000_000 {
+                (*window).start_ns = now;
+                (*window).logged = 0;
+            } else if (*window).logged >= self.cfg.log_rate_per_sec as u64 {
+                return;
+            }
+            (*window).logged += 1;
+        }
+        count(slot::LOGGED);
+        let what = if monitor { "would drop" } else { "dropped" };
+        let why = if reason == counter::DROP_DENY_LIST {
+            "deny_list"
+        } else if reason == counter::DROP_RATE_LIMIT {
+            "rate_limit"
+        } else {
+            "not_permitted"
+        };
+        client.log(self.ctx, what, u16::from_be(dport_be), why, rule_id);
+    }
+}
+
+/// A SYN's source, one type per family: an IPv4 address as loaded (`u32`,
+/// network byte order in memory) or an IPv6 address's four words.
+trait Client: Copy {
+    /// The `smtpguard_common::slot` family.
+    const FAMILY: u32;
+    /// The rate limiter's client key.
+    fn rate_key(&self, cfg: &RuntimeConfig) -> RateKey;
+    /// Writes one drop event to the log.
+    fn log(&self, ctx: &XdpContext, what: &str, port: u16, why: &str, rule_id: u32);
+}
+
+impl Client for u32 {
+    const FAMILY: u32 = slot::FAMILY_V4;
+
+    #[inline(always)]
+    fn rate_key(&self, _cfg: &RuntimeConfig) -> RateKey {
+        rate_limit::v4_key(*self)
+    }
+
+    #[inline(always)]
+    fn log(&self, ctx: &XdpContext, what: &str, port: u16, why: &str, rule_id: u32) {
+        let addr = self.to_ne_bytes();
+        warn!(
+            ctx,
+            "SYN {} src={:i} dport={} reason={} rule={}", what, addr, port, why, rule_id
+        );
+    }
+}
+
+impl Client for [u32; 4] {
+    const FAMILY: u32 = slot::FAMILY_V6;
+
+    #[inline(always)]
+    fn rate_key(&self, cfg: &RuntimeConfig) -> RateKey {
+        rate_limit::v6_key(cfg, self)
+    }
+
+    #[inline(always)]
+    fn log(&self, ctx: &XdpContext, what: &str, port: u16, why: &str, rule_id: u32) {
+        // SAFETY: same size, any bits are valid; the bytes are as loaded.
+        let addr = unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(*self) };
+        warn!(
+            ctx,
+            "SYN {} src={:i} dport={} reason={} rule={}", what, addr, port, why, rule_id
+        );
+    }
+}
+
+/// The IPv4 address of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`,
+/// RFC 4291 §2.5.5.2), word for word as loaded.
 #[inline(always)]
-pub(crate) fn ipv4_mapped(addr: &[u8; 16]) -> Option<[u8; 4]> {
-    let prefix = [0u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
-    if addr[..12] == prefix {
-        Some([addr[12], addr[13], addr[14], addr[15]])
+pub(crate) fn ipv4_mapped(addr: &[u32; 4]) -> Option<u32> {
+    if addr[0] == 0 && addr[1] == 0 && addr[2] == 0x0000_ffff_u32.to_be() {
+        Some(addr[3])
     } else {
         None
     }
-}
-
-#[inline(always)]
-fn lookup_v6(addr: &[u8; 16]) -> Option<Rule> {
-    // SAFETY: same size, any bits are valid; the words are as loaded.
-    lookup_v6::lookup(&unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*addr) })
 }
 
 #[inline(always)]
@@ -161,56 +268,6 @@ fn hit(rule_id: u32) {
         unsafe {
             core::arch::asm!("lock *(u64 *)({0} + 0) += {1}", in(reg) total, in(reg) count);
         }
-    }
-}
-
-/// Logs a drop (or would-drop) through aya-log, at most `log_rate_per_sec`
-/// events per second on each CPU. A suppressed event writes nothing; its
-/// count is derived in userspace (see `smtpguard_common::slot`).
-#[inline(always)]
-fn log_drop(
-    ctx: &XdpContext,
-    cfg: &RuntimeConfig,
-    syn: &Syn,
-    reason: u32,
-    rule_id: u32,
-    monitor: bool,
-) {
-    let Some(window) = SG_LOG_WINDOW.get_ptr_mut(0) else {
-        return;
-    };
-    // The coarse clock (tick resolution) is plenty for a one-second window
-    // and much cheaper than bpf_ktime_get_ns.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    // SAFETY: per-CPU value, XDP runs with preemption disabled.
-    unsafe {
-        if now.wrapping_sub((*window).start_ns) >= 1_000_000_000 {
-            (*window).start_ns = now;
-            (*window).logged = 0;
-        } else if (*window).logged >= cfg.log_rate_per_sec as u64 {
-            return;
-        }
-        (*window).logged += 1;
-    }
-    count(slot::LOGGED);
-    let port = u16::from_be(syn.dport_be);
-    let what = if monitor { "would drop" } else { "dropped" };
-    let why = if reason == counter::DROP_DENY_LIST {
-        "deny_list"
-    } else if reason == counter::DROP_RATE_LIMIT {
-        "rate_limit"
-    } else {
-        "not_permitted"
-    };
-    match &syn.source {
-        Source::V4(a) => warn!(
-            ctx,
-            "SYN {} src={:i} dport={} reason={} rule={}", what, *a, port, why, rule_id
-        ),
-        Source::V6(a) => warn!(
-            ctx,
-            "SYN {} src={:i} dport={} reason={} rule={}", what, *a, port, why, rule_id
-        ),
     }
 }
 

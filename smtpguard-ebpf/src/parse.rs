@@ -1,9 +1,15 @@
 //! Packet parsing: Ethernet, up to two VLAN tags, IPv4 (any IHL), IPv6 with
 //! a bounded extension-header walk, and the TCP header.
 //!
-//! The only output that can lead to a drop is [`Syn`]: a positively
-//! identified new-connection SYN to a guarded port. Everything else comes
-//! back as `Err(counter)`, the pass reason to count.
+//! The only outcome that can lead to a drop is a call of [`OnSyn`]: a
+//! positively identified new-connection SYN to a guarded port, with its
+//! source as loaded. Everything else comes back as `Err(counter)`, the pass
+//! reason to count.
+//!
+//! The two families reach the caller through two methods rather than one
+//! enum: an enum of a `u32` and a `[u32; 4]` joined after the parse made
+//! LLVM spill the address to the stack and rebuild it byte by byte (about
+//! 60 instructions on every SYN).
 
 use aya_ebpf::programs::XdpContext;
 use smtpguard_common::{counter, RuntimeConfig, IPV6_MAX_EXTENSION_HEADERS, MAX_PORTS};
@@ -35,17 +41,17 @@ const TCP_FLAGS_OFFSET: usize = 13;
 /// below 64 KiB) and still covers 9000-byte jumbo frames.
 const MAX_HEADER_OFFSET: usize = 0x3fff;
 
-/// Where a SYN came from, in network byte order.
-pub enum Source {
-    V4([u8; 4]),
-    V6([u8; 16]),
-}
-
-/// A new-connection SYN to a guarded port.
-pub struct Syn {
-    pub source: Source,
-    /// Destination port in network byte order.
-    pub dport_be: u16,
+/// What the caller does with a new-connection SYN to a guarded port; the
+/// result of `classify` is what these return.
+pub trait OnSyn {
+    /// What both methods return.
+    type Out;
+    /// An IPv4 SYN: `source` and `dport_be` as loaded from the packet
+    /// (network byte order in memory).
+    fn v4(&self, source: u32, dport_be: u16) -> Self::Out;
+    /// An IPv6 SYN: the source's four words as loaded from the packet
+    /// (network byte order in memory), and the destination port.
+    fn v6(&self, source: &[u32; 4], dport_be: u16) -> Self::Out;
 }
 
 /// Pass reason (a `counter::PASS_*` index) when the packet is not a SYN to judge.
@@ -114,9 +120,14 @@ fn is_vlan(ethertype: u16) -> bool {
     ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD
 }
 
-/// Classifies one frame. See the module documentation.
+/// Classifies one frame and hands a SYN to judge to `on`. See the module
+/// documentation.
 #[inline(always)]
-pub fn classify(ctx: &XdpContext, cfg: &RuntimeConfig) -> Result<Syn, PassReason> {
+pub fn classify<J: OnSyn>(
+    ctx: &XdpContext,
+    cfg: &RuntimeConfig,
+    on: &J,
+) -> Result<J::Out, PassReason> {
     let mut ethertype = load_be16(ctx, 12)?;
     let mut l3 = ETH_HLEN;
     // Up to two tags (802.1Q, or 802.1ad outer + 802.1Q inner); a third is
@@ -133,14 +144,19 @@ pub fn classify(ctx: &XdpContext, cfg: &RuntimeConfig) -> Result<Syn, PassReason
         }
     }
     match ethertype {
-        ETH_P_IP => ipv4(ctx, cfg, l3),
-        ETH_P_IPV6 => ipv6(ctx, cfg, l3),
+        ETH_P_IP => ipv4(ctx, cfg, l3, on),
+        ETH_P_IPV6 => ipv6(ctx, cfg, l3, on),
         _ => Err(counter::PASS_NOT_IP),
     }
 }
 
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, cfg: &RuntimeConfig, l3: usize) -> Result<Syn, PassReason> {
+fn ipv4<J: OnSyn>(
+    ctx: &XdpContext,
+    cfg: &RuntimeConfig,
+    l3: usize,
+    on: &J,
+) -> Result<J::Out, PassReason> {
     // Whole fields, not a byte array: one load each instead of one per byte.
     let version_ihl = load_u8(ctx, l3)?;
     let ihl = (version_ihl & 0x0f) as usize;
@@ -165,18 +181,23 @@ fn ipv4(ctx: &XdpContext, cfg: &RuntimeConfig, l3: usize) -> Result<Syn, PassRea
     let source = load_u32(ctx, l3 + 12)?;
     // The IP length, not the frame end, bounds the TCP header: Ethernet
     // pads short frames to 60 bytes and the padding is not TCP.
-    tcp(
+    let dport_be = tcp(
         ctx,
         cfg,
         l3 + header_len,
         total_len - header_len,
         more_fragments,
-        Source::V4(source.to_ne_bytes()),
-    )
+    )?;
+    Ok(on.v4(source, dport_be))
 }
 
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, cfg: &RuntimeConfig, l3: usize) -> Result<Syn, PassReason> {
+fn ipv6<J: OnSyn>(
+    ctx: &XdpContext,
+    cfg: &RuntimeConfig,
+    l3: usize,
+    on: &J,
+) -> Result<J::Out, PassReason> {
     let version = load_u8(ctx, l3)?;
     if version >> 4 != 6 {
         return Err(counter::PASS_MALFORMED);
@@ -231,19 +252,13 @@ fn ipv6(ctx: &XdpContext, cfg: &RuntimeConfig, l3: usize) -> Result<Syn, PassRea
     if next != IPPROTO_TCP {
         return Err(counter::PASS_IPV6_CHAIN);
     }
-    tcp(
-        ctx,
-        cfg,
-        offset,
-        payload_end - offset,
-        first_fragment,
-        // SAFETY: [u32; 4] and [u8; 16] have the same size; any bits are valid.
-        Source::V6(unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(source) }),
-    )
+    let dport_be = tcp(ctx, cfg, offset, payload_end - offset, first_fragment)?;
+    Ok(on.v6(&source, dport_be))
 }
 
 /// Judges the TCP header at `l4`, of which the IP layer says `l4_len` bytes
 /// exist. `first_fragment`: the packet is offset 0 of a fragmented datagram.
+/// A SYN to judge gives its destination port (network byte order).
 #[inline(always)]
 fn tcp(
     ctx: &XdpContext,
@@ -251,8 +266,7 @@ fn tcp(
     l4: usize,
     l4_len: usize,
     first_fragment: bool,
-    source: Source,
-) -> Result<Syn, PassReason> {
+) -> Result<u16, PassReason> {
     if l4_len < 4 {
         return Err(counter::PASS_MALFORMED);
     }
@@ -264,7 +278,7 @@ fn tcp(
         // RFC 1858 tiny-fragment attack: the flags are in a later fragment
         // we never see as TCP, so a first fragment to our port counts as a SYN.
         return if first_fragment {
-            Ok(Syn { source, dport_be })
+            Ok(dport_be)
         } else {
             Err(counter::PASS_MALFORMED)
         };
@@ -275,7 +289,7 @@ fn tcp(
     if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
         return Err(counter::PASS_NOT_SYN);
     }
-    Ok(Syn { source, dport_be })
+    Ok(dport_be)
 }
 
 #[inline(always)]

@@ -12,7 +12,6 @@ use smtpguard_common::{
 };
 
 use crate::maps::{SG_RATE, SG_RATE_EV, SG_RATE_OVF};
-use crate::parse::Source;
 
 /// How often a compare-and-swap is retried before the SYN counts as over
 /// the limit: a failed swap means another CPU just took a token from the
@@ -22,11 +21,10 @@ const CAS_TRIES: u32 = 4;
 /// `-EEXIST`: another CPU created the bucket between lookup and insert.
 const EEXIST: i32 = 17;
 
-/// Charges one SYN from `source` to its client's bucket. `true`: over the
-/// limit (drop it).
+/// Charges one SYN to the bucket of client `key` (see [`v4_key`],
+/// [`v6_key`]). `true`: over the limit (drop it).
 #[inline(always)]
-pub fn over_limit(cfg: &RuntimeConfig, source: &Source) -> bool {
-    let key = key_of(cfg, source);
+pub fn over_limit(cfg: &RuntimeConfig, key: RateKey) -> bool {
     // The coarse clock (one tick, 1-4 ms) is cheaper than
     // bpf_ktime_get_ns; GCRA stays exact over time with a clock that
     // jumps, since `tat_ns` advances by whole intervals.
@@ -75,32 +73,24 @@ pub fn over_limit(cfg: &RuntimeConfig, source: &Source) -> bool {
     true
 }
 
-/// The client a source belongs to: IPv4 (and IPv4-mapped IPv6) by /32,
-/// IPv6 by `rate_v6_mask`.
+/// The client of an IPv4 source (as loaded, network byte order in memory):
+/// the /32. IPv4-mapped IPv6 sources come here as IPv4.
 #[inline(always)]
-fn key_of(cfg: &RuntimeConfig, source: &Source) -> RateKey {
-    match source {
-        Source::V4(a) => v4_key(*a),
-        Source::V6(a) => match crate::ipv4_mapped(a) {
-            Some(v4) => v4_key(v4),
-            None => {
-                // SAFETY: same size, any bits are valid.
-                let w = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*a) };
-                let m = &cfg.rate_v6_mask;
-                RateKey {
-                    family: FAMILY_V6,
-                    addr: [w[0] & m[0], w[1] & m[1], w[2] & m[2], w[3] & m[3]],
-                }
-            }
-        },
+pub fn v4_key(addr: u32) -> RateKey {
+    RateKey {
+        family: FAMILY_V4,
+        addr: [addr, 0, 0, 0],
     }
 }
 
+/// The client of an IPv6 source (its four words as loaded): the address
+/// masked by `rate_v6_mask`.
 #[inline(always)]
-fn v4_key(a: [u8; 4]) -> RateKey {
+pub fn v6_key(cfg: &RuntimeConfig, w: &[u32; 4]) -> RateKey {
+    let m = &cfg.rate_v6_mask;
     RateKey {
-        family: FAMILY_V4,
-        addr: [u32::from_ne_bytes(a), 0, 0, 0],
+        family: FAMILY_V6,
+        addr: [w[0] & m[0], w[1] & m[1], w[2] & m[2], w[3] & m[3]],
     }
 }
 

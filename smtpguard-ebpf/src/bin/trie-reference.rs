@@ -71,7 +71,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use maps::*;
-use parse::{Source, Syn};
+use parse::OnSyn;
 use smtpguard_common::{counter, Action, Enforcement, Mode, Rule, RuntimeConfig};
 
 #[xdp]
@@ -81,9 +81,47 @@ pub fn smtpguard_trie(ctx: XdpContext) -> u32 {
     let Some(cfg) = SG_CONFIG.get(0) else {
         return pass(counter::PASS_MALFORMED);
     };
-    match parse::classify(&ctx, cfg) {
+    match parse::classify(&ctx, cfg, &Collect) {
         Ok(syn) => judge(&ctx, cfg, &syn),
         Err(reason) => pass(reason),
+    }
+}
+
+/// Where a SYN came from, in network byte order (the frozen program's
+/// shape: the parser's source as bytes).
+enum Source {
+    V4([u8; 4]),
+    V6([u8; 16]),
+}
+
+/// A new-connection SYN to a guarded port.
+struct Syn {
+    source: Source,
+    /// Destination port in network byte order.
+    dport_be: u16,
+}
+
+/// Turns the parser's SYN into the frozen program's [`Syn`].
+struct Collect;
+
+impl OnSyn for Collect {
+    type Out = Syn;
+
+    #[inline(always)]
+    fn v4(&self, source: u32, dport_be: u16) -> Syn {
+        Syn {
+            source: Source::V4(source.to_ne_bytes()),
+            dport_be,
+        }
+    }
+
+    #[inline(always)]
+    fn v6(&self, source: &[u32; 4], dport_be: u16) -> Syn {
+        Syn {
+            // SAFETY: same size, any bits are valid; the bytes are as loaded.
+            source: Source::V6(unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(*source) }),
+            dport_be,
+        }
     }
 }
 
