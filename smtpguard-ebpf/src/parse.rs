@@ -69,50 +69,72 @@ fn at(ctx: &XdpContext, offset: usize, len: usize) -> Result<usize, PassReason> 
     Ok(start + offset)
 }
 
-/// Reads the byte at `offset`.
-#[inline(always)]
-fn load_u8(ctx: &XdpContext, offset: usize) -> Result<u8, PassReason> {
-    let p = at(ctx, offset, 1)?;
-    // SAFETY: bounds checked by `at`.
-    Ok(unsafe { *(p as *const u8) })
+/// `len` bytes of the frame, bounds-checked once by [`header`]; its fields
+/// are then read with no check of their own. The verifier keeps the checked
+/// range on the pointer and rejects the program if a read went past it, so
+/// a wrong offset cannot load, let alone read out of bounds.
+#[derive(Clone, Copy)]
+struct Header {
+    at: usize,
 }
 
-// Header fields are loaded whole, with one BPF load each. The packet has no
-// alignment guarantee, so Rust's unaligned reads make LLVM split every field
-// into byte loads and shifts; the BPF load instructions themselves accept
-// any alignment on x86-64 and arm64 (the verifier checks alignment only
-// with strict alignment, which those JITs do not ask for).
-
-/// Reads the `u16` at `offset` as it is in the packet (network byte order).
-#[inline(always)]
-fn load_u16(ctx: &XdpContext, offset: usize) -> Result<u16, PassReason> {
-    let p = at(ctx, offset, 2)?;
-    let v: u64;
-    // SAFETY: two bytes bounds-checked by `at`; the instruction only reads.
-    unsafe {
-        core::arch::asm!("{0} = *(u16 *)({1} + 0)", out(reg) v, in(reg) p,
-            options(pure, readonly, nostack));
+// Header fields are loaded whole, with one BPF load each and the offset in
+// the instruction. The packet has no alignment guarantee, so Rust's
+// unaligned reads make LLVM split every field into byte loads and shifts;
+// the BPF load instructions themselves accept any alignment on x86-64 and
+// arm64 (the verifier checks alignment only with strict alignment, which
+// those JITs do not ask for).
+impl Header {
+    /// The byte at `OFF`.
+    #[inline(always)]
+    fn u8<const OFF: usize>(self) -> u8 {
+        let v: u64;
+        // SAFETY: within the range `header` checked (see the type's docs).
+        unsafe {
+            core::arch::asm!("{0} = *(u8 *)({1} + {2})", out(reg) v, in(reg) self.at,
+                const OFF, options(pure, readonly, nostack));
+        }
+        v as u8
     }
-    Ok(v as u16)
-}
 
-/// Reads the `u32` at `offset` as it is in the packet (network byte order).
-#[inline(always)]
-fn load_u32(ctx: &XdpContext, offset: usize) -> Result<u32, PassReason> {
-    let p = at(ctx, offset, 4)?;
-    let v: u64;
-    // SAFETY: four bytes bounds-checked by `at`; the instruction only reads.
-    unsafe {
-        core::arch::asm!("{0} = *(u32 *)({1} + 0)", out(reg) v, in(reg) p,
-            options(pure, readonly, nostack));
+    /// The `u16` at `OFF` as it is in the packet (network byte order).
+    #[inline(always)]
+    fn u16<const OFF: usize>(self) -> u16 {
+        let v: u64;
+        // SAFETY: as in `u8`.
+        unsafe {
+            core::arch::asm!("{0} = *(u16 *)({1} + {2})", out(reg) v, in(reg) self.at,
+                const OFF, options(pure, readonly, nostack));
+        }
+        v as u16
     }
-    Ok(v as u32)
+
+    /// The `u32` at `OFF` as it is in the packet (network byte order).
+    #[inline(always)]
+    fn u32<const OFF: usize>(self) -> u32 {
+        let v: u64;
+        // SAFETY: as in `u8`.
+        unsafe {
+            core::arch::asm!("{0} = *(u32 *)({1} + {2})", out(reg) v, in(reg) self.at,
+                const OFF, options(pure, readonly, nostack));
+        }
+        v as u32
+    }
+
+    /// The big-endian `u16` at `OFF` as a number.
+    #[inline(always)]
+    fn be16<const OFF: usize>(self) -> u16 {
+        u16::from_be(self.u16::<OFF>())
+    }
 }
 
-/// Loads a big-endian `u16` as a number.
+/// The `len` bytes at `offset` into the frame, checked against the end of
+/// the packet once; a short packet is `PASS_MALFORMED`.
 #[inline(always)]
-fn load_be16(ctx: &XdpContext, offset: usize) -> Result<u16, PassReason> {
-    Ok(u16::from_be(load_u16(ctx, offset)?))
+fn header(ctx: &XdpContext, offset: usize, len: usize) -> Result<Header, PassReason> {
+    Ok(Header {
+        at: at(ctx, offset, len)?,
+    })
 }
 
 #[inline(always)]
@@ -128,15 +150,15 @@ pub fn classify<J: OnSyn>(
     cfg: &RuntimeConfig,
     on: &J,
 ) -> Result<J::Out, PassReason> {
-    let mut ethertype = load_be16(ctx, 12)?;
+    let mut ethertype = header(ctx, 0, ETH_HLEN)?.be16::<12>();
     let mut l3 = ETH_HLEN;
     // Up to two tags (802.1Q, or 802.1ad outer + 802.1Q inner); a third is
     // unusual enough to pass untouched, counted.
     if is_vlan(ethertype) {
-        ethertype = load_be16(ctx, l3 + 2)?;
+        ethertype = header(ctx, l3, 4)?.be16::<2>();
         l3 += 4;
         if is_vlan(ethertype) {
-            ethertype = load_be16(ctx, l3 + 2)?;
+            ethertype = header(ctx, l3, 4)?.be16::<2>();
             l3 += 4;
             if is_vlan(ethertype) {
                 return Err(counter::PASS_VLAN_DEPTH);
@@ -157,28 +179,30 @@ fn ipv4<J: OnSyn>(
     l3: usize,
     on: &J,
 ) -> Result<J::Out, PassReason> {
-    // Whole fields, not a byte array: one load each instead of one per byte.
-    let version_ihl = load_u8(ctx, l3)?;
+    // One bounds check for the fixed header (RFC 791 §3.1), then one load
+    // per field.
+    let ip = header(ctx, l3, 20)?;
+    let version_ihl = ip.u8::<0>();
     let ihl = (version_ihl & 0x0f) as usize;
     if version_ihl >> 4 != 4 || ihl < 5 {
         return Err(counter::PASS_MALFORMED);
     }
-    let protocol = load_u8(ctx, l3 + 9)?;
+    let protocol = ip.u8::<9>();
     if protocol != IPPROTO_TCP {
         return Err(counter::PASS_NOT_TCP);
     }
-    let frag = load_be16(ctx, l3 + 6)?;
+    let frag = ip.be16::<6>();
     if frag & 0x1fff != 0 {
         // A non-first fragment carries no TCP header: never parse it as one.
         return Err(counter::PASS_FRAGMENT);
     }
     let more_fragments = frag & 0x2000 != 0;
     let header_len = ihl * 4;
-    let total_len = load_be16(ctx, l3 + 2)? as usize;
+    let total_len = ip.be16::<2>() as usize;
     if total_len < header_len {
         return Err(counter::PASS_MALFORMED);
     }
-    let source = load_u32(ctx, l3 + 12)?;
+    let source = ip.u32::<12>();
     // The IP length, not the frame end, bounds the TCP header: Ethernet
     // pads short frames to 60 bytes and the padding is not TCP.
     let dport_be = tcp(
@@ -198,18 +222,20 @@ fn ipv6<J: OnSyn>(
     l3: usize,
     on: &J,
 ) -> Result<J::Out, PassReason> {
-    let version = load_u8(ctx, l3)?;
+    // One bounds check for the fixed header (RFC 8200 §3).
+    let ip = header(ctx, l3, 40)?;
+    let version = ip.u8::<0>();
     if version >> 4 != 6 {
         return Err(counter::PASS_MALFORMED);
     }
     let source: [u32; 4] = [
-        load_u32(ctx, l3 + 8)?,
-        load_u32(ctx, l3 + 12)?,
-        load_u32(ctx, l3 + 16)?,
-        load_u32(ctx, l3 + 20)?,
+        ip.u32::<8>(),
+        ip.u32::<12>(),
+        ip.u32::<16>(),
+        ip.u32::<20>(),
     ];
-    let payload_len = load_be16(ctx, l3 + 4)? as usize;
-    let mut next = load_u8(ctx, l3 + 6)?;
+    let payload_len = ip.be16::<4>() as usize;
+    let mut next = ip.u8::<6>();
     let mut offset = l3 + 40;
     let payload_end = offset + payload_len;
     let mut first_fragment = false;
@@ -220,20 +246,20 @@ fn ipv6<J: OnSyn>(
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MOBILITY
             | IPPROTO_HIP | IPPROTO_SHIM6 => {
                 // Generic format (RFC 8200 §4.2): length in 8-octet units, not counting the first.
-                let e = load_be16(ctx, offset)?;
+                let e = header(ctx, offset, 2)?.be16::<0>();
                 next = (e >> 8) as u8;
                 offset += ((e & 0xff) as usize + 1) * 8;
             }
             IPPROTO_AH => {
                 // AH counts 4-octet units, minus 2 (RFC 4302 §2.2).
-                let e = load_be16(ctx, offset)?;
+                let e = header(ctx, offset, 2)?.be16::<0>();
                 next = (e >> 8) as u8;
                 offset += ((e & 0xff) as usize + 2) * 4;
             }
             IPPROTO_FRAGMENT => {
                 // One load for the whole first word: next header, reserved,
                 // then offset and flags (RFC 8200 §4.5).
-                let word = load_u32(ctx, offset)?.to_ne_bytes();
+                let word = header(ctx, offset, 4)?.u32::<0>().to_ne_bytes();
                 let offset_and_flags = u16::from_be_bytes([word[2], word[3]]);
                 if offset_and_flags & 0xfff8 != 0 {
                     return Err(counter::PASS_FRAGMENT);
@@ -270,7 +296,7 @@ fn tcp(
     if l4_len < 4 {
         return Err(counter::PASS_MALFORMED);
     }
-    let dport_be = load_u16(ctx, l4 + 2)?;
+    let dport_be = header(ctx, l4, 4)?.u16::<2>();
     if !port_guarded(cfg, dport_be) {
         return Err(counter::PASS_OTHER_PORT);
     }
@@ -283,7 +309,7 @@ fn tcp(
             Err(counter::PASS_MALFORMED)
         };
     }
-    let flags = load_u8(ctx, l4 + TCP_FLAGS_OFFSET)?;
+    let flags = header(ctx, l4, TCP_FLAGS_OFFSET + 1)?.u8::<TCP_FLAGS_OFFSET>();
     // A new connection: SYN without ACK. ECE/CWR (ECN setup), FIN, RST, PSH
     // and data (TCP Fast Open) do not make it any less of a new connection.
     if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
