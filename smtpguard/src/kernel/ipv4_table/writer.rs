@@ -332,7 +332,7 @@ impl Ipv4Table {
                 max: self.capacity,
             });
         }
-        let compiled = compile::compile(&rules);
+        let compiled = compile::compile_normalized(&rules);
         // Cannot happen within MAX_PREFIXES_PER_FAMILY (see MAX_LEAVES).
         if compiled.groups.len() > MAX_GROUPS as usize
             || compiled.leaves.len() > MAX_LEAVES as usize
