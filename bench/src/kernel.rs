@@ -138,9 +138,15 @@ struct Loaded {
     memory: std::collections::BTreeMap<String, u64>,
 }
 
-/// Whether a map holds the list (its size follows the list), by name.
+/// Whether a map holds the list, by name: the LPM tries of the old
+/// program (their size follows the list) and the compiled IPv6 table's
+/// maps (preallocated, one set per IPv6 generation).
 fn is_list_map(name: &str) -> bool {
+    use smtpguard_common::map_names::{GROUPS6, LEAVES6, TBL16_V6};
     name.starts_with("SG_RULES")
+        || [TBL16_V6, GROUPS6, LEAVES6]
+            .iter()
+            .any(|n| n.contains(&name))
 }
 
 impl Loaded {
