@@ -165,7 +165,11 @@ pub fn compile_within(
     rules: &[(Ipv6Net, Rule)],
     limits: Limits,
 ) -> Result<Compiled, Ipv6TableError> {
-    let prefixes = normalize(rules);
+    compile_normalized(normalize(rules), limits)
+}
+
+/// [`compile_within`] of a [`normalize`]d list.
+fn compile_normalized(prefixes: Vec<Prefix>, limits: Limits) -> Result<Compiled, Ipv6TableError> {
     let (short, long): (Vec<Prefix>, Vec<Prefix>) = prefixes.into_iter().partition(|p| p.len <= 16);
     let mut tbl16 = vec![entry::NONE; TBL16_ENTRIES];
     let spans: Vec<Span> = short
@@ -377,14 +381,15 @@ impl Ipv6Table {
     /// before anything is written), [`Ipv6TableError::Map`] if the switch
     /// fails; in every case the generation in force is untouched.
     pub fn write(&mut self, rules: &[(Ipv6Net, Rule)]) -> Result<(), Ipv6TableError> {
-        let count = normalize(rules).len();
+        let prefixes = normalize(rules);
+        let count = prefixes.len();
         if count > self.capacity {
             return Err(Ipv6TableError::TooManyPrefixes {
                 count,
                 max: self.capacity,
             });
         }
-        let compiled = compile_within(rules, self.limits)?;
+        let compiled = compile_normalized(prefixes, self.limits)?;
         let next = 1 - self.active;
         let target = &mut self.generations[next];
         target.tbl16.slice_mut().copy_from_slice(&compiled.tbl16);
