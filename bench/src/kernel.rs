@@ -136,11 +136,21 @@ struct Loaded {
     seconds: f64,
     /// bytes_memlock of each map the load created, by name.
     memory: std::collections::BTreeMap<String, u64>,
+    /// Whether the list is IPv6 (which maps hold it).
+    v6: bool,
 }
 
-/// Whether a map holds the list (its size follows the list), by name.
-fn is_list_map(name: &str) -> bool {
+/// Whether a map holds the list, by name: the LPM tries of the old
+/// program (their size follows the list) and, for an IPv6 list, the
+/// compiled IPv6 table's maps (preallocated, one set per IPv6 generation;
+/// for an IPv4 list they are part of the fixed memory).
+fn is_list_map(name: &str, v6: bool) -> bool {
+    use smtpguard_common::map_names::{GROUPS6, LEAVES6, TBL16_V6};
     name.starts_with("SG_RULES")
+        || (v6
+            && [TBL16_V6, GROUPS6, LEAVES6]
+                .iter()
+                .any(|n| n.contains(&name)))
 }
 
 impl Loaded {
@@ -149,7 +159,7 @@ impl Loaded {
         let of = |suffix: &str| {
             self.memory
                 .iter()
-                .filter(|(n, _)| is_list_map(n) && n.ends_with(suffix))
+                .filter(|(n, _)| is_list_map(n, self.v6) && n.ends_with(suffix))
                 .map(|(_, m)| m)
                 .sum()
         };
@@ -161,12 +171,12 @@ impl Loaded {
         let fixed: Vec<(&String, &u64)> = self
             .memory
             .iter()
-            .filter(|(n, m)| !is_list_map(n) && **m >= 64 * 1024)
+            .filter(|(n, m)| !is_list_map(n, self.v6) && **m >= 64 * 1024)
             .collect();
         let total = self
             .memory
             .iter()
-            .filter(|(n, _)| !is_list_map(n))
+            .filter(|(n, _)| !is_list_map(n, self.v6))
             .map(|(_, m)| m)
             .sum();
         let named = fixed
@@ -202,6 +212,7 @@ fn load_smtpguard(list: &List) -> Result<Loaded> {
         sync,
         seconds,
         memory: programs::memlock_by_name_since(&before),
+        v6: list.denied.is_ipv6(),
     })
 }
 

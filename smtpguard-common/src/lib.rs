@@ -27,11 +27,17 @@ pub mod map_names {
     pub const GROUPS4: [&str; 2] = ["SG_GROUPS4_A", "SG_GROUPS4_B"];
     /// The IPv4 group leaves, `Array<[u32; 16]>`, one per generation.
     pub const LEAVES4: [&str; 2] = ["SG_LEAVES4_A", "SG_LEAVES4_B"];
-    /// IPv6 entries, one hash map per IPv6 generation (see [`super::V6Key`]);
-    /// LPM tries in the frozen `trie-reference` program.
+    /// IPv6 LPM tries, one per list generation: only the frozen
+    /// `trie-reference` program has them now (the bench baseline and the
+    /// lookup oracle); the production program uses the compiled table.
     pub const RULES_V6: [&str; 2] = ["SG_RULES6_A", "SG_RULES6_B"];
-    /// `Array<V6Lengths>` with one element per IPv6 generation.
-    pub const LENGTHS_V6: &str = "SG_LENS6";
+    /// The IPv6 first level, `Array<[u32; 16]>`, one per IPv6 generation
+    /// (see [`super::ipv6_table`]).
+    pub const TBL16_V6: [&str; 2] = ["SG_TBL16_6_A", "SG_TBL16_6_B"];
+    /// The IPv6 nodes, `Array<Group>`, one per IPv6 generation.
+    pub const GROUPS6: [&str; 2] = ["SG_GROUPS6_A", "SG_GROUPS6_B"];
+    /// The IPv6 node leaves, `Array<[u32; 16]>`, one per IPv6 generation.
+    pub const LEAVES6: [&str; 2] = ["SG_LEAVES6_A", "SG_LEAVES6_B"];
     /// `Array<u32>` with one element: the IPv6 generation in force (0 or 1).
     pub const GENERATION_V6: &str = "SG_GEN6";
     /// `PerCpuArray<u64>` of [`super::slot::SLOT_COUNT`] outcome slots
@@ -102,7 +108,8 @@ pub mod ipv4_table {
         pub const PERMIT: u32 = 1;
         /// A deny rule; the payload is its rule id. Equals `Action::Deny`.
         pub const DENY: u32 = 2;
-        /// A group (`TBL24` only); the payload indexes `GROUPS4`.
+        /// A group; the payload indexes `GROUPS4` (IPv4: in `TBL24` only)
+        /// or `GROUPS6` (IPv6: in `TBL16` and in leaves, one per level).
         pub const GROUP: u32 = 3;
 
         /// Packs a kind and a payload.
@@ -125,12 +132,71 @@ pub mod ipv4_table {
     }
 }
 
-/// Capacity of each IPv6 hash map (one generation), in entries: prefixes
-/// plus the markers the binary search on lengths needs (at most 7 per
-/// prefix, mostly shared). Created with `BPF_F_NO_PREALLOC`, so entries
-/// cost memory only when written, but the kernel allocates the bucket
-/// array up front: 16 bytes per entry of capacity, 16 MiB per generation.
-pub const MAX_V6_ENTRIES: u32 = 1 << 20;
+/// The compiled IPv6 lookup: a multibit trie with a 16-bit direct first
+/// level and 8-bit-stride nodes compressed into runs, in the formats of
+/// [`ipv4_table`] (entries, [`Group`](ipv4_table::Group), 16-entry lines).
+///
+/// - `TBL16` has one [entry](ipv4_table::entry) per /16 (2^16 of them,
+///   index = the top 16 address bits), stored 16 to a 64-byte element
+///   ([`TBL16_LINES`](ipv6_table::TBL16_LINES) elements, 256 KiB).
+/// - A `GROUP` entry, in `TBL16` or in a leaf, points into `GROUPS6`: a
+///   node holding the 256 entries of the next 8 address bits as runs,
+///   exactly as an IPv4 group holds a /24's 256 hosts. For the next
+///   address byte `b`, the entry is leaf
+///   `base + rank[b / 64] + popcount(bitmap[b / 64] << (63 - b % 64)) - 1`
+///   of `LEAVES6`. Unlike IPv4, a leaf may itself be a `GROUP` entry: the
+///   node of the next 8 bits. A lookup follows at most
+///   [`MAX_LEVELS`](ipv6_table::MAX_LEVELS) nodes (bits 16 to 128).
+/// - A node exists for every 8-bit boundary a listed prefix crosses: a
+///   prefix of length `L > 16` needs the nodes at depths 16, 24, ... below
+///   `L`, `ceil((L - 16) / 8)` of them (a /48 four, a /128 fourteen),
+///   shared with every other prefix on the same path.
+///
+/// Every entry already carries the longest-prefix verdict: the compiler
+/// merges permit and deny (deny wins a tie) before writing. Addresses are
+/// taken as the number the 16 octets spell in network byte order: the top
+/// 16 bits index `TBL16`, then each following octet one node.
+///
+/// # Bounds
+///
+/// The maps are preallocated arrays, so the capacity is in nodes and
+/// leaves, not prefixes. A node has at most `1 + 2 * (prefixes ending in
+/// it) + 2 * (child nodes)` runs, so a list of `P` prefixes needing `G`
+/// nodes has at most `3G + 2P` leaves, and `G <= 14P`. Any list of up to
+/// [`GUARANTEED_PREFIXES`](ipv6_table::GUARANTEED_PREFIXES) prefixes fits
+/// whatever their lengths; longer lists fit as long as their prefixes
+/// share paths (full bogons, 130,320 prefixes, needs 8,683 nodes). A list
+/// that needs more nodes or leaves than the maps hold is refused whole
+/// ("kernel IPv6 table is full"): nothing is written to the generation in
+/// force and no switch happens.
+pub mod ipv6_table {
+    pub use super::ipv4_table::{entry, Group, ENTRIES_PER_LINE};
+
+    /// `TBL16` elements (16 entries each): 2^16 entries, 256 KiB.
+    pub const TBL16_LINES: u32 = (1 << 16) / ENTRIES_PER_LINE;
+    /// Nodes a lookup visits at most: one per octet after the first two.
+    pub const MAX_LEVELS: u32 = 14;
+    /// Capacity of `GROUPS6` per generation, in nodes (40 bytes each,
+    /// 20 MiB).
+    pub const MAX_GROUPS: u32 = 1 << 19;
+    /// Capacity of `LEAVES6` per generation, in leaves (4 bytes each,
+    /// 8 MiB).
+    pub const MAX_LEAVES: u32 = 1 << 21;
+    /// `LEAVES6` elements.
+    pub const LEAF_LINES: u32 = MAX_LEAVES / ENTRIES_PER_LINE;
+    /// Prefixes that always fit, whatever their lengths: each needs at
+    /// most [`MAX_LEVELS`] nodes and `3 * MAX_LEVELS + 2` leaves (see the
+    /// module docs).
+    pub const GUARANTEED_PREFIXES: u32 = {
+        let by_groups = MAX_GROUPS / MAX_LEVELS;
+        let by_leaves = MAX_LEAVES / (3 * MAX_LEVELS + 2);
+        if by_groups < by_leaves {
+            by_groups
+        } else {
+            by_leaves
+        }
+    };
+}
 
 /// Size of the hit-counter array: rule ids are `0..MAX_RULE_IDS`.
 /// Rule id 0 is never assigned, so a zeroed value reads as "no rule".
@@ -163,48 +229,6 @@ pub struct Rule {
     pub action: u32,
     /// Index into the hit-counter map `SG_HITS`; never 0.
     pub rule_id: u32,
-}
-
-/// Key of the production program's IPv6 hash maps: a prefix or a marker of
-/// the binary search on prefix lengths (Waldvogel et al., "Scalable
-/// High-Speed Prefix Matching", 1997/2001).
-///
-/// The value is a [`Rule`]: for a list entry, its own; for a marker (a
-/// prefix of a longer entry, on the search path to it), the longest entry
-/// that covers the marker, or `action` 0 when none does. The search probes
-/// the lengths in force ([`V6Lengths`]) in binary-search order, going
-/// longer after a hit and shorter after a miss, and returns the value of
-/// the last hit: at most 8 probes for any set of lengths.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct V6Key {
-    /// Prefix length in bits, `0..=128`.
-    pub prefix_len: u32,
-    /// The prefix in network byte order with the host bits zero, as four
-    /// native-endian words (`u32::from_ne_bytes` of each four octets), as
-    /// the program loads it from the packet.
-    pub addr: [u32; 4],
-}
-
-/// The distinct prefix lengths of one IPv6 generation, ascending: element
-/// 0 or 1 of `SG_LENS6`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct V6Lengths {
-    /// How many of `lengths` are in use (`0..=129`).
-    pub count: u32,
-    /// Prefix lengths, strictly ascending; the rest is 0.
-    pub lengths: [u8; 132],
-}
-
-impl V6Lengths {
-    /// No lengths: every lookup misses.
-    pub const fn empty() -> Self {
-        Self {
-            count: 0,
-            lengths: [0; 132],
-        }
-    }
 }
 
 /// What the program does with a SYN from an address that matches no entry.
@@ -265,7 +289,8 @@ pub struct RuntimeConfig {
     /// `rate_per_minute`).
     pub rate_tolerance_ns: u64,
     /// The IPv6 client grouping as a mask over the source address (network
-    /// byte order, as four native-endian words like [`V6Key::addr`]).
+    /// byte order, as four native-endian words: `u32::from_ne_bytes` of
+    /// each four octets, as the program loads them from the packet).
     pub rate_v6_mask: [u32; 4],
     /// The prefix length `rate_v6_mask` was made from (for events).
     pub rate_v6_prefix: u32,
@@ -549,10 +574,6 @@ mod pod {
     unsafe impl aya::Pod for super::ipv4_table::Group {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::HitPending {}
-    // SAFETY: see above (u32 and u8 arrays, no implicit padding).
-    unsafe impl aya::Pod for super::V6Key {}
-    // SAFETY: see above (4 + 132 bytes, no implicit padding).
-    unsafe impl aya::Pod for super::V6Lengths {}
     // SAFETY: see above (five u32, no implicit padding).
     unsafe impl aya::Pod for super::rate::RateKey {}
     // SAFETY: see above (two u64).

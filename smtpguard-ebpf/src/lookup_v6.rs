@@ -1,69 +1,93 @@
-//! IPv6 longest-prefix match: binary search on prefix lengths over one
-//! hash map of entries and markers (see `smtpguard_common::V6Key`). At most
-//! 8 hash probes whatever the list, where the LPM trie visits a node per
-//! branching bit (up to 128).
+//! The IPv6 lookup in the compiled trie (`smtpguard_common::ipv6_table`):
+//! one load of the first level for a source covered by a prefix of /16 or
+//! shorter, then three dependent loads (entry, node, leaf) per octet until
+//! the entry is a verdict: a /48 entry takes four nodes, a /128 at most
+//! fourteen. Array maps only; the binary search on lengths it replaces made
+//! up to 8 hash probes of 20-25 ns each.
 
-use smtpguard_common::{Rule, V6Key};
+use aya_ebpf::maps::Array;
+use smtpguard_common::{
+    ipv6_table::{entry, Group, MAX_LEVELS},
+    Rule,
+};
 
-use crate::maps::{SG_GEN6, SG_LENS6, SG_RULES6_A, SG_RULES6_B};
+use crate::maps::{
+    SG_GEN6, SG_GROUPS6_A, SG_GROUPS6_B, SG_LEAVES6_A, SG_LEAVES6_B, SG_TBL16_6_A, SG_TBL16_6_B,
+};
 
-/// Probes needed for 129 lengths (`ceil(log2(130))`).
-const MAX_PROBES: usize = 8;
-
-/// The rule of the longest entry covering `addr` (the packet's four words),
-/// or `None`.
+/// The rule of the longest entry covering `addr` (the packet's four words,
+/// network byte order in memory) in the IPv6 generation in force, or `None`.
 #[inline(always)]
 pub fn lookup(addr: &[u32; 4]) -> Option<Rule> {
     let generation = *SG_GEN6.get(0)? & 1;
-    let lengths = SG_LENS6.get(generation)?;
-    let table = if generation == 0 {
-        &SG_RULES6_A
+    // The address as a 128-bit number in two host-order halves.
+    let hi = (u64::from(u32::from_be(addr[0])) << 32) | u64::from(u32::from_be(addr[1]));
+    let lo = (u64::from(u32::from_be(addr[2])) << 32) | u64::from(u32::from_be(addr[3]));
+    // One call site per generation, so that each sees constant maps: the
+    // verifier inlines an array lookup only when the map is known.
+    let e = if generation == 0 {
+        lookup_in(&SG_TBL16_6_A, &SG_GROUPS6_A, &SG_LEAVES6_A, hi, lo)?
     } else {
-        &SG_RULES6_B
+        lookup_in(&SG_TBL16_6_B, &SG_GROUPS6_B, &SG_LEAVES6_B, hi, lo)?
     };
-    let mut lo: i32 = 0;
-    let mut hi: i32 = lengths.count as i32 - 1;
-    let mut best = None;
-    for _ in 0..MAX_PROBES {
-        if lo > hi {
-            break;
-        }
-        let mid = (lo + hi) >> 1;
-        let len = *lengths.lengths.get(mid as usize)? as u32;
-        let key = V6Key {
-            prefix_len: len,
-            addr: masked(addr, len),
-        };
-        // SAFETY: the value is copied out at once.
-        match unsafe { table.get(&key) } {
-            Some(rule) => {
-                best = Some(*rule);
-                lo = mid + 1;
-            }
-            None => hi = mid - 1,
-        }
+    let kind = e >> entry::KIND_SHIFT;
+    if kind == entry::PERMIT || kind == entry::DENY {
+        Some(Rule {
+            action: kind,
+            rule_id: e & entry::PAYLOAD,
+        })
+    } else {
+        None
     }
-    // A marker that no entry covers has action 0: no match.
-    best.filter(|r| r.action != 0)
 }
 
-/// `addr` with all bits after the first `len` cleared.
+/// The entry for the address `hi:lo` (host order) in one generation's maps.
 #[inline(always)]
-fn masked(addr: &[u32; 4], len: u32) -> [u32; 4] {
-    let mut out = [0u32; 4];
-    let mut i = 0;
-    while i < 4 {
-        let start = i as u32 * 32;
-        out[i] = if len >= start + 32 {
-            addr[i]
-        } else if len <= start {
-            0
-        } else {
-            // Network byte order: the first bits are the high bits of the
-            // big-endian word.
-            addr[i] & (u32::MAX << (start + 32 - len)).to_be()
-        };
-        i += 1;
+fn lookup_in(
+    tbl: &Array<[u32; 16]>,
+    groups: &Array<Group>,
+    leaves: &Array<[u32; 16]>,
+    hi: u64,
+    lo: u64,
+) -> Option<u32> {
+    let mut e = line_entry(tbl, (hi >> 48) as u32)?;
+    // The octets after the first two, the next one always in the top 8 bits.
+    let mut rest_hi = (hi << 16) | (lo >> 48);
+    let mut rest_lo = lo << 16;
+    for _ in 0..MAX_LEVELS {
+        if e >> entry::KIND_SHIFT != entry::GROUP {
+            return Some(e);
+        }
+        let group: &Group = groups.get(e & entry::PAYLOAD)?;
+        let b = (rest_hi >> 56) as u32;
+        rest_hi = (rest_hi << 8) | (rest_lo >> 56);
+        rest_lo <<= 8;
+        let word = (b >> 6) as usize & 3;
+        let bits = group.bitmap[word] << (63 - (b & 63));
+        let leaf = group
+            .base
+            .wrapping_add(group.rank[word] as u32)
+            .wrapping_add(popcount(bits))
+            .wrapping_sub(1);
+        e = line_entry(leaves, leaf)?;
     }
-    out
+    // The compiler never nests nodes deeper than the address; a group
+    // here is no verdict.
+    Some(e)
+}
+
+/// Entry `index` of an array of 16-entry lines.
+#[inline(always)]
+fn line_entry(lines: &Array<[u32; 16]>, index: u32) -> Option<u32> {
+    let line = lines.get(index >> 4)?;
+    Some(line[(index & 15) as usize])
+}
+
+/// BPF has no popcount instruction: the SWAR count (Hacker's Delight 5-2).
+#[inline(always)]
+fn popcount(mut x: u64) -> u32 {
+    x -= (x >> 1) & 0x5555_5555_5555_5555;
+    x = (x & 0x3333_3333_3333_3333) + ((x >> 2) & 0x3333_3333_3333_3333);
+    x = (x + (x >> 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    (x.wrapping_mul(0x0101_0101_0101_0101) >> 56) as u32
 }

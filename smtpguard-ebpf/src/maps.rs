@@ -5,16 +5,16 @@
 //! object file against them).
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use smtpguard_common::ipv4_table::{Group, LEAF_LINES, MAX_GROUPS, TBL24_LINES};
-use smtpguard_common::rate::{RateBucket, RateKey, DEFAULT_TABLE_SIZE, EVENT_RING_BYTES};
-use smtpguard_common::{
-    slot, HitPending, LogWindow, Rule, RuntimeConfig, V6Key, V6Lengths, MAX_RULE_IDS,
-    MAX_V6_ENTRIES,
+use smtpguard_common::ipv6_table::{
+    LEAF_LINES as LEAF_LINES6, MAX_GROUPS as MAX_GROUPS6, TBL16_LINES,
 };
+use smtpguard_common::rate::{RateBucket, RateKey, DEFAULT_TABLE_SIZE, EVENT_RING_BYTES};
+use smtpguard_common::{slot, HitPending, LogWindow, RuntimeConfig, MAX_RULE_IDS};
 
 /// Runtime configuration (mode, ports, active generation); one element.
 #[map]
@@ -45,19 +45,31 @@ pub static SG_LEAVES4_A: Array<[u32; 16]> = Array::with_max_entries(LEAF_LINES, 
 #[map]
 pub static SG_LEAVES4_B: Array<[u32; 16]> = Array::with_max_entries(LEAF_LINES, BPF_F_MMAPABLE);
 
-/// IPv6 entries and markers (see `V6Key`), IPv6 generation A.
+/// The compiled IPv6 lookup's first level (see
+/// `smtpguard_common::ipv6_table`), IPv6 generation A. Mmapable, like the
+/// IPv4 table.
 #[map]
-pub static SG_RULES6_A: HashMap<V6Key, Rule> =
-    HashMap::with_max_entries(MAX_V6_ENTRIES, BPF_F_NO_PREALLOC);
+pub static SG_TBL16_6_A: Array<[u32; 16]> = Array::with_max_entries(TBL16_LINES, BPF_F_MMAPABLE);
 
-/// IPv6 entries and markers, IPv6 generation B.
+/// `SG_TBL16_6_A`'s twin, IPv6 generation B.
 #[map]
-pub static SG_RULES6_B: HashMap<V6Key, Rule> =
-    HashMap::with_max_entries(MAX_V6_ENTRIES, BPF_F_NO_PREALLOC);
+pub static SG_TBL16_6_B: Array<[u32; 16]> = Array::with_max_entries(TBL16_LINES, BPF_F_MMAPABLE);
 
-/// The prefix lengths of each IPv6 generation (element 0: A, 1: B).
+/// IPv6 nodes (8 address bits each), IPv6 generation A.
 #[map]
-pub static SG_LENS6: Array<V6Lengths> = Array::with_max_entries(2, 0);
+pub static SG_GROUPS6_A: Array<Group> = Array::with_max_entries(MAX_GROUPS6, BPF_F_MMAPABLE);
+
+/// IPv6 nodes, IPv6 generation B.
+#[map]
+pub static SG_GROUPS6_B: Array<Group> = Array::with_max_entries(MAX_GROUPS6, BPF_F_MMAPABLE);
+
+/// IPv6 node leaves, IPv6 generation A.
+#[map]
+pub static SG_LEAVES6_A: Array<[u32; 16]> = Array::with_max_entries(LEAF_LINES6, BPF_F_MMAPABLE);
+
+/// IPv6 node leaves, IPv6 generation B.
+#[map]
+pub static SG_LEAVES6_B: Array<[u32; 16]> = Array::with_max_entries(LEAF_LINES6, BPF_F_MMAPABLE);
 
 /// The IPv6 generation in force (0: A, 1: B); one element. IPv6 switches
 /// on its own, so that a single-entry change can be a whole-table switch.

@@ -1,11 +1,13 @@
-//! IPv6 lookup oracle: the production program (binary search on prefix
-//! lengths over hash maps), the frozen `trie-reference` program (a kernel
-//! LPM trie loaded with the same list) and the userspace `Policy` must give
-//! every address the same verdict. Lists of 1, 1k (nested permit/deny down
-//! to /128, /0, prefixes on both lists) and full bogons (130k, with nested
-//! permits); addresses at every prefix boundary (first, last, one before,
-//! one after), random ones inside and outside, and IPv4-mapped ones; both
-//! modes for every address, all three enforcement settings for a sample.
+//! IPv6 lookup oracle: the production program (the compiled multibit trie
+//! in array maps), the frozen `trie-reference` program (a kernel LPM trie
+//! loaded with the same list) and the userspace `Policy` must give every
+//! address the same verdict. Lists of 1, 1k (a chain of nested permit/deny
+//! at every length from /0 to /128 on one path, random prefixes of every
+//! length, most of them nesting under 2001:db8::/32, prefixes on both
+//! lists) and full bogons (130k, with nested permits); addresses at every
+//! prefix boundary (first, last, one before, one after), random ones inside
+//! and outside, and IPv4-mapped ones; both modes for every address, all
+//! three enforcement settings for a sample.
 
 use std::{
     collections::HashSet,
@@ -69,14 +71,33 @@ fn v6(addr: u128) -> Ipv6Addr {
 }
 
 /// Random prefixes under 2001:db8::/32 that nest (a small space), down to
-/// /128, plus ::/0; some prefixes on both lists.
+/// /128, plus ::/0 and a chain of every length from /0 to /128 on one
+/// address, permit and deny in turn; some prefixes on both lists.
 fn nested_list(rng: &mut StdRng, n: usize) -> Vec<(IpNet, Action)> {
     let base = u128::from(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0));
     let mut out = vec![("::/0".parse().unwrap(), Action::Permit)];
+    let chain = base | (rng.random::<u128>() >> 32);
+    for len in 1..=128u8 {
+        let action = if len % 2 == 0 {
+            Action::Permit
+        } else {
+            Action::Deny
+        };
+        let net = Ipv6Net::new(v6(chain), len).unwrap().trunc();
+        out.push((IpNet::V6(net), action));
+    }
     while out.len() < n {
-        let len = *[32u8, 33, 40, 47, 48, 56, 63, 64, 65, 96, 112, 120, 127, 128]
-            .get(rng.random_range(0..14))
-            .unwrap();
+        // Every length now and then; mostly the ones around the octet
+        // boundaries the kernel's nodes split at.
+        let len = if rng.random_bool(0.25) {
+            rng.random_range(0..=128u8)
+        } else {
+            *[
+                17u8, 23, 32, 33, 40, 47, 48, 56, 63, 64, 65, 96, 112, 120, 127, 128,
+            ]
+            .get(rng.random_range(0..16))
+            .unwrap()
+        };
         // Host bits drawn from few values so prefixes share their tops.
         let host = (rng.random::<u128>() & 0xf000_0000_0000_0000_0000_0000_000f_000f) >> 32;
         let net = Ipv6Net::new(v6(base | host), len).unwrap().trunc();
@@ -288,9 +309,11 @@ fn production_trie_reference_and_policy_agree_on_ipv6() {
             IpNet::V4(_) => None,
         })
         .collect();
+    let compiled = smtpguard::kernel::ipv6_table::compile(&v6);
     eprintln!(
-        "full bogons: {} IPv6 entries and markers",
-        smtpguard::kernel::ipv6_table::compile(&v6).entries.len()
+        "full bogons: {} IPv6 nodes, {} leaves",
+        compiled.groups.len(),
+        compiled.leaves.len()
     );
     let addrs = addresses(&mut rng, &bogons, 80_000);
     checked += check_list("full bogons", &bogons, &addrs);

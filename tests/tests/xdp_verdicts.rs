@@ -889,7 +889,7 @@ fn non_canonical_prefixes_are_stored_canonical() {
 }
 
 #[test]
-fn tries_hold_a_million_prefixes_per_family_and_generation() {
+fn tables_are_created_at_full_size_in_both_generations() {
     // Other programs on the machine (other tests, the frozen trie-reference)
     // have maps of the same names: look only at the maps this load made.
     let ids = || -> std::collections::BTreeSet<u32> {
@@ -903,16 +903,21 @@ fn tries_hold_a_million_prefixes_per_family_and_generation() {
     // The program passed the verifier with these sizes (load() above); check
     // the kernel really created them that large. IPv4 is the compiled table
     // (2^24 first-level entries 16 to an element, a group per /24 holding
-    // longer prefixes); IPv6 holds entries plus the markers of the search
-    // on lengths, in hash maps that allocate per entry.
-    use aya::maps::MapType::{Array, Hash};
+    // longer prefixes); IPv6 is the compiled trie (2^16 first-level entries
+    // 16 to an element, nodes and leaves; bounds in
+    // smtpguard_common::ipv6_table).
+    use aya::maps::MapType::Array;
     let want = [
         ("SG_TBL24_A", 1 << 20, Array),
         ("SG_TBL24_B", 1 << 20, Array),
         ("SG_GROUPS4_A", 1 << 20, Array),
         ("SG_GROUPS4_B", 1 << 20, Array),
-        ("SG_RULES6_A", 1_048_576, Hash),
-        ("SG_RULES6_B", 1_048_576, Hash),
+        ("SG_TBL16_6_A", 1 << 12, Array),
+        ("SG_TBL16_6_B", 1 << 12, Array),
+        ("SG_GROUPS6_A", 1 << 19, Array),
+        ("SG_GROUPS6_B", 1 << 19, Array),
+        ("SG_LEAVES6_A", 1 << 17, Array),
+        ("SG_LEAVES6_B", 1 << 17, Array),
     ];
     for (name, entries, map_type) in want {
         let found: Vec<(u32, aya::maps::MapType)> = aya::maps::loaded_maps()
@@ -988,7 +993,7 @@ fn an_ipv6_list_that_does_not_fit_leaves_the_old_one_in_force() {
         ApplyHow::Atomic,
     )
     .unwrap();
-    // Nine /128s (one length, so no markers) into hash maps that hold eight.
+    // Nine /128s into a table that takes eight prefixes.
     let too_many: Vec<(IpNet, Action)> = (1..10)
         .map(|i| {
             (
@@ -1036,4 +1041,53 @@ fn an_ipv6_list_that_does_not_fit_leaves_the_old_one_in_force() {
             .unwrap(),
         XDP_PASS
     );
+}
+
+#[test]
+fn an_ipv6_list_needing_more_nodes_than_the_table_holds_is_refused_whole() {
+    require_root();
+    let (mut filter, mut sync, _stats) = load();
+    sync.set_runtime(Mode::AcceptAllExceptDeny, Enforcement::Enforce, &PORTS, 0)
+        .unwrap();
+    sync.apply(
+        &rules_of(&[("2001:db8:bad::/48", Action::Deny)]),
+        ApplyHow::Atomic,
+    )
+    .unwrap();
+    // 60,000 /128s in distinct /48s: ten nodes each of their own (/48 to
+    // /120), 600,000 in all, more than the 2^19 a generation holds, though
+    // far fewer prefixes than the policy accepts.
+    let too_deep: Vec<(IpNet, Action)> = (0..60_000u32)
+        .map(|i| {
+            let net = format!("2001:db8:{i:x}::1/128");
+            (net.parse().unwrap(), Action::Deny)
+        })
+        .collect();
+    for how in [ApplyHow::Atomic, ApplyHow::Incremental] {
+        let err = sync.apply(&too_deep, how).unwrap_err();
+        let cause = std::error::Error::source(&err).map(|c| c.to_string());
+        assert_eq!(
+            (err.to_string(), cause.as_deref()),
+            (
+                "writing the kernel IPv6 table; the previous IPv6 list stays in force".into(),
+                Some("kernel IPv6 table is full: the list needs more than 524288 nodes")
+            ),
+            "{how:?}"
+        );
+        assert_eq!(sync.len(), (0, 1), "{how:?}: nothing recorded as applied");
+        assert_eq!(
+            filter
+                .test_run(&packet::syn_v6("2001:db8:bad::1", 25))
+                .unwrap(),
+            XDP_DROP,
+            "{how:?}: old list in force"
+        );
+        assert_eq!(
+            filter
+                .test_run(&packet::syn_v6("2001:db8:1::1", 25))
+                .unwrap(),
+            XDP_PASS,
+            "{how:?}: nothing of the new one"
+        );
+    }
 }

@@ -1,35 +1,75 @@
-//! The IPv6 lookup structure of the XDP program, from userspace: a list
-//! compiled into entries and markers for binary search on prefix lengths
-//! (see `smtpguard_common::V6Key`), written into the inactive IPv6
-//! generation, then switched to with one store.
+//! The IPv6 lookup structure of the XDP program, from userspace: the
+//! multibit trie of `smtpguard_common::ipv6_table` (a 16-bit first level,
+//! then one node of 256 entries as runs per further octet), compiled from
+//! the merged list and written into the inactive IPv6 generation, then
+//! switched to with one store into `SG_GEN6`.
 //!
 //! Every change, a single `deny add` as much as a whole list, goes through
-//! the same path: compile the whole IPv6 list (a sort and one pass), write
-//! only the difference against what the inactive generation holds (after
-//! a single change that is a handful of entries, unless the set of prefix
-//! lengths changed), switch. The program never sees a half-written table.
+//! the same path: [`compile`] the whole IPv6 list (a sort and one pass per
+//! level, time linear in the output), copy it into the inactive
+//! generation's maps through `mmap` (the maps are `BPF_F_MMAPABLE`: the
+//! 256 KiB first level, then only the nodes and leaves the list uses;
+//! whatever lies beyond them is stale and unreachable), switch. The program
+//! never sees a half-written table.
+//!
+//! The maps are preallocated, so capacity is counted in nodes and leaves
+//! (bounds in `smtpguard_common::ipv6_table`): a list that needs more is
+//! refused whole with [`Ipv6TableError::Full`] before anything is written.
 
-use std::collections::HashMap;
+use std::{
+    net::Ipv6Addr,
+    sync::atomic::{fence, Ordering},
+    time::Duration,
+};
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError};
+use aya::{
+    maps::{Array, MapData, MapError},
+    Ebpf,
+};
 use ipnet::Ipv6Net;
-use smtpguard_common::{Rule, V6Key, V6Lengths};
+use smtpguard_common::{
+    ipv6_table::{entry, Group, MAX_GROUPS, MAX_LEAVES, MAX_LEVELS},
+    map_names, Rule,
+};
 
-/// Errors while writing the IPv6 maps.
+use super::{
+    ipv4_table::{
+        compile::{sweep, Span},
+        writer::Region,
+    },
+    KernelError,
+};
+
+/// 2^16: the /16s in the first level.
+pub const TBL16_ENTRIES: usize = 1 << 16;
+
+/// How long the generation switched away from stays untouched: XDP runs
+/// inside an RCU read section of a few microseconds, so after this no
+/// packet can still be reading it.
+const GRACE: Duration = Duration::from_millis(2);
+
+/// Errors while writing the IPv6 maps. On any of them the generation in
+/// force is untouched and no switch happened.
 #[derive(Debug, thiserror::Error)]
 pub enum Ipv6TableError {
-    /// The inactive hash map is full (or the kernel is out of memory); the
-    /// generation in force is untouched.
-    #[error("kernel IPv6 table is full after {written} of {wanted} entries and markers")]
-    Full {
-        /// Entries written in this pass before the failure.
-        written: usize,
-        /// Entries the pass had to write.
-        wanted: usize,
-        #[source]
-        source: MapError,
+    /// More IPv6 prefixes than the table was given room for (only tests
+    /// load a capacity below the policy's own limit).
+    #[error("{count} IPv6 prefixes exceed the kernel table capacity of {max}")]
+    TooManyPrefixes {
+        /// Distinct prefixes wanted.
+        count: usize,
+        /// The capacity.
+        max: usize,
     },
-    /// Any other map operation failed.
+    /// The list needs more nodes or leaves than the maps hold.
+    #[error("kernel IPv6 table is full: the list needs more than {max} {part}")]
+    Full {
+        /// `nodes` or `leaves`.
+        part: &'static str,
+        /// What the maps hold of it.
+        max: usize,
+    },
+    /// The generation switch failed.
     #[error("updating kernel map {map}")]
     Map {
         /// Map name.
@@ -39,228 +79,362 @@ pub enum Ipv6TableError {
     },
 }
 
+/// How many nodes and leaves a compiled list may have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Nodes (`GROUPS6` elements).
+    pub groups: usize,
+    /// Leaves (`LEAVES6` entries).
+    pub leaves: usize,
+}
+
+impl Limits {
+    /// What the kernel maps hold.
+    pub const KERNEL: Limits = Limits {
+        groups: MAX_GROUPS as usize,
+        leaves: MAX_LEAVES as usize,
+    };
+}
+
 /// A compiled IPv6 list: what one generation must hold.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Compiled {
-    /// Entries and markers with their values.
-    pub entries: HashMap<V6Key, Rule>,
-    /// Distinct prefix lengths of the list, ascending.
-    pub lengths: Vec<u8>,
+    /// One entry per /16 ([`TBL16_ENTRIES`]).
+    pub tbl16: Vec<u32>,
+    /// Nodes, indexed by the payload of `GROUP` entries.
+    pub groups: Vec<Group>,
+    /// Leaves, indexed from the nodes' `base`.
+    pub leaves: Vec<u32>,
 }
 
-/// Compiles `(prefix, rule)` pairs (canonical prefixes, one rule each) into
-/// entries and markers. The output depends only on the set, not its order.
+/// One prefix of the normalized list.
+#[derive(Clone, Copy, Debug)]
+struct Prefix {
+    /// The network as a number (host bits zero).
+    net: u128,
+    len: u8,
+    /// Packed entry (`entry::PERMIT`/`DENY`, rule id).
+    entry: u32,
+}
+
+/// Sorted by (network, length), one rule per prefix: deny wins a tie,
+/// else the smaller entry, so the output depends only on the set.
+fn normalize(rules: &[(Ipv6Net, Rule)]) -> Vec<Prefix> {
+    let mut out: Vec<Prefix> = rules
+        .iter()
+        .map(|(net, rule)| {
+            let net = net.trunc();
+            Prefix {
+                net: u128::from(net.network()),
+                len: net.prefix_len(),
+                entry: entry::pack(rule.action, rule.rule_id),
+            }
+        })
+        .collect();
+    out.sort_unstable_by_key(|p| {
+        (
+            p.net,
+            p.len,
+            std::cmp::Reverse(p.entry >> entry::KIND_SHIFT),
+            p.entry,
+        )
+    });
+    out.dedup_by_key(|p| (p.net, p.len));
+    out
+}
+
+/// Compiles `(prefix, rule)` pairs with no limit on the output (tests and
+/// measurements; the writer uses [`compile_within`]).
 pub fn compile(rules: &[(Ipv6Net, Rule)]) -> Compiled {
-    let mut lengths: Vec<u8> = rules.iter().map(|(n, _)| n.prefix_len()).collect();
-    lengths.sort_unstable();
-    lengths.dedup();
-    // (address, length) -> Some(rule) for entries, None for markers.
-    let mut keys: HashMap<(u128, u8), Option<Rule>> = HashMap::with_capacity(rules.len() * 2);
-    for (net, rule) in rules {
-        let addr = u128::from(net.network());
-        keys.insert(
-            (mask(addr, net.prefix_len()), net.prefix_len()),
-            Some(*rule),
-        );
+    let unlimited = Limits {
+        groups: usize::MAX,
+        leaves: usize::MAX,
+    };
+    compile_within(rules, unlimited).expect("no limit")
+}
+
+/// Compiles `(prefix, rule)` pairs (`rule.action` 1 permit or 2 deny).
+/// Prefixes are truncated to canonical form; the same prefix twice keeps
+/// the deny. The output depends only on the set, never on its order.
+///
+/// # Errors
+///
+/// [`Ipv6TableError::Full`] as soon as the output would exceed `limits`
+/// (so a hopeless list costs no more memory than the limits).
+pub fn compile_within(
+    rules: &[(Ipv6Net, Rule)],
+    limits: Limits,
+) -> Result<Compiled, Ipv6TableError> {
+    compile_normalized(normalize(rules), limits)
+}
+
+/// [`compile_within`] of a [`normalize`]d list.
+fn compile_normalized(prefixes: Vec<Prefix>, limits: Limits) -> Result<Compiled, Ipv6TableError> {
+    let (short, long): (Vec<Prefix>, Vec<Prefix>) = prefixes.into_iter().partition(|p| p.len <= 16);
+    let mut tbl16 = vec![entry::NONE; TBL16_ENTRIES];
+    let spans: Vec<Span> = short
+        .iter()
+        .map(|p| Span {
+            start: (p.net >> 112) as u32,
+            size: 1 << (16 - p.len),
+            entry: p.entry,
+        })
+        .collect();
+    sweep(&spans, 0, TBL16_ENTRIES as u32, entry::NONE, |lo, hi, v| {
+        tbl16[lo as usize..hi as usize].fill(v)
+    });
+    let mut builder = Builder {
+        groups: Vec::new(),
+        leaves: Vec::new(),
+        limits,
+    };
+    for chunk in long.chunk_by(|a, b| a.net >> 112 == b.net >> 112) {
+        let x = (chunk[0].net >> 112) as usize;
+        tbl16[x] = builder.node(16, tbl16[x], chunk)?;
     }
-    for (net, _) in rules {
-        let addr = u128::from(net.network());
-        let target = net.prefix_len();
-        // The probes a search for `net` makes before it reaches `target`:
-        // each shorter one must hit (a marker) so the search goes longer.
-        let (mut lo, mut hi) = (0i32, lengths.len() as i32 - 1);
-        while lo <= hi {
-            let mid = (lo + hi) >> 1;
-            let len = lengths[mid as usize];
-            if len == target {
-                break;
-            }
-            if len < target {
-                keys.entry((mask(addr, len), len)).or_insert(None);
-                lo = mid + 1;
-            } else {
-                hi = mid - 1;
-            }
+    Ok(Compiled {
+        tbl16,
+        groups: builder.groups,
+        leaves: builder.leaves,
+    })
+}
+
+/// The nodes and leaves built so far.
+struct Builder {
+    groups: Vec<Group>,
+    leaves: Vec<u32>,
+    limits: Limits,
+}
+
+impl Builder {
+    /// Builds the node of the 8 bits after `depth` (16, 24, ..., 120) for
+    /// `prefixes` (sorted, longer than `depth`, all under this node), where
+    /// `default` is the verdict of the shorter prefixes covering the node.
+    /// Children first, so a node's leaves (which include its children's
+    /// `GROUP` entries) are contiguous. Returns the node's `GROUP` entry.
+    fn node(
+        &mut self,
+        depth: u8,
+        default: u32,
+        prefixes: &[Prefix],
+    ) -> Result<u32, Ipv6TableError> {
+        let shift = 120 - u32::from(depth);
+        let child = |p: &Prefix| ((p.net >> shift) & 0xff) as u32;
+        let (short, long): (Vec<Prefix>, Vec<Prefix>) =
+            prefixes.iter().partition(|p| p.len <= depth + 8);
+        let spans: Vec<Span> = short
+            .iter()
+            .map(|p| Span {
+                start: child(p),
+                size: 1 << (depth + 8 - p.len),
+                entry: p.entry,
+            })
+            .collect();
+        let mut children = [entry::NONE; 256];
+        sweep(&spans, 0, 256, default, |lo, hi, v| {
+            children[lo as usize..hi as usize].fill(v)
+        });
+        for chunk in long.chunk_by(|a, b| child(a) == child(b)) {
+            let c = child(&chunk[0]) as usize;
+            children[c] = self.node(depth + 8, children[c], chunk)?;
         }
-    }
-    // A marker's value is the longest entry that covers it. In (address,
-    // length) order a covering prefix comes before everything it covers,
-    // so a stack of the open entries gives it in one pass.
-    let mut sorted: Vec<((u128, u8), Option<Rule>)> = keys.into_iter().collect();
-    sorted.sort_unstable_by_key(|(k, _)| *k);
-    let mut open: Vec<(u128, u8, Rule)> = Vec::new();
-    let mut entries = HashMap::with_capacity(sorted.len());
-    for ((addr, len), rule) in sorted {
-        while let Some(&(top, top_len, _)) = open.last() {
-            if top_len <= len && mask(addr, top_len) == top {
-                break;
-            }
-            open.pop();
+        if self.groups.len() >= self.limits.groups {
+            return Err(Ipv6TableError::Full {
+                part: "nodes",
+                max: self.limits.groups,
+            });
         }
-        let value = match rule {
-            Some(rule) => {
-                open.push((addr, len, rule));
-                rule
-            }
-            None => open.last().map(|&(_, _, r)| r).unwrap_or(Rule {
-                action: 0,
-                rule_id: 0,
-            }),
+        let mut group = Group {
+            base: self.leaves.len() as u32,
+            ..Group::default()
         };
-        entries.insert(key(addr, len), value);
-    }
-    Compiled { entries, lengths }
-}
-
-/// `addr` with all bits after the first `len` cleared.
-fn mask(addr: u128, len: u8) -> u128 {
-    match len {
-        0 => 0,
-        128.. => addr,
-        _ => addr & (u128::MAX << (128 - u32::from(len))),
-    }
-}
-
-/// The map key of `(addr, len)` (see [`V6Key::addr`]).
-pub fn key(addr: u128, len: u8) -> V6Key {
-    let octets = addr.to_be_bytes();
-    let mut words = [0u32; 4];
-    for (word, chunk) in words.iter_mut().zip(octets.chunks_exact(4)) {
-        *word = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-    }
-    V6Key {
-        prefix_len: u32::from(len),
-        addr: words,
-    }
-}
-
-/// Longest-prefix match over a compiled table, exactly as the XDP program
-/// searches it (for tests and the oracle).
-pub fn search(table: &Compiled, addr: u128) -> Option<Rule> {
-    let (mut lo, mut hi) = (0i32, table.lengths.len() as i32 - 1);
-    let mut best = None;
-    while lo <= hi {
-        let mid = (lo + hi) >> 1;
-        let len = table.lengths[mid as usize];
-        match table.entries.get(&key(mask(addr, len), len)) {
-            Some(rule) => {
-                best = Some(*rule);
-                lo = mid + 1;
+        for (c, &e) in children.iter().enumerate() {
+            if c == 0 || children[c - 1] != e {
+                group.bitmap[c / 64] |= 1 << (c % 64);
+                self.leaves.push(e);
             }
-            None => hi = mid - 1,
         }
+        if self.leaves.len() > self.limits.leaves {
+            return Err(Ipv6TableError::Full {
+                part: "leaves",
+                max: self.limits.leaves,
+            });
+        }
+        let mut rank = 0u32;
+        for w in 0..4 {
+            group.rank[w] = rank as u8;
+            rank += group.bitmap[w].count_ones();
+        }
+        self.groups.push(group);
+        Ok(entry::pack(entry::GROUP, self.groups.len() as u32 - 1))
     }
-    best.filter(|r| r.action != 0)
 }
 
-type Table = BpfHashMap<MapData, V6Key, Rule>;
+/// The entry for `addr` in a compiled table, found exactly as the XDP
+/// program finds it (for tests and the oracle); decode with [`decode`].
+pub fn lookup(tbl16: &[u32], groups: &[Group], leaves: &[u32], addr: Ipv6Addr) -> u32 {
+    let a = u128::from(addr);
+    let mut e = tbl16[(a >> 112) as usize];
+    for level in 0..MAX_LEVELS {
+        if e >> entry::KIND_SHIFT != entry::GROUP {
+            return e;
+        }
+        let group = &groups[(e & entry::PAYLOAD) as usize];
+        let b = ((a >> (104 - 8 * level)) & 0xff) as u32;
+        let word = (b >> 6) as usize;
+        let below = (group.bitmap[word] << (63 - (b & 63))).count_ones();
+        e = leaves[(group.base + u32::from(group.rank[word]) + below - 1) as usize];
+    }
+    e
+}
 
-/// Owner of the IPv6 maps: `SG_RULES6_A`/`_B`, `SG_LENS6`, `SG_GEN6`.
+/// An entry as the kernel's [`Rule`]; `None` for no match (and for a
+/// `GROUP` entry, which the program never takes as a verdict).
+pub fn decode(e: u32) -> Option<Rule> {
+    let action = e >> entry::KIND_SHIFT;
+    (action == entry::PERMIT || action == entry::DENY).then_some(Rule {
+        action,
+        rule_id: e & entry::PAYLOAD,
+    })
+}
+
+impl Compiled {
+    /// [`lookup`] in this table, decoded.
+    pub fn lookup(&self, addr: Ipv6Addr) -> Option<Rule> {
+        decode(lookup(&self.tbl16, &self.groups, &self.leaves, addr))
+    }
+}
+
+/// One IPv6 generation's three maps.
+struct Generation {
+    tbl16: Region<u32>,
+    groups: Region<Group>,
+    leaves: Region<u32>,
+}
+
+/// Owner of the IPv6 maps: `SG_TBL16_6_*`, `SG_GROUPS6_*`, `SG_LEAVES6_*`
+/// (mapped) and `SG_GEN6`.
 pub struct Ipv6Table {
-    tables: [Table; 2],
-    lengths: Array<MapData, V6Lengths>,
-    generation: Array<MapData, u32>,
-    /// What each generation holds, so a write is a diff.
-    held: [HashMap<V6Key, Rule>; 2],
+    generations: [Generation; 2],
+    /// `SG_GEN6`; `None` for a table on the heap (tests).
+    generation: Option<Array<MapData, u32>>,
     /// The generation in force.
     active: usize,
+    /// Prefixes in force.
+    prefixes: usize,
+    /// Most prefixes a list may hold.
+    capacity: usize,
+    /// Nodes and leaves one generation holds.
+    limits: Limits,
 }
 
 impl Ipv6Table {
-    /// Takes the maps; both generations start empty, A in force.
-    pub(crate) fn new(
-        tables: [Table; 2],
-        lengths: Array<MapData, V6Lengths>,
-        generation: Array<MapData, u32>,
-    ) -> Self {
-        Ipv6Table {
-            tables,
-            lengths,
-            generation,
-            held: [HashMap::new(), HashMap::new()],
+    /// Maps both generations and takes `SG_GEN6`; both generations start
+    /// empty (the kernel zeroes arrays: every entry `NONE`), A in force.
+    /// `capacity` is the most IPv6 prefixes a list may hold.
+    pub(crate) fn take_from(ebpf: &mut Ebpf, capacity: usize) -> Result<Self, KernelError> {
+        let mut take = |i: usize| -> Result<Generation, KernelError> {
+            Ok(Generation {
+                tbl16: Region::map(ebpf, map_names::TBL16_V6[i], TBL16_ENTRIES)?,
+                groups: Region::map(ebpf, map_names::GROUPS6[i], MAX_GROUPS as usize)?,
+                leaves: Region::map(ebpf, map_names::LEAVES6[i], MAX_LEAVES as usize)?,
+            })
+        };
+        let generations = [take(0)?, take(1)?];
+        let generation = ebpf
+            .take_map(map_names::GENERATION_V6)
+            .and_then(|m| Array::try_from(m).ok())
+            .ok_or(KernelError::MissingMap(map_names::GENERATION_V6))?;
+        Ok(Ipv6Table {
+            generations,
+            generation: Some(generation),
             active: 0,
+            prefixes: 0,
+            capacity,
+            limits: Limits::KERNEL,
+        })
+    }
+
+    /// A table on the heap holding `limits`, for tests.
+    pub fn in_memory(capacity: usize, limits: Limits) -> Self {
+        let heap = || Generation {
+            tbl16: Region::heap(TBL16_ENTRIES),
+            groups: Region::heap(limits.groups),
+            leaves: Region::heap(limits.leaves),
+        };
+        Ipv6Table {
+            generations: [heap(), heap()],
+            generation: None,
+            active: 0,
+            prefixes: 0,
+            capacity,
+            limits,
         }
     }
 
     /// Makes the program use exactly `rules`: compile, write the inactive
-    /// generation, switch. On error the generation in force is untouched
-    /// (and nothing changed for the program).
+    /// generation, switch. In force when this returns.
+    ///
+    /// # Errors
+    ///
+    /// [`Ipv6TableError::TooManyPrefixes`], [`Ipv6TableError::Full`] (both
+    /// before anything is written), [`Ipv6TableError::Map`] if the switch
+    /// fails; in every case the generation in force is untouched.
     pub fn write(&mut self, rules: &[(Ipv6Net, Rule)]) -> Result<(), Ipv6TableError> {
-        let compiled = compile(rules);
-        let next = 1 - self.active;
-        let stale: Vec<V6Key> = self.held[next]
-            .keys()
-            .filter(|k| !compiled.entries.contains_key(k))
-            .copied()
-            .collect();
-        let changed: Vec<(V6Key, Rule)> = compiled
-            .entries
-            .iter()
-            .filter(|(k, v)| self.held[next].get(k) != Some(v))
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        // Removals first: room for the new entries in a full map.
-        for k in stale {
-            match self.tables[next].remove(&k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(source) => {
-                    return Err(Ipv6TableError::Map {
-                        map: "SG_RULES6",
-                        source,
-                    })
-                }
-            }
-            self.held[next].remove(&k);
+        let prefixes = normalize(rules);
+        let count = prefixes.len();
+        if count > self.capacity {
+            return Err(Ipv6TableError::TooManyPrefixes {
+                count,
+                max: self.capacity,
+            });
         }
-        let wanted = changed.len();
-        for (written, (k, v)) in changed.into_iter().enumerate() {
-            self.tables[next]
-                .insert(k, v, 0)
-                .map_err(|source| Ipv6TableError::Full {
-                    written,
-                    wanted,
+        let compiled = compile_normalized(prefixes, self.limits)?;
+        let next = 1 - self.active;
+        let target = &mut self.generations[next];
+        target.tbl16.slice_mut().copy_from_slice(&compiled.tbl16);
+        target.groups.slice_mut()[..compiled.groups.len()].copy_from_slice(&compiled.groups);
+        target.leaves.slice_mut()[..compiled.leaves.len()].copy_from_slice(&compiled.leaves);
+        fence(Ordering::Release);
+        // The switch: one aligned 4-byte store.
+        if let Some(generation) = &mut self.generation {
+            generation
+                .set(0, next as u32, 0)
+                .map_err(|source| Ipv6TableError::Map {
+                    map: map_names::GENERATION_V6,
                     source,
                 })?;
-            self.held[next].insert(k, v);
         }
-        let mut lengths = V6Lengths::empty();
-        lengths.count = compiled.lengths.len() as u32;
-        lengths.lengths[..compiled.lengths.len()].copy_from_slice(&compiled.lengths);
-        self.lengths
-            .set(next as u32, lengths, 0)
-            .map_err(|source| Ipv6TableError::Map {
-                map: "SG_LENS6",
-                source,
-            })?;
-        // The switch: one aligned 4-byte store.
-        self.generation
-            .set(0, next as u32, 0)
-            .map_err(|source| Ipv6TableError::Map {
-                map: "SG_GEN6",
-                source,
-            })?;
         self.active = next;
+        self.prefixes = count;
         // A packet that read the old generation may still be searching it;
-        // XDP runs inside an RCU read section of a few microseconds, so a
-        // short pause lets it finish before the next write reuses it.
-        std::thread::sleep(std::time::Duration::from_millis(2));
+        // the next write reuses it only after the grace period.
+        std::thread::sleep(GRACE);
         Ok(())
     }
 
-    /// Entries and markers in force.
-    pub fn len(&self) -> usize {
-        self.held[self.active].len()
+    /// The entry the generation in force holds for `addr`, as the XDP
+    /// program reads it (decode with [`decode`]).
+    pub fn lookup(&self, addr: Ipv6Addr) -> u32 {
+        let g = &self.generations[self.active];
+        lookup(g.tbl16.slice(), g.groups.slice(), g.leaves.slice(), addr)
     }
 
-    /// Whether no entry is in force.
+    /// Prefixes in force.
+    pub fn len(&self) -> usize {
+        self.prefixes
+    }
+
+    /// Whether no prefix is in force.
     pub fn is_empty(&self) -> bool {
-        self.held[self.active].is_empty()
+        self.prefixes == 0
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn rule(action: u32, rule_id: u32) -> Rule {
         Rule { action, rule_id }
@@ -273,70 +447,224 @@ mod tests {
             .collect()
     }
 
-    /// Longest-prefix match by brute force.
-    fn naive(rules: &[(Ipv6Net, Rule)], addr: u128) -> Option<Rule> {
+    fn ip(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
+    }
+
+    /// The definition: the longest prefix covering the address decides,
+    /// deny winning a tie.
+    fn naive(rules: &[(Ipv6Net, Rule)], addr: Ipv6Addr) -> Option<Rule> {
         rules
             .iter()
-            .filter(|(n, _)| mask(addr, n.prefix_len()) == u128::from(n.network()))
-            .max_by_key(|(n, _)| n.prefix_len())
+            .filter(|(n, _)| n.trunc().contains(&addr))
+            .max_by_key(|(n, r)| (n.prefix_len(), r.action, std::cmp::Reverse(r.rule_id)))
             .map(|(_, r)| *r)
     }
 
+    /// First, last, one before and one after each prefix.
+    fn boundaries(rules: &[(Ipv6Net, Rule)]) -> Vec<Ipv6Addr> {
+        rules
+            .iter()
+            .flat_map(|(n, _)| {
+                let first = u128::from(n.trunc().network());
+                let last = u128::from(n.trunc().broadcast());
+                [first.wrapping_sub(1), first, last, last.wrapping_add(1)].map(Ipv6Addr::from)
+            })
+            .collect()
+    }
+
     #[test]
-    fn search_matches_brute_force_on_nested_prefixes() {
+    fn nested_prefixes_at_every_kind_of_length() {
         let rules = set(&[
-            ("::/0", 2),
+            ("::/0", 1),
+            ("2000::/3", 2),
+            ("2001:db8::/17", 1),
+            ("2001:db8::/23", 2),
             ("2001:db8::/32", 1),
+            ("2001:db8::/33", 2),
+            ("2001:db8:bad::/47", 1),
             ("2001:db8:bad::/48", 2),
-            ("2001:db8:bad::77/128", 1),
             ("2001:db8:bad:1::/64", 1),
             ("2001:db8:bad:1:8000::/65", 2),
-            ("2001:db8:ff00::/40", 2),
+            ("2001:db8:bad:1::76/127", 1),
+            ("2001:db8:bad:1::77/128", 2),
+            ("2001:db8:bad:1::ffff/128", 1),
             ("3fff::/20", 2),
         ]);
-        let table = compile(&rules);
-        let probes = [
-            "::1",
-            "2001:db8::1",
-            "2001:db8:bad::1",
-            "2001:db8:bad::77",
-            "2001:db8:bad::76",
-            "2001:db8:bad:1::1",
-            "2001:db8:bad:1:8000::1",
-            "2001:db8:bad:1:7fff::1",
-            "2001:db8:ff00::1",
-            "2001:db8:feff::1",
-            "3fff:fff::1",
-            "3fff:1000::",
-        ];
-        for p in probes {
-            let addr = u128::from(p.parse::<std::net::Ipv6Addr>().unwrap());
-            assert_eq!(search(&table, addr), naive(&rules, addr), "{p}");
+        let c = compile(&rules);
+        let mut addrs = boundaries(&rules);
+        addrs.extend(["::1", "2001:db8:bad:1::78", "2001:db8:bad:1:7fff::1"].map(ip));
+        for a in addrs {
+            assert_eq!(c.lookup(a), naive(&rules, a), "{a}");
         }
+        // 2001::/16 -> /24 -> /32 -> /40 -> /48 (for the /64 and the /65)
+        // -> /56 -> ... -> /120: every octet of 2001:db8:bad:1::77 has a node.
+        assert_eq!(c.lookup(ip("2001:db8:bad:1::77")), Some(rule(2, 12)));
+        assert_eq!(c.lookup(ip("2001:db8:bad:1::76")), Some(rule(1, 11)));
+        assert_eq!(c.lookup(ip("2001:db8:bad:1::75")), Some(rule(1, 9)));
     }
 
     #[test]
-    fn output_depends_only_on_the_set() {
-        let mut rules = set(&[
-            ("2001:db8::/32", 1),
-            ("2001:db8:bad::/48", 2),
-            ("2001:db8:bad::77/128", 1),
-            ("3fff::/20", 2),
-        ]);
-        let first = compile(&rules);
-        rules.reverse();
-        assert_eq!(compile(&rules), first);
+    fn deny_wins_a_tie_and_no_rule_is_none() {
+        let rules = vec![
+            ("2001:db8::/48".parse().unwrap(), rule(1, 7)),
+            ("2001:db8::/48".parse().unwrap(), rule(2, 8)),
+            ("2001:db8::9/128".parse().unwrap(), rule(2, 10)),
+            ("2001:db8::9/128".parse().unwrap(), rule(1, 9)),
+        ];
+        let c = compile(&rules);
+        assert_eq!(c.lookup(ip("2001:db8::1")), Some(rule(2, 8)));
+        assert_eq!(c.lookup(ip("2001:db8::9")), Some(rule(2, 10)));
+        assert_eq!(c.lookup(ip("2001:db9::1")), None);
+        assert_eq!(compile(&[]).lookup(ip("2001:db8::1")), None);
+        assert!(compile(&[]).groups.is_empty());
     }
 
     #[test]
-    fn an_uncovered_marker_is_no_match() {
-        let addr = |a: &str| u128::from(a.parse::<std::net::Ipv6Addr>().unwrap());
-        // Lengths 32 and 128: the /128 needs a marker at /32, which no
-        // entry covers.
-        let table = compile(&set(&[("2001:db8::/32", 2), ("3fff::1/128", 2)]));
-        let marker = key(mask(addr("3fff::1"), 32), 32);
-        assert_eq!(table.entries.get(&marker), Some(&rule(0, 0)));
-        assert_eq!(search(&table, addr("3fff::2")), None);
-        assert_eq!(search(&table, addr("3fff::1")), Some(rule(2, 2)));
+    fn a_slash_128_takes_fourteen_nodes_and_a_slash_48_four() {
+        let c = compile(&set(&[("2001:db8::1/128", 2)]));
+        assert_eq!(c.groups.len(), MAX_LEVELS as usize);
+        let c = compile(&set(&[("2001:db8:bad::/48", 2)]));
+        assert_eq!(c.groups.len(), 4);
+        let c = compile(&set(&[("2001:db8::/16", 2), ("2001:db8::/32", 2)]));
+        assert_eq!(c.groups.len(), 2);
+    }
+
+    #[test]
+    fn a_list_over_the_limits_is_refused_and_nothing_changes() {
+        let limits = Limits {
+            groups: 20,
+            leaves: 200,
+        };
+        let mut table = Ipv6Table::in_memory(100, limits);
+        let first = set(&[("2001:db8:bad::/48", 2)]);
+        table.write(&first).unwrap();
+        // Two /128s on different /16s: 28 nodes.
+        let too_deep = set(&[("2001:db8::1/128", 2), ("3fff::1/128", 2)]);
+        let err = table.write(&too_deep).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Ipv6TableError::Full {
+                    part: "nodes",
+                    max: 20
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "kernel IPv6 table is full: the list needs more than 20 nodes"
+        );
+        assert_eq!(table.len(), 1);
+        assert_eq!(
+            decode(table.lookup(ip("2001:db8:bad::1"))),
+            Some(rule(2, 1))
+        );
+        assert_eq!(decode(table.lookup(ip("2001:db8::1"))), None);
+        // Leaves: many /128s under one /120 node need few nodes but many runs.
+        let wide: Vec<(Ipv6Net, Rule)> = (0..100u32)
+            .map(|i| {
+                let a = u128::from(ip("2001:db8::")) | u128::from(i * 2);
+                (
+                    Ipv6Net::new(Ipv6Addr::from(a), 128).unwrap(),
+                    rule(2, i + 1),
+                )
+            })
+            .collect();
+        let err = table.write(&wide).unwrap_err();
+        assert!(
+            matches!(err, Ipv6TableError::Full { part: "leaves", .. }),
+            "{err}"
+        );
+        assert_eq!(
+            decode(table.lookup(ip("2001:db8:bad::1"))),
+            Some(rule(2, 1))
+        );
+        // Prefix capacity.
+        let mut small = Ipv6Table::in_memory(1, limits);
+        let err = small.write(&set(&[("2001:db8::/32", 2), ("3fff::/20", 2)]));
+        assert!(matches!(
+            err,
+            Err(Ipv6TableError::TooManyPrefixes { count: 2, max: 1 })
+        ));
+        // A list that fits goes in, whatever came before.
+        table.write(&set(&[("2001:db8::1/128", 1)])).unwrap();
+        assert_eq!(decode(table.lookup(ip("2001:db8::1"))), Some(rule(1, 1)));
+        assert_eq!(decode(table.lookup(ip("2001:db8:bad::1"))), None);
+    }
+
+    #[test]
+    fn the_guaranteed_count_of_slash_128s_fits() {
+        // The worst case per prefix: /128s on distinct /16s, no sharing.
+        let n = smtpguard_common::ipv6_table::GUARANTEED_PREFIXES as usize;
+        let rules: Vec<(Ipv6Net, Rule)> = (0..n)
+            .map(|i| {
+                let a = ((i as u128) << 112) | (i as u128 * 0x9e37_79b9_7f4a_7c15);
+                (
+                    Ipv6Net::new(Ipv6Addr::from(a), 128).unwrap(),
+                    rule(2, i as u32 + 1),
+                )
+            })
+            .collect();
+        let c = compile_within(&rules, Limits::KERNEL).unwrap();
+        assert_eq!(c.groups.len(), n * MAX_LEVELS as usize);
+    }
+
+    /// Prefixes under 2001:db8::/32 with few distinct bit patterns, so they
+    /// nest, at every length 0..=128; now and then anywhere.
+    fn arb_rule() -> impl Strategy<Value = (Ipv6Net, Rule)> {
+        (any::<u128>(), 0u8..=128, any::<bool>(), 1u32..64, 0u8..10).prop_map(
+            |(bits, len, deny, id, wide)| {
+                let base = if wide == 0 {
+                    bits
+                } else {
+                    // Bits that spread over every octet, two values each.
+                    u128::from(ip("2001:db8::"))
+                        | (bits & 0x0000_0000_8080_8080_8181_8181_8181_8181)
+                };
+                let net = Ipv6Net::new(Ipv6Addr::from(base), len).unwrap().trunc();
+                (net, rule(if deny { 2 } else { 1 }, id))
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn lookup_equals_longest_prefix_match(
+            rules in proptest::collection::vec(arb_rule(), 0..40),
+            probes in proptest::collection::vec(any::<u128>(), 64),
+        ) {
+            let c = compile(&rules);
+            let mut addrs = boundaries(&rules);
+            addrs.extend(probes.iter().map(|&b| {
+                Ipv6Addr::from(u128::from(ip("2001:db8::")) | (b & 0x0000_0000_8080_8080_8181_8181_8181_8181))
+            }));
+            addrs.extend(probes.iter().map(|&b| Ipv6Addr::from(b)));
+            for a in addrs {
+                prop_assert_eq!(c.lookup(a), naive(&rules, a), "{}", a);
+            }
+        }
+
+        #[test]
+        fn output_depends_only_on_the_set(
+            rules in proptest::collection::vec(arb_rule(), 0..40),
+            seed in any::<u64>(),
+        ) {
+            let mut shuffled = rules.clone();
+            // A seeded Fisher-Yates: insertion order must not matter.
+            let mut s = seed | 1;
+            for i in (1..shuffled.len()).rev() {
+                s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+                shuffled.swap(i, (s % (i as u64 + 1)) as usize);
+            }
+            let mut doubled = rules.clone();
+            doubled.extend(rules.iter().copied());
+            let c = compile(&rules);
+            prop_assert!(c == compile(&shuffled));
+            prop_assert!(c == compile(&doubled));
+        }
     }
 }

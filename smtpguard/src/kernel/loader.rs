@@ -154,7 +154,7 @@ impl XdpFilter {
         Self::load_with(EBPF_OBJECT, None, table_size)
     }
 
-    /// As [`XdpFilter::load`], with each LPM trie holding at most
+    /// As [`XdpFilter::load`], with each family's table taking at most
     /// `prefixes_per_family` prefixes instead of
     /// `MAX_PREFIXES_PER_FAMILY`: for tests of what happens when a list
     /// does not fit.
@@ -179,12 +179,6 @@ impl XdpFilter {
         raise_memlock_limit();
         let mut loader = EbpfLoader::new();
         loader.verifier_log_level(VerifierLogLevel::default());
-        if let Some(capacity) = capacity {
-            // IPv4's table is preallocated; its capacity is enforced by the writer.
-            for name in &smtpguard_common::map_names::RULES_V6 {
-                loader.map_max_entries(name, capacity);
-            }
-        }
         loader.map_max_entries(smtpguard_common::map_names::RATE_BUCKETS, rate_table.max(1));
         let mut ebpf = loader.load(object).map_err(KernelError::Load)?;
         let program: &mut Xdp = ebpf
@@ -200,8 +194,9 @@ impl XdpFilter {
             source,
         })?;
         let hits = std::sync::Arc::new(super::hits::HitsMapping::take_from(&mut ebpf)?);
-        let v4_capacity = capacity.unwrap_or(smtpguard_common::MAX_PREFIXES_PER_FAMILY);
-        let sync = MapSync::take_from(&mut ebpf, std::sync::Arc::clone(&hits), v4_capacity)?;
+        // Both tables are preallocated; the writers enforce the capacity.
+        let capacity = capacity.unwrap_or(smtpguard_common::MAX_PREFIXES_PER_FAMILY);
+        let sync = MapSync::take_from(&mut ebpf, std::sync::Arc::clone(&hits), capacity)?;
         let stats = Stats::take_from(&mut ebpf, hits)?;
         let rate_limiter = RateLimiter::take_from(&mut ebpf, rate_table.max(1))?;
         Ok((

@@ -2,7 +2,7 @@
 //!
 //! Lists reach the kernel as a set of `(prefix, action)` pairs (the policy
 //! module merges the permit and deny lists into it). IPv4 goes to the
-//! compiled table ([`super::ipv4_table`]), IPv6 to its hash table
+//! compiled table ([`super::ipv4_table`]), IPv6 to its compiled trie
 //! ([`super::ipv6_table`]). Two ways to apply:
 //! - [`ApplyHow::Incremental`]: only the differences are written to the
 //!   active generation, entry by entry (each single update is atomic).
@@ -139,7 +139,7 @@ impl MapSync {
     pub(crate) fn take_from(
         ebpf: &mut Ebpf,
         hits: Arc<HitsMapping>,
-        v4_capacity: u32,
+        capacity: u32,
     ) -> Result<Self, KernelError> {
         fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
         where
@@ -149,15 +149,10 @@ impl MapSync {
                 .and_then(|m| T::try_from(m).ok())
                 .ok_or(KernelError::MissingMap(name))
         }
-        let [a6, b6] = map_names::RULES_V6;
         let mut sync = MapSync {
             config_map: take(ebpf, map_names::CONFIG)?,
-            v4: Ipv4Table::take_from(ebpf, 0, v4_capacity as usize)?,
-            v6: Ipv6Table::new(
-                [take(ebpf, a6)?, take(ebpf, b6)?],
-                take(ebpf, map_names::LENGTHS_V6)?,
-                take(ebpf, map_names::GENERATION_V6)?,
-            ),
+            v4: Ipv4Table::take_from(ebpf, 0, capacity as usize)?,
+            v6: Ipv6Table::take_from(ebpf, capacity as usize)?,
             runtime: RuntimeConfig::zeroed(),
             installed: HashMap::new(),
             ids: RuleIds::default(),

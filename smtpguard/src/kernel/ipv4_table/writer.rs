@@ -59,8 +59,9 @@ pub enum Ipv4TableError {
     OutOfSlots,
 }
 
-/// One map's memory: mapped from the kernel, or on the heap for tests.
-struct Region<T> {
+/// One map's memory: mapped from the kernel, or on the heap for tests
+/// (the IPv6 table maps its maps the same way).
+pub(in crate::kernel) struct Region<T> {
     base: NonNull<T>,
     len: usize,
     owner: Owner<T>,
@@ -80,7 +81,11 @@ unsafe impl<T> Send for Region<T> {}
 unsafe impl<T> Sync for Region<T> {}
 
 impl<T: Copy + Default> Region<T> {
-    fn map(ebpf: &mut Ebpf, name: &'static str, len: usize) -> Result<Self, KernelError> {
+    pub(in crate::kernel) fn map(
+        ebpf: &mut Ebpf,
+        name: &'static str,
+        len: usize,
+    ) -> Result<Self, KernelError> {
         let Some(Map::Array(data)) = ebpf.take_map(name) else {
             return Err(KernelError::MissingMap(name));
         };
@@ -110,7 +115,7 @@ impl<T: Copy + Default> Region<T> {
         })
     }
 
-    fn heap(len: usize) -> Self {
+    pub(in crate::kernel) fn heap(len: usize) -> Self {
         let mut v = vec![T::default(); len];
         Region {
             base: NonNull::new(v.as_mut_ptr()).expect("vec pointer"),
@@ -119,12 +124,12 @@ impl<T: Copy + Default> Region<T> {
         }
     }
 
-    fn slice(&self) -> &[T] {
+    pub(in crate::kernel) fn slice(&self) -> &[T] {
         // SAFETY: `len` elements live at `base` while self does.
         unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.len) }
     }
 
-    fn slice_mut(&mut self) -> &mut [T] {
+    pub(in crate::kernel) fn slice_mut(&mut self) -> &mut [T] {
         // SAFETY: as in slice(); only for memory no packet reads (the
         // inactive generation, or slots not yet published).
         unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), self.len) }
