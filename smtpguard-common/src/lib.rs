@@ -177,11 +177,12 @@ pub mod ipv6_table {
     /// Nodes a lookup visits at most: one per octet after the first two.
     pub const MAX_LEVELS: u32 = 14;
     /// Capacity of `GROUPS6` per generation, in nodes (40 bytes each,
-    /// 20 MiB).
-    pub const MAX_GROUPS: u32 = 1 << 19;
+    /// 10 MiB). Full bogons needs 8,683; with as many permits nested in
+    /// it, about 15,000.
+    pub const MAX_GROUPS: u32 = 1 << 18;
     /// Capacity of `LEAVES6` per generation, in leaves (4 bytes each,
-    /// 8 MiB).
-    pub const MAX_LEAVES: u32 = 1 << 21;
+    /// 4 MiB).
+    pub const MAX_LEAVES: u32 = 1 << 20;
     /// `LEAVES6` elements.
     pub const LEAF_LINES: u32 = MAX_LEAVES / ENTRIES_PER_LINE;
     /// Prefixes that always fit, whatever their lengths: each needs at

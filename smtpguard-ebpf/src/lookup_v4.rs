@@ -10,6 +10,7 @@ use smtpguard_common::{
 };
 
 use crate::maps::{SG_GROUPS4_A, SG_GROUPS4_B, SG_LEAVES4_A, SG_LEAVES4_B, SG_TBL24_A, SG_TBL24_B};
+use crate::runs::{leaf_index, line_entry, rule_of};
 
 /// The most specific rule covering `addr` (as loaded from the packet:
 /// network byte order in memory) in the generation in force, or `None`
@@ -25,15 +26,7 @@ pub fn lookup_v4(cfg: &RuntimeConfig, addr: u32) -> Option<Rule> {
     } else {
         lookup_in(&SG_TBL24_B, &SG_GROUPS4_B, &SG_LEAVES4_B, a)?
     };
-    let kind = e >> entry::KIND_SHIFT;
-    if kind == entry::PERMIT || kind == entry::DENY {
-        Some(Rule {
-            action: kind,
-            rule_id: e & entry::PAYLOAD,
-        })
-    } else {
-        None
-    }
+    rule_of(e)
 }
 
 /// The entry for host-order address `a` in one generation's maps.
@@ -49,29 +42,5 @@ fn lookup_in(
         return Some(e);
     }
     let group: &Group = groups.get(e & entry::PAYLOAD)?;
-    let host = a & 0xff;
-    let word = (host >> 6) as usize & 3;
-    let bits = group.bitmap[word] << (63 - (host & 63));
-    let leaf = group
-        .base
-        .wrapping_add(group.rank[word] as u32)
-        .wrapping_add(popcount(bits))
-        .wrapping_sub(1);
-    line_entry(leaves, leaf)
-}
-
-/// Entry `index` of an array of 16-entry lines.
-#[inline(always)]
-fn line_entry(lines: &Array<[u32; 16]>, index: u32) -> Option<u32> {
-    let line = lines.get(index >> 4)?;
-    Some(line[(index & 15) as usize])
-}
-
-/// BPF has no popcount instruction: the SWAR count (Hacker's Delight 5-2).
-#[inline(always)]
-fn popcount(mut x: u64) -> u32 {
-    x -= (x >> 1) & 0x5555_5555_5555_5555;
-    x = (x & 0x3333_3333_3333_3333) + ((x >> 2) & 0x3333_3333_3333_3333);
-    x = (x + (x >> 4)) & 0x0f0f_0f0f_0f0f_0f0f;
-    (x.wrapping_mul(0x0101_0101_0101_0101) >> 56) as u32
+    line_entry(leaves, leaf_index(group, a & 0xff))
 }

@@ -14,6 +14,7 @@ use smtpguard_common::{
 use crate::maps::{
     SG_GEN6, SG_GROUPS6_A, SG_GROUPS6_B, SG_LEAVES6_A, SG_LEAVES6_B, SG_TBL16_6_A, SG_TBL16_6_B,
 };
+use crate::runs::{leaf_index, line_entry, rule_of};
 
 /// The rule of the longest entry covering `addr` (the packet's four words,
 /// network byte order in memory) in the IPv6 generation in force, or `None`.
@@ -30,15 +31,7 @@ pub fn lookup(addr: &[u32; 4]) -> Option<Rule> {
     } else {
         lookup_in(&SG_TBL16_6_B, &SG_GROUPS6_B, &SG_LEAVES6_B, hi, lo)?
     };
-    let kind = e >> entry::KIND_SHIFT;
-    if kind == entry::PERMIT || kind == entry::DENY {
-        Some(Rule {
-            action: kind,
-            rule_id: e & entry::PAYLOAD,
-        })
-    } else {
-        None
-    }
+    rule_of(e)
 }
 
 /// The entry for the address `hi:lo` (host order) in one generation's maps.
@@ -62,32 +55,9 @@ fn lookup_in(
         let b = (rest_hi >> 56) as u32;
         rest_hi = (rest_hi << 8) | (rest_lo >> 56);
         rest_lo <<= 8;
-        let word = (b >> 6) as usize & 3;
-        let bits = group.bitmap[word] << (63 - (b & 63));
-        let leaf = group
-            .base
-            .wrapping_add(group.rank[word] as u32)
-            .wrapping_add(popcount(bits))
-            .wrapping_sub(1);
-        e = line_entry(leaves, leaf)?;
+        e = line_entry(leaves, leaf_index(group, b))?;
     }
     // The compiler never nests nodes deeper than the address; a group
     // here is no verdict.
     Some(e)
-}
-
-/// Entry `index` of an array of 16-entry lines.
-#[inline(always)]
-fn line_entry(lines: &Array<[u32; 16]>, index: u32) -> Option<u32> {
-    let line = lines.get(index >> 4)?;
-    Some(line[(index & 15) as usize])
-}
-
-/// BPF has no popcount instruction: the SWAR count (Hacker's Delight 5-2).
-#[inline(always)]
-fn popcount(mut x: u64) -> u32 {
-    x -= (x >> 1) & 0x5555_5555_5555_5555;
-    x = (x & 0x3333_3333_3333_3333) + ((x >> 2) & 0x3333_3333_3333_3333);
-    x = (x + (x >> 4)) & 0x0f0f_0f0f_0f0f_0f0f;
-    (x.wrapping_mul(0x0101_0101_0101_0101) >> 56) as u32
 }

@@ -12,6 +12,7 @@ mod lookup_v6;
 mod maps;
 mod parse;
 mod rate_limit;
+mod runs;
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
