@@ -491,9 +491,12 @@ fn the_daemon_logs_rate_limit_events_counts_drops_and_reload_applies_the_limit()
             }
         }
     };
-    send("198.51.100.10", 8);
+    // 4, not more: the 4th SYN's event bans the client, and a 5th could
+    // meet the ban instead of the limit (the kernel's count over many
+    // SYNs is the other tests' job).
+    send("198.51.100.10", 4);
     assert!(
-        wait_for(Duration::from_secs(10), || stat("drop_rate_limit") == 5),
+        wait_for(Duration::from_secs(10), || stat("drop_rate_limit") == 1),
         "drop_rate_limit = {}, log:\n{}",
         stat("drop_rate_limit"),
         log_text()
@@ -523,7 +526,7 @@ fn the_daemon_logs_rate_limit_events_counts_drops_and_reload_applies_the_limit()
     // meet the ban instead of the limit.
     send("198.51.100.20", 11);
     assert!(
-        wait_for(Duration::from_secs(10), || stat("drop_rate_limit") == 5 + 1),
+        wait_for(Duration::from_secs(10), || stat("drop_rate_limit") == 1 + 1),
         "after reload: drop_rate_limit = {}",
         stat("drop_rate_limit")
     );
@@ -550,5 +553,5 @@ fn the_daemon_logs_rate_limit_events_counts_drops_and_reload_applies_the_limit()
         "the banned client's SYN: drop_deny_list = {} (was {denied})",
         stat("drop_deny_list")
     );
-    assert_eq!(stat("drop_rate_limit"), 6);
+    assert_eq!(stat("drop_rate_limit"), 2);
 }
