@@ -140,30 +140,36 @@ struct Loaded {
     v6: bool,
 }
 
-/// Whether a map holds the list, by name: the LPM tries of the old
-/// program (their size follows the list) and, for an IPv6 list, the
-/// compiled IPv6 table's maps (preallocated, one set per IPv6 generation;
-/// for an IPv4 list they are part of the fixed memory).
+/// Whether a map holds the list, by name: the lookup table of the list's
+/// family (preallocated arrays, one set per generation) and the per-entry
+/// hit counters. The other family's table, the rate limiter and the log
+/// ring are reported beside it.
 fn is_list_map(name: &str, v6: bool) -> bool {
-    use smtpguard_common::map_names::{GROUPS6, LEAVES6, TBL16_V6};
-    name.starts_with("SG_RULES")
-        || (v6
-            && [TBL16_V6, GROUPS6, LEAVES6]
-                .iter()
-                .any(|n| n.contains(&name)))
+    use smtpguard_common::map_names::{GROUPS4, GROUPS6, HITS, LEAVES4, LEAVES6, TBL16_V6, TBL24};
+    let table = if v6 {
+        [TBL16_V6, GROUPS6, LEAVES6]
+    } else {
+        [TBL24, GROUPS4, LEAVES4]
+    };
+    name == HITS || table.iter().any(|n| n.contains(&name))
 }
 
 impl Loaded {
-    /// bytes_memlock of the list maps: (generation A, generation B).
-    fn list_memory(&self) -> (u64, u64) {
-        let of = |suffix: &str| {
+    /// bytes_memlock of the list maps: (generation A, generation B, the
+    /// hit counters both share).
+    fn list_memory(&self) -> (u64, u64, u64) {
+        let of = |pick: &dyn Fn(&str) -> bool| {
             self.memory
                 .iter()
-                .filter(|(n, _)| is_list_map(n, self.v6) && n.ends_with(suffix))
+                .filter(|(n, _)| is_list_map(n, self.v6) && pick(n))
                 .map(|(_, m)| m)
                 .sum()
         };
-        (of("_A"), of("_B"))
+        (
+            of(&|n| n.ends_with("_A")),
+            of(&|n| n.ends_with("_B")),
+            of(&|n| n == smtpguard_common::map_names::HITS),
+        )
     }
 
     /// The other maps, whatever the list size: `(total, "NAME size, ...")`.
@@ -536,7 +542,9 @@ fn load_rows(list: &List, ours: &Loaded, peer: &Peer, every_row: bool) -> Vec<Ro
         .as_ref()
         .map(|(_, s, _)| Figure::new(*s, format!("{s:.2} s ({exact} exact addresses)")))
         .map_err(Clone::clone);
-    let (list_a, list_b) = ours.list_memory();
+    let (list_a, list_b, hits) = ours.list_memory();
+    let list_total = list_a + list_b + hits;
+    let family = if ours.v6 { "IPv6" } else { "IPv4" };
     let (fixed, fixed_named) = ours.fixed_memory();
     let peer_mem: Measured = peer
         .as_ref()
@@ -557,17 +565,19 @@ fn load_rows(list: &List, ours: &Loaded, peer: &Peer, every_row: bool) -> Vec<Ro
         ),
         Row::new(
             format!(
-                "kernel memory for {} (bytes_memlock of the list maps, both generations)",
+                "kernel memory for {} (bytes_memlock of the {family} table, both \
+                 generations, and the hit counters)",
                 list.label
             ),
             Ok(Figure::new(
-                (list_a + list_b) as f64,
+                list_total as f64,
                 format!(
-                    "{} (generation A {}, B {}; IPv6 keeps the previous list in the \
-                     inactive generation) + {} fixed whatever the list ({fixed_named})",
-                    bytes((list_a + list_b) as f64),
+                    "{} ({family} table generation A {}, B {}, preallocated whatever \
+                     the list; hit counters {}); besides, the other maps: {} ({fixed_named})",
+                    bytes(list_total as f64),
                     bytes(list_a as f64),
                     bytes(list_b as f64),
+                    bytes(hits as f64),
                     bytes(fixed as f64)
                 ),
             )),
