@@ -150,3 +150,17 @@ impl Kernel {
             .collect()
     }
 }
+
+/// For the table compilers' property tests: the output depends only on the
+/// set of rules, so the same rules shuffled, or each given twice, compile
+/// to the same tables.
+#[cfg(test)]
+pub(crate) fn depends_only_on_the_set<R: Copy, C: PartialEq>(
+    rules: &[R],
+    shuffled: &[R],
+    compile: impl Fn(&[R]) -> C,
+) -> bool {
+    let doubled: Vec<R> = rules.iter().chain(rules).copied().collect();
+    let c = compile(rules);
+    c == compile(shuffled) && c == compile(&doubled)
+}
