@@ -772,7 +772,23 @@ fn import(
         let empty = crate::policy::AccessList::new(target);
         let policy = daemon.policy();
         let current = policy.source(into).map_or(&empty, |s| s.list(target));
-        current.diff(&report, mode)
+        let diff = current.diff(&report, mode);
+        if dry_run && changes {
+            // What the real run would hand the kernel, checked in
+            // userspace: the IPv6 table's room is nodes, not prefixes.
+            let fits = || -> std::result::Result<(), DaemonError> {
+                let mut after = (*policy).clone();
+                let lists = after.source_mut(into);
+                lists.list_mut(target).import(&report, mode)?;
+                if touches_other {
+                    lists.list_mut(other).import(&report, ImportMode::Merge)?;
+                }
+                let rules = super::startup::kernel_rules(&after)?;
+                crate::kernel::ipv6_table::check_fits(&rules).map_err(DaemonError::WouldNotFit)
+            };
+            fits()?;
+        }
+        diff
     } else {
         let mut touched = vec![Persist::List(into.clone(), target)];
         if touches_other {

@@ -79,6 +79,11 @@ pub enum StartupError {
     /// Writing the lists into the XDP program.
     #[error("loading the lists into the kernel")]
     Lists(#[source] Box<SyncError>),
+    /// The merged lists need more of the kernel IPv6 table than it has;
+    /// found before anything is written (see
+    /// [`crate::kernel::ipv6_table::check_fits`]).
+    #[error("the lists do not fit the kernel IPv6 table; shorten or merge the IPv6 entries")]
+    Ipv6Table(#[source] crate::kernel::ipv6_table::Ipv6TableError),
     /// Attaching the XDP program.
     #[error("attaching the XDP program to {interface}")]
     Attach {
@@ -148,6 +153,11 @@ pub fn load_policy(config: &Config) -> Result<Policy> {
         policy.set_mode(state.mode);
         policy.set_enforcement(state.enforcement);
     }
+    // The IPv6 table's room is nodes, not prefixes: only compiling says
+    // whether a list fits, and a start or reload should say so before it
+    // writes anything.
+    crate::kernel::ipv6_table::check_fits(&kernel_rules(&policy)?)
+        .map_err(StartupError::Ipv6Table)?;
     if policy.mode() == crate::policy::PolicyMode::DenyAllExceptPermit
         && policy.total_len(ListKind::Permit).total() == 0
     {
@@ -157,6 +167,15 @@ pub fn load_policy(config: &Config) -> Result<Policy> {
         );
     }
     Ok(policy)
+}
+
+/// The merged lists as the kernel takes them: one action per prefix.
+pub fn kernel_rules(policy: &Policy) -> std::result::Result<Vec<(IpNet, Action)>, PolicyError> {
+    Ok(policy
+        .compile()?
+        .into_iter()
+        .map(|r| (r.prefix, r.action))
+        .collect())
 }
 
 /// The names of the sources with files in the sources directory, sorted;
@@ -280,11 +299,7 @@ pub fn start_kernel(config: &Config, policy: &Policy) -> Result<Option<StartedKe
             config.xdp.log_rate_per_second,
         )
         .map_err(|e| StartupError::Runtime(Box::new(e)))?;
-    let rules: Vec<(IpNet, Action)> = policy
-        .compile()?
-        .into_iter()
-        .map(|r| (r.prefix, r.action))
-        .collect();
+    let rules = kernel_rules(&policy)?;
     let report = kernel
         .sync
         .apply(&rules, ApplyHow::Atomic)

@@ -15,7 +15,6 @@ use std::{
 };
 
 use ipnet::IpNet;
-use smtpguard_common::Action;
 
 use crate::{
     config::Config,
@@ -49,6 +48,10 @@ pub enum DaemonError {
     /// The whole lists could not be loaded into the XDP program.
     #[error("loading the lists into the kernel; the previous lists stay in force")]
     KernelLists(#[source] Box<SyncError>),
+    /// A dry run found that the lists after the change would not fit the
+    /// kernel IPv6 table; the real change would be refused.
+    #[error("the lists would not fit the kernel IPv6 table; a real run would change nothing")]
+    WouldNotFit(#[source] crate::kernel::ipv6_table::Ipv6TableError),
     /// Single prefixes could not be written into the XDP program.
     #[error("updating the kernel lists; nothing was changed")]
     KernelUpdate(#[source] Box<SyncError>),
@@ -526,11 +529,7 @@ impl Daemon {
         match write {
             KernelWrite::Everything => {
                 let started = Instant::now();
-                let rules: Vec<(IpNet, Action)> = new
-                    .compile()?
-                    .into_iter()
-                    .map(|r| (r.prefix, r.action))
-                    .collect();
+                let rules = super::startup::kernel_rules(&new)?;
                 sync.apply(&rules, ApplyHow::Atomic)
                     .map_err(|e| DaemonError::KernelLists(Box::new(e)))?;
                 drop(guard);

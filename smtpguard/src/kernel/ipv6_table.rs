@@ -168,6 +168,46 @@ pub fn compile_within(
     compile_normalized(normalize(rules), limits)
 }
 
+/// Whether the IPv6 prefixes of `rules` (merged prefixes and actions, as
+/// [`super::MapSync::apply`] takes them) fit the kernel table: the capacity
+/// check a write makes, in userspace only, for `config check`, the start
+/// and dry runs, before anything is written.
+///
+/// # Errors
+///
+/// [`Ipv6TableError::Full`] or [`Ipv6TableError::TooManyPrefixes`], as a
+/// write of the same list would give.
+pub fn check_fits(
+    rules: &[(ipnet::IpNet, smtpguard_common::Action)],
+) -> Result<(), Ipv6TableError> {
+    let v6: Vec<(Ipv6Net, Rule)> = rules
+        .iter()
+        .filter_map(|(net, action)| match net {
+            ipnet::IpNet::V6(n) => Some((*n, *action)),
+            ipnet::IpNet::V4(_) => None,
+        })
+        .zip(1u32..)
+        // Any distinct rule ids: runs split where the real ones would.
+        .map(|((net, action), rule_id)| {
+            (
+                net,
+                Rule {
+                    action: action as u32,
+                    rule_id,
+                },
+            )
+        })
+        .collect();
+    let capacity = smtpguard_common::MAX_PREFIXES_PER_FAMILY as usize;
+    if v6.len() > capacity {
+        return Err(Ipv6TableError::TooManyPrefixes {
+            count: v6.len(),
+            max: capacity,
+        });
+    }
+    compile_within(&v6, Limits::KERNEL).map(|_| ())
+}
+
 /// [`compile_within`] of a [`normalize`]d list.
 fn compile_normalized(prefixes: Vec<Prefix>, limits: Limits) -> Result<Compiled, Ipv6TableError> {
     let (short, long): (Vec<Prefix>, Vec<Prefix>) = prefixes.into_iter().partition(|p| p.len <= 16);
@@ -627,6 +667,27 @@ mod tests {
                 (net, rule(if deny { 2 } else { 1 }, id))
             },
         )
+    }
+
+    #[test]
+    fn check_fits_refuses_what_a_write_would_refuse() {
+        use smtpguard_common::Action as A;
+        // 30,000 /128s in distinct /48s: ten nodes each of their own.
+        let deep: Vec<(ipnet::IpNet, A)> = (0..30_000u32)
+            .map(|i| (format!("2001:db8:{i:x}::1/128").parse().unwrap(), A::Deny))
+            .collect();
+        assert!(
+            matches!(
+                check_fits(&deep),
+                Err(Ipv6TableError::Full { part: "nodes", .. })
+            ),
+            "{:?}",
+            check_fits(&deep)
+        );
+        // IPv4 entries take no room here; a short IPv6 list fits.
+        let mut fine = deep[..1000].to_vec();
+        fine.push(("192.0.2.0/24".parse().unwrap(), A::Permit));
+        assert!(check_fits(&fine).is_ok());
     }
 
     proptest! {
