@@ -299,7 +299,7 @@ pub fn start_kernel(config: &Config, policy: &Policy) -> Result<Option<StartedKe
             config.xdp.log_rate_per_second,
         )
         .map_err(|e| StartupError::Runtime(Box::new(e)))?;
-    let rules = kernel_rules(&policy)?;
+    let rules = kernel_rules(policy)?;
     let report = kernel
         .sync
         .apply(&rules, ApplyHow::Atomic)

@@ -529,7 +529,7 @@ impl Daemon {
         match write {
             KernelWrite::Everything => {
                 let started = Instant::now();
-                let rules = super::startup::kernel_rules(&new)?;
+                let rules = super::startup::kernel_rules(new)?;
                 sync.apply(&rules, ApplyHow::Atomic)
                     .map_err(|e| DaemonError::KernelLists(Box::new(e)))?;
                 drop(guard);
