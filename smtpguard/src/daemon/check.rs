@@ -56,10 +56,11 @@ pub fn check(path: &Path) -> CheckReport {
                         .map(|w| format!("{}: {w}", file.display())),
                 );
                 let state = if loaded.existed { "" } else { " (no file yet)" };
+                let count = loaded.list.len().total();
                 report.checked.push(format!(
-                    "{}{kind} {} entries{state}",
+                    "{}{kind} {count} {}{state}",
                     source.map(|s| format!("{s} ")).unwrap_or_default(),
-                    loaded.list.len().total()
+                    if count == 1 { "entry" } else { "entries" },
                 ));
                 Some(loaded.list)
             }

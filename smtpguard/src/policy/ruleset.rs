@@ -33,8 +33,10 @@ pub enum PolicyError {
         /// The list given.
         found: ListKind,
     },
-    /// More distinct prefixes of one family than a kernel LPM trie holds.
-    #[error("{count} distinct {family} prefixes on the deny and permit lists exceed the kernel trie capacity of {max}")]
+    /// More distinct prefixes of one family than the kernel tables take
+    /// (`MAX_PREFIXES_PER_FAMILY`; IPv6 may run out of nodes sooner, which
+    /// `kernel::ipv6_table::check_fits` finds).
+    #[error("{count} distinct {family} prefixes on the deny and permit lists exceed the kernel table capacity of {max}")]
     TooManyPrefixes {
         /// The family.
         family: AddressFamily,
