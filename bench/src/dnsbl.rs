@@ -36,34 +36,19 @@ pub fn run(settings: &Settings) -> Result<Vec<Row>> {
 }
 
 fn config(dir: &Path, listen: &str, dnsbl: Option<SocketAddr>) -> String {
-    let d = dir.display();
-    let table = dnsbl.map_or(String::new(), |resolver| {
+    let table = dnsbl.map(|resolver| {
         format!(
-            "[dnsbl]\nsites = [\"dnsbl.test*2\", \"dnswl.test=127.0.[0..255].[1..3]*-1\"]\n\
+            "sites = [\"dnsbl.test*2\", \"dnswl.test=127.0.[0..255].[1..3]*-1\"]\n\
              threshold = 2\naction = \"drop\"\nresolver = \"{resolver}\"\n"
         )
     });
-    format!(
-        r#"
-[server]
-hostname = "gw.bench.example"
-listen = ["{listen}"]
-max_connections = "unlimited"
-[policy]
-deny_list = "{d}/deny.list"
-permit_list = "{d}/permit.list"
-[delivery]
-spool_dir = "{d}/spool"
-accept_domains = ["example.com"]
-[control]
-socket = "{d}/control.sock"
-[logging]
-stats_interval = "0s"
-# DNSBL's own cost: no greet wait (which would hide it).
-[screening]
-greet_wait = "0s"
-{table}"#
-    )
+    let mut tables = vec![
+        ("server", "max_connections = \"unlimited\"\n"),
+        ("logging", "stats_interval = \"0s\"\n"),
+    ];
+    tables.extend(table.as_deref().map(|t| ("dnsbl", t)));
+    // No greet wait (config_text's default): it would hide DNSBL's own cost.
+    smtpguard::testing::config_text(dir, listen.parse().expect("a listen address"), &tables)
 }
 
 /// The i-th client address: 127.1.0.1 onwards (last octet 1–250), never

@@ -48,31 +48,14 @@ pub fn run(settings: &Settings) -> Result<Vec<Row>> {
     let topo = Topology::new();
     topo.add_client(CLIENT);
     let dir = TempDir::try_new("greeting")?;
-    let d = dir.path().display();
-    let config = format!(
-        r#"
-[server]
-hostname = "gw.example.com"
-listen = ["{GW_V4}:{PORT}"]
-max_connections = 1000
-[policy]
-deny_list = "{d}/deny.list"
-permit_list = "{d}/permit.list"
-[xdp]
-interfaces = ["{iface}"]
-mode = "native"
-log_rate_per_second = 0
-[delivery]
-spool_dir = "{d}/spool"
-accept_domains = ["example.com"]
-[control]
-socket = "{d}/control.sock"
-[logging]
-stats_interval = "0s"
-[screening]
-greet_wait = "0s"
-"#,
-        iface = topo.gw_if
+    let config = smtpguard::testing::config_text(
+        dir.path(),
+        format!("{GW_V4}:{PORT}").parse().unwrap(),
+        &[
+            ("server", "max_connections = 1000\n"),
+            ("xdp", &super::screening::xdp_native(&topo.gw_if)),
+            ("logging", "stats_interval = \"0s\"\n"),
+        ],
     );
     let mut daemon = Daemon::start(Some(&topo.gw), dir.path(), &config)?;
     daemon.cli_ok(&["deny", "add", "203.0.113.0/24"])?;

@@ -31,33 +31,22 @@ const PORT: u16 = 2525;
 const CLIENT: &str = "198.51.100.10";
 
 fn config(dir: &std::path::Path, interface: &str, screening: &str) -> String {
-    let d = dir.display();
-    format!(
-        r#"
-[server]
-hostname = "gw.example.com"
-listen = ["{GW_V4}:{PORT}"]
-[policy]
-deny_list = "{d}/deny.list"
-permit_list = "{d}/permit.list"
-[xdp]
-interfaces = ["{interface}"]
-mode = "native"
-log_rate_per_second = 0
-[delivery]
-spool_dir = "{d}/spool"
-accept_domains = ["example.com"]
-[control]
-socket = "{d}/control.sock"
-[logging]
-stats_interval = "0s"
-[screening]
-{screening}
-[bans]
-ban_after = 1
-ban_for = "1h"
-"#
+    smtpguard::testing::config_text(
+        dir,
+        dst(),
+        &[
+            ("xdp", &xdp_native(interface)),
+            ("logging", "stats_interval = \"0s\"\n"),
+            ("screening", &format!("{screening}\n")),
+            ("bans", "ban_after = 1\nban_for = \"1h\"\n"),
+        ],
     )
+}
+
+/// The `[xdp]` lines of the bench daemons: native mode on `interface`,
+/// drop logging off.
+pub fn xdp_native(interface: &str) -> String {
+    format!("interfaces = [\"{interface}\"]\nmode = \"native\"\nlog_rate_per_second = 0\n")
 }
 
 fn dst() -> SocketAddr {
