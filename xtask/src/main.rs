@@ -245,6 +245,8 @@ fn config_arg(args: &[String]) -> Option<PathBuf> {
 /// the binary's path.
 fn build(root: &Path, release: bool) -> Result<PathBuf> {
     let toolchain = provision::toolchain()?;
+    // protoc, for the etcd client: without it a fresh machine's build fails.
+    peers::ensure_build()?;
     let object = provision::build_ebpf(root, &toolchain)?;
     eprintln!(
         "xtask: building smtpguard ({})",

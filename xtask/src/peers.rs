@@ -24,8 +24,22 @@ pub struct Peer {
     pub used_by: &'static str,
 }
 
-/// Every package a test or the bench uses, beyond the build toolchain.
-pub const PEERS: &[Peer] = &[
+/// The packages building the userspace binary needs, beyond the Rust
+/// toolchain: `cargo xtask build` installs these alone.
+const BUILD_PEERS: &[Peer] = &[
+    Peer {
+        package: "protobuf-compiler",
+        used_by: "building smtpguard: the etcd-client crate's build script runs protoc (fleet source)",
+    },
+    Peer {
+        package: "libprotobuf-dev",
+        used_by: "building smtpguard: google/protobuf/*.proto for protoc (only a Recommends of protobuf-compiler)",
+    },
+];
+
+/// Every package a test or the bench uses, beyond the build toolchain and
+/// [`BUILD_PEERS`].
+const TEST_PEERS: &[Peer] = &[
     Peer {
         package: "postfix",
         used_by: "postfix_handoff, end_to_end, bench front door: a private Postfix as the upstream MTA",
@@ -118,14 +132,6 @@ pub const PEERS: &[Peer] = &[
         package: "etcd-client",
         used_by: "fleet: etcdctl sets up roles and users, compacts, and checks member health",
     },
-    Peer {
-        package: "protobuf-compiler",
-        used_by: "building smtpguard: the etcd-client crate's build script runs protoc (fleet source)",
-    },
-    Peer {
-        package: "libprotobuf-dev",
-        used_by: "building smtpguard: google/protobuf/*.proto for protoc (only a Recommends of protobuf-compiler)",
-    },
 ];
 
 /// One thing the tests rely on, and how to prove it is there.
@@ -150,7 +156,22 @@ enum Probe {
     Bpffs,
 }
 
-const CAPABILITIES: &[Capability] = &[
+/// What [`BUILD_PEERS`] provide.
+const BUILD_CAPABILITIES: &[Capability] = &[
+    Capability {
+        what: "protoc with the well-known types",
+        provider: "protobuf-compiler and libprotobuf-dev",
+        probe: Probe::File("/usr/include/google/protobuf/empty.proto"),
+    },
+    Capability {
+        what: "protoc",
+        provider: "protobuf-compiler",
+        probe: Probe::Runs(&["protoc", "--version"]),
+    },
+];
+
+/// What [`TEST_PEERS`] (and the kernel) provide.
+const TEST_CAPABILITIES: &[Capability] = &[
     Capability {
         what: "postfix (/usr/sbin/postfix, postconf)",
         provider: "postfix",
@@ -291,27 +312,32 @@ const CAPABILITIES: &[Capability] = &[
         provider: "etcd-client",
         probe: Probe::Runs(&["etcdctl", "version"]),
     },
-    Capability {
-        what: "protoc with the well-known types",
-        provider: "protobuf-compiler and libprotobuf-dev",
-        probe: Probe::File("/usr/include/google/protobuf/empty.proto"),
-    },
-    Capability {
-        what: "protoc",
-        provider: "protobuf-compiler",
-        probe: Probe::Runs(&["protoc", "--version"]),
-    },
 ];
 
-/// Installs (as root on Debian/Ubuntu) every peer package that is not
-/// installed, then probes every capability. Fails, before anything is
-/// built, with one line per missing capability naming its package.
+/// Installs (as root on Debian/Ubuntu) every package the build, the tests
+/// and the bench need that is not installed, then probes every capability.
+/// Fails, before anything is built, with one line per missing capability
+/// naming its package.
 pub fn ensure() -> Result<()> {
-    let missing = missing_packages();
+    ensure_sets(
+        "the tests and the bench",
+        &[BUILD_PEERS, TEST_PEERS],
+        &[BUILD_CAPABILITIES, TEST_CAPABILITIES],
+    )
+}
+
+/// The same for building the userspace binary alone (`cargo xtask build`,
+/// `run`, `deb`): on a fresh machine the build itself needs protoc.
+pub fn ensure_build() -> Result<()> {
+    ensure_sets("the build", &[BUILD_PEERS], &[BUILD_CAPABILITIES])
+}
+
+fn ensure_sets(who: &str, peers: &[&[Peer]], capabilities: &[&[Capability]]) -> Result<()> {
+    let missing = missing_packages(peers);
     if !missing.is_empty() {
         if !is_root() || !is_debian_like() {
             bail!(
-                "the tests need these Debian packages: {}; install them and run again",
+                "missing Debian packages for {who}: {}; install them and run again",
                 missing.join(" ")
             );
         }
@@ -320,8 +346,9 @@ pub fn ensure() -> Result<()> {
         }
         apt_install(&missing)?;
     }
-    let failures: Vec<String> = CAPABILITIES
+    let failures: Vec<String> = capabilities
         .iter()
+        .flat_map(|set| set.iter())
         .filter_map(|c| c.check().err().map(|why| c.missing_line(&why)))
         .collect();
     if let Some(first) = failures.first() {
@@ -331,9 +358,9 @@ pub fn ensure() -> Result<()> {
         bail!("{first}");
     }
     eprintln!(
-        "xtask: test peers present and working ({} packages, {} capabilities probed)",
-        PEERS.len(),
-        CAPABILITIES.len()
+        "xtask: packages for {who} present and working ({} packages, {} capabilities probed)",
+        peers.iter().map(|set| set.len()).sum::<usize>(),
+        capabilities.iter().map(|set| set.len()).sum::<usize>()
     );
     Ok(())
 }
@@ -341,8 +368,9 @@ pub fn ensure() -> Result<()> {
 /// Prints what is present, what is missing and what `ensure` would
 /// install; installs nothing. Returns whether everything is present.
 pub fn report() -> bool {
-    println!("test peers (Debian packages):");
-    for peer in PEERS {
+    let peers = [BUILD_PEERS, TEST_PEERS];
+    println!("build and test peers (Debian packages):");
+    for peer in peers.iter().flat_map(|set| set.iter()) {
         let state = if dpkg_installed(peer.package) {
             "installed"
         } else {
@@ -350,9 +378,12 @@ pub fn report() -> bool {
         };
         println!("  {state:<9} {:<24} {}", peer.package, peer.used_by);
     }
-    println!("capabilities the tests rely on:");
+    println!("capabilities the build and the tests rely on:");
     let mut all = true;
-    for cap in CAPABILITIES {
+    for cap in [BUILD_CAPABILITIES, TEST_CAPABILITIES]
+        .iter()
+        .flat_map(|set| set.iter())
+    {
         match cap.check() {
             Ok(()) => println!("  ok        {}", cap.what),
             Err(why) => {
@@ -364,7 +395,7 @@ pub fn report() -> bool {
             }
         }
     }
-    let missing = missing_packages();
+    let missing = missing_packages(&peers);
     if missing.is_empty() {
         println!("would install: nothing");
     } else {
@@ -373,9 +404,10 @@ pub fn report() -> bool {
     all && missing.is_empty()
 }
 
-fn missing_packages() -> Vec<&'static str> {
-    PEERS
+fn missing_packages(peers: &[&[Peer]]) -> Vec<&'static str> {
+    peers
         .iter()
+        .flat_map(|set| set.iter())
         .map(|p| p.package)
         .filter(|p| !dpkg_installed(p))
         .collect()
