@@ -6,27 +6,29 @@
 use aya_ebpf::maps::Array;
 use smtpguard_common::{
     ipv4_table::{entry, Group},
-    Rule, RuntimeConfig,
+    RuntimeConfig,
 };
 
 use crate::maps::{SG_GROUPS4_A, SG_GROUPS4_B, SG_LEAVES4_A, SG_LEAVES4_B, SG_TBL24_A, SG_TBL24_B};
-use crate::runs::{leaf_index, line_entry, rule_of};
+use crate::runs::{leaf_index, line_entry};
 
-/// The most specific rule covering `addr` (as loaded from the packet:
-/// network byte order in memory) in the generation in force, or `None`
-/// when no entry covers it.
+/// The entry of the most specific prefix covering `addr` (as loaded from
+/// the packet: network byte order in memory) in the generation in force:
+/// a permit or deny entry with its rule id, or `NONE` when no entry covers
+/// it.
 #[inline(always)]
-pub fn lookup_v4(cfg: &RuntimeConfig, addr: u32) -> Option<Rule> {
+pub fn lookup_v4(cfg: &RuntimeConfig, addr: u32) -> u32 {
     let a = u32::from_be(addr);
     // One call site per generation, so that each sees constant maps: the
     // verifier inlines an array lookup only when the map is known, and a
     // map picked at run time costs a helper call per load.
     let e = if cfg.active_generation == 0 {
-        lookup_in(&SG_TBL24_A, &SG_GROUPS4_A, &SG_LEAVES4_A, a)?
+        lookup_in(&SG_TBL24_A, &SG_GROUPS4_A, &SG_LEAVES4_A, a)
     } else {
-        lookup_in(&SG_TBL24_B, &SG_GROUPS4_B, &SG_LEAVES4_B, a)?
+        lookup_in(&SG_TBL24_B, &SG_GROUPS4_B, &SG_LEAVES4_B, a)
     };
-    rule_of(e)
+    // A failed map lookup (never, for an index inside the table) is no entry.
+    e.unwrap_or(entry::NONE)
 }
 
 /// The entry for host-order address `a` in one generation's maps.

@@ -6,32 +6,34 @@
 //! up to 8 hash probes of 20-25 ns each.
 
 use aya_ebpf::maps::Array;
-use smtpguard_common::{
-    ipv6_table::{entry, Group, MAX_LEVELS},
-    Rule,
-};
+use smtpguard_common::ipv6_table::{entry, Group, MAX_LEVELS};
 
 use crate::maps::{
     SG_GEN6, SG_GROUPS6_A, SG_GROUPS6_B, SG_LEAVES6_A, SG_LEAVES6_B, SG_TBL16_6_A, SG_TBL16_6_B,
 };
-use crate::runs::{leaf_index, line_entry, rule_of};
+use crate::runs::{leaf_index, line_entry};
 
-/// The rule of the longest entry covering `addr` (the packet's four words,
-/// network byte order in memory) in the IPv6 generation in force, or `None`.
+/// The longest entry covering `addr` (the packet's four words, network
+/// byte order in memory) in the IPv6 generation in force: a permit or deny
+/// entry with its rule id, or `NONE`.
 #[inline(always)]
-pub fn lookup(addr: &[u32; 4]) -> Option<Rule> {
-    let generation = *SG_GEN6.get(0)? & 1;
+pub fn lookup(addr: &[u32; 4]) -> u32 {
+    let Some(generation) = SG_GEN6.get(0) else {
+        return entry::NONE;
+    };
+    let generation = *generation & 1;
     // The address as a 128-bit number in two host-order halves.
     let hi = (u64::from(u32::from_be(addr[0])) << 32) | u64::from(u32::from_be(addr[1]));
     let lo = (u64::from(u32::from_be(addr[2])) << 32) | u64::from(u32::from_be(addr[3]));
     // One call site per generation, so that each sees constant maps: the
     // verifier inlines an array lookup only when the map is known.
     let e = if generation == 0 {
-        lookup_in(&SG_TBL16_6_A, &SG_GROUPS6_A, &SG_LEAVES6_A, hi, lo)?
+        lookup_in(&SG_TBL16_6_A, &SG_GROUPS6_A, &SG_LEAVES6_A, hi, lo)
     } else {
-        lookup_in(&SG_TBL16_6_B, &SG_GROUPS6_B, &SG_LEAVES6_B, hi, lo)?
+        lookup_in(&SG_TBL16_6_B, &SG_GROUPS6_B, &SG_LEAVES6_B, hi, lo)
     };
-    rule_of(e)
+    // A failed map lookup (never, for an index inside the table) is no entry.
+    e.unwrap_or(entry::NONE)
 }
 
 /// The entry for the address `hi:lo` (host order) in one generation's maps.

@@ -15,22 +15,25 @@ mod rate_limit;
 mod runs;
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
+    bindings::xdp_action,
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    macros::xdp,
+    programs::XdpContext,
 };
 use aya_log_ebpf::warn;
 use lookup_v4::lookup_v4;
 use maps::*;
 use parse::OnSyn;
+use runs::rule_of;
 use smtpguard_common::{
-    counter, rate::RateKey, slot, Action, Enforcement, Mode, Rule, RuntimeConfig,
+    counter, ipv4_table::entry, outcome, rate::RateKey, slot, Action, Enforcement, Mode, Rule,
+    RuntimeConfig,
 };
 
 #[xdp]
 pub fn smtpguard(ctx: XdpContext) -> u32 {
-    // Element 0 always exists in an array map; zeroed means "drop nothing".
-    let Some(cfg) = SG_CONFIG.get(0) else {
-        return pass(counter::PASS_MALFORMED, slot::FAMILY_V4, 0);
-    };
+    // Zeroed (before the daemon writes it) means "drop nothing".
+    let cfg = config();
     let log_on = (cfg.log_rate_per_sec != 0) as u32;
     let judge = Judge {
         ctx: &ctx,
@@ -56,7 +59,12 @@ impl OnSyn for Judge<'_> {
 
     #[inline(always)]
     fn v4(&self, source: u32, dport_be: u16) -> u32 {
-        self.verdict(lookup_v4(self.cfg, source), source, dport_be)
+        self.verdict(
+            lookup_v4(self.cfg, source),
+            &self.cfg.outcome_v4,
+            source,
+            dport_be,
+        )
     }
 
     #[inline(always)]
@@ -64,19 +72,58 @@ impl OnSyn for Judge<'_> {
         match ipv4_mapped(source) {
             // ::ffff:a.b.c.d is an IPv4 client on a dual-stack socket.
             Some(v4) => self.v4(v4, dport_be),
-            None => self.verdict(lookup_v6::lookup(source), *source, dport_be),
+            None => self.verdict(
+                lookup_v6::lookup(source),
+                &self.cfg.outcome_v6,
+                *source,
+                dport_be,
+            ),
         }
     }
 }
 
 impl Judge<'_> {
+    /// The verdict on a SYN from `client` whose longest-prefix entry is
+    /// `entry` (a table entry; `NONE` when nothing covers it). Most verdicts
+    /// are one load of the outcome userspace worked out for the entry's
+    /// kind (`smtpguard_common::outcome`); the rest take `decide`. Generic
+    /// over the family, so that each family's path is straight-line code
+    /// that keeps its address in registers.
+    #[inline(always)]
+    fn verdict<C: Client>(&self, entry: u32, outcomes: &[u32; 4], client: C, dport_be: u16) -> u32 {
+        let o = outcomes[(entry >> entry::KIND_SHIFT) as usize & 3];
+        if o & outcome::FAST == 0 {
+            return self.decide(rule_of(entry), client, dport_be);
+        }
+        let rule_id = if o & outcome::HIT != 0 {
+            hit(entry & entry::PAYLOAD);
+            entry & entry::PAYLOAD
+        } else {
+            0
+        };
+        if o & outcome::LOG != 0 {
+            // Only drops are logged: by an entry, or by the mode.
+            let reason = if rule_id != 0 {
+                counter::DROP_DENY_LIST
+            } else {
+                counter::DROP_NOT_PERMITTED
+            };
+            self.log_drop(client, dport_be, reason, rule_id, o & outcome::DROP == 0);
+        }
+        count(o & outcome::SLOT_MASK);
+        if o & outcome::DROP != 0 {
+            xdp_action::XDP_DROP
+        } else {
+            xdp_action::XDP_PASS
+        }
+    }
+
     /// Applies the lists to a SYN from `client` whose longest-prefix entry
     /// is `rule`: no match falls back to the mode. Counts the outcome once,
-    /// in its (reason, family) slot. Generic over the family, so that each
-    /// family's path is straight-line code that keeps its address in
-    /// registers.
+    /// in its (reason, family) slot. The full form of what `verdict` looks
+    /// up; `smtpguard_common::outcome::table` must agree with it.
     #[inline(always)]
-    fn verdict<C: Client>(&self, rule: Option<Rule>, client: C, dport_be: u16) -> u32 {
+    fn decide<C: Client>(&self, rule: Option<Rule>, client: C, dport_be: u16) -> u32 {
         let cfg = self.cfg;
         if cfg.enforcement == Enforcement::Off as u32 {
             return pass(counter::PASS_FILTER_OFF, C::FAMILY, self.log_on);
@@ -139,15 +186,24 @@ impl Judge<'_> {
         let Some(window) = SG_LOG_WINDOW.get_ptr_mut(0) else {
             return;
         };
-        // The coarse clock (tick resolution) is plenty for a one-second
-        // window and much cheaper than bpf_ktime_get_ns.
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        let limit = self.cfg.log_rate_per_sec as u64;
+        // The tick counter is a plain load (the verifier inlines
+        // bpf_jiffies64), the clock a helper call: during a flood the clock
+        // is read once per tick, and a full window suppresses with no write.
+        let tick = unsafe { bpf_jiffies64() };
         // SAFETY: per-CPU value, XDP runs with preemption disabled.
         unsafe {
-            if now.wrapping_sub((*window).start_ns) >= 1_000_000_000 {
-                (*window).start_ns = now;
-                (*window).logged = 0;
-            } else if (*window).logged >= self.cfg.log_rate_per_sec as u64 {
+            if tick != (*window).tick {
+                (*window).tick = tick;
+                // The coarse clock (tick resolution) is plenty for a
+                // one-second window and much cheaper than bpf_ktime_get_ns.
+                let now = bpf_ktime_get_coarse_ns();
+                if now.wrapping_sub((*window).start_ns) >= 1_000_000_000 {
+                    (*window).start_ns = now;
+                    (*window).logged = 0;
+                }
+            }
+            if (*window).logged >= limit {
                 return;
             }
             (*window).logged += 1;

@@ -16,9 +16,24 @@ use smtpguard_common::ipv6_table::{
 use smtpguard_common::rate::{RateBucket, RateKey, DEFAULT_TABLE_SIZE, EVENT_RING_BYTES};
 use smtpguard_common::{slot, HitPending, LogWindow, RuntimeConfig, MAX_RULE_IDS};
 
-/// Runtime configuration (mode, ports, active generation); one element.
-#[map]
-pub static SG_CONFIG: Array<RuntimeConfig> = Array::with_max_entries(1, 0);
+/// Runtime configuration (mode, ports, active generation, precomputed
+/// verdicts): a global in a data section of its own, which aya loads as a
+/// one-element array map named after the section
+/// (`smtpguard_common::map_names::CONFIG`). The program reads its fields
+/// at a constant address, with no map lookup on every packet. Mutable and
+/// exported, so that the compiler never takes its zeroed initial value for
+/// a constant: userspace rewrites it at any time.
+#[no_mangle]
+#[link_section = ".data.sgcfg"]
+pub static mut SG_CONFIG: RuntimeConfig = RuntimeConfig::zeroed();
+
+/// The runtime configuration in force (see [`SG_CONFIG`]).
+#[inline(always)]
+pub fn config() -> &'static RuntimeConfig {
+    // SAFETY: only userspace writes the record (one map update, as with
+    // any array map); the program only reads it.
+    unsafe { &*core::ptr::addr_of!(SG_CONFIG) }
+}
 
 /// The compiled IPv4 lookup (see `smtpguard_common::ipv4_table`), one set
 /// per generation. Mmapable: userspace writes a whole generation as memory.

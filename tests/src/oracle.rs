@@ -16,7 +16,16 @@ use smtpguard::{
     kernel::{ApplyHow, MapSync, Stats, XdpFilter},
     policy::{Enforcement, ListKind, Policy, PolicyMode, Reason},
 };
-use smtpguard_common::{map_names, Action, Rule, RuntimeConfig};
+use smtpguard_common::{counter, map_names, Action, Rule, RuntimeConfig, COUNTER_NAMES};
+
+/// The counters that say what became of a judged SYN: exactly one moves.
+const VERDICT_COUNTERS: [u32; 5] = [
+    counter::DROP_DENY_LIST,
+    counter::DROP_NOT_PERMITTED,
+    counter::WOULD_DROP,
+    counter::PASS_PERMITTED,
+    counter::PASS_FILTER_OFF,
+];
 
 use crate::packet;
 
@@ -111,8 +120,12 @@ impl TrieReference {
     /// Sets the runtime record (generation A).
     pub fn set_runtime(&mut self, mut runtime: RuntimeConfig) {
         runtime.active_generation = 0;
-        let mut config: Array<&mut MapData, RuntimeConfig> =
-            Array::try_from(self.ebpf.map_mut(map_names::CONFIG).expect("map")).expect("array");
+        let mut config: Array<&mut MapData, RuntimeConfig> = Array::try_from(
+            self.ebpf
+                .map_mut(crate::trie_reference::CONFIG_MAP)
+                .expect("map"),
+        )
+        .expect("array");
         config.set(0, runtime, 0).expect("config");
     }
 
@@ -148,7 +161,13 @@ pub struct Oracle {
     ids: HashMap<IpNet, u32>,
     /// The highest rule id given so far.
     max_id: u32,
+    /// Checks made; every [`COUNTER_CHECK_EVERY`]th also checks the counters.
+    checks: u64,
 }
+
+/// How often [`Oracle::check`] also checks which counter the packet went
+/// to (a counter read is a few hundred syscalls).
+pub const COUNTER_CHECK_EVERY: u64 = 256;
 
 impl Oracle {
     /// Loads both programs and installs `policy` in both (the production
@@ -180,6 +199,7 @@ impl Oracle {
             trie,
             policy,
             max_id: ids.values().copied().max().unwrap_or(0),
+            checks: 0,
             ids,
         };
         oracle.configure(oracle.policy.mode(), oracle.policy.enforcement());
@@ -194,6 +214,15 @@ impl Oracle {
             .set_runtime(self.policy.mode().into(), enforcement.into(), &[PORT], 0)
             .expect("runtime");
         self.trie.set_runtime(self.sync.runtime());
+    }
+
+    /// With `false`, the production program works out every verdict in
+    /// full instead of loading the precomputed one (see
+    /// `MapSync::set_precomputed_verdicts`); the checks must agree either way.
+    pub fn precomputed_verdicts(&mut self, on: bool) {
+        self.sync
+            .set_precomputed_verdicts(on)
+            .expect("runtime record");
     }
 
     /// Writes the same rules again through the atomic path, so the
@@ -281,7 +310,36 @@ impl Oracle {
             XDP_PASS
         };
         let before = rule.map(|id| (self.stats.hits(id), self.trie.hits(id)));
+        self.checks += 1;
+        let counted = self
+            .checks
+            .is_multiple_of(COUNTER_CHECK_EVERY)
+            .then(|| self.stats.counters());
         let new = self.filter.test_run(&frame).expect("test run");
+        if let Some(earlier) = counted {
+            // Exactly one verdict counter moves, and it is this one.
+            let reason = match (self.policy.enforcement(), explanation.reason) {
+                (Enforcement::Off, _) => counter::PASS_FILTER_OFF,
+                (Enforcement::Monitor, Reason::DenyList | Reason::NotPermitted) => {
+                    counter::WOULD_DROP
+                }
+                (_, Reason::DenyList) => counter::DROP_DENY_LIST,
+                (_, Reason::NotPermitted) => counter::DROP_NOT_PERMITTED,
+                _ => counter::PASS_PERMITTED,
+            };
+            let moved = self.stats.counters().since(&earlier);
+            let verdicts: Vec<(&str, u64)> = moved
+                .named()
+                .enumerate()
+                .filter(|(i, (_, n))| *n != 0 && VERDICT_COUNTERS.contains(&(*i as u32)))
+                .map(|(_, named)| named)
+                .collect();
+            assert_eq!(
+                verdicts,
+                vec![(COUNTER_NAMES[reason as usize], 1)],
+                "{addr}: counted as {verdicts:?}\n{explanation}"
+            );
+        }
         let old = self.trie.run(&frame);
         assert!(
             new == want && old == want,

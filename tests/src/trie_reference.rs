@@ -13,6 +13,10 @@ use aya::{
 use ipnet::IpNet;
 use smtpguard_common::{Action, Enforcement, Mode, Rule, RuntimeConfig};
 
+/// The frozen program's runtime record: an array map of this name (the
+/// production program's is a global, `map_names::CONFIG`).
+pub const CONFIG_MAP: &str = "SG_CONFIG";
+
 /// The program, loaded and verified, not attached.
 pub struct TrieReference {
     ebpf: Ebpf,
@@ -91,8 +95,8 @@ impl TrieReference {
         cfg.ports[0] = port.to_be();
         cfg.log_rate_per_sec = log_rate;
         let mut config: Array<&mut MapData, RuntimeConfig> =
-            Array::try_from(self.ebpf.map_mut("SG_CONFIG").expect("SG_CONFIG")).unwrap();
-        config.set(0, cfg, 0).expect("writing SG_CONFIG");
+            Array::try_from(self.ebpf.map_mut(CONFIG_MAP).expect(CONFIG_MAP)).unwrap();
+        config.set(0, cfg, 0).expect("writing the runtime record");
     }
 
     fn program(&mut self) -> &mut Xdp {
