@@ -274,8 +274,25 @@ fn one_list(
     let shown = if every_row { &frames[..] } else { &frames[..1] };
     for f in shown {
         rows.per_packet
-            .push(single_frame(settings, list, f, None, &mut c));
+            .push(single_frame(settings, list, f, Variant::Plain, &mut c));
     }
+    // The same denied SYN with the verdict worked out in full: what the
+    // precomputed verdicts save, in the same run.
+    ours.sync.set_precomputed_verdicts(false)?;
+    let mut c = Contenders {
+        ours: &mut ours.filter,
+        drop_all,
+        old: &mut old,
+        peer: &mut peer,
+    };
+    rows.per_packet.push(single_frame(
+        settings,
+        list,
+        &frames[0],
+        Variant::FullVerdict,
+        &mut c,
+    ));
+    ours.sync.set_precomputed_verdicts(true)?;
     // The same denied SYN with drop logging at the production default:
     // the flood path as production runs it (nearly every event suppressed).
     ours.log_rate(DEFAULT_LOG_RATE)?;
@@ -297,7 +314,7 @@ fn one_list(
         settings,
         list,
         &frames[0],
-        Some(DEFAULT_LOG_RATE),
+        Variant::Logging(DEFAULT_LOG_RATE),
         &mut c,
     ));
     ours.log_rate(0)?;
@@ -399,13 +416,34 @@ fn row(
     Row::new(what, to_figure(&samples[0]), baselines, goal)
 }
 
-/// One frame repeated; `log_rate`: drop logging on at that rate (for
-/// smtpguard and the old trie program) instead of off.
+/// The calling thread's CPU time (user and system), nanoseconds: precise
+/// (the scheduler's own clock), and blind to time slices other processes
+/// took while the thread waited.
+fn thread_cpu_ns() -> Result<u64> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .context("clock_gettime(CLOCK_THREAD_CPUTIME_ID)")?;
+    Ok(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+}
+
+/// How a per-packet row's smtpguard differs from the plain setup.
+#[derive(Clone, Copy, PartialEq)]
+enum Variant {
+    /// Drop logging off, precomputed verdicts on.
+    Plain,
+    /// Drop logging on at this rate (for smtpguard and the old trie
+    /// program) instead of off.
+    Logging(u32),
+    /// The precomputed verdicts off: the program works each verdict out in
+    /// full, as it did before they existed (what they save, measured).
+    FullVerdict,
+}
+
+/// One frame repeated, in `variant`'s setup (already applied).
 fn single_frame(
     settings: &Settings,
     list: &List,
     frame: &TestFrame,
-    log_rate: Option<u32>,
+    variant: Variant,
     c: &mut Contenders<'_>,
 ) -> Row {
     let bytes = &frame.bytes;
@@ -420,23 +458,33 @@ fn single_frame(
         Err(_) => None,
     };
     let repeat = settings.repeat;
-    let measure =
-        move |p: &mut dyn PacketProgram| -> Result<f64> { Ok(p.run(bytes, repeat)?.1 as f64) };
+    // This thread's CPU time over the whole call: the kernel's mean is whole
+    // nanoseconds, and wall time would count other processes' time slices.
+    let measure = move |p: &mut dyn PacketProgram| -> Result<f64> {
+        let started = thread_cpu_ns()?;
+        p.run(bytes, repeat)?;
+        Ok((thread_cpu_ns()? - started) as f64 / f64::from(repeat))
+    };
     // Warm up every contender once before the rounds.
     for mut round in contenders(c, measure) {
         let _ = round();
     }
     let samples = median_of_rounds(settings.rounds, contenders(c, measure));
     let million = list.prefixes.len() >= 1_000_000;
-    let goal = match (frame.what, log_rate.is_some()) {
-        ("denied IPv4 SYN", false) if million => "≤ 1.5× XDP_DROP only",
-        ("denied IPv4 SYN", true) if million => "≤ 1.6× XDP_DROP only",
-        ("denied IPv6 SYN behind 2 extension headers", false) => "≤ 2× XDP_DROP only",
+    let goal = match (frame.what, variant) {
+        ("denied IPv4 SYN", Variant::Plain) if million => "≤ 1.5× XDP_DROP only",
+        ("denied IPv4 SYN", Variant::Logging(_)) if million => "≤ 1.6× XDP_DROP only",
+        ("denied IPv6 SYN behind 2 extension headers", Variant::Plain) => "≤ 2× XDP_DROP only",
         _ => "report",
     };
-    let logging = match log_rate {
-        Some(rate) => format!(", drop logging at {rate}/s per CPU (production default)"),
-        None => String::new(),
+    let logging = match variant {
+        Variant::Plain => String::new(),
+        Variant::Logging(rate) => {
+            format!(", drop logging at {rate}/s per CPU (production default)")
+        }
+        Variant::FullVerdict => ", verdict worked out in full by the program (precomputed \
+             verdicts off; the other contenders as in the plain row)"
+            .to_string(),
     };
     row(
         format!(

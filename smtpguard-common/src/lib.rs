@@ -43,16 +43,12 @@ pub mod map_names {
     pub const LEAVES6: [&str; 2] = ["SG_LEAVES6_A", "SG_LEAVES6_B"];
     /// `Array<u32>` with one element: the IPv6 generation in force (0 or 1).
     pub const GENERATION_V6: &str = "SG_GEN6";
-    /// `PerCpuArray<u64>` of [`super::slot::SLOT_COUNT`] outcome slots
-    /// (see [`super::slot`]); userspace derives the [`super::counter`] totals.
-    pub const COUNTERS: &str = "SG_COUNTERS";
+    /// `PerCpuArray<CpuState>` with one element: each CPU's outcome
+    /// counters, pending hits and drop-log window (see
+    /// [`super::CpuState`]).
+    pub const CPU_STATE: &str = "SG_CPU";
     /// `Array<u64>` of [`super::MAX_RULE_IDS`] per-entry hit counters, indexed by rule id.
     pub const HITS: &str = "SG_HITS";
-    /// `PerCpuArray<HitPending>` with one element: hits not yet added to `SG_HITS`.
-    pub const HIT_PENDING: &str = "SG_HIT_PENDING";
-    /// `PerCpuArray<LogWindow>` with one element: the drop-event rate
-    /// limiter of each CPU.
-    pub const LOG_WINDOW: &str = "SG_LOG_WINDOW";
     /// `HashMap<RateKey, RateBucket>`: one token bucket per client (see
     /// [`super::rate`]); `table_size` entries, preallocated, no eviction.
     pub const RATE_BUCKETS: &str = "SG_RATE";
@@ -493,9 +489,24 @@ pub mod rate {
     }
 }
 
-/// State of the drop-event rate limiter: element 0 of `SG_LOG_WINDOW`, one
-/// per CPU in the production program (the frozen `trie-reference` program
-/// keeps one shared element).
+/// Everything the program keeps per CPU: element 0 of the per-CPU `SG_CPU`
+/// ([`map_names::CPU_STATE`]). One record, so that a judged SYN finds its
+/// counter, its pending hit and the drop-log window with one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuState {
+    /// Outcome counters, indexed by [`slot`]; userspace sums them over the
+    /// CPUs and derives the [`counter`] totals.
+    pub counters: [u64; slot::SLOT_COUNT as usize],
+    /// Hits not yet added to `SG_HITS`.
+    pub pending: HitPending,
+    /// The drop-event rate limiter.
+    pub log: LogWindow,
+}
+
+/// State of the drop-event rate limiter: [`CpuState::log`] in the
+/// production program (the frozen `trie-reference` program keeps one
+/// shared element of its own map).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LogWindow {
@@ -510,8 +521,7 @@ pub struct LogWindow {
     pub tick: u64,
 }
 
-/// Hits of one CPU not yet added to `SG_HITS`: element 0 of the per-CPU
-/// `SG_HIT_PENDING`.
+/// Hits of one CPU not yet added to `SG_HITS`: [`CpuState::pending`].
 ///
 /// A flood from one source hits the same entry packet after packet, so the
 /// program counts into this per-CPU record and adds `count` to the shared
@@ -594,7 +604,7 @@ pub mod counter {
     pub const DROP_RATE_LIMIT: u32 = 22;
 }
 
-/// Number of counters in `SG_COUNTERS`.
+/// Number of verdict counters ([`COUNTER_NAMES`]).
 pub const COUNTER_COUNT: u32 = 23;
 
 /// Counter names for logs and metrics, indexed like [`counter`].
@@ -624,7 +634,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "drop_rate_limit",
 ];
 
-/// Layout of the production program's per-CPU `SG_COUNTERS`: one slot per
+/// Layout of the production program's per-CPU [`CpuState::counters`]: one slot per
 /// (outcome, family, logging on), plus [`slot::LOGGED`].
 ///
 /// The outcome is a terminal [`counter`] index: a drop reason, `WOULD_DROP`
@@ -653,7 +663,7 @@ pub mod slot {
     /// to the packet's outcome, at most the log rate per second per CPU).
     pub const LOGGED: u32 = COUNTER_COUNT * 4;
 
-    /// Number of slots in `SG_COUNTERS`.
+    /// Number of slots in [`super::CpuState::counters`].
     pub const SLOT_COUNT: u32 = LOGGED + 1;
 }
 
@@ -675,6 +685,8 @@ mod pod {
     unsafe impl aya::Pod for super::ipv4_table::Group {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::HitPending {}
+    // SAFETY: see above (u64s, then two records of u64s and u32 pairs).
+    unsafe impl aya::Pod for super::CpuState {}
     // SAFETY: see above (five u32, no implicit padding).
     unsafe impl aya::Pod for super::rate::RateKey {}
     // SAFETY: see above (two u64).

@@ -26,8 +26,8 @@ use maps::*;
 use parse::OnSyn;
 use runs::rule_of;
 use smtpguard_common::{
-    counter, ipv4_table::entry, outcome, rate::RateKey, slot, Action, Enforcement, Mode, Rule,
-    RuntimeConfig,
+    counter, ipv4_table::entry, outcome, rate::RateKey, slot, Action, CpuState, Enforcement, Mode,
+    Rule, RuntimeConfig,
 };
 
 #[xdp]
@@ -92,11 +92,15 @@ impl Judge<'_> {
     #[inline(always)]
     fn verdict<C: Client>(&self, entry: u32, outcomes: &[u32; 4], client: C, dport_be: u16) -> u32 {
         let o = outcomes[(entry >> entry::KIND_SHIFT) as usize & 3];
+        // One lookup for the counter, the pending hit and the log window.
+        let Some(cpu) = SG_CPU.get_ptr_mut(0) else {
+            return xdp_action::XDP_PASS;
+        };
         if o & outcome::FAST == 0 {
-            return self.decide(rule_of(entry), client, dport_be);
+            return self.decide(cpu, rule_of(entry), client, dport_be);
         }
         let rule_id = if o & outcome::HIT != 0 {
-            hit(entry & entry::PAYLOAD);
+            hit(cpu, entry & entry::PAYLOAD);
             entry & entry::PAYLOAD
         } else {
             0
@@ -108,9 +112,16 @@ impl Judge<'_> {
             } else {
                 counter::DROP_NOT_PERMITTED
             };
-            self.log_drop(client, dport_be, reason, rule_id, o & outcome::DROP == 0);
+            self.log_drop(
+                cpu,
+                client,
+                dport_be,
+                reason,
+                rule_id,
+                o & outcome::DROP == 0,
+            );
         }
-        count(o & outcome::SLOT_MASK);
+        count(cpu, o & outcome::SLOT_MASK);
         if o & outcome::DROP != 0 {
             xdp_action::XDP_DROP
         } else {
@@ -123,14 +134,20 @@ impl Judge<'_> {
     /// in its (reason, family) slot. The full form of what `verdict` looks
     /// up; `smtpguard_common::outcome::table` must agree with it.
     #[inline(always)]
-    fn decide<C: Client>(&self, rule: Option<Rule>, client: C, dport_be: u16) -> u32 {
+    fn decide<C: Client>(
+        &self,
+        cpu: *mut CpuState,
+        rule: Option<Rule>,
+        client: C,
+        dport_be: u16,
+    ) -> u32 {
         let cfg = self.cfg;
         if cfg.enforcement == Enforcement::Off as u32 {
-            return pass(counter::PASS_FILTER_OFF, C::FAMILY, self.log_on);
+            return pass_on(cpu, counter::PASS_FILTER_OFF, C::FAMILY, self.log_on);
         }
         let (deny, drop_reason, rule_id) = match rule {
             Some(r) => {
-                hit(r.rule_id);
+                hit(cpu, r.rule_id);
                 (
                     r.action == Action::Deny as u32,
                     counter::DROP_DENY_LIST,
@@ -153,7 +170,7 @@ impl Judge<'_> {
                 || exempt
                 || !rate_limit::over_limit(cfg, client.rate_key(cfg))
             {
-                return pass(counter::PASS_PERMITTED, C::FAMILY, self.log_on);
+                return pass_on(cpu, counter::PASS_PERMITTED, C::FAMILY, self.log_on);
             }
             counter::DROP_RATE_LIMIT
         };
@@ -161,12 +178,12 @@ impl Judge<'_> {
         // `WOULD_DROP`), through the rate-limited drop log.
         let monitor = cfg.enforcement == Enforcement::Monitor as u32;
         if self.log_on != 0 {
-            self.log_drop(client, dport_be, drop_reason, rule_id, monitor);
+            self.log_drop(cpu, client, dport_be, drop_reason, rule_id, monitor);
         }
         if monitor {
-            return pass(counter::WOULD_DROP, C::FAMILY, self.log_on);
+            return pass_on(cpu, counter::WOULD_DROP, C::FAMILY, self.log_on);
         }
-        count(slot::index(drop_reason, C::FAMILY, self.log_on));
+        count(cpu, slot::index(drop_reason, C::FAMILY, self.log_on));
         xdp_action::XDP_DROP
     }
 
@@ -177,15 +194,15 @@ impl Judge<'_> {
     #[inline(always)]
     fn log_drop<C: Client>(
         &self,
+        cpu: *mut CpuState,
         client: C,
         dport_be: u16,
         reason: u32,
         rule_id: u32,
         monitor: bool,
     ) {
-        let Some(window) = SG_LOG_WINDOW.get_ptr_mut(0) else {
-            return;
-        };
+        // SAFETY: this CPU's record; XDP runs with preemption disabled.
+        let window = unsafe { core::ptr::addr_of_mut!((*cpu).log) };
         let limit = self.cfg.log_rate_per_sec as u64;
         // The tick counter is a plain load (the verifier inlines
         // bpf_jiffies64), the clock a helper call: during a flood the clock
@@ -208,7 +225,7 @@ impl Judge<'_> {
             }
             (*window).logged += 1;
         }
-        count(slot::LOGGED);
+        count(cpu, slot::LOGGED);
         let what = if monitor { "would drop" } else { "dropped" };
         let why = if reason == counter::DROP_DENY_LIST {
             "deny_list"
@@ -280,17 +297,28 @@ pub(crate) fn ipv4_mapped(addr: &[u32; 4]) -> Option<u32> {
     }
 }
 
+/// Counts one packet in slot `index` of this CPU's record `cpu`.
 #[inline(always)]
-fn count(index: u32) {
-    if let Some(slot) = SG_COUNTERS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, XDP runs with preemption disabled.
-        unsafe { *slot += 1 };
+fn count(cpu: *mut CpuState, index: u32) {
+    // SAFETY: this CPU's record; XDP runs with preemption disabled.
+    if let Some(slot) = unsafe { (*cpu).counters.get_mut(index as usize) } {
+        *slot += 1;
     }
 }
 
+/// Passes the packet, counted as `reason` (looks up this CPU's record).
 #[inline(always)]
 fn pass(reason: u32, family: u32, log_on: u32) -> u32 {
-    count(slot::index(reason, family, log_on));
+    match SG_CPU.get_ptr_mut(0) {
+        Some(cpu) => pass_on(cpu, reason, family, log_on),
+        None => xdp_action::XDP_PASS,
+    }
+}
+
+/// Passes the packet, counted as `reason` in this CPU's record `cpu`.
+#[inline(always)]
+fn pass_on(cpu: *mut CpuState, reason: u32, family: u32, log_on: u32) -> u32 {
+    count(cpu, slot::index(reason, family, log_on));
     xdp_action::XDP_PASS
 }
 
@@ -298,10 +326,9 @@ fn pass(reason: u32, family: u32, log_on: u32) -> u32 {
 /// `SG_HITS` is written (one atomic add) only when the entry changes, so a
 /// flood from one network costs no shared write per packet.
 #[inline(always)]
-fn hit(rule_id: u32) {
-    let Some(pending) = SG_HIT_PENDING.get_ptr_mut(0) else {
-        return;
-    };
+fn hit(cpu: *mut CpuState, rule_id: u32) {
+    // SAFETY: this CPU's record; XDP runs with preemption disabled.
+    let pending = unsafe { core::ptr::addr_of_mut!((*cpu).pending) };
     // SAFETY: per-CPU value, XDP runs with preemption disabled.
     let (previous, count) = unsafe {
         if (*pending).rule_id == rule_id {

@@ -14,7 +14,7 @@ use smtpguard_common::ipv6_table::{
     LEAF_LINES as LEAF_LINES6, MAX_GROUPS as MAX_GROUPS6, TBL16_LINES,
 };
 use smtpguard_common::rate::{RateBucket, RateKey, DEFAULT_TABLE_SIZE, EVENT_RING_BYTES};
-use smtpguard_common::{slot, HitPending, LogWindow, RuntimeConfig, MAX_RULE_IDS};
+use smtpguard_common::{CpuState, RuntimeConfig, MAX_RULE_IDS};
 
 /// Runtime configuration (mode, ports, active generation, precomputed
 /// verdicts): a global in a data section of its own, which aya loads as a
@@ -91,25 +91,18 @@ pub static SG_LEAVES6_B: Array<[u32; 16]> = Array::with_max_entries(LEAF_LINES6,
 #[map]
 pub static SG_GEN6: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Outcome counters (see `smtpguard_common::slot`), per CPU so that
-/// counting never contends: one increment per packet.
+/// Each CPU's outcome counters, pending hits and drop-log window (see
+/// `smtpguard_common::CpuState`): one lookup finds all three, and counting
+/// never contends. One element.
 #[map]
-pub static SG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(slot::SLOT_COUNT, 0);
+pub static SG_CPU: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
 
 /// Hits per list entry, indexed by rule id. Shared (not per CPU): a per-CPU
 /// array of 2M counters would cost 16 MiB per CPU. Written only when a CPU
-/// flushes its `SG_HIT_PENDING`. Mmapable, so userspace reads all of it
+/// flushes its pending record (`CpuState::pending`). Mmapable, so userspace reads all of it
 /// without a syscall per entry.
 #[map]
 pub static SG_HITS: Array<u64> = Array::with_max_entries(MAX_RULE_IDS, BPF_F_MMAPABLE);
-
-/// Each CPU's hits not yet in `SG_HITS` (16 bytes per CPU).
-#[map]
-pub static SG_HIT_PENDING: PerCpuArray<HitPending> = PerCpuArray::with_max_entries(1, 0);
-
-/// Drop-event rate limiter state of each CPU; one element.
-#[map]
-pub static SG_LOG_WINDOW: PerCpuArray<LogWindow> = PerCpuArray::with_max_entries(1, 0);
 
 /// One token bucket per client (see `smtpguard_common::rate`). A plain,
 /// preallocated hash: nothing is ever evicted by the kernel, so a flood of

@@ -1,6 +1,6 @@
 //! The per-entry hit counters: `SG_HITS` mapped into our address space
 //! (the map is `BPF_F_MMAPABLE`: reading 2M counters is a memory scan, not
-//! 2M syscalls) plus each CPU's not yet flushed `SG_HIT_PENDING` record.
+//! 2M syscalls) plus each CPU's not yet flushed pending record (in `SG_CPU`).
 //! The stats reader reads them; the sync starts a rule id's count from zero
 //! when it gives the id to a new prefix.
 
@@ -10,24 +10,25 @@ use std::{
     ptr::NonNull,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Mutex,
+        Arc, Mutex,
     },
 };
 
 use aya::{
-    maps::{Map, MapData, PerCpuArray},
+    maps::{Map, MapData},
     Ebpf,
 };
 use smtpguard_common::{map_names, HitPending, MAX_RULE_IDS};
 
-use super::KernelError;
+use super::{cpu_state::CpuStates, KernelError};
 
 /// The mapping; shared by [`super::Stats`] and [`super::MapSync`].
 pub(crate) struct HitsMapping {
     _map: MapData,
     base: NonNull<u64>,
-    /// Each CPU's hits not yet added to `SG_HITS` (see `HitPending`).
-    pending: PerCpuArray<MapData, HitPending>,
+    /// Each CPU's record, whose `pending` holds its hits not yet added to
+    /// `SG_HITS` (see `HitPending`).
+    cpus: Arc<CpuStates>,
     /// Hits of a rule id's previous prefix still pending on some CPU when
     /// the id was given to a new prefix: they will be flushed into the new
     /// prefix's counter, so they are subtracted from it.
@@ -43,20 +44,16 @@ unsafe impl Sync for HitsMapping {}
 impl HitsMapping {
     const LEN: usize = MAX_RULE_IDS as usize * size_of::<u64>();
 
-    pub(crate) fn take_from(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
-        let pending = ebpf
-            .take_map(map_names::HIT_PENDING)
-            .and_then(|m| PerCpuArray::try_from(m).ok())
-            .ok_or(KernelError::MissingMap(map_names::HIT_PENDING))?;
+    pub(crate) fn take_from(ebpf: &mut Ebpf, cpus: Arc<CpuStates>) -> Result<Self, KernelError> {
         match ebpf.take_map(map_names::HITS) {
             Some(Map::Array(data)) => {
-                Self::new(data, pending).ok_or(KernelError::MissingMap(map_names::HITS))
+                Self::new(data, cpus).ok_or(KernelError::MissingMap(map_names::HITS))
             }
             _ => Err(KernelError::MissingMap(map_names::HITS)),
         }
     }
 
-    fn new(map: MapData, pending: PerCpuArray<MapData, HitPending>) -> Option<Self> {
+    fn new(map: MapData, cpus: Arc<CpuStates>) -> Option<Self> {
         let fd = map.fd().as_fd().as_raw_fd();
         // SAFETY: mapping a BPF array fd, shared, whole length.
         let ptr = unsafe {
@@ -75,7 +72,7 @@ impl HitsMapping {
         Some(HitsMapping {
             _map: map,
             base: NonNull::new(ptr.cast())?,
-            pending,
+            cpus,
             stale: Mutex::new(HashMap::new()),
         })
     }
@@ -93,10 +90,7 @@ impl HitsMapping {
 
     /// Each CPU's pending record (none if the map cannot be read).
     fn pending(&self) -> Vec<HitPending> {
-        self.pending
-            .get(&0, 0)
-            .map(|values| values.iter().copied().collect())
-            .unwrap_or_default()
+        self.cpus.read().iter().map(|cpu| cpu.pending).collect()
     }
 
     /// Pending hits of `rule_id`, summed over CPUs.

@@ -193,11 +193,15 @@ impl XdpFilter {
             what: "verifier rejected it".into(),
             source,
         })?;
-        let hits = std::sync::Arc::new(super::hits::HitsMapping::take_from(&mut ebpf)?);
+        let cpus = std::sync::Arc::new(super::cpu_state::CpuStates::take_from(&mut ebpf)?);
+        let hits = std::sync::Arc::new(super::hits::HitsMapping::take_from(
+            &mut ebpf,
+            std::sync::Arc::clone(&cpus),
+        )?);
         // Both tables are preallocated; the writers enforce the capacity.
         let capacity = capacity.unwrap_or(smtpguard_common::MAX_PREFIXES_PER_FAMILY);
         let sync = MapSync::take_from(&mut ebpf, std::sync::Arc::clone(&hits), capacity)?;
-        let stats = Stats::take_from(&mut ebpf, hits)?;
+        let stats = Stats::new(cpus, hits);
         let rate_limiter = RateLimiter::take_from(&mut ebpf, rate_table.max(1))?;
         Ok((
             XdpFilter {

@@ -5,6 +5,7 @@
 //! three for the daemon; [`KernelError`] is what loading them can go wrong
 //! with, for every submodule.
 
+mod cpu_state;
 mod hits;
 pub mod ipv4_table;
 pub mod ipv6_table;

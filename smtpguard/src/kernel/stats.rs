@@ -6,13 +6,9 @@
 
 use std::sync::Arc;
 
-use aya::{
-    maps::{MapData, PerCpuArray},
-    Ebpf,
-};
-use smtpguard_common::{counter, map_names, slot, COUNTER_COUNT, COUNTER_NAMES};
+use smtpguard_common::{counter, slot, COUNTER_COUNT, COUNTER_NAMES};
 
-use super::{hits::HitsMapping, KernelError};
+use super::{cpu_state::CpuStates, hits::HitsMapping};
 
 /// Totals of every verdict counter over all CPUs, indexed like
 /// `smtpguard_common::counter`.
@@ -52,28 +48,25 @@ impl CounterSnapshot {
 /// two that agree.
 pub const SNAPSHOT_TRIES: usize = 16;
 
-/// Reader of `SG_COUNTERS` and the hit counters.
+/// Reader of the outcome counters (in each CPU's record) and the hit
+/// counters.
 pub struct Stats {
-    counters: PerCpuArray<MapData, u64>,
+    cpus: Arc<CpuStates>,
     hits: Arc<HitsMapping>,
 }
 
 impl Stats {
-    pub(crate) fn take_from(ebpf: &mut Ebpf, hits: Arc<HitsMapping>) -> Result<Self, KernelError> {
-        let counters = ebpf
-            .take_map(map_names::COUNTERS)
-            .and_then(|m| PerCpuArray::try_from(m).ok())
-            .ok_or(KernelError::MissingMap(map_names::COUNTERS))?;
-        Ok(Stats { counters, hits })
+    pub(crate) fn new(cpus: Arc<CpuStates>, hits: Arc<HitsMapping>) -> Self {
+        Stats { cpus, hits }
     }
 
     /// Sums every counter over all CPUs, as one snapshot that does not tear.
     ///
-    /// Each counter is a separate map element, so a packet judged while they
-    /// are read one by one could be counted in `packets` but not yet in its
-    /// verdict. The counters are therefore read whole until two reads in a
-    /// row agree: no counter moved between them, so the second is the state
-    /// at one instant (the XDP program runs without preemption, in
+    /// One read copies every CPU's record, one CPU after the other, while
+    /// the other CPUs go on counting: a packet judged during the read may
+    /// be in the snapshot or not. The counters are therefore read until two
+    /// reads in a row agree: no counter moved between them, so the second
+    /// is the state at one instant (the XDP program runs without preemption, in
     /// nanoseconds, against the microseconds of a read). Under a steady flood
     /// no two reads may agree; after [`SNAPSHOT_TRIES`] reads the last one
     /// is returned, and the totals of such a read may be off by the few
@@ -92,9 +85,9 @@ impl Stats {
 
     fn read_counters(&self) -> CounterSnapshot {
         let mut slots = [0u64; slot::SLOT_COUNT as usize];
-        for (index, value) in slots.iter_mut().enumerate() {
-            if let Ok(values) = self.counters.get(&(index as u32), 0) {
-                *value = values.iter().sum();
+        for cpu in self.cpus.read() {
+            for (total, value) in slots.iter_mut().zip(cpu.counters) {
+                *total += value;
             }
         }
         derive_totals(&slots)
