@@ -1062,8 +1062,9 @@ fn an_ipv6_list_needing_more_nodes_than_the_table_holds_is_refused_whole() {
     )
     .unwrap();
     // 60,000 /128s in distinct /48s: ten nodes each of their own (/48 to
-    // /120), 600,000 in all, more than the 2^18 a generation holds, though
-    // far fewer prefixes than the policy accepts.
+    // /120), 600,000, plus the 235 nodes at /40 and one each at /16, /24
+    // and /32 they share: 600,238 in all, more than the 2^18 a generation
+    // holds, though far fewer prefixes than the policy accepts.
     let too_deep: Vec<(IpNet, Action)> = (0..60_000u32)
         .map(|i| {
             let net = format!("2001:db8:{i:x}::1/128");
@@ -1077,7 +1078,7 @@ fn an_ipv6_list_needing_more_nodes_than_the_table_holds_is_refused_whole() {
             (err.to_string(), cause.as_deref()),
             (
                 "writing the kernel IPv6 table; the previous IPv6 list stays in force".into(),
-                Some("kernel IPv6 table is full: the list needs more than 262144 nodes")
+                Some("kernel IPv6 table is full: the list needs 600238 nodes, the table holds 262144")
             ),
             "{how:?}"
         );

@@ -62,10 +62,12 @@ pub enum Ipv6TableError {
         max: usize,
     },
     /// The list needs more nodes or leaves than the maps hold.
-    #[error("kernel IPv6 table is full: the list needs more than {max} {part}")]
+    #[error("kernel IPv6 table is full: the list needs {needed} {part}, the table holds {max}")]
     Full {
         /// `nodes` or `leaves`.
         part: &'static str,
+        /// How many the whole list needs.
+        needed: usize,
         /// What the maps hold of it.
         max: usize,
     },
@@ -159,8 +161,9 @@ pub fn compile(rules: &[(Ipv6Net, Rule)]) -> Compiled {
 ///
 /// # Errors
 ///
-/// [`Ipv6TableError::Full`] as soon as the output would exceed `limits`
-/// (so a hopeless list costs no more memory than the limits).
+/// [`Ipv6TableError::Full`] when the output would exceed `limits`, with
+/// what the whole list needs (a hopeless list costs no more memory than the
+/// limits: past them, the nodes and leaves are counted, not stored).
 pub fn compile_within(
     rules: &[(Ipv6Net, Rule)],
     limits: Limits,
@@ -227,10 +230,17 @@ fn compile_normalized(prefixes: Vec<Prefix>, limits: Limits) -> Result<Compiled,
         groups: Vec::new(),
         leaves: Vec::new(),
         limits,
+        needed: Limits {
+            groups: 0,
+            leaves: 0,
+        },
     };
     for chunk in long.chunk_by(|a, b| a.net >> 112 == b.net >> 112) {
         let x = (chunk[0].net >> 112) as usize;
-        tbl16[x] = builder.node(16, tbl16[x], chunk)?;
+        tbl16[x] = builder.node(16, tbl16[x], chunk);
+    }
+    if builder.over() {
+        return Err(builder.full());
     }
     Ok(Compiled {
         tbl16,
@@ -244,6 +254,35 @@ struct Builder {
     groups: Vec<Group>,
     leaves: Vec<u32>,
     limits: Limits,
+    /// Nodes and leaves the list needs, counted on past the limits: once
+    /// either is over, nothing more is stored (a hopeless list costs no
+    /// more memory than the limits) but the counting goes on, so that the
+    /// error can say how much the list needs.
+    needed: Limits,
+}
+
+impl Builder {
+    /// Whether the output is past a limit (and no longer stored).
+    fn over(&self) -> bool {
+        self.needed.groups > self.limits.groups || self.needed.leaves > self.limits.leaves
+    }
+
+    /// The error for a list past a limit, naming the part that is.
+    fn full(&self) -> Ipv6TableError {
+        if self.needed.groups > self.limits.groups {
+            Ipv6TableError::Full {
+                part: "nodes",
+                needed: self.needed.groups,
+                max: self.limits.groups,
+            }
+        } else {
+            Ipv6TableError::Full {
+                part: "leaves",
+                needed: self.needed.leaves,
+                max: self.limits.leaves,
+            }
+        }
+    }
 }
 
 impl Builder {
@@ -252,12 +291,7 @@ impl Builder {
     /// `default` is the verdict of the shorter prefixes covering the node.
     /// Children first, so a node's leaves (which include its children's
     /// `GROUP` entries) are contiguous. Returns the node's `GROUP` entry.
-    fn node(
-        &mut self,
-        depth: u8,
-        default: u32,
-        prefixes: &[Prefix],
-    ) -> Result<u32, Ipv6TableError> {
+    fn node(&mut self, depth: u8, default: u32, prefixes: &[Prefix]) -> u32 {
         let shift = 120 - u32::from(depth);
         let child = |p: &Prefix| ((p.net >> shift) & 0xff) as u32;
         let (short, long): (Vec<Prefix>, Vec<Prefix>) =
@@ -276,37 +310,33 @@ impl Builder {
         });
         for chunk in long.chunk_by(|a, b| child(a) == child(b)) {
             let c = child(&chunk[0]) as usize;
-            children[c] = self.node(depth + 8, children[c], chunk)?;
+            children[c] = self.node(depth + 8, children[c], chunk);
         }
-        if self.groups.len() >= self.limits.groups {
-            return Err(Ipv6TableError::Full {
-                part: "nodes",
-                max: self.limits.groups,
-            });
-        }
+        let index = self.needed.groups as u32;
         let mut group = Group {
-            base: self.leaves.len() as u32,
+            base: self.needed.leaves as u32,
             ..Group::default()
         };
+        let mut runs = Vec::new();
         for (c, &e) in children.iter().enumerate() {
             if c == 0 || children[c - 1] != e {
                 group.bitmap[c / 64] |= 1 << (c % 64);
-                self.leaves.push(e);
+                runs.push(e);
             }
         }
-        if self.leaves.len() > self.limits.leaves {
-            return Err(Ipv6TableError::Full {
-                part: "leaves",
-                max: self.limits.leaves,
-            });
+        self.needed.groups += 1;
+        self.needed.leaves += runs.len();
+        if self.over() {
+            return entry::pack(entry::GROUP, index);
         }
+        self.leaves.extend(runs);
         let mut rank = 0u32;
         for w in 0..4 {
             group.rank[w] = rank as u8;
             rank += group.bitmap[w].count_ones();
         }
         self.groups.push(group);
-        Ok(entry::pack(entry::GROUP, self.groups.len() as u32 - 1))
+        entry::pack(entry::GROUP, index)
     }
 }
 
@@ -587,6 +617,7 @@ mod tests {
                 err,
                 Ipv6TableError::Full {
                     part: "nodes",
+                    needed: 28,
                     max: 20
                 }
             ),
@@ -594,7 +625,7 @@ mod tests {
         );
         assert_eq!(
             err.to_string(),
-            "kernel IPv6 table is full: the list needs more than 20 nodes"
+            "kernel IPv6 table is full: the list needs 28 nodes, the table holds 20"
         );
         assert_eq!(table.len(), 1);
         assert_eq!(
