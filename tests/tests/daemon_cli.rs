@@ -254,6 +254,23 @@ fn live_list_changes_stats_metrics_and_restart() {
         (Some("203.0.113.11/32"), Some(3)),
         "{after}"
     );
+    // How full the kernel IPv6 table is: a /48 under a /16 of its own
+    // takes four nodes (one per octet after the first two) of three runs
+    // each; the maximums are what a generation holds.
+    let gauge = |stats: &serde_json::Value, k: &str| stats["gauges"][k].as_u64().unwrap();
+    gw.ok(&["deny", "add", "2001:db8:bad::/48"]);
+    let with_v6 = gw.json(&["stats"]);
+    assert_eq!(
+        (
+            gauge(&with_v6, "kernel_ipv6_nodes") - gauge(&after, "kernel_ipv6_nodes"),
+            gauge(&with_v6, "kernel_ipv6_leaves") - gauge(&after, "kernel_ipv6_leaves"),
+            gauge(&with_v6, "kernel_ipv6_nodes_max"),
+            gauge(&with_v6, "kernel_ipv6_leaves_max"),
+        ),
+        (4, 12, 262_144, 1_048_576),
+        "{with_v6}"
+    );
+    gw.ok(&["deny", "remove", "2001:db8:bad::/48"]);
     // check --json names the deciding entry's hits, as stats does.
     let check = gw.json(&["check", "203.0.113.11"]);
     assert_eq!(

@@ -1146,6 +1146,16 @@ fn stats(snapshot: &Snapshot, top: usize) -> StatsView {
         view.gauges
             .insert("dnsbl_cache_entries".into(), d.cache_entries);
     }
+    if let Some(u) = &snapshot.ipv6_table {
+        for (name, value) in [
+            ("kernel_ipv6_nodes", u.nodes),
+            ("kernel_ipv6_nodes_max", u.nodes_max),
+            ("kernel_ipv6_leaves", u.leaves),
+            ("kernel_ipv6_leaves_max", u.leaves_max),
+        ] {
+            view.gauges.insert(name.into(), value as u64);
+        }
+    }
     view.top_entries = snapshot
         .entry_hits
         .iter()

@@ -295,6 +295,9 @@ pub fn render(snapshot: &Snapshot) -> String {
         }
     }
     r.register("smtpguard_list_entries", "Entries on each list.", family);
+    if let Some(u) = &snapshot.ipv6_table {
+        ipv6_table(&mut r, u);
+    }
     if let Some(load) = snapshot.last_list_load {
         gauge(
             &mut r,
@@ -313,6 +316,35 @@ pub fn render(snapshot: &Snapshot) -> String {
     let mut out = String::new();
     let _ = prometheus_text::encode(&mut out, &r);
     out
+}
+
+/// How full the kernel IPv6 table is: what the list in force uses and
+/// what a generation holds, for an alert before a change is refused.
+fn ipv6_table(r: &mut Registry, u: &crate::kernel::ipv6_table::Usage) {
+    for (name, help, value) in [
+        (
+            "smtpguard_kernel_ipv6_nodes",
+            "Nodes of the kernel IPv6 table the list in force uses.",
+            u.nodes,
+        ),
+        (
+            "smtpguard_kernel_ipv6_nodes_max",
+            "Nodes one generation of the kernel IPv6 table holds.",
+            u.nodes_max,
+        ),
+        (
+            "smtpguard_kernel_ipv6_leaves",
+            "Leaves of the kernel IPv6 table the list in force uses.",
+            u.leaves,
+        ),
+        (
+            "smtpguard_kernel_ipv6_leaves_max",
+            "Leaves one generation of the kernel IPv6 table holds.",
+            u.leaves_max,
+        ),
+    ] {
+        gauge(r, name, help, value as i64);
+    }
 }
 
 /// The DNSBL series: verdicts and actions, then one series per site
@@ -429,12 +461,23 @@ mod tests {
                 sites: vec![site("zen", 11), site("dnswl", 12)],
                 ..Default::default()
             }),
+            ipv6_table: Some(crate::kernel::ipv6_table::Usage {
+                prefixes: 3,
+                nodes: 12,
+                nodes_max: 262_144,
+                leaves: 40,
+                leaves_max: 1_048_576,
+            }),
         };
         let text = render(&snapshot);
         for line in [
             "smtpguard_dnsbl_verdicts_total{verdict=\"listed\"} 7",
             "smtpguard_dnsbl_actions_total{action=\"drop\"} 7",
             "smtpguard_dnsbl_cache_entries 9",
+            "smtpguard_kernel_ipv6_nodes 12",
+            "smtpguard_kernel_ipv6_nodes_max 262144",
+            "smtpguard_kernel_ipv6_leaves 40",
+            "smtpguard_kernel_ipv6_leaves_max 1048576",
             "smtpguard_dnsbl_lookups_total{site=\"zen\"} 11",
             "smtpguard_dnsbl_lookups_total{site=\"dnswl\"} 12",
             "smtpguard_dnsbl_timeouts_total{site=\"zen\"} 4",

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use super::state::{Daemon, ListLoad};
 use crate::{
     front_door::MetricsSnapshot,
-    kernel::CounterSnapshot,
+    kernel::{ipv6_table::Usage as Ipv6Usage, CounterSnapshot},
     policy::{FamilyCounts, ListKind},
 };
 
@@ -34,6 +34,8 @@ pub struct Snapshot {
     pub defence: Option<crate::front_door::screening::DefenceSnapshot>,
     /// DNSBL counters; `None` without `[dnsbl]`.
     pub dnsbl: Option<crate::front_door::dnsbl_gate::GateSnapshot>,
+    /// How full the kernel IPv6 table is; `None` without XDP.
+    pub ipv6_table: Option<Ipv6Usage>,
 }
 
 /// One list entry's hit counter.
@@ -51,11 +53,15 @@ impl Snapshot {
     /// Reads every counter of `daemon`: the kernel's under one hold of its
     /// lock, then the front door's, then the policy in force.
     pub fn collect(daemon: &Daemon) -> Snapshot {
-        let (xdp, hits) = {
+        let (xdp, hits, ipv6_table) = {
             let guard = daemon.kernel.lock().expect("kernel lock");
             match guard.as_ref() {
-                Some(kernel) => (Some(kernel.stats.counters()), kernel.hits_by_prefix()),
-                None => (None, Vec::new()),
+                Some(kernel) => (
+                    Some(kernel.stats.counters()),
+                    kernel.hits_by_prefix(),
+                    Some(kernel.sync.ipv6_usage()),
+                ),
+                None => (None, Vec::new(), None),
             }
         };
         let policy = daemon.policy();
@@ -81,6 +87,7 @@ impl Snapshot {
                 .server()
                 .and_then(|s| s.dnsbl())
                 .map(|g| g.snapshot()),
+            ipv6_table,
         }
     }
 

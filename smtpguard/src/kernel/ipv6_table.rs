@@ -81,6 +81,23 @@ pub enum Ipv6TableError {
     },
 }
 
+/// How full the IPv6 table is ([`Ipv6Table::usage`]): shown by `stats`
+/// and `/metrics`, so that an operator sees a list coming close to what
+/// the table holds before a change is refused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// IPv6 prefixes in force (count).
+    pub prefixes: usize,
+    /// Nodes the list in force uses (count).
+    pub nodes: usize,
+    /// Nodes a generation holds.
+    pub nodes_max: usize,
+    /// Leaves the list in force uses (count).
+    pub leaves: usize,
+    /// Leaves a generation holds.
+    pub leaves_max: usize,
+}
+
 /// How many nodes and leaves a compiled list may have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -392,6 +409,8 @@ pub struct Ipv6Table {
     active: usize,
     /// Prefixes in force.
     prefixes: usize,
+    /// Nodes and leaves the generation in force uses.
+    used: Limits,
     /// Most prefixes a list may hold.
     capacity: usize,
     /// Nodes and leaves one generation holds.
@@ -420,6 +439,10 @@ impl Ipv6Table {
             generation: Some(generation),
             active: 0,
             prefixes: 0,
+            used: Limits {
+                groups: 0,
+                leaves: 0,
+            },
             capacity,
             limits: Limits::KERNEL,
         })
@@ -437,6 +460,10 @@ impl Ipv6Table {
             generation: None,
             active: 0,
             prefixes: 0,
+            used: Limits {
+                groups: 0,
+                leaves: 0,
+            },
             capacity,
             limits,
         }
@@ -477,6 +504,10 @@ impl Ipv6Table {
         }
         self.active = next;
         self.prefixes = count;
+        self.used = Limits {
+            groups: compiled.groups.len(),
+            leaves: compiled.leaves.len(),
+        };
         // A packet that read the old generation may still be searching it;
         // the next write reuses it only after the grace period.
         std::thread::sleep(GRACE);
@@ -493,6 +524,19 @@ impl Ipv6Table {
     /// Prefixes in force.
     pub fn len(&self) -> usize {
         self.prefixes
+    }
+
+    /// How full the generation in force is: what it uses of each part and
+    /// what a generation holds (the error of a list that does not fit
+    /// names the same parts).
+    pub fn usage(&self) -> Usage {
+        Usage {
+            prefixes: self.prefixes,
+            nodes: self.used.groups,
+            nodes_max: self.limits.groups,
+            leaves: self.used.leaves,
+            leaves_max: self.limits.leaves,
+        }
     }
 
     /// Whether no prefix is in force.
@@ -609,6 +653,16 @@ mod tests {
         let mut table = Ipv6Table::in_memory(100, limits);
         let first = set(&[("2001:db8:bad::/48", 2)]);
         table.write(&first).unwrap();
+        // Four nodes (the octets 0d, b8, 0b, ad), each of three runs: none,
+        // the child, none.
+        let in_force = Usage {
+            prefixes: 1,
+            nodes: 4,
+            nodes_max: 20,
+            leaves: 12,
+            leaves_max: 200,
+        };
+        assert_eq!(table.usage(), in_force);
         // Two /128s on different /16s: 28 nodes.
         let too_deep = set(&[("2001:db8::1/128", 2), ("3fff::1/128", 2)]);
         let err = table.write(&too_deep).unwrap_err();
@@ -628,6 +682,7 @@ mod tests {
             "kernel IPv6 table is full: the list needs 28 nodes, the table holds 20"
         );
         assert_eq!(table.len(), 1);
+        assert_eq!(table.usage(), in_force, "a refused list changes no usage");
         assert_eq!(
             decode(table.lookup(ip("2001:db8:bad::1"))),
             Some(rule(2, 1))

@@ -243,6 +243,11 @@ impl MapSync {
         self.installed.is_empty()
     }
 
+    /// How full the kernel IPv6 table is.
+    pub fn ipv6_usage(&self) -> super::ipv6_table::Usage {
+        self.v6.usage()
+    }
+
     /// The prefix behind a rule id, for reporting hit counters.
     pub fn prefix_of(&self, rule_id: u32) -> Option<IpNet> {
         self.ids.prefix_of(rule_id)
