@@ -257,7 +257,7 @@ fn live_list_changes_stats_metrics_and_restart() {
     // How full the kernel IPv6 table is: a /48 under a /16 of its own
     // takes four nodes (one per octet after the first two) of three runs
     // each; the maximums are what a generation holds.
-    let gauge = |stats: &serde_json::Value, k: &str| stats["gauges"][k].as_u64().unwrap();
+    let gauge = |stats: &Value, k: &str| stats["gauges"][k].as_u64().unwrap();
     gw.ok(&["deny", "add", "2001:db8:bad::/48"]);
     let with_v6 = gw.json(&["stats"]);
     assert_eq!(
