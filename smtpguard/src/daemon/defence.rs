@@ -63,7 +63,7 @@ const KINDS: [Violation; 5] = [
 pub struct DaemonDefence {
     daemon: Weak<Daemon>,
     /// `None` when `bans.ban_after` is 0.
-    book: Option<Mutex<BanBook>>,
+    book: Option<Arc<Mutex<BanBook>>>,
     counters: Arc<BanCounters>,
     /// The front door's screening counters.
     pub screening: Arc<ScreeningCounters>,
@@ -120,7 +120,7 @@ impl DaemonDefence {
         let config = daemon.config();
         DaemonDefence {
             daemon: Arc::downgrade(daemon),
-            book: ban_policy(&config.bans).map(|p| Mutex::new(BanBook::new(p))),
+            book: ban_policy(&config.bans).map(|p| Arc::new(Mutex::new(BanBook::new(p)))),
             counters: Arc::new(BanCounters::default()),
             screening: Arc::new(ScreeningCounters::default()),
             pass_cache,
@@ -253,11 +253,18 @@ impl DaemonDefence {
                 duration,
                 repeats,
             } => {
+                let book = Arc::clone(book);
                 let apply = move |daemon: Arc<Daemon>, added: &AtomicU64, failed: &AtomicU64| {
                     match ban(&daemon, prefix, duration, repeats, violation) {
                         Ok(()) => added.fetch_add(1, Ordering::Relaxed),
                         Err(e) => {
-                            tracing::error!(prefix = %prefix, error = %logging::one_line(&e), "the ban could not be written");
+                            tracing::error!(prefix = %prefix, error = %logging::one_line(&e),
+                                "the ban could not be written; the next violation tries again");
+                            // The strikes stay: without them a client
+                            // whose ban failed would start over.
+                            book.lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .ban_failed(prefix, Instant::now());
                             failed.fetch_add(1, Ordering::Relaxed)
                         }
                     };

@@ -190,6 +190,23 @@ impl BanBook {
         }
     }
 
+    /// Takes back a [`BanDecision::Ban`] for `prefix` whose write failed
+    /// (a full kernel table, a disk error): the ban does not count as one
+    /// for the next ban's length, and the strikes stay one short of a ban,
+    /// so the client's next violation within the window tries again at
+    /// once rather than after `ban_after` more.
+    pub fn ban_failed(&mut self, prefix: IpNet, now: Instant) {
+        let Some(record) = self.clients.get_mut(&prefix.trunc()) else {
+            return;
+        };
+        record.bans = record.bans.saturating_sub(1);
+        if record.bans == 0 {
+            record.last_ban = None;
+        }
+        let short = self.policy.ban_after.get() as usize - 1;
+        record.strikes = vec![now; short];
+    }
+
     /// Clients tracked now.
     pub fn tracked(&self) -> usize {
         self.clients.len()
@@ -253,6 +270,25 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_failed_ban_is_retried_at_the_next_violation_as_the_same_ban() {
+        let mut book = BanBook::new(policy());
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        for s in 0..2 {
+            book.record(ip(A), at(s), 0);
+        }
+        let first = book.record(ip(A), at(2), 0);
+        assert!(
+            matches!(first, BanDecision::Ban { repeats: 0, .. }),
+            "{first:?}"
+        );
+        book.ban_failed(IpNet::from(ip(A)), at(2));
+        // Not two more strikes first: the very next violation bans, and as
+        // a first ban (the failed one never took effect).
+        assert_eq!(book.record(ip(A), at(3), 0), first);
     }
 
     #[test]
