@@ -12,7 +12,7 @@
 //! 60 instructions on every SYN).
 
 use aya_ebpf::programs::XdpContext;
-use smtpguard_common::{counter, RuntimeConfig, IPV6_MAX_EXTENSION_HEADERS, MAX_PORTS};
+use smtpguard_common::{counter, RuntimeConfig, IPV6_MAX_EXTENSION_HEADERS};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -318,15 +318,19 @@ fn tcp(
     Ok(dport_be)
 }
 
+/// Whether `dport_be` is one of the guarded ports. Stops at the last port
+/// in use: most packets a gateway sees are to other ports, and most
+/// gateways guard one or two.
 #[inline(always)]
 fn port_guarded(cfg: &RuntimeConfig, dport_be: u16) -> bool {
     let count = cfg.port_count as usize;
-    let mut i = 0;
-    while i < MAX_PORTS {
-        if i < count && cfg.ports[i] == dport_be {
+    for (i, port) in cfg.ports.iter().enumerate() {
+        if i >= count {
+            return false;
+        }
+        if *port == dport_be {
             return true;
         }
-        i += 1;
     }
     false
 }
