@@ -145,9 +145,15 @@ impl HitsMapping {
                 v.store(0, Ordering::Relaxed);
             }
             match pending.get(&rule_id) {
-                Some(&n) => stale.insert(rule_id, n),
-                None => stale.remove(&rule_id),
-            };
+                Some(&n) => {
+                    stale.insert(rule_id, n);
+                }
+                // Usually empty: a first load need not hash a million ids.
+                None if !stale.is_empty() => {
+                    stale.remove(&rule_id);
+                }
+                None => {}
+            }
         }
     }
 

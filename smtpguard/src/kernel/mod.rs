@@ -11,6 +11,7 @@ pub mod ipv4_table;
 pub mod ipv6_table;
 pub mod loader;
 pub mod rate_limit;
+mod rule_book;
 pub mod stats;
 pub mod sync;
 pub mod xdp_holder;

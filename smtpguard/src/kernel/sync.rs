@@ -17,12 +17,7 @@
 //! IPv6 has its own structure and generation ([`Ipv6Table`]): every IPv6
 //! change, single or whole-list, is compiled and switched to at once.
 
-use std::collections::BTreeSet;
-
-// foldhash: a million-entry list is hashed several times per load; SipHash
-// was most of the load time. Seeded per process, so crafted lists cannot
-// aim at collisions.
-use foldhash::{HashMap, HashMapExt};
+use std::collections::{BTreeMap, BTreeSet};
 
 use aya::{
     maps::{Array, MapData, MapError},
@@ -43,6 +38,7 @@ use super::{
     },
     ipv6_table::{Ipv6Table, Ipv6TableError},
     rate_limit::RateLimitSettings,
+    rule_book::{self, RuleBook},
     KernelError,
 };
 
@@ -113,12 +109,6 @@ pub struct ApplyReport {
     pub total: usize,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Installed {
-    action: Action,
-    rule_id: u32,
-}
-
 /// Owner of the runtime record (`SG_CONFIG`), the IPv4 table and the IPv6
 /// table. See the module docs.
 pub struct MapSync {
@@ -127,11 +117,10 @@ pub struct MapSync {
     v6: Ipv6Table,
     /// The record last written to `SG_CONFIG`.
     runtime: RuntimeConfig,
-    /// What the active generation holds, so applies can be diffs.
-    installed: HashMap<IpNet, Installed>,
-    /// Rule id of every prefix ever given one and still installed; ids
-    /// stay stable across applies so hit counters keep their meaning.
-    ids: RuleIds,
+    /// What the active generation holds, so applies can be diffs, with
+    /// the rule ids: stable across applies so hit counters keep their
+    /// meaning.
+    installed: RuleBook,
     /// Hit counters: an id handed to a new prefix starts from zero.
     hits: Arc<HitsMapping>,
     /// Whether the record carries the precomputed verdicts
@@ -158,8 +147,7 @@ impl MapSync {
             v4: Ipv4Table::take_from(ebpf, 0, capacity as usize)?,
             v6: Ipv6Table::take_from(ebpf, capacity as usize)?,
             runtime: RuntimeConfig::zeroed(),
-            installed: HashMap::new(),
-            ids: RuleIds::default(),
+            installed: RuleBook::default(),
             hits,
             precomputed: true,
         };
@@ -230,12 +218,7 @@ impl MapSync {
 
     /// Prefixes in force: (IPv4, IPv6).
     pub fn len(&self) -> (usize, usize) {
-        let v4 = self
-            .installed
-            .keys()
-            .filter(|n| matches!(n, IpNet::V4(_)))
-            .count();
-        (v4, self.installed.len() - v4)
+        self.installed.len()
     }
 
     /// Whether no prefix is in force.
@@ -250,12 +233,13 @@ impl MapSync {
 
     /// The prefix behind a rule id, for reporting hit counters.
     pub fn prefix_of(&self, rule_id: u32) -> Option<IpNet> {
-        self.ids.prefix_of(rule_id)
+        self.installed.prefix_of(rule_id)
     }
 
-    /// Makes the kernel hold exactly `rules` (canonical prefixes, one action
-    /// each). On error nothing changed for `Atomic`; for `Incremental` the
-    /// entries written so far stay (each is a complete, valid entry).
+    /// Makes the kernel hold exactly `rules`. Prefixes are truncated to
+    /// canonical form; a prefix given twice takes its last action. On
+    /// error nothing changed for `Atomic`; for `Incremental` the entries
+    /// written so far stay (each is a complete, valid entry).
     pub fn apply(
         &mut self,
         rules: &[(IpNet, Action)],
@@ -264,44 +248,33 @@ impl MapSync {
         if rules.len() >= MAX_RULE_IDS as usize {
             return Err(SyncError::TooManyRules(rules.len()));
         }
-        // Sized up front: growing a 1M-entry map rehashes it twenty times.
-        let mut wanted: HashMap<IpNet, Action> = HashMap::with_capacity(rules.len());
-        wanted.extend(rules.iter().map(|(n, a)| (n.trunc(), *a)));
-        let mut report = ApplyReport::default();
-        for (net, action) in &wanted {
-            match self.installed.get(net) {
-                None => report.added += 1,
-                Some(i) if i.action != *action => report.changed += 1,
-                Some(_) => {}
-            }
-        }
-        report.removed = self
-            .installed
-            .keys()
-            .filter(|n| !wanted.contains_key(n))
-            .count();
-        report.total = wanted.len();
+        // Sorted once: the diff against the book is a merge, and the
+        // IPv4 compiler takes the order as it is.
+        let wanted = rule_book::canonical(rules);
         match how {
-            ApplyHow::Incremental => self.apply_incremental(&wanted)?,
-            ApplyHow::Atomic => self.apply_atomic(&wanted)?,
+            ApplyHow::Incremental => self.apply_incremental(&wanted),
+            ApplyHow::Atomic => self.apply_atomic(&wanted),
         }
-        Ok(report)
     }
 
-    fn apply_incremental(&mut self, wanted: &HashMap<IpNet, Action>) -> Result<(), SyncError> {
-        let mut changes: Vec<(IpNet, Option<Action>)> = self
-            .installed
-            .keys()
-            .filter(|n| !wanted.contains_key(n))
-            .map(|n| (*n, None))
-            .collect();
-        changes.extend(
-            wanted
-                .iter()
-                .filter(|(net, action)| self.installed.get(net).map(|i| i.action) != Some(**action))
-                .map(|(net, action)| (*net, Some(*action))),
-        );
-        self.update(&changes).map(|_| ())
+    /// `wanted`: sorted, one entry per prefix ([`rule_book::canonical`]).
+    fn apply_incremental(&mut self, wanted: &[(IpNet, Action)]) -> Result<ApplyReport, SyncError> {
+        // Removals first: they make room for the additions.
+        let mut changes: Vec<(IpNet, Option<Action>)> = Vec::new();
+        let mut set = Vec::new();
+        let mut old = self.installed.iter().peekable();
+        for &(net, action) in wanted {
+            while let Some((gone, _)) = old.next_if(|(o, _)| **o < net) {
+                changes.push((*gone, None));
+            }
+            match old.next_if(|(o, _)| **o == net) {
+                Some((_, i)) if i.action == action => {}
+                _ => set.push((net, Some(action))),
+            }
+        }
+        changes.extend(old.map(|(gone, _)| (*gone, None)));
+        changes.extend(set);
+        self.update(&changes)
     }
 
     /// Changes single prefixes in the live tries: `Some(action)` installs or
@@ -319,36 +292,37 @@ impl MapSync {
                 continue;
             };
             let net = IpNet::V4(net4);
+            let before = self.installed.get(&net);
+            // The book takes the change first (a table rebuild is written
+            // from it) and gives it back if the kernel does not.
             match action {
                 None => {
-                    if self.installed.remove(&net).is_some() {
-                        self.set_v4(net4, None).map_err(|e| e.into_sync(0, 1))?;
-                        self.ids.release(&net);
-                        report.removed += 1;
-                    }
-                }
-                Some(action) => {
-                    let previous = self.installed.get(&net).map(|i| i.action);
-                    if previous == Some(*action) {
+                    if self.installed.remove(&net).is_none() {
                         continue;
                     }
-                    if self.installed.len() + 1 >= MAX_RULE_IDS as usize && previous.is_none() {
-                        return Err(SyncError::TooManyRules(self.installed.len() + 1));
+                    if let Err(e) = self.set_v4(net4, None) {
+                        self.installed.put_back(net, before);
+                        return Err(e.into_sync(0, 1));
                     }
-                    let (rule_id, fresh) = self.ids.assign(net);
+                    report.removed += 1;
+                }
+                Some(action) => {
+                    if before.map(|i| i.action) == Some(*action) {
+                        continue;
+                    }
+                    let total = self.installed.total();
+                    if before.is_none() && total + 1 >= MAX_RULE_IDS as usize {
+                        return Err(SyncError::TooManyRules(total + 1));
+                    }
+                    let (rule_id, fresh) = self.installed.set(net, *action);
                     if fresh {
                         self.hits.reset(rule_id);
                     }
-                    self.set_v4(net4, Some((*action, rule_id)))
-                        .map_err(|e| e.into_sync(written, changes.len()))?;
-                    self.installed.insert(
-                        net,
-                        Installed {
-                            action: *action,
-                            rule_id,
-                        },
-                    );
-                    if previous.is_some() {
+                    if let Err(e) = self.set_v4(net4, Some((*action, rule_id))) {
+                        self.installed.put_back(net, before);
+                        return Err(e.into_sync(written, changes.len()));
+                    }
+                    if before.is_some() {
                         report.changed += 1;
                     } else {
                         report.added += 1;
@@ -356,7 +330,7 @@ impl MapSync {
                 }
             }
         }
-        report.total = self.installed.len();
+        report.total = self.installed.total();
         Ok(report)
     }
 
@@ -368,7 +342,7 @@ impl MapSync {
         report: &mut ApplyReport,
     ) -> Result<(), SyncError> {
         // Last change of a prefix wins, as when applied one by one.
-        let mut wanted: HashMap<IpNet, Option<Action>> = HashMap::new();
+        let mut wanted: BTreeMap<IpNet, Option<Action>> = BTreeMap::new();
         for (net, action) in changes {
             let net = net.trunc();
             if matches!(net, IpNet::V6(_)) {
@@ -381,95 +355,65 @@ impl MapSync {
         }
         let added = wanted
             .iter()
-            .filter(|(n, a)| a.is_some() && !self.installed.contains_key(n))
+            .filter(|(n, a)| a.is_some() && self.installed.get(n).is_none())
             .count();
-        if added > 0 && self.installed.len() + added >= MAX_RULE_IDS as usize {
-            return Err(SyncError::TooManyRules(self.installed.len() + added));
+        let total = self.installed.total();
+        if added > 0 && total + added >= MAX_RULE_IDS as usize {
+            return Err(SyncError::TooManyRules(total + added));
         }
+        // Into the book first (the IPv6 list is written from it), given
+        // back on error.
+        let mut before = Vec::with_capacity(wanted.len());
         let mut fresh = Vec::new();
-        let mut assigned = HashMap::new();
         for (net, action) in &wanted {
-            if let Some(action) = action {
-                let (rule_id, is_fresh) = self.ids.assign(*net);
-                if is_fresh {
-                    fresh.push((*net, rule_id));
+            before.push((*net, self.installed.get(net)));
+            match action {
+                Some(action) => {
+                    let (rule_id, is_fresh) = self.installed.set(*net, *action);
+                    if is_fresh {
+                        fresh.push(rule_id);
+                    }
                 }
-                assigned.insert(*net, (*action, rule_id));
+                None => {
+                    self.installed.remove(net);
+                }
             }
         }
-        let mut list: Vec<(ipnet::Ipv6Net, Rule)> = self
-            .installed
-            .iter()
-            .filter(|(net, _)| !wanted.contains_key(net))
-            .filter_map(|(net, i)| match net {
-                IpNet::V6(n) => Some((*n, rule(i.action, i.rule_id))),
-                IpNet::V4(_) => None,
-            })
-            .collect();
-        list.extend(assigned.iter().filter_map(|(net, (action, id))| match net {
-            IpNet::V6(n) => Some((*n, rule(*action, *id))),
-            IpNet::V4(_) => None,
-        }));
-        if let Err(e) = self.v6.write(&list) {
-            for (net, _) in &fresh {
-                self.ids.release(net);
+        if let Err(e) = self.v6.write(&self.installed_v6()) {
+            for (net, b) in before.into_iter().rev() {
+                self.installed.put_back(net, b);
             }
             return Err(SyncError::Ipv6(e));
         }
-        let fresh_ids: Vec<u32> = fresh.iter().map(|(_, id)| *id).collect();
-        self.hits.reset_all(&fresh_ids);
-        for (net, action) in wanted {
-            match action {
-                None => {
-                    self.installed.remove(&net);
-                    self.ids.release(&net);
-                    report.removed += 1;
-                }
-                Some(_) => {
-                    let (action, rule_id) = assigned[&net];
-                    let previous = self.installed.insert(net, Installed { action, rule_id });
-                    if previous.is_some() {
-                        report.changed += 1;
-                    } else {
-                        report.added += 1;
-                    }
-                }
+        self.hits.reset_all(&fresh);
+        for (net, b) in before {
+            match (b, wanted[&net]) {
+                (_, None) => report.removed += 1,
+                (Some(_), Some(_)) => report.changed += 1,
+                (None, Some(_)) => report.added += 1,
             }
         }
         Ok(())
     }
 
-    fn apply_atomic(&mut self, wanted: &HashMap<IpNet, Action>) -> Result<(), SyncError> {
+    /// `wanted`: sorted, one entry per prefix ([`rule_book::canonical`]).
+    fn apply_atomic(&mut self, wanted: &[(IpNet, Action)]) -> Result<ApplyReport, SyncError> {
         let active = self.runtime.active_generation as usize;
         let next = 1 - active;
-        let mut ids = self.ids.clone();
-        let mut installed = HashMap::with_capacity(wanted.len());
-        ids.retain(|n| wanted.contains_key(n));
-        ids.reserve(wanted.len());
-        let mut v4_rules = Vec::new();
+        // The book is changed only once the new list is in force.
+        let plan = self.installed.plan(wanted);
+        // In prefix order, as the IPv4 compiler sorts them: its sort finds
+        // them sorted.
+        let mut v4_rules = Vec::with_capacity(plan.entries.len());
         let mut v6_rules = Vec::new();
-        // Hit counters of newly given ids restart only once the new list
-        // is in force: a failed apply leaves every counter as it was.
-        let mut fresh = Vec::new();
-        for (net, action) in wanted {
-            let (rule_id, is_fresh) = ids.assign(*net);
-            if is_fresh {
-                fresh.push(rule_id);
-            }
+        for (net, i) in &plan.entries {
             match net {
                 IpNet::V4(n) => v4_rules.push(Ipv4Rule {
                     prefix: *n,
-                    entry: leaf_entry(*action, rule_id),
+                    entry: leaf_entry(i.action, i.rule_id),
                 }),
-                IpNet::V6(n) => v6_rules.push((*n, rule(*action, rule_id))),
+                IpNet::V6(n) => v6_rules.push((*n, rule(i.action, i.rule_id))),
             }
-            installed.insert(
-                *net,
-                Installed {
-                    action: *action,
-                    rule_id,
-                },
-            );
         }
         if let Err(e) = self.v4.prepare(&v4_rules) {
             return Err(match e {
@@ -497,16 +441,24 @@ impl MapSync {
             return Err(e);
         }
         self.v4.switched();
+        // Hit counters of newly given ids restart only once the new list
+        // is in force: a failed apply leaves every counter as it was.
+        let fresh: Vec<u32> = plan.fresh.iter().map(|(id, _)| *id).collect();
         self.hits.reset_all(&fresh);
-        self.installed = installed;
-        self.ids = ids;
-        Ok(())
+        let report = ApplyReport {
+            added: plan.added,
+            changed: plan.changed,
+            removed: plan.removed,
+            total: plan.entries.len(),
+        };
+        self.installed.commit(plan);
+        Ok(report)
     }
 
     /// The IPv6 entries in force, as the IPv6 table takes them.
     fn installed_v6(&self) -> Vec<(ipnet::Ipv6Net, Rule)> {
         self.installed
-            .iter()
+            .iter_v6()
             .filter_map(|(net, i)| match net {
                 IpNet::V6(n) => Some((*n, rule(i.action, i.rule_id))),
                 IpNet::V4(_) => None,
@@ -514,20 +466,18 @@ impl MapSync {
             .collect()
     }
 
-    /// One IPv4 change in place; when the table has no free slot for it,
-    /// the whole list (with the change) goes into the other generation,
+    /// One IPv4 change in place, already in the book; when the table has
+    /// no free slot for it, the whole book goes into the other generation,
     /// which compacts the table.
     fn set_v4(&mut self, net: ipnet::Ipv4Net, rule: Option<(Action, u32)>) -> Result<(), OneError> {
         match self.v4.set(net, rule.map(|(a, id)| leaf_entry(a, id))) {
             Ok(()) => Ok(()),
             Err(Ipv4TableError::OutOfSlots) => {
-                let mut wanted: HashMap<IpNet, Action> =
+                let wanted: Vec<(IpNet, Action)> =
                     self.installed.iter().map(|(n, i)| (*n, i.action)).collect();
-                match rule {
-                    Some((action, _)) => wanted.insert(IpNet::V4(net), action),
-                    None => wanted.remove(&IpNet::V4(net)),
-                };
-                self.apply_atomic(&wanted).map_err(OneError::Sync)
+                self.apply_atomic(&wanted)
+                    .map(|_| ())
+                    .map_err(OneError::Sync)
             }
             Err(Ipv4TableError::TooManyPrefixes { .. }) => Err(OneError::Full),
         }
@@ -555,88 +505,5 @@ fn rule(action: Action, rule_id: u32) -> Rule {
     Rule {
         action: action as u32,
         rule_id,
-    }
-}
-
-/// Rule-id allocator: stable ids per prefix, freed ids reused.
-#[derive(Clone, Debug, Default)]
-struct RuleIds {
-    by_prefix: HashMap<IpNet, u32>,
-    /// Index = rule id; `None` = free. Index 0 is never used.
-    by_id: Vec<Option<IpNet>>,
-    free: Vec<u32>,
-}
-
-impl RuleIds {
-    /// The id of `net`, giving it a free one if it has none; `true` when
-    /// the id is newly given (its hit counter must start from zero).
-    fn assign(&mut self, net: IpNet) -> (u32, bool) {
-        if let Some(id) = self.by_prefix.get(&net) {
-            return (*id, false);
-        }
-        let id = match self.free.pop() {
-            Some(id) => id,
-            None => {
-                if self.by_id.is_empty() {
-                    self.by_id.push(None);
-                }
-                self.by_id.push(None);
-                (self.by_id.len() - 1) as u32
-            }
-        };
-        self.by_id[id as usize] = Some(net);
-        self.by_prefix.insert(net, id);
-        (id, true)
-    }
-
-    /// Room for `total` prefixes without growing on the way.
-    fn reserve(&mut self, total: usize) {
-        self.by_prefix
-            .reserve(total.saturating_sub(self.by_prefix.len()));
-        self.by_id.reserve(total.saturating_sub(self.by_id.len()));
-    }
-
-    fn release(&mut self, net: &IpNet) {
-        if let Some(id) = self.by_prefix.remove(net) {
-            self.by_id[id as usize] = None;
-            self.free.push(id);
-        }
-    }
-
-    fn retain(&mut self, keep: impl Fn(&IpNet) -> bool) {
-        let gone: Vec<IpNet> = self
-            .by_prefix
-            .keys()
-            .filter(|n| !keep(n))
-            .copied()
-            .collect();
-        for net in gone {
-            self.release(&net);
-        }
-    }
-
-    fn prefix_of(&self, id: u32) -> Option<IpNet> {
-        self.by_id.get(id as usize).copied().flatten()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rule_ids_start_at_one_and_are_reused() {
-        let mut ids = RuleIds::default();
-        let a: IpNet = "192.0.2.0/24".parse().unwrap();
-        let b: IpNet = "2001:db8::/32".parse().unwrap();
-        assert_eq!(ids.assign(a), (1, true));
-        assert_eq!(ids.assign(b), (2, true));
-        assert_eq!(ids.assign(a), (1, false));
-        ids.release(&a);
-        assert_eq!(ids.prefix_of(1), None);
-        let c: IpNet = "198.51.100.0/24".parse().unwrap();
-        assert_eq!(ids.assign(c), (1, true));
-        assert_eq!(ids.prefix_of(1), Some(c));
-        assert_eq!(ids.prefix_of(2), Some(b));
     }
 }

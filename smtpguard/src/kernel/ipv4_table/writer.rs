@@ -337,20 +337,19 @@ impl Ipv4Table {
                 max: self.capacity,
             });
         }
-        let compiled = compile::compile_normalized(&rules);
+        let next = &mut self.generations[1 - self.active];
+        // The first level is compiled in place: no packet reads the
+        // inactive generation, and an error below leaves it inactive.
+        let (groups, leaves) = compile::compile_into(&rules, next.tbl24.slice_mut());
         // Cannot happen within MAX_PREFIXES_PER_FAMILY (see MAX_LEAVES).
-        if compiled.groups.len() > MAX_GROUPS as usize
-            || compiled.leaves.len() > MAX_LEAVES as usize
-        {
+        if groups.len() > MAX_GROUPS as usize || leaves.len() > MAX_LEAVES as usize {
             return Err(Ipv4TableError::OutOfSlots);
         }
-        let next = &mut self.generations[1 - self.active];
-        next.tbl24.slice_mut().copy_from_slice(&compiled.tbl24);
-        next.groups.slice_mut()[..compiled.groups.len()].copy_from_slice(&compiled.groups);
-        next.leaves.slice_mut()[..compiled.leaves.len()].copy_from_slice(&compiled.leaves);
+        next.groups.slice_mut()[..groups.len()].copy_from_slice(&groups);
+        next.leaves.slice_mut()[..leaves.len()].copy_from_slice(&leaves);
         fence(Ordering::Release);
         let map = rules.iter().map(|r| (r.prefix, r.entry)).collect();
-        let slots = Slots::after_compile(compiled.groups.len(), compiled.leaves.len());
+        let slots = Slots::after_compile(groups.len(), leaves.len());
         self.prepared = Some((map, slots));
         Ok(())
     }
