@@ -1085,3 +1085,64 @@ fn an_ipv6_list_needing_more_nodes_than_the_table_holds_is_refused_whole() {
         assert_old_ipv6_list_in_force(&mut filter, &sync, how);
     }
 }
+
+#[test]
+fn a_single_change_with_no_free_slot_rewrites_the_whole_list_into_the_other_generation() {
+    let (mut filter, mut sync, stats) = load();
+    sync.set_runtime(Mode::AcceptAllExceptDeny, Enforcement::Enforce, &PORTS, 0)
+        .unwrap();
+    sync.apply(
+        &rules_of(&[
+            ("203.0.113.0/24", Action::Deny),
+            ("198.51.100.66/32", Action::Deny),
+            ("2001:db8:bad::/48", Action::Deny),
+        ]),
+        ApplyHow::Atomic,
+    )
+    .unwrap();
+    let syn = |a: &str| {
+        if a.contains(':') {
+            packet::syn_v6(a, 25)
+        } else {
+            packet::syn_v4(a, 25)
+        }
+    };
+    let id_of = |sync: &MapSync, prefix: &str| {
+        let net: IpNet = prefix.parse().unwrap();
+        (1..10).find(|id| sync.prefix_of(*id) == Some(net)).unwrap()
+    };
+    let slash24 = id_of(&sync, "203.0.113.0/24");
+    assert_eq!(filter.test_run(&syn("203.0.113.5")).unwrap(), XDP_DROP);
+    let hits_before = stats.hits(slash24);
+    let generation = sync.runtime().active_generation;
+
+    // A /32 in a /24 of its own needs a group slot; there is none left.
+    sync.use_up_ipv4_slots();
+    sync.update(&[("192.0.2.7/32".parse().unwrap(), Some(Action::Deny))])
+        .expect("the fallback writes the whole list");
+    assert_ne!(
+        sync.runtime().active_generation,
+        generation,
+        "the change went in through the other generation"
+    );
+    for (source, want) in [
+        ("192.0.2.7", XDP_DROP),
+        ("192.0.2.8", XDP_PASS),
+        ("203.0.113.5", XDP_DROP),
+        ("198.51.100.66", XDP_DROP),
+        ("198.51.100.67", XDP_PASS),
+        ("2001:db8:bad::1", XDP_DROP),
+    ] {
+        assert_eq!(filter.test_run(&syn(source)).unwrap(), want, "{source}");
+    }
+    // The entries in force kept their ids and their hit counts.
+    assert_eq!(id_of(&sync, "203.0.113.0/24"), slash24);
+    assert_eq!(stats.hits(slash24), hits_before + 1);
+    // The rewritten table has free slots again: the next change is in place.
+    let generation = sync.runtime().active_generation;
+    sync.update(&[("192.0.2.9/32".parse().unwrap(), Some(Action::Deny))])
+        .unwrap();
+    assert_eq!(sync.runtime().active_generation, generation);
+    assert_eq!(filter.test_run(&syn("192.0.2.9")).unwrap(), XDP_DROP);
+    assert_eq!(sync.len(), (4, 1));
+}

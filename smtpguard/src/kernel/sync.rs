@@ -226,6 +226,14 @@ impl MapSync {
         self.installed.is_empty()
     }
 
+    /// Takes every free IPv4 group slot (see `Ipv4Table::use_up_slots`), so
+    /// that the next single change needing one falls back to writing the
+    /// whole list into the other generation (tests).
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn use_up_ipv4_slots(&mut self) {
+        self.v4.use_up_slots();
+    }
+
     /// How full the kernel IPv6 table is.
     pub fn ipv6_usage(&self) -> super::ipv6_table::Usage {
         self.v6.usage()

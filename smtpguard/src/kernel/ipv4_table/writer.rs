@@ -536,6 +536,16 @@ impl Ipv4Table {
         Ok(())
     }
 
+    /// Takes every free group slot of the generation in force, as a table
+    /// after a long run of single changes: the next change that needs a
+    /// group gets [`Ipv4TableError::OutOfSlots`] (tests of the fallback).
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn use_up_slots(&mut self) {
+        self.slots.next_group = MAX_GROUPS;
+        self.slots.free_groups.clear();
+        self.slots.retired.clear();
+    }
+
     /// A group slot and a leaf range for each planned /24, or nothing.
     fn allocate(&mut self, planned: &[Planned]) -> Result<Vec<(u32, u32)>, Ipv4TableError> {
         self.slots.reclaim(Instant::now());
