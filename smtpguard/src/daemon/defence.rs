@@ -259,9 +259,11 @@ impl DaemonDefence {
                         Ok(()) => added.fetch_add(1, Ordering::Relaxed),
                         Err(e) => {
                             tracing::error!(prefix = %prefix, error = %logging::one_line(&e),
-                                "the ban could not be written; the next violation tries again");
+                                retry_after_s = crate::policy::bans::BAN_RETRY_AFTER.as_secs(),
+                                "the ban could not be written; the client's next violation after retry_after_s tries again");
                             // The strikes stay: without them a client
-                            // whose ban failed would start over.
+                            // whose ban failed would start over
+                            // (BAN_RETRY_AFTER spaces the retries).
                             book.lock()
                                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                                 .ban_failed(prefix, Instant::now());

@@ -30,6 +30,11 @@ pub const MAX_TRACKED: usize = 65_536;
 /// `max_ban_for` of its last one.
 const REPEAT_MEMORY: Duration = Duration::from_secs(24 * 3600);
 
+/// After a ban whose write failed, the client's next ban is not tried
+/// before this: a cause that stays (a full kernel table, a list file edited
+/// by hand) must not cost a whole list write on every violation.
+pub const BAN_RETRY_AFTER: Duration = Duration::from_secs(10);
+
 /// Something a client did that counts towards a ban.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Violation {
@@ -106,6 +111,10 @@ struct Record {
     /// Bans so far and when the last one was decided.
     bans: u32,
     last_ban: Option<Instant>,
+    /// `last_ban` before the latest ban decision, for [`BanBook::ban_failed`].
+    previous_ban: Option<Instant>,
+    /// No ban is decided before this (a ban write failed).
+    retry_at: Option<Instant>,
     last_seen: Option<Instant>,
 }
 
@@ -174,6 +183,13 @@ impl BanBook {
         if strikes < policy.ban_after.get() {
             return BanDecision::Counted { strikes };
         }
+        if record.retry_at.is_some_and(|t| now < t) {
+            // A ban failed a moment ago: count, and keep one short.
+            record.strikes.remove(0);
+            return BanDecision::Counted {
+                strikes: strikes - 1,
+            };
+        }
         if bans_in_force >= policy.max_entries {
             // Keep the strikes: the next violation tries again.
             record.strikes.remove(0);
@@ -182,7 +198,9 @@ impl BanBook {
         record.strikes.clear();
         let repeats = record.bans;
         record.bans = record.bans.saturating_add(1);
+        record.previous_ban = record.last_ban;
         record.last_ban = Some(now);
+        record.retry_at = None;
         BanDecision::Ban {
             prefix: client,
             duration: ban_length(policy, repeats),
@@ -193,18 +211,17 @@ impl BanBook {
     /// Takes back a [`BanDecision::Ban`] for `prefix` whose write failed
     /// (a full kernel table, a disk error): the ban does not count as one
     /// for the next ban's length, and the strikes stay one short of a ban,
-    /// so the client's next violation within the window tries again at
-    /// once rather than after `ban_after` more.
+    /// so the client's first violation after [`BAN_RETRY_AFTER`] (within
+    /// the window) tries again, rather than after `ban_after` more.
     pub fn ban_failed(&mut self, prefix: IpNet, now: Instant) {
         let Some(record) = self.clients.get_mut(&prefix.trunc()) else {
             return;
         };
         record.bans = record.bans.saturating_sub(1);
-        if record.bans == 0 {
-            record.last_ban = None;
-        }
+        record.last_ban = record.previous_ban.take();
         let short = self.policy.ban_after.get() as usize - 1;
         record.strikes = vec![now; short];
+        record.retry_at = Some(now + BAN_RETRY_AFTER);
     }
 
     /// Clients tracked now.
@@ -286,9 +303,43 @@ mod tests {
             "{first:?}"
         );
         book.ban_failed(IpNet::from(ip(A)), at(2));
-        // Not two more strikes first: the very next violation bans, and as
+        // Not at once: a cause that stays must not cost a list write on
+        // every violation. Counted, and kept one short.
+        assert_eq!(
+            book.record(ip(A), at(3), 0),
+            BanDecision::Counted { strikes: 2 }
+        );
+        // Then not two more strikes first: the next violation bans, and as
         // a first ban (the failed one never took effect).
-        assert_eq!(book.record(ip(A), at(3), 0), first);
+        let retry = 2 + BAN_RETRY_AFTER.as_secs();
+        assert_eq!(book.record(ip(A), at(retry), 0), first);
+    }
+
+    #[test]
+    fn a_failed_repeat_ban_leaves_the_earlier_ban_as_the_last_one() {
+        let mut policy = policy();
+        policy.ban_after = NonZeroU32::new(1).unwrap();
+        let mut book = BanBook::new(policy.clone());
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(matches!(
+            book.record(ip(A), at(0), 0),
+            BanDecision::Ban { repeats: 0, .. }
+        ));
+        // A repeat ban 20 hours later fails.
+        let later = 20 * 3600;
+        assert!(matches!(
+            book.record(ip(A), at(later), 0),
+            BanDecision::Ban { repeats: 1, .. }
+        ));
+        book.ban_failed(IpNet::from(ip(A)), at(later));
+        // The memory of repeats runs from the ban that took effect: past
+        // it, the next ban is a first one again.
+        let forgotten = (policy.max_ban_for + REPEAT_MEMORY).as_secs() + 1;
+        assert!(matches!(
+            book.record(ip(A), at(forgotten), 0),
+            BanDecision::Ban { repeats: 0, .. }
+        ));
     }
 
     #[test]
