@@ -327,8 +327,15 @@ pub fn ensure() -> Result<()> {
 }
 
 /// The same for building the userspace binary alone (`cargo xtask build`,
-/// `run`, `deb`): on a fresh machine the build itself needs protoc.
+/// `run`, `deb`): on a fresh machine the build itself needs protoc. A
+/// working protoc is enough, from any package manager or release archive:
+/// `PROTOC` set (the etcd-client build script uses it as it is), or the
+/// probes passing; only otherwise are the Debian packages installed.
 pub fn ensure_build() -> Result<()> {
+    if std::env::var_os("PROTOC").is_some() || BUILD_CAPABILITIES.iter().all(|c| c.check().is_ok())
+    {
+        return Ok(());
+    }
     ensure_sets("the build", &[BUILD_PEERS], &[BUILD_CAPABILITIES])
 }
 
