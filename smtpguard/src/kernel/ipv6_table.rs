@@ -62,12 +62,18 @@ pub enum Ipv6TableError {
         max: usize,
     },
     /// The list needs more nodes or leaves than the maps hold.
-    #[error("kernel IPv6 table is full: the list needs {needed} {part}, the table holds {max}")]
+    #[error(
+        "kernel IPv6 table is full: the list needs {}{needed} {part}, the table holds {max}",
+        if *.exact { "" } else { "more than " }
+    )]
     Full {
         /// `nodes` or `leaves`.
         part: &'static str,
-        /// How many the whole list needs.
+        /// How many the whole list needs (`exact`), or a number it needs
+        /// more than: counting stops at [`COUNT_PAST_LIMIT`] times the limit.
         needed: usize,
+        /// Whether `needed` is the whole list's need.
+        exact: bool,
         /// What the maps hold of it.
         max: usize,
     },
@@ -251,6 +257,7 @@ fn compile_normalized(prefixes: Vec<Prefix>, limits: Limits) -> Result<Compiled,
             groups: 0,
             leaves: 0,
         },
+        stopped: false,
     };
     for chunk in long.chunk_by(|a, b| a.net >> 112 == b.net >> 112) {
         let x = (chunk[0].net >> 112) as usize;
@@ -266,6 +273,12 @@ fn compile_normalized(prefixes: Vec<Prefix>, limits: Limits) -> Result<Compiled,
     })
 }
 
+/// Past a limit, the compiler goes on counting until the list is known to
+/// need this many times what the table holds, then stops: a hopeless list
+/// (a million scattered /128s needs 14 million nodes) is refused in about
+/// the time a list that fits takes to compile.
+pub const COUNT_PAST_LIMIT: usize = 4;
+
 /// The nodes and leaves built so far.
 struct Builder {
     groups: Vec<Group>,
@@ -276,6 +289,9 @@ struct Builder {
     /// more memory than the limits) but the counting goes on, so that the
     /// error can say how much the list needs.
     needed: Limits,
+    /// The counting stopped ([`Builder::hopeless`]): `needed` is a lower
+    /// bound.
+    stopped: bool,
 }
 
 impl Builder {
@@ -284,18 +300,27 @@ impl Builder {
         self.needed.groups > self.limits.groups || self.needed.leaves > self.limits.leaves
     }
 
+    /// Whether the counting has gone far enough past a limit to stop.
+    fn hopeless(&self) -> bool {
+        self.needed.groups > self.limits.groups.saturating_mul(COUNT_PAST_LIMIT)
+            || self.needed.leaves > self.limits.leaves.saturating_mul(COUNT_PAST_LIMIT)
+    }
+
     /// The error for a list past a limit, naming the part that is.
     fn full(&self) -> Ipv6TableError {
+        let exact = !self.stopped;
         if self.needed.groups > self.limits.groups {
             Ipv6TableError::Full {
                 part: "nodes",
                 needed: self.needed.groups,
+                exact,
                 max: self.limits.groups,
             }
         } else {
             Ipv6TableError::Full {
                 part: "leaves",
                 needed: self.needed.leaves,
+                exact,
                 max: self.limits.leaves,
             }
         }
@@ -309,6 +334,10 @@ impl Builder {
     /// Children first, so a node's leaves (which include its children's
     /// `GROUP` entries) are contiguous. Returns the node's `GROUP` entry.
     fn node(&mut self, depth: u8, default: u32, prefixes: &[Prefix]) -> u32 {
+        if self.hopeless() {
+            self.stopped = true;
+            return entry::NONE;
+        }
         let shift = 120 - u32::from(depth);
         let child = |p: &Prefix| ((p.net >> shift) & 0xff) as u32;
         let (short, long): (Vec<Prefix>, Vec<Prefix>) =
@@ -645,6 +674,39 @@ mod tests {
     }
 
     #[test]
+    fn a_hopeless_list_is_counted_only_so_far() {
+        let limits = Limits {
+            groups: 20,
+            leaves: 1000,
+        };
+        // 100 /128s in /16s of their own: 1,400 nodes, far past 4 x 20.
+        let scattered: Vec<(Ipv6Net, Rule)> = (0..100u128)
+            .map(|i| {
+                let a = (0x2001_u128 + i) << 112 | 1;
+                (Ipv6Net::new(Ipv6Addr::from(a), 128).unwrap(), rule(2, 1))
+            })
+            .collect();
+        let err = compile_within(&scattered, limits).unwrap_err();
+        let Ipv6TableError::Full {
+            part: "nodes",
+            needed,
+            exact: false,
+            max: 20,
+        } = err
+        else {
+            panic!("{err}");
+        };
+        assert!(
+            (COUNT_PAST_LIMIT * 20..COUNT_PAST_LIMIT * 20 + 15).contains(&needed),
+            "{needed}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!("kernel IPv6 table is full: the list needs more than {needed} nodes, the table holds 20")
+        );
+    }
+
+    #[test]
     fn a_list_over_the_limits_is_refused_and_nothing_changes() {
         let limits = Limits {
             groups: 20,
@@ -672,6 +734,7 @@ mod tests {
                 Ipv6TableError::Full {
                     part: "nodes",
                     needed: 28,
+                    exact: true,
                     max: 20
                 }
             ),

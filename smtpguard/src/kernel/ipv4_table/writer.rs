@@ -259,6 +259,9 @@ pub struct Ipv4Table {
     capacity: usize,
     /// A whole list written into the inactive generation, waiting for the switch.
     prepared: Option<(BTreeMap<Ipv4Net, u32>, Slots)>,
+    /// When the last switch happened: the generation it left may still be
+    /// read by a packet for [`GRACE`] after.
+    switched_at: Option<Instant>,
 }
 
 impl Ipv4Table {
@@ -298,6 +301,7 @@ impl Ipv4Table {
             slots: Slots::after_compile(0, 0),
             capacity,
             prepared: None,
+            switched_at: None,
         }
     }
 
@@ -337,6 +341,14 @@ impl Ipv4Table {
                 max: self.capacity,
             });
         }
+        // The inactive generation was in force until the last switch: a
+        // packet that read the old generation number may still be in it.
+        if let Some(at) = self.switched_at {
+            let left = GRACE.saturating_sub(at.elapsed());
+            if !left.is_zero() {
+                std::thread::sleep(left);
+            }
+        }
         let next = &mut self.generations[1 - self.active];
         // The first level is compiled in place: no packet reads the
         // inactive generation, and an error below leaves it inactive.
@@ -360,6 +372,7 @@ impl Ipv4Table {
             self.rules = rules;
             self.slots = slots;
             self.active = 1 - self.active;
+            self.switched_at = Some(Instant::now());
         }
     }
 
