@@ -276,23 +276,6 @@ fn one_list(
         rows.per_packet
             .push(single_frame(settings, list, f, Variant::Plain, &mut c));
     }
-    // The same denied SYN with the verdict worked out in full: what the
-    // precomputed verdicts save, in the same run.
-    ours.sync.set_precomputed_verdicts(false)?;
-    let mut c = Contenders {
-        ours: &mut ours.filter,
-        drop_all,
-        old: &mut old,
-        peer: &mut peer,
-    };
-    rows.per_packet.push(single_frame(
-        settings,
-        list,
-        &frames[0],
-        Variant::FullVerdict,
-        &mut c,
-    ));
-    ours.sync.set_precomputed_verdicts(true)?;
     // The same denied SYN with drop logging at the production default:
     // the flood path as production runs it (nearly every event suppressed).
     ours.log_rate(DEFAULT_LOG_RATE)?;
@@ -425,17 +408,14 @@ fn thread_cpu_ns() -> Result<u64> {
     Ok(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
 }
 
-/// How a per-packet row's smtpguard differs from the plain setup.
+/// How a per-packet row's setup differs from the plain one.
 #[derive(Clone, Copy, PartialEq)]
 enum Variant {
-    /// Drop logging off, precomputed verdicts on.
+    /// Drop logging off.
     Plain,
     /// Drop logging on at this rate (for smtpguard and the old trie
     /// program) instead of off.
     Logging(u32),
-    /// The precomputed verdicts off: the program works each verdict out in
-    /// full, as it did before they existed (what they save, measured).
-    FullVerdict,
 }
 
 /// One frame repeated, in `variant`'s setup (already applied).
@@ -482,9 +462,6 @@ fn single_frame(
         Variant::Logging(rate) => {
             format!(", drop logging at {rate}/s per CPU (production default)")
         }
-        Variant::FullVerdict => ", verdict worked out in full by the program (precomputed \
-             verdicts off; the other contenders as in the plain row)"
-            .to_string(),
     };
     row(
         format!(

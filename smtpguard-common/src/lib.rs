@@ -297,13 +297,6 @@ pub struct RuntimeConfig {
     pub rate_v6_prefix: u32,
     /// Explicit padding; always 0.
     pub _pad2: u32,
-    /// What an IPv4 SYN's verdict is, by the kind of its deciding entry
-    /// ([`ipv4_table::entry`]: none, permit, deny, unresolved group), when
-    /// no per-packet state decides it; see [`outcome`]. Zero: the program
-    /// works the verdict out in full.
-    pub outcome_v4: [u32; 4],
-    /// The same for an IPv6 SYN.
-    pub outcome_v6: [u32; 4],
 }
 
 impl RuntimeConfig {
@@ -324,92 +317,7 @@ impl RuntimeConfig {
             rate_v6_mask: [0; 4],
             rate_v6_prefix: 0,
             _pad2: 0,
-            outcome_v4: [0; 4],
-            outcome_v6: [0; 4],
         }
-    }
-
-    /// Fills `outcome_v4` and `outcome_v6` from the other fields. Call it
-    /// after any change, before the record goes to the kernel.
-    pub fn with_outcomes(mut self) -> Self {
-        self.outcome_v4 = outcome::table(&self, slot::FAMILY_V4);
-        self.outcome_v6 = outcome::table(&self, slot::FAMILY_V6);
-        self
-    }
-}
-
-/// A SYN's verdict worked out in advance, one per entry kind and family
-/// ([`RuntimeConfig::outcome_v4`], [`RuntimeConfig::outcome_v6`]).
-///
-/// Most verdicts depend only on the kind of the deciding entry and the
-/// runtime configuration: a deny entry with enforcement on and no drop log
-/// is a drop counted as `DROP_DENY_LIST`, whoever sends it. Userspace works
-/// those out once, so that the program spends one load on them instead of
-/// a chain of branches on the mode, the enforcement and the limiter on
-/// every packet. The verdicts that need the rate limiter's bucket are left
-/// to the program: their outcome has no [`FAST`] bit. The layout of one outcome (`u32`):
-/// bits 0–7 the [`slot`] to count, [`DROP`], [`HIT`], [`LOG`], [`FAST`].
-pub mod outcome {
-    use super::{counter, ipv4_table::entry, slot, Enforcement, Mode, RuntimeConfig};
-
-    /// The counter slot (a [`slot`] index) to count the packet in.
-    pub const SLOT_MASK: u32 = 0xff;
-    /// Drop the packet (`XDP_DROP`); without it the packet passes.
-    pub const DROP: u32 = 1 << 8;
-    /// Count a hit of the entry's rule id.
-    pub const HIT: u32 = 1 << 9;
-    /// A drop (or, in monitor mode, a would-drop) that goes to the drop
-    /// log, within its rate.
-    pub const LOG: u32 = 1 << 10;
-    /// This outcome is the verdict. Without it (a zeroed record included)
-    /// the program works the verdict out in full.
-    pub const FAST: u32 = 1 << 31;
-
-    /// The outcomes of `cfg` for `family` ([`slot::FAMILY_V4`] or
-    /// [`slot::FAMILY_V6`]), indexed by entry kind. Follows the program's
-    /// full verdict: enforcement off passes everything uncounted as a hit;
-    /// a permit or deny entry decides, otherwise the mode; a source that
-    /// would pass meets the rate limiter (unless it is off, or the source
-    /// is exempt as permitted); a drop is logged (when logging is on) and,
-    /// in monitor mode, passes as `WOULD_DROP`. Only the limiter's verdicts
-    /// are left to the program.
-    pub fn table(cfg: &RuntimeConfig, family: u32) -> [u32; 4] {
-        let log_on = (cfg.log_rate_per_sec != 0) as u32;
-        let counted = |reason: u32| FAST | slot::index(reason, family, log_on);
-        let mut table = [0; 4];
-        for (kind, out) in table.iter_mut().enumerate() {
-            let kind = kind as u32;
-            if cfg.enforcement == Enforcement::Off as u32 {
-                *out = counted(counter::PASS_FILTER_OFF);
-                continue;
-            }
-            let rule = kind == entry::PERMIT || kind == entry::DENY;
-            let hit = if rule { HIT } else { 0 };
-            let (deny, reason) = if rule {
-                (kind == entry::DENY, counter::DROP_DENY_LIST)
-            } else {
-                (
-                    cfg.mode == Mode::DenyAllExceptPermit as u32,
-                    counter::DROP_NOT_PERMITTED,
-                )
-            };
-            *out = if !deny {
-                let exempt = cfg.rate_exempt_permitted != 0 && rule;
-                if cfg.rate_per_minute == 0 || exempt {
-                    counted(counter::PASS_PERMITTED) | hit
-                } else {
-                    0 // the limiter decides
-                }
-            } else {
-                let log = if log_on != 0 { LOG } else { 0 };
-                if cfg.enforcement == Enforcement::Monitor as u32 {
-                    counted(counter::WOULD_DROP) | hit | log
-                } else {
-                    counted(reason) | DROP | hit | log
-                }
-            };
-        }
-        table
     }
 }
 

@@ -26,8 +26,7 @@ use maps::*;
 use parse::OnSyn;
 use runs::rule_of;
 use smtpguard_common::{
-    counter, ipv4_table::entry, outcome, rate::RateKey, slot, Action, CpuState, Enforcement, Mode,
-    Rule, RuntimeConfig,
+    counter, rate::RateKey, slot, Action, CpuState, Enforcement, Mode, RuntimeConfig,
 };
 
 #[xdp]
@@ -59,12 +58,7 @@ impl OnSyn for Judge<'_> {
 
     #[inline(always)]
     fn v4(&self, source: u32, dport_be: u16) -> u32 {
-        self.verdict(
-            lookup_v4(self.cfg, source),
-            &self.cfg.outcome_v4,
-            source,
-            dport_be,
-        )
+        self.verdict(lookup_v4(self.cfg, source), source, dport_be)
     }
 
     #[inline(always)]
@@ -72,75 +66,24 @@ impl OnSyn for Judge<'_> {
         match ipv4_mapped(source) {
             // ::ffff:a.b.c.d is an IPv4 client on a dual-stack socket.
             Some(v4) => self.v4(v4, dport_be),
-            None => self.verdict(
-                lookup_v6::lookup(source),
-                &self.cfg.outcome_v6,
-                *source,
-                dport_be,
-            ),
+            None => self.verdict(lookup_v6::lookup(source), *source, dport_be),
         }
     }
 }
 
 impl Judge<'_> {
-    /// The verdict on a SYN from `client` whose longest-prefix entry is
-    /// `entry` (a table entry; `NONE` when nothing covers it). Most verdicts
-    /// are one load of the outcome userspace worked out for the entry's
-    /// kind (`smtpguard_common::outcome`); the rest take `decide`. Generic
-    /// over the family, so that each family's path is straight-line code
-    /// that keeps its address in registers.
+    /// Applies the lists to a SYN from `client` whose longest-prefix entry
+    /// is `entry` (a table entry; `NONE` when nothing covers it): no match
+    /// falls back to the mode. Counts the outcome once, in its (reason,
+    /// family) slot. Generic over the family, so that each family's path is
+    /// straight-line code that keeps its address in registers.
     #[inline(always)]
-    fn verdict<C: Client>(&self, entry: u32, outcomes: &[u32; 4], client: C, dport_be: u16) -> u32 {
-        let o = outcomes[(entry >> entry::KIND_SHIFT) as usize & 3];
+    fn verdict<C: Client>(&self, entry: u32, client: C, dport_be: u16) -> u32 {
         // One lookup for the counter, the pending hit and the log window.
         let Some(cpu) = SG_CPU.get_ptr_mut(0) else {
             return xdp_action::XDP_PASS;
         };
-        if o & outcome::FAST == 0 {
-            return self.decide(cpu, rule_of(entry), client, dport_be);
-        }
-        let rule_id = if o & outcome::HIT != 0 {
-            hit(cpu, entry & entry::PAYLOAD);
-            entry & entry::PAYLOAD
-        } else {
-            0
-        };
-        if o & outcome::LOG != 0 {
-            // Only drops are logged: by an entry, or by the mode.
-            let reason = if rule_id != 0 {
-                counter::DROP_DENY_LIST
-            } else {
-                counter::DROP_NOT_PERMITTED
-            };
-            self.log_drop(
-                cpu,
-                client,
-                dport_be,
-                reason,
-                rule_id,
-                o & outcome::DROP == 0,
-            );
-        }
-        count(cpu, o & outcome::SLOT_MASK);
-        if o & outcome::DROP != 0 {
-            xdp_action::XDP_DROP
-        } else {
-            xdp_action::XDP_PASS
-        }
-    }
-
-    /// Applies the lists to a SYN from `client` whose longest-prefix entry
-    /// is `rule`: no match falls back to the mode. Counts the outcome once,
-    /// in its (reason, family) slot. The full form of what `verdict` looks
-    /// up; `smtpguard_common::outcome::table` must agree with it.
-    #[inline(always)]
-    fn decide<C: Client>(
-        &self,
-        cpu: *mut CpuState,
-        rule: Option<Rule>,
-        client: C,
-        dport_be: u16,
-    ) -> u32 {
+        let rule = rule_of(entry);
         let cfg = self.cfg;
         if cfg.enforcement == Enforcement::Off as u32 {
             return pass_on(cpu, counter::PASS_FILTER_OFF, C::FAMILY, self.log_on);

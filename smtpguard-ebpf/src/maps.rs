@@ -16,10 +16,9 @@ use smtpguard_common::ipv6_table::{
 use smtpguard_common::rate::{RateBucket, RateKey, DEFAULT_TABLE_SIZE, EVENT_RING_BYTES};
 use smtpguard_common::{CpuState, RuntimeConfig, MAX_RULE_IDS};
 
-/// Runtime configuration (mode, ports, active generation, precomputed
-/// verdicts): a global in a data section of its own, which aya loads as a
-/// one-element array map named after the section
-/// (`smtpguard_common::map_names::CONFIG`). The program reads its fields
+/// Runtime configuration (mode, ports, active generation): a global in a
+/// data section of its own, which aya loads as a one-element array map
+/// named after the section (`smtpguard_common::map_names::CONFIG`). The program reads its fields
 /// at a constant address, with no map lookup on every packet. Mutable and
 /// exported, so that the compiler never takes its zeroed initial value for
 /// a constant: userspace rewrites it at any time.

@@ -216,15 +216,6 @@ impl Oracle {
         self.trie.set_runtime(self.sync.runtime());
     }
 
-    /// With `false`, the production program works out every verdict in
-    /// full instead of loading the precomputed one (see
-    /// `MapSync::set_precomputed_verdicts`); the checks must agree either way.
-    pub fn precomputed_verdicts(&mut self, on: bool) {
-        self.sync
-            .set_precomputed_verdicts(on)
-            .expect("runtime record");
-    }
-
     /// Writes the same rules again through the atomic path, so the
     /// production program switches to its other generation.
     pub fn reapply(&mut self) {

@@ -123,9 +123,6 @@ pub struct MapSync {
     installed: RuleBook,
     /// Hit counters: an id handed to a new prefix starts from zero.
     hits: Arc<HitsMapping>,
-    /// Whether the record carries the precomputed verdicts
-    /// (`smtpguard_common::outcome`); see [`MapSync::set_precomputed_verdicts`].
-    precomputed: bool,
 }
 
 impl MapSync {
@@ -149,7 +146,6 @@ impl MapSync {
             runtime: RuntimeConfig::zeroed(),
             installed: RuleBook::default(),
             hits,
-            precomputed: true,
         };
         sync.write_runtime().map_err(KernelError::InitialConfig)?;
         Ok(sync)
@@ -191,23 +187,7 @@ impl MapSync {
         self.runtime
     }
 
-    /// With `false`, the record goes to the kernel without its precomputed
-    /// verdicts, so the program works out every verdict in full, as it did
-    /// before they existed. The verdicts are the same either way; the
-    /// oracle test checks that they are, and the bench measures what the
-    /// precomputed ones save. Takes effect at once. The daemon never turns
-    /// them off.
-    pub fn set_precomputed_verdicts(&mut self, on: bool) -> Result<(), SyncError> {
-        self.precomputed = on;
-        self.write_runtime()
-    }
-
     fn write_runtime(&mut self) -> Result<(), SyncError> {
-        self.runtime = self.runtime.with_outcomes();
-        if !self.precomputed {
-            self.runtime.outcome_v4 = [0; 4];
-            self.runtime.outcome_v6 = [0; 4];
-        }
         self.config_map
             .set(0, self.runtime, 0)
             .map_err(|source| SyncError::Map {
