@@ -376,27 +376,31 @@ fn ns_figure(s: &Result<Sample, String>) -> Measured {
 }
 
 /// The row for `samples` (smtpguard first), with `to_figure` per sample.
+/// `notes`: smtpguard's, then one per baseline.
 fn row(
     what: String,
     samples: Vec<Result<Sample, String>>,
     to_figure: impl Fn(&Result<Sample, String>) -> Measured,
-    notes: [Option<String>; 3],
+    notes: [Option<String>; 4],
     goal: &str,
 ) -> Row {
+    let [ours_note, baseline_notes @ ..] = notes;
+    let noted = |fig: Measured, note: Option<String>| match note {
+        Some(n) => fig.map(|f| f.note(n)),
+        None => fig,
+    };
     let baselines = BASELINES
         .iter()
         .zip(&samples[1..])
-        .zip(notes)
-        .map(|((name, s), note)| {
-            let fig = to_figure(s);
-            let fig = match note {
-                Some(n) => fig.map(|f| f.note(n)),
-                None => fig,
-            };
-            (name.to_string(), fig)
-        })
+        .zip(baseline_notes)
+        .map(|((name, s), note)| (name.to_string(), noted(to_figure(s), note)))
         .collect();
-    Row::new(what, to_figure(&samples[0]), baselines, goal)
+    Row::new(
+        what,
+        noted(to_figure(&samples[0]), ours_note),
+        baselines,
+        goal,
+    )
 }
 
 /// The calling thread's CPU time (user and system), nanoseconds: precise
@@ -450,6 +454,22 @@ fn single_frame(
         let _ = round();
     }
     let samples = median_of_rounds(settings.rounds, contenders(c, measure));
+    // The kernel's own mean (whole nanoseconds, truncated) of one more
+    // call each, beside the figure: the same runs by the kernel's clock.
+    let kernel_mean =
+        move |p: &mut dyn PacketProgram| -> Result<f64> { Ok(p.run(bytes, repeat)?.1 as f64) };
+    let mut notes: [Option<String>; 4] = Default::default();
+    for (note, mut call) in notes.iter_mut().zip(contenders(c, kernel_mean)) {
+        if let Ok(ns) = call() {
+            *note = Some(format!("kernel's mean {ns:.0} ns"));
+        }
+    }
+    if let Some(p) = peer_note {
+        notes[3] = Some(match notes[3].take() {
+            Some(k) => format!("{k}; {p}"),
+            None => p,
+        });
+    }
     let million = list.prefixes.len() >= 1_000_000;
     let goal = match (frame.what, variant) {
         ("denied IPv4 SYN", Variant::Plain) if million => "≤ 1.5× XDP_DROP only",
@@ -470,7 +490,7 @@ fn single_frame(
         ),
         samples,
         ns_figure,
-        [None, None, peer_note],
+        notes,
         goal,
     )
 }
@@ -511,7 +531,7 @@ fn distinct_batch(settings: &Settings, list: &List, c: &mut Contenders<'_>) -> R
         ),
         samples,
         ns_figure,
-        [None, None, None],
+        [None, None, None, None],
         goal,
     )
 }
@@ -540,7 +560,7 @@ fn live_frames(settings: &Settings, list: &List, frame: &TestFrame, c: &mut Cont
         ),
         samples,
         pps,
-        [None, None, None],
+        [None, None, None, None],
         if frame.what == "denied IPv4 SYN" && list.prefixes.len() >= 1_000_000 {
             "≥ 0.7× XDP_DROP only's packets/s"
         } else {

@@ -102,9 +102,9 @@ fn main() {
          noisy 2-core machine; nothing is asserted as a timer.\n\n\
          - Per-packet figures: one frame repeated is the bench thread's CPU time \
          over one BPF_PROG_TEST_RUN call of `repeat` runs, divided by `repeat` (the \
-         kernel's own mean is whole nanoseconds, too coarse at 5–15 ns; the call's \
-         own cost is microseconds against milliseconds); the distinct batch and \
-         live frames use the kernel's mean. One frame repeated is cache-hot and flatters a trie; \
+         kernel's own mean is whole nanoseconds, truncated, too coarse at 5–15 ns; \
+         it is shown beside each figure, from one more call); the distinct batch, \
+         live frames and the rate limiter rows use the kernel's mean. One frame repeated is cache-hot and flatters a trie; \
          the distinct batch runs each of its frames once (colder, and the syscall \
          overhead is in every contender alike). xdp-filter matches exact addresses \
          in hash maps: it is given one address per prefix (the network address, \
