@@ -103,11 +103,7 @@ fn counts(parts: &[(u64, &str)]) -> String {
 }
 
 fn entries(n: u64) -> String {
-    if n == 1 {
-        "1 entry".to_owned()
-    } else {
-        format!("{n} entries")
-    }
+    crate::policy::entries(n as usize)
 }
 
 /// `deny add`/`remove`: `deny list: 2 added, 1 unchanged; 15 entries`.

@@ -58,9 +58,9 @@ pub fn check(path: &Path) -> CheckReport {
                 let state = if loaded.existed { "" } else { " (no file yet)" };
                 let count = loaded.list.len().total();
                 report.checked.push(format!(
-                    "{}{kind} {count} {}{state}",
+                    "{}{kind} {}{state}",
                     source.map(|s| format!("{s} ")).unwrap_or_default(),
-                    if count == 1 { "entry" } else { "entries" },
+                    crate::policy::entries(count),
                 ));
                 Some(loaded.list)
             }

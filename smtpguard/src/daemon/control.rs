@@ -1049,11 +1049,7 @@ fn leave_out_protected(
         let more = left_out.len().saturating_sub(MAX_RELATED);
         warnings.push(format!(
             "{} inside protected ranges left out: {}{}",
-            if left_out.len() == 1 {
-                "1 entry".to_string()
-            } else {
-                format!("{} entries", left_out.len())
-            },
+            crate::policy::entries(left_out.len()),
             shown.join(", "),
             if more > 0 {
                 format!(" and {more} more")

@@ -25,16 +25,27 @@ pub const TOP_ENTRIES: usize = 20;
 
 type Labels = Vec<(String, String)>;
 
+/// Registers `metric` under `name`. The encoder ends every help text with a
+/// period of its own, so one at the end of `help` is dropped.
+fn register(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: impl prometheus_client::registry::Metric,
+) {
+    registry.register(name, help.strip_suffix('.').unwrap_or(help), metric);
+}
+
 fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
     let c: Counter = Counter::default();
     c.inc_by(value);
-    registry.register(name, help, c);
+    register(registry, name, help, c);
 }
 
 fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
     let g: Gauge = Gauge::default();
     g.set(value);
-    registry.register(name, help, g);
+    register(registry, name, help, g);
 }
 
 fn labelled(
@@ -50,7 +61,7 @@ fn labelled(
             .get_or_create(&vec![(label.to_string(), value.clone())])
             .inc_by(*n);
     }
-    registry.register(name, help, family);
+    register(registry, name, help, family);
 }
 
 /// Screening per verdict, violations per kind, bans per event.
@@ -199,7 +210,8 @@ pub fn render(snapshot: &Snapshot) -> String {
                 ])
                 .inc_by(e.hits);
         }
-        r.register(
+        register(
+            &mut r,
             "smtpguard_xdp_entry_hits",
             "SYNs matched per list entry (top entries).",
             family,
@@ -294,7 +306,12 @@ pub fn render(snapshot: &Snapshot) -> String {
                 .set(count as i64);
         }
     }
-    r.register("smtpguard_list_entries", "Entries on each list.", family);
+    register(
+        &mut r,
+        "smtpguard_list_entries",
+        "Entries on each list.",
+        family,
+    );
     if let Some(u) = &snapshot.ipv6_table {
         ipv6_table(&mut r, u);
     }
@@ -307,7 +324,8 @@ pub fn render(snapshot: &Snapshot) -> String {
         );
         let g = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         g.set(load.duration_secs);
-        r.register(
+        register(
+            &mut r,
             "smtpguard_list_last_load_duration_seconds",
             "How long the last list load took.",
             g,
@@ -420,7 +438,8 @@ fn dnsbl(r: &mut Registry, d: &crate::front_door::dnsbl_gate::GateSnapshot) {
             .get_or_create(&vec![("site".into(), s.name.clone())])
             .inc_by(s.latency_seconds_sum);
     }
-    r.register(
+    register(
+        r,
         "smtpguard_dnsbl_query_seconds",
         "Sum of DNS query latencies, per site (count: smtpguard_dnsbl_lookups_total).",
         family,
@@ -470,6 +489,12 @@ mod tests {
             }),
         };
         let text = render(&snapshot);
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("# HELP") && l.ends_with("..")),
+            "{text}"
+        );
         for line in [
             "smtpguard_dnsbl_verdicts_total{verdict=\"listed\"} 7",
             "smtpguard_dnsbl_actions_total{action=\"drop\"} 7",

@@ -78,8 +78,8 @@ impl Summary {
             let n = policy.total_len(kind);
             let path = super::paths::list_path(&config, &SourceName::local(), kind);
             format!(
-                "{} entries (IPv4 {}, IPv6 {}) from {}",
-                n.total(),
+                "{} (IPv4 {}, IPv6 {}) from {}",
+                crate::policy::entries(n.total()),
                 n.v4,
                 n.v6,
                 path.display()

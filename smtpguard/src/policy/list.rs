@@ -167,6 +167,15 @@ impl FamilyCounts {
     }
 }
 
+/// `n` list entries, as the messages say it: "1 entry", "3 entries".
+pub fn entries(n: usize) -> String {
+    if n == 1 {
+        "1 entry".to_owned()
+    } else {
+        format!("{n} entries")
+    }
+}
+
 /// What [`AccessList::add`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AddOutcome {

@@ -63,12 +63,12 @@ pub use import::{
     parse_list, read_list_file, ImportError, ImportFormat, ImportOptions, ImportReport,
     ImportWarning, ImportedEntry,
 };
-pub(crate) use list::{install_temp, write_temp};
 pub use list::{
-    AccessList, AddOutcome, CoveredEntry, DuplicateEntry, FamilyCounts, ImportDiff, ImportMode,
-    ListEntry, ListError, LoadedList, RemoveOutcome, DEFAULT_DENY_LIST_PATH,
+    entries, AccessList, AddOutcome, CoveredEntry, DuplicateEntry, FamilyCounts, ImportDiff,
+    ImportMode, ListEntry, ListError, LoadedList, RemoveOutcome, DEFAULT_DENY_LIST_PATH,
     DEFAULT_PERMIT_LIST_PATH,
 };
+pub(crate) use list::{install_temp, write_temp};
 pub use protect::{Protected, ProtectedKind, ProtectedRange};
 pub use ruleset::{
     CompiledRule, Enforcement, Explanation, Policy, PolicyError, PolicyMode, Reason, RuleOrigin,
