@@ -258,6 +258,21 @@ fn live_list_changes_stats_metrics_and_restart() {
     // takes four nodes (one per octet after the first two) of three runs
     // each; the maximums are what a generation holds.
     let gauge = |stats: &Value, k: &str| stats["gauges"][k].as_u64().unwrap();
+    // A dry run says it first, and changes nothing.
+    let v6_file = dir.join("v6.txt");
+    std::fs::write(&v6_file, "2001:db8:bad::/48\n").unwrap();
+    let dry = gw.ok(&["import", "deny", v6_file.to_str().unwrap(), "--dry-run"]);
+    let nodes_after = gauge(&after, "kernel_ipv6_nodes") + 4;
+    assert!(
+        dry.contains(&format!(
+            "kernel IPv6 table afterwards: {nodes_after} of 262144 nodes"
+        )),
+        "{dry}"
+    );
+    assert_eq!(
+        gauge(&gw.json(&["stats"]), "kernel_ipv6_nodes"),
+        gauge(&after, "kernel_ipv6_nodes")
+    );
     gw.ok(&["deny", "add", "2001:db8:bad::/48"]);
     let with_v6 = gw.json(&["stats"]);
     assert_eq!(
@@ -294,6 +309,14 @@ fn live_list_changes_stats_metrics_and_restart() {
     assert!(
         matches!(dropped.value, prometheus_parse::Value::Counter(v) if v as u64 == stats_now),
         "{dropped:?} vs {stats_now}"
+    );
+    // The start's list load counts: no reload or import has run yet.
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "smtpguard_list_last_load_timestamp_seconds"),
+        "{body}"
     );
 
     // import --replace: the whole list switches at once.

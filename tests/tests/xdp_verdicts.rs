@@ -1005,9 +1005,7 @@ fn an_ipv6_list_that_does_not_fit_leaves_the_old_one_in_force() {
     for how in [ApplyHow::Atomic, ApplyHow::Incremental] {
         let err = sync.apply(&too_many, how).unwrap_err();
         assert!(
-            err.to_string().starts_with(
-                "writing the kernel IPv6 table; the previous IPv6 list stays in force"
-            ),
+            err.to_string().starts_with("writing the kernel IPv6 table"),
             "{how:?}: {err}"
         );
         assert_old_ipv6_list_in_force(&mut filter, &sync, how);
@@ -1077,8 +1075,12 @@ fn an_ipv6_list_needing_more_nodes_than_the_table_holds_is_refused_whole() {
         assert_eq!(
             (err.to_string(), cause.as_deref()),
             (
-                "writing the kernel IPv6 table; the previous IPv6 list stays in force".into(),
-                Some("kernel IPv6 table is full: the list needs 600238 nodes, the table holds 262144")
+                "writing the kernel IPv6 table".into(),
+                Some(
+                    "kernel IPv6 table is full: the IPv6 entries of all sources, merged, need \
+                     600238 nodes, the table holds 262144; merge or shorten them (a prefix longer \
+                     than /16 takes up to one node per octet past the second)"
+                )
             ),
             "{how:?}"
         );

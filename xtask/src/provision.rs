@@ -312,8 +312,13 @@ pub fn build_ebpf(root: &Path, toolchain: &Toolchain) -> Result<PathBuf> {
     let fingerprint =
         crate::fingerprint::fingerprint(root).context("reading the smtpguard-ebpf sources")?;
     let record = crate::fingerprint::fingerprint_path(&object);
-    std::fs::write(&record, fingerprint)
-        .with_context(|| format!("writing {}", record.display()))?;
+    // Written only when it changes: smtpguard/build.rs reruns on its
+    // mtime, and a rewrite of the same record would rebuild smtpguard on
+    // every `cargo xtask build` or `run`.
+    if std::fs::read_to_string(&record).ok().as_deref() != Some(fingerprint.as_str()) {
+        std::fs::write(&record, fingerprint)
+            .with_context(|| format!("writing {}", record.display()))?;
+    }
     Ok(object)
 }
 

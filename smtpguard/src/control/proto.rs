@@ -505,6 +505,27 @@ pub struct ImportResult {
     /// Entries in the source's list afterwards (count; would be, in a
     /// dry run).
     pub list_size: u64,
+    /// A dry run that changes the lists: how full the kernel IPv6 table
+    /// would be afterwards (the IPv6 entries of all sources, merged);
+    /// `None` otherwise.
+    #[serde(default)]
+    pub ipv6_table: Option<Ipv6TableFill>,
+}
+
+/// How full the kernel IPv6 table is or would be: its room is nodes and
+/// leaves, not prefixes (see `kernel::ipv6_table`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ipv6TableFill {
+    /// IPv6 prefixes (count).
+    pub prefixes: u64,
+    /// Nodes used (count).
+    pub nodes: u64,
+    /// Nodes a generation holds (count).
+    pub nodes_max: u64,
+    /// Leaves used (count).
+    pub leaves: u64,
+    /// Leaves a generation holds (count).
+    pub leaves_max: u64,
 }
 
 /// An exported list ([`Response::Exported`]).

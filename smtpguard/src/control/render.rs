@@ -102,6 +102,11 @@ fn counts(parts: &[(u64, &str)]) -> String {
     }
 }
 
+/// `part` of `whole` in percent, one decimal.
+fn percent(part: u64, whole: u64) -> String {
+    format!("{:.1}%", part as f64 * 100.0 / whole.max(1) as f64)
+}
+
 fn entries(n: u64) -> String {
     crate::policy::entries(n as usize)
 }
@@ -125,8 +130,9 @@ pub fn list_changed(c: &ListChanged) -> String {
 /// `import`: `deny list: 1000 added, 2 duplicates, 1 skipped; 1000
 /// entries`, with `(dry run)` after the list name when nothing was changed,
 /// or `nothing imported` (`nothing would be imported` in a dry run) for an
-/// import refused for its invalid lines. The skipped lines and warnings are
-/// not included.
+/// import refused for its invalid lines. A dry run that leaves IPv6 entries
+/// adds a line with how full the kernel IPv6 table would be. The skipped
+/// lines and warnings are not included.
 pub fn import_result(r: &ImportResult, dry_run: bool) -> String {
     if r.rejected {
         let (note, what) = if dry_run {
@@ -143,8 +149,23 @@ pub fn import_result(r: &ImportResult, dry_run: bool) -> String {
         );
     }
     let note = if dry_run { " (dry run)" } else { "" };
+    let fill = r
+        .ipv6_table
+        .filter(|f| f.prefixes > 0)
+        .map(|f| {
+            format!(
+                "kernel IPv6 table afterwards: {} of {} nodes ({}), {} of {} leaves ({})\n",
+                f.nodes,
+                f.nodes_max,
+                percent(f.nodes, f.nodes_max),
+                f.leaves,
+                f.leaves_max,
+                percent(f.leaves, f.leaves_max)
+            )
+        })
+        .unwrap_or_default();
     format!(
-        "{} list{}{note}: {}; {}\n",
+        "{} list{}{note}: {}; {}\n{fill}",
         r.list,
         of_source(&r.source),
         counts(&[
@@ -493,6 +514,7 @@ pub fn kicked(k: &Kicked) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::proto::Ipv6TableFill;
 
     #[test]
     fn table_aligns_and_drops_empty_columns() {
@@ -512,6 +534,38 @@ mod tests {
         ];
         assert_eq!(table(&rows, &[2]), "a      1  x\nbbb  100\n");
         assert_eq!(table(&[], &[]), "");
+    }
+
+    #[test]
+    fn a_dry_run_import_says_how_full_the_ipv6_table_would_be() {
+        let mut r = ImportResult {
+            added: 1000,
+            list_size: 1000,
+            ..Default::default()
+        };
+        let first = "deny list (dry run): 1000 added; 1000 entries\n";
+        assert_eq!(import_result(&r, true), first);
+        // IPv4 only: the IPv6 table is not worth a line.
+        r.ipv6_table = Some(Ipv6TableFill {
+            nodes_max: 262_144,
+            leaves_max: 1_048_576,
+            ..Default::default()
+        });
+        assert_eq!(import_result(&r, true), first);
+        r.ipv6_table = Some(Ipv6TableFill {
+            prefixes: 1000,
+            nodes: 10_007,
+            nodes_max: 262_144,
+            leaves: 11_000,
+            leaves_max: 1_048_576,
+        });
+        assert_eq!(
+            import_result(&r, true),
+            format!(
+                "{first}kernel IPv6 table afterwards: 10007 of 262144 nodes (3.8%), \
+                 11000 of 1048576 leaves (1.0%)\n"
+            )
+        );
     }
 
     #[test]

@@ -768,6 +768,7 @@ fn import(
     let size_before = size_of(&daemon.policy(), target);
     // A merge of no entries leaves the lists, the kernel and the files.
     let changes = replace || !report.entries.is_empty();
+    let mut ipv6_table = None;
     let diff = if dry_run || !changes {
         let empty = crate::policy::AccessList::new(target);
         let policy = daemon.policy();
@@ -776,7 +777,7 @@ fn import(
         if dry_run && changes {
             // What the real run would hand the kernel, checked in
             // userspace: the IPv6 table's room is nodes, not prefixes.
-            let fits = || -> std::result::Result<(), DaemonError> {
+            let fits = || -> std::result::Result<_, DaemonError> {
                 let mut after = (*policy).clone();
                 let lists = after.source_mut(into);
                 lists.list_mut(target).import(&report, mode)?;
@@ -786,7 +787,14 @@ fn import(
                 let rules = super::startup::kernel_rules(&after)?;
                 crate::kernel::ipv6_table::check_fits(&rules).map_err(DaemonError::WouldNotFit)
             };
-            fits()?;
+            let usage = fits()?;
+            ipv6_table = Some(crate::control::proto::Ipv6TableFill {
+                prefixes: usage.prefixes as u64,
+                nodes: usage.nodes as u64,
+                nodes_max: usage.nodes_max as u64,
+                leaves: usage.leaves as u64,
+                leaves_max: usage.leaves_max as u64,
+            });
         }
         diff
     } else {
@@ -838,6 +846,7 @@ fn import(
         } else {
             size_of(&daemon.policy(), target) as u64
         },
+        ipv6_table,
     }))
 }
 

@@ -243,6 +243,10 @@ impl DaemonDefence {
             BanDecision::Counted { strikes } => {
                 tracing::info!(client = %client, violation = %violation.as_str(), strikes, "violation counted");
             }
+            BanDecision::Pending => {
+                tracing::info!(client = %client, violation = %violation.as_str(),
+                    "violation counted; the client's ban is being written");
+            }
             BanDecision::RefusedFull => {
                 self.counters.refused_full.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(client = %client, violation = %violation.as_str(), bans = in_force,
@@ -256,7 +260,12 @@ impl DaemonDefence {
                 let book = Arc::clone(book);
                 let apply = move |daemon: Arc<Daemon>, added: &AtomicU64, failed: &AtomicU64| {
                     match ban(&daemon, prefix, duration, repeats, violation) {
-                        Ok(()) => added.fetch_add(1, Ordering::Relaxed),
+                        Ok(()) => {
+                            book.lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .ban_written(prefix);
+                            added.fetch_add(1, Ordering::Relaxed)
+                        }
                         Err(e) => {
                             tracing::error!(prefix = %prefix, error = %logging::one_line(&e),
                                 retry_after_s = crate::policy::bans::BAN_RETRY_AFTER.as_secs(),

@@ -90,9 +90,15 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         );
     }
     let started = startup::start_kernel(&config, &policy)?;
-    let (kernel, attachments, kernel_log, rate_limiter) = match started {
-        Some(s) => (Some(s.kernel), s.attachments, s.log, s.rate_limiter),
-        None => (None, Vec::new(), None, None),
+    let (kernel, attachments, kernel_log, rate_limiter, list_load) = match started {
+        Some(s) => (
+            Some(s.kernel),
+            s.attachments,
+            s.log,
+            s.rate_limiter,
+            Some(s.list_load),
+        ),
+        None => (None, Vec::new(), None, None, None),
     };
 
     let daemon = Arc::new(Daemon::new(
@@ -102,6 +108,11 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         kernel,
         attachments,
     ));
+    // The start's load counts: `smtpguard_list_last_load_*` is there from
+    // the first scrape, not only after a reload.
+    if let Some(took) = list_load {
+        daemon.record_list_load(took);
+    }
     // Drop events name the entry's prefix and source, not the kernel's
     // rule id. Never waits for the kernel lock: a list change holding it
     // must not stall the log (the id is then shown as unknown).

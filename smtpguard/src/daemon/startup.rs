@@ -82,7 +82,7 @@ pub enum StartupError {
     /// The merged lists need more of the kernel IPv6 table than it has;
     /// found before anything is written (see
     /// [`crate::kernel::ipv6_table::check_fits`]).
-    #[error("the lists do not fit the kernel IPv6 table; shorten or merge the IPv6 entries")]
+    #[error("the lists do not fit the kernel IPv6 table")]
     Ipv6Table(#[source] crate::kernel::ipv6_table::Ipv6TableError),
     /// Attaching the XDP program.
     #[error("attaching the XDP program to {interface}")]
@@ -274,6 +274,8 @@ pub struct StartedKernel {
     pub log: Option<KernelLog>,
     /// The SYN rate limiter's bucket table and events.
     pub rate_limiter: Option<RateLimiter>,
+    /// How long loading the lists into the kernel took.
+    pub list_load: std::time::Duration,
 }
 
 /// Loads the XDP program, fills its lists and runtime configuration, and
@@ -299,11 +301,13 @@ pub fn start_kernel(config: &Config, policy: &Policy) -> Result<Option<StartedKe
             config.xdp.log_rate_per_second,
         )
         .map_err(|e| StartupError::Runtime(Box::new(e)))?;
+    let load_started = std::time::Instant::now();
     let rules = kernel_rules(policy)?;
     let report = kernel
         .sync
         .apply(&rules, ApplyHow::Atomic)
         .map_err(|e| StartupError::Lists(Box::new(e)))?;
+    let list_load = load_started.elapsed();
     tracing::debug!(prefixes = report.total, "lists loaded into the XDP maps");
     let mode = match config.xdp.mode {
         XdpMode::Native => AttachMode::Native,
@@ -342,6 +346,7 @@ pub fn start_kernel(config: &Config, policy: &Policy) -> Result<Option<StartedKe
         attachments,
         log,
         rate_limiter,
+        list_load,
     }))
 }
 

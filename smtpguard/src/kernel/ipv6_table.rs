@@ -63,7 +63,9 @@ pub enum Ipv6TableError {
     },
     /// The list needs more nodes or leaves than the maps hold.
     #[error(
-        "kernel IPv6 table is full: the list needs {}{needed} {part}, the table holds {max}",
+        "kernel IPv6 table is full: the IPv6 entries of all sources, merged, need {}{needed} \
+         {part}, the table holds {max}; merge or shorten them (a prefix longer than /16 takes \
+         up to one node per octet past the second)",
         if *.exact { "" } else { "more than " }
     )]
     Full {
@@ -197,7 +199,8 @@ pub fn compile_within(
 /// Whether the IPv6 prefixes of `rules` (merged prefixes and actions, as
 /// [`super::MapSync::apply`] takes them) fit the kernel table: the capacity
 /// check a write makes, in userspace only, for `config check`, the start
-/// and dry runs, before anything is written.
+/// and dry runs, before anything is written. A list that fits gives the
+/// [`Usage`] it would have in force.
 ///
 /// # Errors
 ///
@@ -205,7 +208,7 @@ pub fn compile_within(
 /// write of the same list would give.
 pub fn check_fits(
     rules: &[(ipnet::IpNet, smtpguard_common::Action)],
-) -> Result<(), Ipv6TableError> {
+) -> Result<Usage, Ipv6TableError> {
     let v6: Vec<(Ipv6Net, Rule)> = rules
         .iter()
         .filter_map(|(net, action)| match net {
@@ -231,7 +234,14 @@ pub fn check_fits(
             max: capacity,
         });
     }
-    compile_within(&v6, Limits::KERNEL).map(|_| ())
+    let compiled = compile_within(&v6, Limits::KERNEL)?;
+    Ok(Usage {
+        prefixes: v6.len(),
+        nodes: compiled.groups.len(),
+        nodes_max: Limits::KERNEL.groups,
+        leaves: compiled.leaves.len(),
+        leaves_max: Limits::KERNEL.leaves,
+    })
 }
 
 /// [`compile_within`] of a [`normalize`]d list.
@@ -702,7 +712,7 @@ mod tests {
         );
         assert_eq!(
             err.to_string(),
-            format!("kernel IPv6 table is full: the list needs more than {needed} nodes, the table holds 20")
+            format!("kernel IPv6 table is full: the IPv6 entries of all sources, merged, need more than {needed} nodes, the table holds 20; merge or shorten them (a prefix longer than /16 takes up to one node per octet past the second)")
         );
     }
 
@@ -742,7 +752,7 @@ mod tests {
         );
         assert_eq!(
             err.to_string(),
-            "kernel IPv6 table is full: the list needs 28 nodes, the table holds 20"
+            "kernel IPv6 table is full: the IPv6 entries of all sources, merged, need 28 nodes, the table holds 20; merge or shorten them (a prefix longer than /16 takes up to one node per octet past the second)"
         );
         assert_eq!(table.len(), 1);
         assert_eq!(table.usage(), in_force, "a refused list changes no usage");
@@ -833,10 +843,16 @@ mod tests {
             "{:?}",
             check_fits(&deep)
         );
-        // IPv4 entries take no room here; a short IPv6 list fits.
+        // IPv4 entries take no room here; a short IPv6 list fits, and
+        // its usage is what it needs: ten nodes per /128, four at /40 and
+        // one each at /16, /24 and /32 shared.
         let mut fine = deep[..1000].to_vec();
         fine.push(("192.0.2.0/24".parse().unwrap(), A::Permit));
-        assert!(check_fits(&fine).is_ok());
+        let usage = check_fits(&fine).unwrap();
+        assert_eq!(
+            (usage.prefixes, usage.nodes, usage.nodes_max),
+            (1000, 10_007, Limits::KERNEL.groups)
+        );
     }
 
     proptest! {

@@ -71,8 +71,9 @@ pub enum SyncError {
     /// More than [`MAX_RULE_IDS`] distinct prefixes.
     #[error("too many prefixes: {0} (at most {max})", max = MAX_RULE_IDS - 1)]
     TooManyRules(usize),
-    /// The IPv6 table could not be written; the IPv6 list in force stays.
-    #[error("writing the kernel IPv6 table; the previous IPv6 list stays in force")]
+    /// The IPv6 table could not be written; the IPv6 list in force stays
+    /// (the error that wraps this says so).
+    #[error("writing the kernel IPv6 table")]
     Ipv6(#[source] Ipv6TableError),
     /// More ports than the program watches.
     #[error("at most {MAX_PORTS} SMTP ports can be guarded, got {0}")]

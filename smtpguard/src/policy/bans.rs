@@ -35,6 +35,10 @@ const REPEAT_MEMORY: Duration = Duration::from_secs(24 * 3600);
 /// by hand) must not cost a whole list write on every violation.
 pub const BAN_RETRY_AFTER: Duration = Duration::from_secs(10);
 
+/// A ban decided but never reported written or failed (its writer died)
+/// stops holding back the client's next ban after this.
+const PENDING_AT_MOST: Duration = Duration::from_secs(60);
+
 /// Something a client did that counts towards a ban.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Violation {
@@ -101,6 +105,11 @@ pub enum BanDecision {
     },
     /// A ban was due, but `max_entries` bans are in force.
     RefusedFull,
+    /// A ban of the client is being written (decided, not yet reported
+    /// with [`BanBook::ban_written`] or [`BanBook::ban_failed`]): the
+    /// violation is counted by the caller, not towards another ban, so
+    /// that violations arriving together make one ban, not a longer second.
+    Pending,
 }
 
 #[derive(Debug, Default)]
@@ -115,6 +124,8 @@ struct Record {
     previous_ban: Option<Instant>,
     /// No ban is decided before this (a ban write failed).
     retry_at: Option<Instant>,
+    /// When a ban was decided whose write has not reported yet.
+    pending: Option<Instant>,
     last_seen: Option<Instant>,
 }
 
@@ -169,6 +180,12 @@ impl BanBook {
         let record = self.clients.entry(client).or_default();
         record.last_seen = Some(now);
         if record
+            .pending
+            .is_some_and(|t| now.saturating_duration_since(t) < PENDING_AT_MOST)
+        {
+            return BanDecision::Pending;
+        }
+        if record
             .last_ban
             .is_some_and(|t| now.saturating_duration_since(t) > policy.max_ban_for + REPEAT_MEMORY)
         {
@@ -201,6 +218,7 @@ impl BanBook {
         record.previous_ban = record.last_ban;
         record.last_ban = Some(now);
         record.retry_at = None;
+        record.pending = Some(now);
         BanDecision::Ban {
             prefix: client,
             duration: ban_length(policy, repeats),
@@ -217,11 +235,20 @@ impl BanBook {
         let Some(record) = self.clients.get_mut(&prefix.trunc()) else {
             return;
         };
+        record.pending = None;
         record.bans = record.bans.saturating_sub(1);
         record.last_ban = record.previous_ban.take();
         let short = self.policy.ban_after.get() as usize - 1;
         record.strikes = vec![now; short];
         record.retry_at = Some(now + BAN_RETRY_AFTER);
+    }
+
+    /// Reports a [`BanDecision::Ban`] for `prefix` written: the client's
+    /// violations count towards its next ban again.
+    pub fn ban_written(&mut self, prefix: IpNet) {
+        if let Some(record) = self.clients.get_mut(&prefix.trunc()) {
+            record.pending = None;
+        }
     }
 
     /// Clients tracked now.
@@ -241,7 +268,7 @@ impl BanBook {
             let bans = r.last_ban.is_some_and(|t| {
                 now.saturating_duration_since(t) <= policy.max_ban_for + REPEAT_MEMORY
             });
-            strikes || bans
+            strikes || bans || r.pending.is_some()
         });
         if self.clients.len() >= MAX_TRACKED {
             if let Some(oldest) = self
@@ -290,6 +317,47 @@ mod tests {
     }
 
     #[test]
+    fn violations_while_a_ban_is_written_make_no_second_ban() {
+        let mut book = BanBook::new(BanPolicy {
+            ban_after: NonZeroU32::new(1).unwrap(),
+            ..policy()
+        });
+        let t0 = Instant::now();
+        let first = book.record(ip(A), t0, 0);
+        assert!(
+            matches!(first, BanDecision::Ban { repeats: 0, .. }),
+            "{first:?}"
+        );
+        // Two more sessions of the client misbehave before the ban is in
+        // force: neither bans again (a second, longer ban).
+        assert_eq!(book.record(ip(A), t0, 0), BanDecision::Pending);
+        assert_eq!(book.record(ip(A), t0, 0), BanDecision::Pending);
+        // A write that never reports (its writer died) holds back no more
+        // than PENDING_AT_MOST.
+        let mut other = BanBook::new(book.policy().clone());
+        other.record(ip(A), t0, 0);
+        assert!(matches!(
+            other.record(ip(A), t0 + PENDING_AT_MOST, 0),
+            BanDecision::Ban { repeats: 1, .. }
+        ));
+        // Written: the next violation (after the ban) is a repeat.
+        book.ban_written(IpNet::from(ip(A)));
+        let later = t0 + Duration::from_secs(7200);
+        let second = book.record(ip(A), later, 0);
+        assert!(
+            matches!(second, BanDecision::Ban { repeats: 1, .. }),
+            "{second:?}"
+        );
+        // A failed write ends the pending state too.
+        book.ban_failed(IpNet::from(ip(A)), later);
+        let retry = later + BAN_RETRY_AFTER;
+        assert!(matches!(
+            book.record(ip(A), retry, 0),
+            BanDecision::Ban { repeats: 1, .. }
+        ));
+    }
+
+    #[test]
     fn a_failed_ban_is_retried_at_the_next_violation_as_the_same_ban() {
         let mut book = BanBook::new(policy());
         let t0 = Instant::now();
@@ -326,6 +394,7 @@ mod tests {
             book.record(ip(A), at(0), 0),
             BanDecision::Ban { repeats: 0, .. }
         ));
+        book.ban_written(IpNet::from(ip(A)));
         // A repeat ban 20 hours later fails.
         let later = 20 * 3600;
         assert!(matches!(
@@ -369,6 +438,7 @@ mod tests {
             }
         );
         // Counting starts again after a ban; another client is apart.
+        book.ban_written(IpNet::from(ip(A)));
         assert_eq!(
             book.record(ip(A), at(603), 1),
             BanDecision::Counted { strikes: 1 }
@@ -392,6 +462,7 @@ mod tests {
                     book.record(ip(A), t0 + Duration::from_secs(t), 0)
                 {
                     lengths.push(duration.as_secs() / 3600);
+                    book.ban_written(IpNet::from(ip(A)));
                 }
             }
         }
