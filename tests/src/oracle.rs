@@ -4,19 +4,14 @@
 //! id. `tests/lookup_oracle.rs` uses it for IPv4; the IPv6 cases reuse it
 //! with IPv6 lists and addresses.
 
-use std::{collections::HashMap, net::IpAddr, path::PathBuf};
+use std::{collections::HashMap, net::IpAddr};
 
-use aya::{
-    maps::{lpm_trie::Key, Array, LpmTrie, MapData},
-    programs::{TestRun, TestRunOptions, Xdp},
-    Ebpf, EbpfLoader,
-};
 use ipnet::IpNet;
 use smtpguard::{
     kernel::{ApplyHow, MapSync, Stats, XdpFilter},
     policy::{Enforcement, ListKind, Policy, PolicyMode, Reason},
 };
-use smtpguard_common::{counter, map_names, Action, Rule, RuntimeConfig, COUNTER_NAMES};
+use smtpguard_common::{counter, Action, Rule, COUNTER_NAMES};
 
 /// The counters that say what became of a judged SYN: exactly one moves.
 const VERDICT_COUNTERS: [u32; 5] = [
@@ -27,7 +22,7 @@ const VERDICT_COUNTERS: [u32; 5] = [
     counter::PASS_FILTER_OFF,
 ];
 
-use crate::packet;
+use crate::{packet, trie_reference::TrieReference};
 
 /// XDP_DROP.
 pub const XDP_DROP: u32 = 1;
@@ -35,120 +30,6 @@ pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 /// The guarded port of the crafted SYNs.
 pub const PORT: u16 = 25;
-
-/// Where `cargo xtask build` puts the frozen trie program:
-/// `SMTPGUARD_TRIE_OBJECT`, else the workspace's target directory.
-pub fn trie_object() -> PathBuf {
-    std::env::var_os("SMTPGUARD_TRIE_OBJECT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/bpf/bpfel-unknown-none/release/trie-reference")
-        })
-}
-
-/// The frozen trie program, loaded (not attached), lists in generation A.
-pub struct TrieReference {
-    ebpf: Ebpf,
-}
-
-impl TrieReference {
-    /// Loads the object of [`trie_object`].
-    pub fn load() -> Self {
-        let path = trie_object();
-        let bytes = std::fs::read(&path)
-            .unwrap_or_else(|e| panic!("{}: {e} (run `cargo xtask build`)", path.display()));
-        let mut ebpf = EbpfLoader::new().load(&bytes).expect("load trie-reference");
-        let program: &mut Xdp = ebpf
-            .program_mut("smtpguard_trie")
-            .expect("program smtpguard_trie")
-            .try_into()
-            .expect("an XDP program");
-        program.load().expect("verifier accepts trie-reference");
-        TrieReference { ebpf }
-    }
-
-    /// Writes `rules` (prefix, action, rule id) into generation A's tries.
-    pub fn install(&mut self, rules: &[(IpNet, Action, u32)]) {
-        let mut v4: LpmTrie<&mut MapData, [u8; 4], Rule> =
-            LpmTrie::try_from(self.ebpf.map_mut(map_names::RULES_V4[0]).expect("map"))
-                .expect("trie");
-        for (net, action, rule_id) in rules {
-            if let IpNet::V4(n) = net {
-                let key = Key::new(n.prefix_len() as u32, n.network().octets());
-                let rule = Rule {
-                    action: *action as u32,
-                    rule_id: *rule_id,
-                };
-                v4.insert(&key, rule, 0).expect("trie insert");
-            }
-        }
-        let mut v6: LpmTrie<&mut MapData, [u8; 16], Rule> =
-            LpmTrie::try_from(self.ebpf.map_mut(map_names::RULES_V6[0]).expect("map"))
-                .expect("trie");
-        for (net, action, rule_id) in rules {
-            if let IpNet::V6(n) = net {
-                let key = Key::new(n.prefix_len() as u32, n.network().octets());
-                let rule = Rule {
-                    action: *action as u32,
-                    rule_id: *rule_id,
-                };
-                v6.insert(&key, rule, 0).expect("trie insert");
-            }
-        }
-    }
-
-    /// Takes one prefix out of generation A's tries.
-    pub fn remove(&mut self, net: IpNet) {
-        let result = match net {
-            IpNet::V4(n) => {
-                let mut v4: LpmTrie<&mut MapData, [u8; 4], Rule> =
-                    LpmTrie::try_from(self.ebpf.map_mut(map_names::RULES_V4[0]).expect("map"))
-                        .expect("trie");
-                v4.remove(&Key::new(n.prefix_len() as u32, n.network().octets()))
-            }
-            IpNet::V6(n) => {
-                let mut v6: LpmTrie<&mut MapData, [u8; 16], Rule> =
-                    LpmTrie::try_from(self.ebpf.map_mut(map_names::RULES_V6[0]).expect("map"))
-                        .expect("trie");
-                v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets()))
-            }
-        };
-        result.expect("trie remove");
-    }
-
-    /// Sets the runtime record (generation A).
-    pub fn set_runtime(&mut self, mut runtime: RuntimeConfig) {
-        runtime.active_generation = 0;
-        let mut config: Array<&mut MapData, RuntimeConfig> = Array::try_from(
-            self.ebpf
-                .map_mut(crate::trie_reference::CONFIG_MAP)
-                .expect("map"),
-        )
-        .expect("array");
-        config.set(0, runtime, 0).expect("config");
-    }
-
-    /// Hits of `rule_id`.
-    pub fn hits(&self, rule_id: u32) -> u64 {
-        let hits: Array<&MapData, u64> =
-            Array::try_from(self.ebpf.map(map_names::HITS).expect("map")).expect("array");
-        hits.get(&rule_id, 0).unwrap_or(0)
-    }
-
-    /// Runs one frame: the XDP action.
-    pub fn run(&mut self, frame: &[u8]) -> u32 {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut("smtpguard_trie")
-            .expect("program")
-            .try_into()
-            .expect("xdp");
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        program.test_run(opts).expect("test run").return_value
-    }
-}
 
 /// The production program and the trie reference, loaded with one policy.
 pub struct Oracle {
@@ -190,8 +71,8 @@ impl Oracle {
         assert_eq!(ids.len(), rules.len(), "every rule has an id");
         let with_ids: Vec<(IpNet, Action, u32)> =
             rules.iter().map(|(p, a)| (*p, *a, ids[p])).collect();
-        let mut trie = TrieReference::load();
-        trie.install(&with_ids);
+        let mut trie = TrieReference::empty();
+        install(&mut trie, &with_ids);
         let mut oracle = Oracle {
             filter,
             sync,
@@ -213,7 +94,7 @@ impl Oracle {
         self.sync
             .set_runtime(self.policy.mode().into(), enforcement.into(), &[PORT], 0)
             .expect("runtime");
-        self.trie.set_runtime(self.sync.runtime());
+        self.trie.set_runtime_record(self.sync.runtime());
     }
 
     /// Writes the same rules again through the atomic path, so the
@@ -270,7 +151,7 @@ impl Oracle {
                         id
                     }
                 };
-                self.trie.install(&[(prefix, action, id)]);
+                install(&mut self.trie, &[(prefix, action, id)]);
             }
         }
     }
@@ -331,7 +212,7 @@ impl Oracle {
                 "{addr}: counted as {verdicts:?}\n{explanation}"
             );
         }
-        let old = self.trie.run(&frame);
+        let old = self.trie.run(&frame, 1).expect("test run").0;
         assert!(
             new == want && old == want,
             "{addr}: policy {want}, compiled {new}, trie {old}\n{explanation}"
@@ -344,5 +225,16 @@ impl Oracle {
                 self.sync.prefix_of(id)
             );
         }
+    }
+}
+
+/// Writes `rules` (prefix, action, rule id) into the reference's tries.
+fn install(trie: &mut TrieReference, rules: &[(IpNet, Action, u32)]) {
+    for (net, action, rule_id) in rules {
+        let rule = Rule {
+            action: *action as u32,
+            rule_id: *rule_id,
+        };
+        trie.insert(*net, rule);
     }
 }

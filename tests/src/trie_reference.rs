@@ -11,7 +11,7 @@ use aya::{
     Ebpf,
 };
 use ipnet::IpNet;
-use smtpguard_common::{Action, Enforcement, Mode, Rule, RuntimeConfig};
+use smtpguard_common::{map_names, Action, Enforcement, Mode, Rule, RuntimeConfig};
 
 /// The frozen program's runtime record: an array map of this name (the
 /// production program's is a global, `map_names::CONFIG`).
@@ -37,14 +37,13 @@ impl TrieReference {
             })
     }
 
-    /// Loads the program with `rules` (canonical prefixes, one action each,
-    /// rule ids 1, 2, ... in order) in its tries; zeroed config (accept
-    /// all, no ports) until [`TrieReference::set_runtime`].
+    /// The program, loaded and verified, with empty tries; zeroed config
+    /// (accept all, no ports) until [`TrieReference::set_runtime`].
     ///
     /// # Panics
     ///
-    /// If the object is missing, the verifier refuses it or a trie is full.
-    pub fn load(rules: &[(IpNet, Action)]) -> TrieReference {
+    /// If the object is missing or the verifier refuses it.
+    pub fn empty() -> TrieReference {
         let path = Self::object();
         let mut ebpf = Ebpf::load_file(&path)
             .unwrap_or_else(|e| panic!("{} (`cargo xtask build` builds it): {e}", path.display()));
@@ -54,36 +53,77 @@ impl TrieReference {
             .try_into()
             .expect("an XDP program");
         program.load().expect("trie-reference passes the verifier");
-        for (id, (net, action)) in rules.iter().enumerate() {
-            let rule = Rule {
-                action: *action as u32,
-                rule_id: id as u32 + 1,
-            };
-            let result = match net {
-                IpNet::V4(n) => {
-                    let map = ebpf.map_mut("SG_RULES4_A").expect("SG_RULES4_A");
-                    let mut trie: LpmTrie<&mut MapData, [u8; 4], Rule> =
-                        LpmTrie::try_from(map).unwrap();
-                    trie.insert(
-                        &Key::new(n.prefix_len().into(), n.network().octets()),
-                        rule,
-                        0,
-                    )
-                }
-                IpNet::V6(n) => {
-                    let map = ebpf.map_mut("SG_RULES6_A").expect("SG_RULES6_A");
-                    let mut trie: LpmTrie<&mut MapData, [u8; 16], Rule> =
-                        LpmTrie::try_from(map).unwrap();
-                    trie.insert(
-                        &Key::new(n.prefix_len().into(), n.network().octets()),
-                        rule,
-                        0,
-                    )
-                }
-            };
-            result.unwrap_or_else(|e| panic!("trie-reference: inserting {net}: {e}"));
-        }
         TrieReference { ebpf }
+    }
+
+    /// Loads the program with `rules` (canonical prefixes, one action each,
+    /// rule ids 1, 2, ... in order) in its tries, as [`TrieReference::empty`].
+    ///
+    /// # Panics
+    ///
+    /// As [`TrieReference::empty`], or if a trie is full.
+    pub fn load(rules: &[(IpNet, Action)]) -> TrieReference {
+        let mut reference = Self::empty();
+        for (id, (net, action)) in rules.iter().enumerate() {
+            reference.insert(
+                *net,
+                Rule {
+                    action: *action as u32,
+                    rule_id: id as u32 + 1,
+                },
+            );
+        }
+        reference
+    }
+
+    /// Writes one prefix into generation A's trie of its family.
+    ///
+    /// # Panics
+    ///
+    /// If the trie refuses it (full).
+    pub fn insert(&mut self, net: IpNet, rule: Rule) {
+        let result = match net {
+            IpNet::V4(n) => self.trie::<4>("SG_RULES4_A").insert(
+                &Key::new(n.prefix_len().into(), n.network().octets()),
+                rule,
+                0,
+            ),
+            IpNet::V6(n) => self.trie::<16>("SG_RULES6_A").insert(
+                &Key::new(n.prefix_len().into(), n.network().octets()),
+                rule,
+                0,
+            ),
+        };
+        result.unwrap_or_else(|e| panic!("trie-reference: inserting {net}: {e}"));
+    }
+
+    /// Takes one prefix out of generation A's trie of its family.
+    ///
+    /// # Panics
+    ///
+    /// If it is not there.
+    pub fn remove(&mut self, net: IpNet) {
+        let result = match net {
+            IpNet::V4(n) => self
+                .trie::<4>("SG_RULES4_A")
+                .remove(&Key::new(n.prefix_len().into(), n.network().octets())),
+            IpNet::V6(n) => self
+                .trie::<16>("SG_RULES6_A")
+                .remove(&Key::new(n.prefix_len().into(), n.network().octets())),
+        };
+        result.unwrap_or_else(|e| panic!("trie-reference: removing {net}: {e}"));
+    }
+
+    /// The trie map `name`, keyed by `N`-byte addresses.
+    fn trie<const N: usize>(&mut self, name: &str) -> LpmTrie<&mut MapData, [u8; N], Rule> {
+        LpmTrie::try_from(self.ebpf.map_mut(name).expect(name)).expect("an LPM trie")
+    }
+
+    /// Hits of `rule_id` (the program's shared hit array).
+    pub fn hits(&self, rule_id: u32) -> u64 {
+        let hits: Array<&MapData, u64> =
+            Array::try_from(self.ebpf.map(map_names::HITS).expect("map")).expect("array");
+        hits.get(&rule_id, 0).unwrap_or(0)
     }
 
     /// Mode, enforcement, one guarded port (host order) and the log rate.
@@ -94,6 +134,13 @@ impl TrieReference {
         cfg.port_count = 1;
         cfg.ports[0] = port.to_be();
         cfg.log_rate_per_sec = log_rate;
+        self.set_runtime_record(cfg);
+    }
+
+    /// Writes a whole runtime record, its generation forced to A (where
+    /// the tries are filled).
+    pub fn set_runtime_record(&mut self, mut cfg: RuntimeConfig) {
+        cfg.active_generation = 0;
         let mut config: Array<&mut MapData, RuntimeConfig> =
             Array::try_from(self.ebpf.map_mut(CONFIG_MAP).expect(CONFIG_MAP)).unwrap();
         config.set(0, cfg, 0).expect("writing the runtime record");
