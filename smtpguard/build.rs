@@ -1,9 +1,11 @@
 //! Embeds the XDP object so the operator deploys one file.
 //!
-//! `cargo xtask build` compiles `smtpguard-ebpf` for `bpfel-unknown-none`,
-//! records which sources it built from (`<object>.sources`), and passes the
-//! object's path in `SMTPGUARD_EBPF_OBJECT`. A plain `cargo build`/`cargo
-//! test` falls back to the object xtask left in `target/bpf`:
+//! `cargo xtask build` compiles `smtpguard-ebpf` for `bpfel-unknown-none`
+//! into `target/bpf` and records which sources it built from
+//! (`<object>.sources`); this script embeds that object, for xtask's builds
+//! and a plain `cargo build`/`cargo test` alike (the same environment, so
+//! switching between them rebuilds nothing). `SMTPGUARD_EBPF_OBJECT` names
+//! another object, which must then exist. From `target/bpf`:
 //!
 //! - none there: it embeds an empty object with a warning, so the library
 //!   still builds and unit-tests without the eBPF toolchain (loading the

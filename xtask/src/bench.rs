@@ -12,7 +12,6 @@ use anyhow::{bail, Result};
 /// Runs the bench against `binary` (the release daemon) and writes
 /// `bench/RESULTS.md`.
 pub fn run(root: &Path, binary: &Path, quick: bool) -> Result<()> {
-    let object = crate::provision::ebpf_object(root);
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(root)
         .args([
@@ -25,7 +24,6 @@ pub fn run(root: &Path, binary: &Path, quick: bool) -> Result<()> {
             "--",
         ])
         .args(["--out", "bench/RESULTS.md"])
-        .env("SMTPGUARD_EBPF_OBJECT", object)
         .env(
             "SMTPGUARD_BENCH_OBJECT",
             crate::provision::bench_object(root),

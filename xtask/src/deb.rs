@@ -27,7 +27,6 @@ pub fn build(root: &Path) -> Result<PathBuf> {
     let out = Command::new(&cargo_deb)
         .current_dir(root)
         .args(["deb", "--package", "smtpguard", "--no-build"])
-        .env("SMTPGUARD_EBPF_OBJECT", crate::provision::ebpf_object(root))
         .output()
         .context("running cargo-deb")?;
     if !out.status.success() {
@@ -60,7 +59,6 @@ fn docs(root: &Path) -> Result<()> {
         .args(["run", "--quiet", "--release", "--package", "smtpguard"])
         .args(["--bin", "smtpguard-docs", "--"])
         .arg(&out)
-        .env("SMTPGUARD_EBPF_OBJECT", crate::provision::ebpf_object(root))
         .status()
         .context("running smtpguard-docs")?;
     if !status.success() {

@@ -131,8 +131,7 @@ pub fn bounded_tests(root: &Path) -> Command {
     // tests (`cargo xtask test` built it): the smtpguard build is shared.
     cmd.current_dir(root)
         .args(["test", "--manifest-path", "fuzz/Cargo.toml"])
-        .args(["--target-dir", "target"])
-        .env("SMTPGUARD_EBPF_OBJECT", crate::provision::ebpf_object(root));
+        .args(["--target-dir", "target"]);
     cmd
 }
 

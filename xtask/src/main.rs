@@ -100,6 +100,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    forget_package_env();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e)
@@ -188,14 +189,12 @@ fn run(cmd: Cmd) -> Result<()> {
             // The package test installs the very .deb CI builds.
             let package = deb::build(&root)?;
             let binary = build(&root, false)?;
-            let object = provision::ebpf_object(&root);
             eprintln!(
                 "xtask: running cargo test --workspace --no-fail-fast (all but the BPF-only crate)"
             );
             let mut cmd = Command::new(env!("CARGO"));
             cmd.current_dir(&root)
                 .args(["test", "--workspace", "--exclude", "smtpguard-ebpf"])
-                .env("SMTPGUARD_EBPF_OBJECT", &object)
                 .env("SMTPGUARD_BIN", &binary)
                 .env("SMTPGUARD_DEB", &package)
                 .env("SMTPGUARD_SHARED_DATA", root.join("../shared/data"));
@@ -247,15 +246,17 @@ fn build(root: &Path, release: bool) -> Result<PathBuf> {
     let toolchain = provision::toolchain()?;
     // protoc, for the etcd client: without it a fresh machine's build fails.
     peers::ensure_build()?;
-    let object = provision::build_ebpf(root, &toolchain)?;
+    // smtpguard/build.rs finds the object where this puts it
+    // (`provision::ebpf_object`); naming it in SMTPGUARD_EBPF_OBJECT would
+    // rebuild smtpguard at every switch between xtask and a plain cargo.
+    provision::build_ebpf(root, &toolchain)?;
     eprintln!(
         "xtask: building smtpguard ({})",
         if release { "release" } else { "debug" }
     );
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(root)
-        .args(["build", "--package", "smtpguard", "--bin", "smtpguard"])
-        .env("SMTPGUARD_EBPF_OBJECT", &object);
+        .args(["build", "--package", "smtpguard", "--bin", "smtpguard"]);
     if release {
         cmd.arg("--release");
     }
@@ -283,6 +284,32 @@ fn require_root(why: &str) -> Result<()> {
         bail!("this needs root: {why}; run it as root (e.g. `sudo -E cargo xtask ...`)");
     }
     Ok(())
+}
+
+/// Drops the variables cargo sets for the package it runs (this one):
+/// passed on to the inner cargo commands they reach build scripts that
+/// track them (ring's tracks `CARGO_MANIFEST_DIR`), and every switch
+/// between `cargo xtask` and a plain `cargo build` rebuilt half the tree.
+fn forget_package_env() {
+    let per_package = |name: &str| {
+        name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                name,
+                "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+            )
+    };
+    let names: Vec<_> = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| per_package(name))
+        .collect();
+    for name in names {
+        // Single-threaded still: nothing else reads the environment.
+        std::env::remove_var(name);
+    }
 }
 
 fn workspace_root() -> PathBuf {
