@@ -254,11 +254,9 @@ fn live_list_changes_stats_metrics_and_restart() {
         (Some("203.0.113.11/32"), Some(3)),
         "{after}"
     );
-    // How full the kernel IPv6 table is: a /48 under a /16 of its own
-    // takes four nodes (one per octet after the first two) of three runs
-    // each; the maximums are what a generation holds.
     let gauge = |stats: &Value, k: &str| stats["gauges"][k].as_u64().unwrap();
-    // A dry run says it first, and changes nothing.
+    // How full the kernel IPv6 table would be: a dry run says it, and
+    // changes nothing.
     let v6_file = dir.join("v6.txt");
     std::fs::write(&v6_file, "2001:db8:bad::/48\n").unwrap();
     let dry = gw.ok(&["import", "deny", v6_file.to_str().unwrap(), "--dry-run"]);
@@ -273,6 +271,9 @@ fn live_list_changes_stats_metrics_and_restart() {
         gauge(&gw.json(&["stats"]), "kernel_ipv6_nodes"),
         gauge(&after, "kernel_ipv6_nodes")
     );
+    // How full the kernel IPv6 table is: a /48 under a /16 of its own
+    // takes four nodes (one per octet after the first two) of three runs
+    // each; the maximums are what a generation holds.
     gw.ok(&["deny", "add", "2001:db8:bad::/48"]);
     let with_v6 = gw.json(&["stats"]);
     assert_eq!(

@@ -308,7 +308,16 @@ pub fn build_ebpf(root: &Path, toolchain: &Toolchain) -> Result<PathBuf> {
         bail!("building the XDP program failed");
     }
     // smtpguard/build.rs refuses an object whose sources changed since.
+    // It looks for the object at this very path (its fallback, with no
+    // SMTPGUARD_EBPF_OBJECT) and embeds none, with a warning, when there is
+    // none: make sure there is.
     let object = ebpf_object(root);
+    if !object.is_file() {
+        bail!(
+            "the XDP program built, but {} is not there (smtpguard/build.rs embeds it from there)",
+            object.display()
+        );
+    }
     let fingerprint =
         crate::fingerprint::fingerprint(root).context("reading the smtpguard-ebpf sources")?;
     let record = crate::fingerprint::fingerprint_path(&object);

@@ -234,11 +234,24 @@ impl DaemonDefence {
         let Some(book) = &self.book else {
             return;
         };
+        // A ban in force: the client's sessions still closing and its
+        // queued rate-limit events are no new violations (nor a second,
+        // longer ban). A ban lifted by hand is not in force.
+        let auto = daemon
+            .policy()
+            .source(&SourceName::auto())
+            .is_some_and(|s| s.list(ListKind::Deny).get(client.trunc()).is_some());
+        if auto {
+            tracing::info!(client = %client, violation = %violation.as_str(),
+                "violation of a client banned already: counted, no new ban");
+            return;
+        }
         let in_force = bans_in_force(&daemon);
+        let decided = Instant::now();
         let decision = book
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .record_prefix(client, Instant::now(), in_force);
+            .record_prefix(client, decided, in_force);
         match decision {
             BanDecision::Counted { strikes } => {
                 tracing::info!(client = %client, violation = %violation.as_str(), strikes, "violation counted");
@@ -263,7 +276,7 @@ impl DaemonDefence {
                         Ok(()) => {
                             book.lock()
                                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .ban_written(prefix);
+                                .ban_written(prefix, decided);
                             added.fetch_add(1, Ordering::Relaxed)
                         }
                         Err(e) => {
@@ -275,7 +288,7 @@ impl DaemonDefence {
                             // (BAN_RETRY_AFTER spaces the retries).
                             book.lock()
                                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .ban_failed(prefix, Instant::now());
+                                .ban_failed(prefix, decided, Instant::now());
                             failed.fetch_add(1, Ordering::Relaxed)
                         }
                     };

@@ -82,8 +82,8 @@ pub enum StartupError {
     /// The merged lists need more of the kernel IPv6 table than it has;
     /// found before anything is written (see
     /// [`crate::kernel::ipv6_table::check_fits`]).
-    #[error("the lists do not fit the kernel IPv6 table")]
-    Ipv6Table(#[source] crate::kernel::ipv6_table::Ipv6TableError),
+    #[error(transparent)]
+    Ipv6Table(crate::kernel::ipv6_table::Ipv6TableError),
     /// Attaching the XDP program.
     #[error("attaching the XDP program to {interface}")]
     Attach {

@@ -64,8 +64,8 @@ pub enum Ipv6TableError {
     /// The list needs more nodes or leaves than the maps hold.
     #[error(
         "kernel IPv6 table is full: the IPv6 entries of all sources, merged, need {}{needed} \
-         {part}, the table holds {max}; merge or shorten them (a prefix longer than /16 takes \
-         up to one node per octet past the second)",
+         {part}, the table holds {max}; aggregate or shorten them (a prefix longer than /16 \
+         takes up to one node and its leaves per octet past the second)",
         if *.exact { "" } else { "more than " }
     )]
     Full {
@@ -712,7 +712,7 @@ mod tests {
         );
         assert_eq!(
             err.to_string(),
-            format!("kernel IPv6 table is full: the IPv6 entries of all sources, merged, need more than {needed} nodes, the table holds 20; merge or shorten them (a prefix longer than /16 takes up to one node per octet past the second)")
+            format!("kernel IPv6 table is full: the IPv6 entries of all sources, merged, need more than {needed} nodes, the table holds 20; aggregate or shorten them (a prefix longer than /16 takes up to one node and its leaves per octet past the second)")
         );
     }
 
@@ -752,7 +752,7 @@ mod tests {
         );
         assert_eq!(
             err.to_string(),
-            "kernel IPv6 table is full: the IPv6 entries of all sources, merged, need 28 nodes, the table holds 20; merge or shorten them (a prefix longer than /16 takes up to one node per octet past the second)"
+            "kernel IPv6 table is full: the IPv6 entries of all sources, merged, need 28 nodes, the table holds 20; aggregate or shorten them (a prefix longer than /16 takes up to one node and its leaves per octet past the second)"
         );
         assert_eq!(table.len(), 1);
         assert_eq!(table.usage(), in_force, "a refused list changes no usage");
@@ -845,13 +845,24 @@ mod tests {
         );
         // IPv4 entries take no room here; a short IPv6 list fits, and
         // its usage is what it needs: ten nodes per /128, four at /40 and
-        // one each at /16, /24 and /32 shared.
+        // one each at /16, /24 and /32 shared; leaves as the compiler
+        // makes them.
         let mut fine = deep[..1000].to_vec();
         fine.push(("192.0.2.0/24".parse().unwrap(), A::Permit));
         let usage = check_fits(&fine).unwrap();
+        let v6: Vec<(Ipv6Net, Rule)> = fine
+            .iter()
+            .filter_map(|(net, _)| match net {
+                ipnet::IpNet::V6(n) => Some(*n),
+                ipnet::IpNet::V4(_) => None,
+            })
+            .zip(1u32..)
+            .map(|(net, rule_id)| (net, Rule { action: 2, rule_id }))
+            .collect();
+        let leaves = compile_within(&v6, Limits::KERNEL).unwrap().leaves.len();
         assert_eq!(
-            (usage.prefixes, usage.nodes, usage.nodes_max),
-            (1000, 10_007, Limits::KERNEL.groups)
+            (usage.prefixes, usage.nodes, usage.leaves),
+            (1000, 10_007, leaves)
         );
     }
 

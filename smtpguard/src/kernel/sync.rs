@@ -45,8 +45,9 @@ use super::{
 /// Errors while writing the maps.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
-    /// A trie is full (or the kernel is out of memory); the old list stays in force.
-    #[error("kernel {family} list is full after {written} of {wanted} prefixes; the previous list stays in force")]
+    /// A trie is full (or the kernel is out of memory); the old list stays
+    /// in force (the errors that wrap this say so where it matters).
+    #[error("kernel {family} list is full after {written} of {wanted} prefixes")]
     Full {
         /// `IPv4` or `IPv6`.
         family: &'static str,
@@ -57,8 +58,9 @@ pub enum SyncError {
         #[source]
         source: MapError,
     },
-    /// The IPv4 table holds fewer prefixes than the list; the old list stays in force.
-    #[error("kernel IPv4 list is full after {written} of {wanted} prefixes; the previous list stays in force")]
+    /// The IPv4 table holds fewer prefixes than the list; the old list
+    /// stays in force (the errors that wrap this say so where it matters).
+    #[error("kernel IPv4 list is full after {written} of {wanted} prefixes")]
     Ipv4Full {
         /// Prefixes that fit (the capacity), or were written before the failure.
         written: usize,
@@ -72,7 +74,7 @@ pub enum SyncError {
     #[error("too many prefixes: {0} (at most {max})", max = MAX_RULE_IDS - 1)]
     TooManyRules(usize),
     /// The IPv6 table could not be written; the IPv6 list in force stays
-    /// (the error that wraps this says so).
+    /// (the errors that wrap this say so where it matters).
     #[error("writing the kernel IPv6 table")]
     Ipv6(#[source] Ipv6TableError),
     /// More ports than the program watches.

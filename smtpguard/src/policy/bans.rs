@@ -12,6 +12,12 @@
 //! At the cap on bans in force (`max_entries`) a new ban is refused:
 //! evicting an older ban would let a flood of distinct sources free the
 //! worst offenders.
+//!
+//! The caller reports every [`BanDecision::Ban`] back, with
+//! [`BanBook::ban_written`] or [`BanBook::ban_failed`]; until then the
+//! client's violations make no second ban ([`BanDecision::Pending`]). A
+//! decision never reported stops holding back after a minute and counts as
+//! failed.
 
 use std::{
     collections::HashMap,
@@ -179,11 +185,12 @@ impl BanBook {
         let policy = &self.policy;
         let record = self.clients.entry(client).or_default();
         record.last_seen = Some(now);
-        if record
-            .pending
-            .is_some_and(|t| now.saturating_duration_since(t) < PENDING_AT_MOST)
-        {
-            return BanDecision::Pending;
+        if let Some(decided) = record.pending {
+            if now.saturating_duration_since(decided) < PENDING_AT_MOST {
+                return BanDecision::Pending;
+            }
+            // Its writer died: the ban most likely never took effect.
+            record.take_back();
         }
         if record
             .last_ban
@@ -226,28 +233,35 @@ impl BanBook {
         }
     }
 
-    /// Takes back a [`BanDecision::Ban`] for `prefix` whose write failed
-    /// (a full kernel table, a disk error): the ban does not count as one
-    /// for the next ban's length, and the strikes stay one short of a ban,
-    /// so the client's first violation after [`BAN_RETRY_AFTER`] (within
-    /// the window) tries again, rather than after `ban_after` more.
-    pub fn ban_failed(&mut self, prefix: IpNet, now: Instant) {
+    /// Takes back the [`BanDecision::Ban`] for `prefix` decided at
+    /// `decided` (the `now` it was recorded with) whose write failed (a
+    /// full kernel table, a disk error): the ban does not count as one for
+    /// the next ban's length, and the strikes stay one short of a ban, so
+    /// the client's first violation after [`BAN_RETRY_AFTER`] (within the
+    /// window) tries again, rather than after `ban_after` more. A report
+    /// for an older decision than the client's latest changes nothing.
+    pub fn ban_failed(&mut self, prefix: IpNet, decided: Instant, now: Instant) {
         let Some(record) = self.clients.get_mut(&prefix.trunc()) else {
             return;
         };
-        record.pending = None;
-        record.bans = record.bans.saturating_sub(1);
-        record.last_ban = record.previous_ban.take();
+        if record.pending != Some(decided) {
+            return;
+        }
+        record.take_back();
         let short = self.policy.ban_after.get() as usize - 1;
         record.strikes = vec![now; short];
         record.retry_at = Some(now + BAN_RETRY_AFTER);
     }
 
-    /// Reports a [`BanDecision::Ban`] for `prefix` written: the client's
-    /// violations count towards its next ban again.
-    pub fn ban_written(&mut self, prefix: IpNet) {
+    /// Reports the [`BanDecision::Ban`] for `prefix` decided at `decided`
+    /// written: the client's violations count towards its next ban again.
+    /// A report for an older decision than the client's latest changes
+    /// nothing.
+    pub fn ban_written(&mut self, prefix: IpNet, decided: Instant) {
         if let Some(record) = self.clients.get_mut(&prefix.trunc()) {
-            record.pending = None;
+            if record.pending == Some(decided) {
+                record.pending = None;
+            }
         }
     }
 
@@ -268,7 +282,10 @@ impl BanBook {
             let bans = r.last_ban.is_some_and(|t| {
                 now.saturating_duration_since(t) <= policy.max_ban_for + REPEAT_MEMORY
             });
-            strikes || bans || r.pending.is_some()
+            let pending = r
+                .pending
+                .is_some_and(|t| now.saturating_duration_since(t) < PENDING_AT_MOST);
+            strikes || bans || pending
         });
         if self.clients.len() >= MAX_TRACKED {
             if let Some(oldest) = self
@@ -280,6 +297,15 @@ impl BanBook {
                 self.clients.remove(&oldest);
             }
         }
+    }
+}
+
+impl Record {
+    /// Undoes the latest ban decision (its write failed or never reported).
+    fn take_back(&mut self) {
+        self.pending = None;
+        self.bans = self.bans.saturating_sub(1);
+        self.last_ban = self.previous_ban.take();
     }
 }
 
@@ -333,23 +359,30 @@ mod tests {
         assert_eq!(book.record(ip(A), t0, 0), BanDecision::Pending);
         assert_eq!(book.record(ip(A), t0, 0), BanDecision::Pending);
         // A write that never reports (its writer died) holds back no more
-        // than PENDING_AT_MOST.
+        // than PENDING_AT_MOST, and counts as failed: the next ban is a
+        // first one again; a late report of the old decision is ignored.
         let mut other = BanBook::new(book.policy().clone());
         other.record(ip(A), t0, 0);
+        let retaken = t0 + PENDING_AT_MOST;
         assert!(matches!(
-            other.record(ip(A), t0 + PENDING_AT_MOST, 0),
-            BanDecision::Ban { repeats: 1, .. }
+            other.record(ip(A), retaken, 0),
+            BanDecision::Ban { repeats: 0, .. }
         ));
+        other.ban_written(IpNet::from(ip(A)), t0);
+        assert_eq!(other.record(ip(A), retaken, 0), BanDecision::Pending);
         // Written: the next violation (after the ban) is a repeat.
-        book.ban_written(IpNet::from(ip(A)));
+        book.ban_written(IpNet::from(ip(A)), t0);
         let later = t0 + Duration::from_secs(7200);
         let second = book.record(ip(A), later, 0);
         assert!(
             matches!(second, BanDecision::Ban { repeats: 1, .. }),
             "{second:?}"
         );
-        // A failed write ends the pending state too.
-        book.ban_failed(IpNet::from(ip(A)), later);
+        // A failed write ends the pending state too; a report of another
+        // decision does not.
+        book.ban_failed(IpNet::from(ip(A)), t0, later);
+        assert_eq!(book.record(ip(A), later, 0), BanDecision::Pending);
+        book.ban_failed(IpNet::from(ip(A)), later, later);
         let retry = later + BAN_RETRY_AFTER;
         assert!(matches!(
             book.record(ip(A), retry, 0),
@@ -370,7 +403,7 @@ mod tests {
             matches!(first, BanDecision::Ban { repeats: 0, .. }),
             "{first:?}"
         );
-        book.ban_failed(IpNet::from(ip(A)), at(2));
+        book.ban_failed(IpNet::from(ip(A)), at(2), at(2));
         // Not at once: a cause that stays must not cost a list write on
         // every violation. Counted, and kept one short.
         assert_eq!(
@@ -394,14 +427,14 @@ mod tests {
             book.record(ip(A), at(0), 0),
             BanDecision::Ban { repeats: 0, .. }
         ));
-        book.ban_written(IpNet::from(ip(A)));
+        book.ban_written(IpNet::from(ip(A)), at(0));
         // A repeat ban 20 hours later fails.
         let later = 20 * 3600;
         assert!(matches!(
             book.record(ip(A), at(later), 0),
             BanDecision::Ban { repeats: 1, .. }
         ));
-        book.ban_failed(IpNet::from(ip(A)), at(later));
+        book.ban_failed(IpNet::from(ip(A)), at(later), at(later));
         // The memory of repeats runs from the ban that took effect: past
         // it, the next ban is a first one again.
         let forgotten = (policy.max_ban_for + REPEAT_MEMORY).as_secs() + 1;
@@ -438,7 +471,7 @@ mod tests {
             }
         );
         // Counting starts again after a ban; another client is apart.
-        book.ban_written(IpNet::from(ip(A)));
+        book.ban_written(IpNet::from(ip(A)), at(602));
         assert_eq!(
             book.record(ip(A), at(603), 1),
             BanDecision::Counted { strikes: 1 }
@@ -458,11 +491,10 @@ mod tests {
         for _ in 0..4 {
             for _ in 0..3 {
                 t += 1;
-                if let BanDecision::Ban { duration, .. } =
-                    book.record(ip(A), t0 + Duration::from_secs(t), 0)
-                {
+                let now = t0 + Duration::from_secs(t);
+                if let BanDecision::Ban { duration, .. } = book.record(ip(A), now, 0) {
                     lengths.push(duration.as_secs() / 3600);
-                    book.ban_written(IpNet::from(ip(A)));
+                    book.ban_written(IpNet::from(ip(A)), now);
                 }
             }
         }
