@@ -214,7 +214,13 @@ impl BanBook {
                 strikes: strikes - 1,
             };
         }
-        if bans_in_force >= policy.max_entries {
+        // Bans decided and not yet written count against the cap too, so
+        // that violations of many clients at once cannot pass it. Counted
+        // only when a ban is due, which is rare.
+        let in_flight = self.bans_in_flight(now);
+        let policy = &self.policy;
+        let record = self.clients.get_mut(&client).expect("recorded above");
+        if bans_in_force + in_flight >= policy.max_entries {
             // Keep the strikes: the next violation tries again.
             record.strikes.remove(0);
             return BanDecision::RefusedFull;
@@ -265,6 +271,12 @@ impl BanBook {
         }
     }
 
+    /// Ban decisions not yet reported written or failed (and not older
+    /// than [`PENDING_AT_MOST`]).
+    fn bans_in_flight(&self, now: Instant) -> usize {
+        self.clients.values().filter(|r| r.pending_at(now)).count()
+    }
+
     /// Clients tracked now.
     pub fn tracked(&self) -> usize {
         self.clients.len()
@@ -282,10 +294,7 @@ impl BanBook {
             let bans = r.last_ban.is_some_and(|t| {
                 now.saturating_duration_since(t) <= policy.max_ban_for + REPEAT_MEMORY
             });
-            let pending = r
-                .pending
-                .is_some_and(|t| now.saturating_duration_since(t) < PENDING_AT_MOST);
-            strikes || bans || pending
+            strikes || bans || r.pending_at(now)
         });
         if self.clients.len() >= MAX_TRACKED {
             if let Some(oldest) = self
@@ -301,6 +310,12 @@ impl BanBook {
 }
 
 impl Record {
+    /// Whether a ban decision of this client awaits its report at `now`.
+    fn pending_at(&self, now: Instant) -> bool {
+        self.pending
+            .is_some_and(|t| now.saturating_duration_since(t) < PENDING_AT_MOST)
+    }
+
     /// Undoes the latest ban decision (its write failed or never reported).
     fn take_back(&mut self) {
         self.pending = None;
@@ -523,6 +538,22 @@ mod tests {
         // Once there is room, the next violation bans.
         assert!(matches!(
             book.record(ip(A), t0 + Duration::from_secs(3), 1),
+            BanDecision::Ban { .. }
+        ));
+        // A ban being written takes room too: with one ban in force and
+        // A's in flight, B is refused; once A's is reported, only the bans
+        // in force (the caller's count) take room.
+        const B: &str = "198.51.100.7";
+        for s in 4..6 {
+            book.record(ip(B), t0 + Duration::from_secs(s), 1);
+        }
+        assert_eq!(
+            book.record(ip(B), t0 + Duration::from_secs(6), 1),
+            BanDecision::RefusedFull
+        );
+        book.ban_written(IpNet::from(ip(A)), t0 + Duration::from_secs(3));
+        assert!(matches!(
+            book.record(ip(B), t0 + Duration::from_secs(7), 1),
             BanDecision::Ban { .. }
         ));
     }
