@@ -540,7 +540,7 @@ async fn client_command(command: Command, client: Client, as_json: bool) -> anyh
                     "not applied"
                 };
                 bail!(
-                    "import into the {list} list {what}: {} invalid lines (fix them, or import the rest with --skip-invalid)",
+                    "import into the {list} list {what}: {} invalid line(s) (fix them, or import the rest with --skip-invalid)",
                     r.skipped.len()
                 );
             }

@@ -874,7 +874,7 @@ fn cli_import_and_export() {
         assert_eq!(
             stderr(&o),
             format!(
-                "{f}:2:1: not an IP address or prefix\nsmtpguard: error: import into the deny list not applied: 1 invalid lines (fix them, or import the rest with --skip-invalid)\n"
+                "{f}:2:1: not an IP address or prefix\nsmtpguard: error: import into the deny list not applied: 1 invalid line(s) (fix them, or import the rest with --skip-invalid)\n"
             )
         );
         let o = cli(&["--socket", sock, "import", "deny", f, "--skip-invalid"]).await;
@@ -900,7 +900,7 @@ fn cli_import_and_export() {
         assert_eq!(
             stderr(&o),
             format!(
-                "{f}:2:1: not an IP address or prefix\nsmtpguard: error: import into the permit list would not be applied: 1 invalid lines (fix them, or import the rest with --skip-invalid)\n"
+                "{f}:2:1: not an IP address or prefix\nsmtpguard: error: import into the permit list would not be applied: 1 invalid line(s) (fix them, or import the rest with --skip-invalid)\n"
             )
         );
         match &daemon.mock.seen()[2] {

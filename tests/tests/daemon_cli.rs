@@ -271,6 +271,11 @@ fn live_list_changes_stats_metrics_and_restart() {
         gauge(&gw.json(&["stats"]), "kernel_ipv6_nodes"),
         gauge(&after, "kernel_ipv6_nodes")
     );
+    // An IPv4-only import leaves the IPv6 table alone: no such line.
+    let v4_file = dir.join("v4.txt");
+    std::fs::write(&v4_file, "198.51.100.0/24\n").unwrap();
+    let dry = gw.ok(&["import", "deny", v4_file.to_str().unwrap(), "--dry-run"]);
+    assert!(!dry.contains("IPv6"), "{dry}");
     // How full the kernel IPv6 table is: a /48 under a /16 of its own
     // takes four nodes (one per octet after the first two) of three runs
     // each; the maximums are what a generation holds.
@@ -901,6 +906,8 @@ fn early_talkers_are_banned_in_the_kernel_until_the_ban_expires() {
     let auto = |gw: &Gateway<'_>| gw.json(&["deny", "list", "--source", "auto"])["entries"].clone();
     let front_door =
         |gw: &Gateway<'_>, name: &str| gw.json(&["stats"])["front_door"][name].as_u64().unwrap();
+    // Before the first ban, `auto` is empty, not unknown.
+    assert_eq!(auto(&gw), serde_json::json!([]));
 
     // A quiet client waits and passes.
     assert_eq!(

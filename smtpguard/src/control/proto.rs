@@ -505,9 +505,9 @@ pub struct ImportResult {
     /// Entries in the source's list afterwards (count; would be, in a
     /// dry run).
     pub list_size: u64,
-    /// A dry run that changes the lists: how full the kernel IPv6 table
-    /// would be afterwards (the IPv6 entries of all sources, merged);
-    /// `None` otherwise.
+    /// A dry run that changes IPv6 entries: how full the kernel IPv6 table
+    /// would be afterwards (the IPv6 entries of all sources, merged, and
+    /// the protected ranges); `None` otherwise.
     #[serde(default)]
     pub ipv6_table: Option<Ipv6TableFill>,
 }
@@ -516,7 +516,8 @@ pub struct ImportResult {
 /// leaves, not prefixes (see `kernel::ipv6_table`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ipv6TableFill {
-    /// IPv6 prefixes (count).
+    /// IPv6 prefixes the kernel holds: the entries of all sources, merged,
+    /// and the protected IPv6 ranges (`::1` at least) (count).
     pub prefixes: u64,
     /// Nodes used (count).
     pub nodes: u64,

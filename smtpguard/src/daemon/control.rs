@@ -774,6 +774,14 @@ fn import(
         let policy = daemon.policy();
         let current = policy.source(into).map_or(&empty, |s| s.list(target));
         let diff = current.diff(&report, mode);
+        let touches_ipv6 = diff
+            .added
+            .iter()
+            .chain(&diff.removed)
+            .any(|net| matches!(net, IpNet::V6(_)))
+            || report
+                .entries_for(other)
+                .any(|e| matches!(e.prefix, IpNet::V6(_)));
         if dry_run && changes {
             // What the real run would hand the kernel, checked in
             // userspace: the IPv6 table's room is nodes, not prefixes.
@@ -785,10 +793,15 @@ fn import(
                     lists.list_mut(other).import(&report, ImportMode::Merge)?;
                 }
                 let rules = super::startup::kernel_rules(&after)?;
-                crate::kernel::ipv6_table::check_fits(&rules).map_err(DaemonError::WouldNotFit)
+                crate::kernel::ipv6_table::check_fits(&rules).map_err(|source| {
+                    DaemonError::WouldNotFit {
+                        file: source_name.to_string(),
+                        source: Box::new(source),
+                    }
+                })
             };
             let usage = fits()?;
-            ipv6_table = Some(crate::control::proto::Ipv6TableFill {
+            ipv6_table = touches_ipv6.then_some(crate::control::proto::Ipv6TableFill {
                 prefixes: usage.prefixes as u64,
                 nodes: usage.nodes as u64,
                 nodes_max: usage.nodes_max as u64,
@@ -916,10 +929,12 @@ fn writable_source(name: Option<&str>) -> Result<SourceName> {
     })
 }
 
-/// Refuses a source that does not exist (for reads and removals).
+/// Refuses a source that does not exist (for reads and removals). The
+/// `auto` source (the automatic bans) always exists: before its first ban
+/// it is empty, not unknown.
 fn existing_source(daemon: &Daemon, name: &SourceName) -> Result<()> {
     let policy = daemon.policy();
-    if policy.source(name).is_some() {
+    if policy.source(name).is_some() || *name == SourceName::auto() {
         return Ok(());
     }
     let known: Vec<String> = policy.sources().map(|(n, _)| n.to_string()).collect();
@@ -1456,6 +1471,9 @@ mod tests {
         let e = result
             .expect("reload waited for the change lock")
             .unwrap_err();
-        assert!(matches!(e, DaemonError::Tls(_)), "{e:?}");
+        assert!(
+            matches!(&e, DaemonError::ReloadRefused(inner) if matches!(**inner, DaemonError::Tls(_))),
+            "{e:?}"
+        );
     }
 }

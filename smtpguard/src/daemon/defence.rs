@@ -31,7 +31,7 @@ use crate::{
     },
     logging,
     policy::{
-        bans::{BanBook, BanDecision, BanPolicy, Violation},
+        bans::{bans_in_comment, BanBook, BanDecision, BanPolicy, Violation},
         ListKind, Reason, SourceName,
     },
 };
@@ -118,9 +118,14 @@ impl DaemonDefence {
         pass_cache: Option<(Arc<PassCache>, PathBuf)>,
     ) -> DaemonDefence {
         let config = daemon.config();
+        let book = ban_policy(&config.bans).map(|p| {
+            let mut book = BanBook::new(p);
+            remember_bans(&mut book, daemon);
+            Arc::new(Mutex::new(book))
+        });
         DaemonDefence {
             daemon: Arc::downgrade(daemon),
-            book: ban_policy(&config.bans).map(|p| Arc::new(Mutex::new(BanBook::new(p)))),
+            book,
             counters: Arc::new(BanCounters::default()),
             screening: Arc::new(ScreeningCounters::default()),
             pass_cache,
@@ -182,6 +187,22 @@ impl DaemonDefence {
             bans_expired,
             bans_in_force,
             pass_cache_entries: self.pass_cache.as_ref().map_or(0, |(c, _)| c.len() as u64),
+        }
+    }
+}
+
+/// Seeds `book` with the bans in force (the `auto` deny list, whose
+/// comments say `ban=N`), so that a repeat offender's next ban after a
+/// restart grows from its last one rather than starting over.
+fn remember_bans(book: &mut BanBook, daemon: &Daemon) {
+    let policy = daemon.policy();
+    let Some(auto) = policy.source(&SourceName::auto()) else {
+        return;
+    };
+    let now = Instant::now();
+    for entry in auto.list(ListKind::Deny).entries() {
+        if let Some(bans) = entry.comment.as_deref().and_then(bans_in_comment) {
+            book.remember_ban(entry.prefix, bans, now);
         }
     }
 }

@@ -63,6 +63,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         );
     }
     let tls = load_tls(&config)?;
+    startup::sweep_list_temps(&config);
     let mut policy = startup::load_policy(&config)?;
     let fleet_cache = fleet::load_cache(&config, &mut policy);
     startup::warn_about_delivery(&config);

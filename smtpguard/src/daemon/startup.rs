@@ -82,8 +82,8 @@ pub enum StartupError {
     /// The merged lists need more of the kernel IPv6 table than it has;
     /// found before anything is written (see
     /// [`crate::kernel::ipv6_table::check_fits`]).
-    #[error(transparent)]
-    Ipv6Table(crate::kernel::ipv6_table::Ipv6TableError),
+    #[error("checking the lists before loading them into the kernel")]
+    Ipv6Table(#[source] crate::kernel::ipv6_table::Ipv6TableError),
     /// Attaching the XDP program.
     #[error("attaching the XDP program to {interface}")]
     Attach {
@@ -104,6 +104,28 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/smtpguard/smtpguard.toml";
 /// binary never falls back to the development configuration).
 pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
     Config::load(path.unwrap_or(Path::new(DEFAULT_CONFIG_PATH)))
+}
+
+/// Removes what a killed daemon left half-written beside the list files
+/// and the state file (see [`crate::policy::sweep_stale_temps`]), logging
+/// each file. For `smtpguard run` only: `config check` changes nothing.
+pub fn sweep_list_temps(config: &Config) {
+    let mut dirs = vec![paths::sources_dir(config)];
+    for list in [&config.policy.deny_list, &config.policy.permit_list] {
+        let dir = match list.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => Path::new(".").to_path_buf(),
+        };
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    for dir in dirs {
+        for file in crate::policy::sweep_stale_temps(&dir) {
+            tracing::info!(file = %file.display(),
+                "removed a temporary file a killed smtpguard left; the list it was to replace is as it was");
+        }
+    }
 }
 
 /// Loads every source (the `local` list files and the files of the

@@ -50,8 +50,13 @@ pub enum DaemonError {
     KernelLists(#[source] Box<SyncError>),
     /// A dry run found that the lists after the change would not fit the
     /// kernel IPv6 table; the real change would be refused.
-    #[error("the lists would not fit the kernel IPv6 table; a real run would change nothing")]
-    WouldNotFit(#[source] crate::kernel::ipv6_table::Ipv6TableError),
+    #[error("a dry run of importing {file}: the import would be refused, and change nothing")]
+    WouldNotFit {
+        /// The file imported, as the client named it.
+        file: String,
+        #[source]
+        source: Box<crate::kernel::ipv6_table::Ipv6TableError>,
+    },
     /// Single prefixes could not be written into the XDP program.
     #[error("updating the kernel lists; nothing was changed")]
     KernelUpdate(#[source] Box<SyncError>),
@@ -80,6 +85,10 @@ pub enum DaemonError {
     /// Reload: the configuration or a list file could not be read.
     #[error(transparent)]
     Startup(Box<super::startup::StartupError>),
+    /// A reload that could not read or check the configuration, the
+    /// certificates or the lists (the wrapped `Startup`, `Config` or `Tls`).
+    #[error("reload refused; the configuration and the lists in force stay")]
+    ReloadRefused(#[source] Box<DaemonError>),
     /// Reload: the configuration file could not be read.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -573,7 +582,12 @@ impl Daemon {
     /// A [`DaemonError`] naming the file or step; nothing is changed.
     pub fn reload_for(&self, still_wanted: &dyn Fn() -> bool) -> Result<String> {
         super::notify::reloading();
-        let result = self.reload_checked(still_wanted);
+        let result = self.reload_checked(still_wanted).map_err(|e| match e {
+            DaemonError::Startup(_) | DaemonError::Config(_) | DaemonError::Tls(_) => {
+                DaemonError::ReloadRefused(Box::new(e))
+            }
+            other => other,
+        });
         super::notify::ready("filtering: reload done");
         result
     }

@@ -63,8 +63,8 @@ pub enum Ipv6TableError {
     },
     /// The list needs more nodes or leaves than the maps hold.
     #[error(
-        "kernel IPv6 table is full: the IPv6 entries of all sources, merged, need {}{needed} \
-         {part}, the table holds {max}; aggregate or shorten them (a prefix longer than /16 \
+        "kernel IPv6 table too small: the IPv6 entries of all sources, merged, need \
+         {}{needed} {part}, a generation holds {max}; aggregate or shorten them (a prefix longer than /16 \
          takes up to one node and its leaves per octet past the second)",
         if *.exact { "" } else { "more than " }
     )]
@@ -712,7 +712,7 @@ mod tests {
         );
         assert_eq!(
             err.to_string(),
-            format!("kernel IPv6 table is full: the IPv6 entries of all sources, merged, need more than {needed} nodes, the table holds 20; aggregate or shorten them (a prefix longer than /16 takes up to one node and its leaves per octet past the second)")
+            format!("kernel IPv6 table too small: the IPv6 entries of all sources, merged, need more than {needed} nodes, a generation holds 20; aggregate or shorten them (a prefix longer than /16 takes up to one node and its leaves per octet past the second)")
         );
     }
 
@@ -752,7 +752,7 @@ mod tests {
         );
         assert_eq!(
             err.to_string(),
-            "kernel IPv6 table is full: the IPv6 entries of all sources, merged, need 28 nodes, the table holds 20; aggregate or shorten them (a prefix longer than /16 takes up to one node and its leaves per octet past the second)"
+            "kernel IPv6 table too small: the IPv6 entries of all sources, merged, need 28 nodes, a generation holds 20; aggregate or shorten them (a prefix longer than /16 takes up to one node and its leaves per octet past the second)"
         );
         assert_eq!(table.len(), 1);
         assert_eq!(table.usage(), in_force, "a refused list changes no usage");

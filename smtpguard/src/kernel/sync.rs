@@ -75,8 +75,8 @@ pub enum SyncError {
     TooManyRules(usize),
     /// The IPv6 table could not be written; the IPv6 list in force stays
     /// (the errors that wrap this say so where it matters).
-    #[error("writing the kernel IPv6 table")]
-    Ipv6(#[source] Ipv6TableError),
+    #[error(transparent)]
+    Ipv6(Ipv6TableError),
     /// More ports than the program watches.
     #[error("at most {MAX_PORTS} SMTP ports can be guarded, got {0}")]
     TooManyPorts(usize),

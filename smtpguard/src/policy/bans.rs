@@ -277,6 +277,17 @@ impl BanBook {
         self.clients.values().filter(|r| r.pending_at(now)).count()
     }
 
+    /// Remembers that `prefix` was banned `bans` times, the last ban in
+    /// force at `now`: a start reads this from the `auto` list's comments
+    /// (`ban=N`), so that a restart does not reset a repeat offender's ban
+    /// growth.
+    pub fn remember_ban(&mut self, prefix: IpNet, bans: u32, now: Instant) {
+        let record = self.clients.entry(prefix.trunc()).or_default();
+        record.bans = record.bans.max(bans);
+        record.last_ban = Some(now);
+        record.last_seen = Some(now);
+    }
+
     /// Clients tracked now.
     pub fn tracked(&self) -> usize {
         self.clients.len()
@@ -324,6 +335,14 @@ impl Record {
     }
 }
 
+/// The ban count a ban's comment records (`reason=pregreet ban=2`: 2).
+pub fn bans_in_comment(comment: &str) -> Option<u32> {
+    comment
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("ban="))
+        .and_then(|n| n.parse().ok())
+}
+
 /// `ban_for × growth^repeats`, at most `max_ban_for`.
 fn ban_length(policy: &BanPolicy, repeats: u32) -> Duration {
     let mut length = policy.ban_for;
@@ -355,6 +374,23 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_remembered_ban_makes_the_next_one_a_repeat() {
+        assert_eq!(bans_in_comment("reason=pregreet ban=2"), Some(2));
+        assert_eq!(bans_in_comment("reason=pregreet"), None);
+        assert_eq!(bans_in_comment("ban=x"), None);
+        let mut book = BanBook::new(BanPolicy {
+            ban_after: NonZeroU32::new(1).unwrap(),
+            ..policy()
+        });
+        let t0 = Instant::now();
+        book.remember_ban(IpNet::from(ip(A)), 2, t0);
+        assert!(matches!(
+            book.record(ip(A), t0 + Duration::from_secs(60), 0),
+            BanDecision::Ban { repeats: 2, .. }
+        ));
     }
 
     #[test]

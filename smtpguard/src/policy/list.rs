@@ -803,6 +803,43 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
+/// Removes the temporary files [`write_temp`] left in `dir` by processes
+/// that are gone (killed between writing and renaming): the file they were
+/// to replace was never replaced, so nothing needs them. A running
+/// process's files are left alone. Returns the files removed; a directory
+/// that cannot be read removes nothing.
+pub fn sweep_stale_temps(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = temp_owner(&name.to_string_lossy()) else {
+            continue;
+        };
+        if Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let path = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_file()) && fs::remove_file(&path).is_ok() {
+            removed.push(path);
+        }
+    }
+    removed
+}
+
+/// The process id in a [`write_temp`] file name (`.NAME.tmp.PID.N`).
+fn temp_owner(name: &str) -> Option<u32> {
+    let (head, tail) = name.rsplit_once(".tmp.")?;
+    if !head.starts_with('.') || head.len() < 2 {
+        return None;
+    }
+    let (pid, n) = tail.split_once('.')?;
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
 /// First step of [`AccessList::save`]: writes `contents` to a new temporary
 /// file beside `path` and fsyncs it. Returns the temporary path; `path`
 /// itself is untouched.
@@ -901,6 +938,24 @@ pub(crate) mod tests {
         fn drop(&mut self) {
             let _ = fs::remove_dir_all(&self.0);
         }
+    }
+
+    #[test]
+    fn stale_temporary_files_of_dead_processes_are_swept() {
+        let dir = TestDir::new("sweep");
+        // Above the kernel's largest pid: no such process.
+        let dead = dir.0.join(".deny.list.tmp.4194305.0");
+        let alive = dir
+            .0
+            .join(format!(".deny.list.tmp.{}.3", std::process::id()));
+        let others = [dir.0.join("deny.list"), dir.0.join(".deny.list.tmp.x.1")];
+        for path in [&dead, &alive].into_iter().chain(&others) {
+            fs::write(path, "192.0.2.1\n").unwrap();
+        }
+        assert_eq!(sweep_stale_temps(&dir.0), vec![dead.clone()]);
+        assert!(!dead.exists());
+        assert!(alive.exists() && others.iter().all(|p| p.exists()));
+        assert!(sweep_stale_temps(&dir.0.join("missing")).is_empty());
     }
 
     #[test]
