@@ -112,10 +112,7 @@ pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
 pub fn sweep_list_temps(config: &Config) {
     let mut dirs = vec![paths::sources_dir(config)];
     for list in [&config.policy.deny_list, &config.policy.permit_list] {
-        let dir = match list.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => Path::new(".").to_path_buf(),
-        };
+        let dir = crate::policy::parent_dir(list).to_path_buf();
         if !dirs.contains(&dir) {
             dirs.push(dir);
         }

@@ -68,7 +68,7 @@ pub use list::{
     ImportMode, ListEntry, ListError, LoadedList, RemoveOutcome, DEFAULT_DENY_LIST_PATH,
     DEFAULT_PERMIT_LIST_PATH,
 };
-pub(crate) use list::{install_temp, sweep_stale_temps, write_temp};
+pub(crate) use list::{install_temp, parent_dir, sweep_stale_temps, write_temp};
 pub use protect::{Protected, ProtectedKind, ProtectedRange};
 pub use ruleset::{
     CompiledRule, Enforcement, Explanation, Policy, PolicyError, PolicyMode, Reason, RuleOrigin,

@@ -36,7 +36,11 @@ pub enum PolicyError {
     /// More distinct prefixes of one family than the kernel tables take
     /// (`MAX_PREFIXES_PER_FAMILY`; IPv6 may run out of nodes sooner, which
     /// `kernel::ipv6_table::check_fits` finds).
-    #[error("{count} distinct {family} prefixes on the deny and permit lists exceed the kernel table capacity of {max}")]
+    #[error(
+        "{count} distinct {family} prefixes on the deny and permit lists of all sources exceed \
+         the kernel table capacity of {max}; nothing was changed: aggregate the lists or drop \
+         a source"
+    )]
     TooManyPrefixes {
         /// The family.
         family: AddressFamily,
