@@ -27,8 +27,8 @@ pub enum StartupError {
     /// The configuration file.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// A list file.
-    #[error("loading the {list} from {}", path.display())]
+    /// A list file (the cause names it, with the line where it is one).
+    #[error("loading the {list}")]
     List {
         /// Which list.
         list: ListKind,
