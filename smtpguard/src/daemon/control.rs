@@ -782,9 +782,10 @@ fn import(
             || report
                 .entries_for(other)
                 .any(|e| matches!(e.prefix, IpNet::V6(_)));
-        if dry_run && changes {
+        if dry_run && changes && daemon.config().xdp.enabled() {
             // What the real run would hand the kernel, checked in
             // userspace: the IPv6 table's room is nodes, not prefixes.
+            // Without XDP the lists never reach the table.
             let fits = || -> std::result::Result<_, DaemonError> {
                 let mut after = (*policy).clone();
                 let lists = after.source_mut(into);
@@ -1264,6 +1265,48 @@ mod tests {
     use crate::{config::Config, testing::TempDir};
 
     const BOUND: Duration = Duration::from_secs(30);
+
+    /// An import dry run of `text` into the deny list.
+    fn dry_import(daemon: &Daemon, text: String) -> Result<Response> {
+        let request = Request::Import {
+            list: ListName::Deny,
+            source_name: "deep.txt".to_owned(),
+            text,
+            replace: false,
+            dry_run: true,
+            skip_invalid: false,
+            allow_all: false,
+            allow_empty: false,
+            source: None,
+        };
+        answer(daemon, request, &|| true)
+    }
+
+    #[test]
+    fn a_dry_run_checks_the_kernel_ipv6_table_only_with_xdp() {
+        // 30,000 /128s in distinct /48s: ten nodes each, more than a
+        // generation holds.
+        let text: String = (0..30_000u32)
+            .map(|i| format!("2001:db8:{i:x}::1\n"))
+            .collect();
+        let dir = TempDir::new("dry-run-xdp");
+        let with_xdp = daemon_in(&dir, "[xdp]\ninterfaces = [\"lo\"]\n");
+        let e = dry_import(&with_xdp, text.clone()).unwrap_err();
+        let e = format!("{:#}", anyhow::Error::new(e));
+        assert!(
+            e.starts_with("a dry run of importing deep.txt: the import would be refused")
+                && e.contains("kernel IPv6 table too small"),
+            "{e}"
+        );
+        let dir = TempDir::new("dry-run-no-xdp");
+        let without = daemon_in(&dir, "");
+        match dry_import(&without, text).unwrap() {
+            Response::ImportResult(r) => {
+                assert_eq!((r.added, r.ipv6_table), (30_000, None), "{r:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     /// A daemon without XDP whose files are under `dir`; `extra` is
     /// appended to its configuration file.

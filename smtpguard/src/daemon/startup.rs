@@ -174,9 +174,11 @@ pub fn load_policy(config: &Config) -> Result<Policy> {
     }
     // The IPv6 table's room is nodes, not prefixes: only compiling says
     // whether a list fits, and a start or reload should say so before it
-    // writes anything.
-    crate::kernel::ipv6_table::check_fits(&kernel_rules(&policy)?)
-        .map_err(StartupError::Ipv6Table)?;
+    // writes anything. Without XDP the lists never reach the table.
+    if config.xdp.enabled() {
+        crate::kernel::ipv6_table::check_fits(&kernel_rules(&policy)?)
+            .map_err(StartupError::Ipv6Table)?;
+    }
     if policy.mode() == crate::policy::PolicyMode::DenyAllExceptPermit
         && policy.total_len(ListKind::Permit).total() == 0
     {
