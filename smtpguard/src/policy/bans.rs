@@ -185,10 +185,10 @@ impl BanBook {
         let policy = &self.policy;
         let record = self.clients.entry(client).or_default();
         record.last_seen = Some(now);
-        if let Some(decided) = record.pending {
-            if now.saturating_duration_since(decided) < PENDING_AT_MOST {
-                return BanDecision::Pending;
-            }
+        if record.pending_at(now) {
+            return BanDecision::Pending;
+        }
+        if record.pending.is_some() {
             // Its writer died: the ban most likely never took effect.
             record.take_back();
         }
