@@ -145,11 +145,13 @@ struct Loaded {
 /// hit counters. The other family's table, the rate limiter and the log
 /// ring are reported beside it.
 fn is_list_map(name: &str, v6: bool) -> bool {
-    use smtpguard_common::map_names::{GROUPS4, GROUPS6, HITS, LEAVES4, LEAVES6, TBL16_V6, TBL24};
-    let table = if v6 {
-        [TBL16_V6, GROUPS6, LEAVES6]
+    use smtpguard_common::map_names::{
+        GROUPS4, GROUPS6, HITS, LEAVES4, LEAVES6, TBL16_V4, TBL16_V6, TBL24,
+    };
+    let table: &[[&str; 2]] = if v6 {
+        &[TBL16_V6, GROUPS6, LEAVES6]
     } else {
-        [TBL24, GROUPS4, LEAVES4]
+        &[TBL16_V4, TBL24, GROUPS4, LEAVES4]
     };
     name == HITS || table.iter().any(|n| n.contains(&name))
 }

@@ -26,6 +26,9 @@ pub mod map_names {
     /// The IPv4 first level, `Array<[u32; 16]>`, one per generation (see
     /// [`super::ipv4_table`]).
     pub const TBL24: [&str; 2] = ["SG_TBL24_A", "SG_TBL24_B"];
+    /// The IPv4 summary of the first level, one entry per /16,
+    /// `Array<[u32; 16]>`, one per generation (see [`super::ipv4_table`]).
+    pub const TBL16_V4: [&str; 2] = ["SG_TBL16_4_A", "SG_TBL16_4_B"];
     /// The IPv4 groups, `Array<Group>`, one per generation.
     pub const GROUPS4: [&str; 2] = ["SG_GROUPS4_A", "SG_GROUPS4_B"];
     /// The IPv4 group leaves, `Array<[u32; 16]>`, one per generation.
@@ -77,21 +80,34 @@ pub const MAX_PREFIXES_PER_FAMILY: u32 = 1 << 20;
 ///   starts (bit 0 always), and the run holding host `h` is leaf
 ///   `base + rank[h / 64] + popcount(bitmap[h / 64] << (63 - h % 64)) - 1`.
 /// - `LEAVES4` holds leaves (plain rule entries), 16 to an element.
+/// - `TBL16_4` summarizes `TBL24` per /16 (2^16 entries, 256 KiB): the
+///   /16's entry where all 256 of its `TBL24` entries are the same plain
+///   entry, else a `GROUP` entry meaning "look in `TBL24`". It is always
+///   kept exact; the program reads it first only while
+///   [`RuntimeConfig::v4_summary`](super::RuntimeConfig::v4_summary) is
+///   set, which userspace does for lists that leave most /16s uniform.
+///   Then a source in such a /16 costs one load from a table that stays
+///   in cache and in the TLB, where the 64 MiB `TBL24` costs a TLB and a
+///   cache miss for every scattered source (about 170 ns on a VM).
 ///
 /// Every entry already carries the longest-prefix verdict: the compiler
 /// merges permit and deny (deny wins a tie) before writing.
 pub mod ipv4_table {
     /// `TBL24` elements (16 entries each): 2^24 entries, 64 MiB.
     pub const TBL24_LINES: u32 = 1 << 20;
+    /// `TBL16_4` elements (16 entries each): 2^16 entries, 256 KiB.
+    pub const TBL16_LINES: u32 = (1 << 16) / ENTRIES_PER_LINE;
     /// Entries per `TBL24` or `LEAVES4` element.
     pub const ENTRIES_PER_LINE: u32 = 16;
     /// Capacity of `GROUPS4` per generation: one group per /24 holding a
     /// longer prefix, so a list of `MAX_PREFIXES_PER_FAMILY` always fits.
     pub const MAX_GROUPS: u32 = super::MAX_PREFIXES_PER_FAMILY;
-    /// Capacity of `LEAVES4` per generation, in leaves: a /24 with k longer
-    /// prefixes has at most 2k + 1 runs, so a full list needs at most
-    /// 3 * 2^20 and the rest is room for copy-on-write updates.
-    pub const MAX_LEAVES: u32 = 1 << 22;
+    /// Capacity of `LEAVES4` per generation, in leaves (13 MiB): a /24
+    /// with k longer prefixes has at most 2k + 1 runs, so a full list
+    /// needs at most 3 * 2^20 and the other 2^18 are room for
+    /// copy-on-write updates (when they run out, a single change writes
+    /// the whole list into the other generation, which compacts it).
+    pub const MAX_LEAVES: u32 = 3 * (1 << 20) + (1 << 18);
     /// `LEAVES4` elements.
     pub const LEAF_LINES: u32 = MAX_LEAVES / ENTRIES_PER_LINE;
 
@@ -109,6 +125,8 @@ pub mod ipv4_table {
         pub const DENY: u32 = 2;
         /// A group; the payload indexes `GROUPS4` (IPv4: in `TBL24` only)
         /// or `GROUPS6` (IPv6: in `TBL16` and in leaves, one per level).
+        /// In the IPv4 `TBL16_4` summary it means "look in `TBL24`"
+        /// (payload 0).
         pub const GROUP: u32 = 3;
 
         /// Packs a kind and a payload.
@@ -276,8 +294,10 @@ pub struct RuntimeConfig {
     pub ports: [u16; MAX_PORTS],
     /// At most this many drop events per second go to the log (0 = none).
     pub log_rate_per_sec: u32,
-    /// Explicit padding; always 0.
-    pub _pad: u32,
+    /// 1: the IPv4 lookup reads the `TBL16_4` summary of the generation
+    /// in force before `TBL24` (see [`ipv4_table`]); 0: `TBL24` first.
+    /// Either way the verdict is the same: the summary is always exact.
+    pub v4_summary: u32,
     /// The SYN rate limit per client, in SYNs per minute; 0 = off (see
     /// [`rate`]).
     pub rate_per_minute: u32,
@@ -309,7 +329,7 @@ impl RuntimeConfig {
             port_count: 0,
             ports: [0; MAX_PORTS],
             log_rate_per_sec: 0,
-            _pad: 0,
+            v4_summary: 0,
             rate_per_minute: 0,
             rate_exempt_permitted: 0,
             rate_interval_ns: 0,

@@ -9,7 +9,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use smtpguard_common::ipv4_table::{Group, LEAF_LINES, MAX_GROUPS, TBL24_LINES};
+use smtpguard_common::ipv4_table::{
+    Group, LEAF_LINES, MAX_GROUPS, TBL16_LINES as TBL16_LINES4, TBL24_LINES,
+};
 use smtpguard_common::ipv6_table::{
     LEAF_LINES as LEAF_LINES6, MAX_GROUPS as MAX_GROUPS6, TBL16_LINES,
 };
@@ -42,6 +44,15 @@ pub static SG_TBL24_A: Array<[u32; 16]> = Array::with_max_entries(TBL24_LINES, B
 /// `SG_TBL24_A`'s twin, generation B.
 #[map]
 pub static SG_TBL24_B: Array<[u32; 16]> = Array::with_max_entries(TBL24_LINES, BPF_F_MMAPABLE);
+
+/// The per-/16 summary of `SG_TBL24_A` (read first while
+/// `RuntimeConfig::v4_summary` is set), generation A.
+#[map]
+pub static SG_TBL16_4_A: Array<[u32; 16]> = Array::with_max_entries(TBL16_LINES4, BPF_F_MMAPABLE);
+
+/// `SG_TBL16_4_A`'s twin, generation B.
+#[map]
+pub static SG_TBL16_4_B: Array<[u32; 16]> = Array::with_max_entries(TBL16_LINES4, BPF_F_MMAPABLE);
 
 /// IPv4 groups (/24s holding longer prefixes), generation A.
 #[map]

@@ -156,6 +156,12 @@ impl Oracle {
         }
     }
 
+    /// Whether the program reads the IPv4 summary first for the list in
+    /// force (`RuntimeConfig::v4_summary`).
+    pub fn reads_summary(&self) -> bool {
+        self.sync.runtime().v4_summary != 0
+    }
+
     /// The policy judged.
     pub fn policy(&self) -> &Policy {
         &self.policy

@@ -322,7 +322,23 @@ impl MapSync {
             }
         }
         report.total = self.installed.total();
+        self.follow_summary();
         Ok(report)
+    }
+
+    /// Single changes can settle or unsettle many /16s of the IPv4
+    /// summary: the flag that says whether the program reads it first
+    /// follows. Best effort: the flag only changes the speed of a lookup,
+    /// never its verdict, so a failed write (the old flag stays) is no
+    /// reason to report the changes, which are in force, as failed.
+    fn follow_summary(&mut self) {
+        let pays = u32::from(self.v4.summary_pays());
+        if pays != self.runtime.v4_summary {
+            self.runtime.v4_summary = pays;
+            if self.write_runtime().is_err() {
+                self.runtime.v4_summary = 1 - pays;
+            }
+        }
     }
 
     /// The IPv6 part of `changes`, all at once: one compile and switch of
@@ -406,15 +422,16 @@ impl MapSync {
                 IpNet::V6(n) => v6_rules.push((*n, rule(i.action, i.rule_id))),
             }
         }
-        if let Err(e) = self.v4.prepare(&v4_rules) {
-            return Err(match e {
-                Ipv4TableError::TooManyPrefixes { count, max } => SyncError::Ipv4Full {
+        let summary = match self.v4.prepare(&v4_rules) {
+            Ok(summary) => summary,
+            Err(Ipv4TableError::TooManyPrefixes { count, max }) => {
+                return Err(SyncError::Ipv4Full {
                     written: max,
                     wanted: count,
-                },
-                e => SyncError::Ipv4Table(e),
-            });
-        }
+                })
+            }
+            Err(e) => return Err(SyncError::Ipv4Table(e)),
+        };
         // IPv6 switches first, on its own; a packet is of one family, so
         // none sees half of the old and half of the new list.
         let old_v6 = self.installed_v6();
@@ -422,10 +439,16 @@ impl MapSync {
             self.v4.abandon();
             return Err(SyncError::Ipv6(e));
         }
-        // The IPv4 switch: one write of the config record.
+        // The IPv4 switch: one write of the config record. A packet that
+        // sees the new generation with the old summary flag (or the other
+        // way round) still gets the right verdict: each generation's
+        // summary is exact, the flag only says whether to read it.
+        let old_summary = self.runtime.v4_summary;
         self.runtime.active_generation = next as u32;
+        self.runtime.v4_summary = u32::from(summary);
         if let Err(e) = self.write_runtime() {
             self.runtime.active_generation = active as u32;
+            self.runtime.v4_summary = old_summary;
             self.v4.abandon();
             // Best effort: the IPv6 list in force goes back as well.
             let _ = self.v6.write(&old_v6);

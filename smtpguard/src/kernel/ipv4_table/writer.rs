@@ -4,7 +4,8 @@
 //!   the caller has flipped `active_generation`): compiled, then copied into
 //!   the inactive generation through `mmap` (the maps are `BPF_F_MMAPABLE`).
 //! - Single prefixes ([`Ipv4Table::set`]) change the active generation in
-//!   place and touch only what they cover. A /24 whose group changes gets
+//!   place and touch only what they cover, then the per-/16 summary of
+//!   the /16s they touched. A /24 whose group changes gets
 //!   a new group in a free slot (copy-on-write), published with one aligned
 //!   u32 store into the first level; the old slot is reused only after a
 //!   grace period, when no packet can still be reading it. A prefix of /24
@@ -34,7 +35,10 @@ use smtpguard_common::{
     map_names,
 };
 
-use super::compile::{self, build_group, slash24, span24, sweep, Ipv4Rule, TBL24_ENTRIES};
+use super::compile::{
+    self, build_group, slash24, span24, summary_entry, sweep, Ipv4Rule, LOOK_IN_TBL24,
+    TBL16_ENTRIES, TBL24_ENTRIES,
+};
 use crate::kernel::KernelError;
 
 /// How long a replaced group or leaf range stays untouched: XDP runs
@@ -138,9 +142,10 @@ impl<T: Copy + Default> Region<T> {
 
 impl Region<u32> {
     /// One aligned u32 store that a concurrent packet sees whole; Release
-    /// so that the group and leaves it points to are visible first.
+    /// so that what it points to (a group and its leaves, or the first
+    /// level a summary entry sends the packet to) is visible first.
     fn publish(&self, index: usize, value: u32) {
-        assert!(index < self.len, "first-level index {index} out of range");
+        assert!(index < self.len, "entry index {index} out of range");
         // SAFETY: in bounds (checked above), aligned, derived from the raw
         // pointer (shared memory, not a Rust reference); AtomicU32 has
         // u32's layout.
@@ -158,8 +163,9 @@ impl<T> Drop for Region<T> {
     }
 }
 
-/// One generation's three maps.
+/// One generation's four maps.
 struct Generation {
+    tbl16: Region<u32>,
     tbl24: Region<u32>,
     groups: Region<Group>,
     leaves: Region<u32>,
@@ -168,6 +174,7 @@ struct Generation {
 impl Generation {
     fn lookup(&self, addr: Ipv4Addr) -> u32 {
         compile::lookup(
+            self.tbl16.slice(),
             self.tbl24.slice(),
             self.groups.slice(),
             self.leaves.slice(),
@@ -257,15 +264,19 @@ pub struct Ipv4Table {
     slots: Slots,
     /// Prefix capacity.
     capacity: usize,
-    /// A whole list written into the inactive generation, waiting for the switch.
-    prepared: Option<(BTreeMap<Ipv4Net, u32>, Slots)>,
+    /// /16s the active generation's summary settles (see
+    /// [`compile::summarize`]).
+    settled: usize,
+    /// A whole list written into the inactive generation, waiting for the
+    /// switch: its rules, slots and settled /16s.
+    prepared: Option<(BTreeMap<Ipv4Net, u32>, Slots, usize)>,
     /// When the last switch happened: the generation it left may still be
     /// read by a packet for [`GRACE`] after.
     switched_at: Option<Instant>,
 }
 
 impl Ipv4Table {
-    /// Maps the six maps of both generations; `capacity` is the most IPv4
+    /// Maps the eight maps of both generations; `capacity` is the most IPv4
     /// prefixes a list may hold.
     pub(crate) fn take_from(
         ebpf: &mut Ebpf,
@@ -274,6 +285,7 @@ impl Ipv4Table {
     ) -> Result<Self, KernelError> {
         let mut take = |i: usize| -> Result<Generation, KernelError> {
             Ok(Generation {
+                tbl16: Region::map(ebpf, map_names::TBL16_V4[i], TBL16_ENTRIES)?,
                 tbl24: Region::map(ebpf, map_names::TBL24[i], TBL24_ENTRIES)?,
                 groups: Region::map(ebpf, map_names::GROUPS4[i], MAX_GROUPS as usize)?,
                 leaves: Region::map(ebpf, map_names::LEAVES4[i], MAX_LEAVES as usize)?,
@@ -286,6 +298,7 @@ impl Ipv4Table {
     /// A table on the heap, for tests of the update logic.
     pub fn in_memory(capacity: usize) -> Self {
         let heap = || Generation {
+            tbl16: Region::heap(TBL16_ENTRIES),
             tbl24: Region::heap(TBL24_ENTRIES),
             groups: Region::heap(MAX_GROUPS as usize),
             leaves: Region::heap(MAX_LEAVES as usize),
@@ -300,6 +313,8 @@ impl Ipv4Table {
             rules: BTreeMap::new(),
             slots: Slots::after_compile(0, 0),
             capacity,
+            // Fresh maps are zeroed: every /16 settled on "no entry".
+            settled: TBL16_ENTRIES,
             prepared: None,
             switched_at: None,
         }
@@ -329,11 +344,14 @@ impl Ipv4Table {
     /// Compiles `rules` and writes them into the inactive generation; the
     /// active one is untouched. The caller then flips `active_generation`
     /// and calls [`Ipv4Table::switched`] (or [`Ipv4Table::abandon`]).
+    /// Returns whether the program should read this generation's per-/16
+    /// summary first (`RuntimeConfig::v4_summary`, see
+    /// [`compile::summary_pays`]).
     ///
     /// # Errors
     ///
     /// [`Ipv4TableError::TooManyPrefixes`] beyond the capacity; nothing was written.
-    pub fn prepare(&mut self, rules: &[Ipv4Rule]) -> Result<(), Ipv4TableError> {
+    pub fn prepare(&mut self, rules: &[Ipv4Rule]) -> Result<bool, Ipv4TableError> {
         let rules = compile::normalize(rules);
         if rules.len() > self.capacity {
             return Err(Ipv4TableError::TooManyPrefixes {
@@ -359,18 +377,26 @@ impl Ipv4Table {
         }
         next.groups.slice_mut()[..groups.len()].copy_from_slice(&groups);
         next.leaves.slice_mut()[..leaves.len()].copy_from_slice(&leaves);
+        let settled = compile::summarize(next.tbl24.slice(), next.tbl16.slice_mut());
         fence(Ordering::Release);
         let map = rules.iter().map(|r| (r.prefix, r.entry)).collect();
         let slots = Slots::after_compile(groups.len(), leaves.len());
-        self.prepared = Some((map, slots));
-        Ok(())
+        self.prepared = Some((map, slots, settled));
+        Ok(compile::summary_pays(settled))
+    }
+
+    /// Whether the program should read the active generation's summary
+    /// first (see [`compile::summary_pays`]); single changes move it.
+    pub fn summary_pays(&self) -> bool {
+        compile::summary_pays(self.settled)
     }
 
     /// The caller switched to the generation [`Ipv4Table::prepare`] wrote.
     pub fn switched(&mut self) {
-        if let Some((rules, slots)) = self.prepared.take() {
+        if let Some((rules, slots, settled)) = self.prepared.take() {
             self.rules = rules;
             self.slots = slots;
+            self.settled = settled;
             self.active = 1 - self.active;
             self.switched_at = Some(Instant::now());
         }
@@ -542,6 +568,28 @@ impl Ipv4Table {
         for (p, &(g, _)) in planned.iter().zip(&slots) {
             store(p.slash24, entry::pack(entry::GROUP, g), &mut retired);
         }
+        // The summary last: a /16 it settled stays settled on its old
+        // entry (the old verdict) until every /24 under it is written.
+        let mut touched: Vec<u32> = plain
+            .iter()
+            .flat_map(|&(lo, hi, _)| (lo >> 8)..=((hi - 1) >> 8))
+            .chain(planned.iter().map(|p| p.slash24 >> 8))
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
+        for y in touched {
+            let y = y as usize;
+            let summary = summary_entry(&active.tbl24.slice()[y * 256..][..256]);
+            let old = active.tbl16.slice()[y];
+            if old != summary {
+                active.tbl16.publish(y, summary);
+                if old == LOOK_IN_TBL24 {
+                    self.settled += 1;
+                } else if summary == LOOK_IN_TBL24 {
+                    self.settled -= 1;
+                }
+            }
+        }
         let now = Instant::now();
         self.slots
             .retired
@@ -645,8 +693,14 @@ mod tests {
             let base = u32::from(Ipv4Addr::new(198, 17, 255, 0));
             for a in base..base + 0x600 {
                 let a = Ipv4Addr::from(a);
-                prop_assert_eq!(table.lookup(a), compile::lookup(&whole.tbl24, &whole.groups, &whole.leaves, a), "{}", a);
+                prop_assert_eq!(table.lookup(a), compile::lookup(&whole.tbl16, &whole.tbl24, &whole.groups, &whole.leaves, a), "{}", a);
             }
+            // The summary kept up: every /16 as a fresh summary has it.
+            let active = &table.generations[table.active];
+            let mut fresh = vec![0; TBL16_ENTRIES];
+            let settled = compile::summarize(active.tbl24.slice(), &mut fresh);
+            prop_assert_eq!(active.tbl16.slice(), &fresh[..]);
+            prop_assert_eq!(table.settled, settled);
         }
     }
 
