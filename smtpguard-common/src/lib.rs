@@ -82,8 +82,10 @@ pub const MAX_PREFIXES_PER_FAMILY: u32 = 1 << 20;
 /// - `LEAVES4` holds leaves (plain rule entries), 16 to an element.
 /// - `TBL16_4` summarizes `TBL24` per /16 (2^16 entries, 256 KiB): the
 ///   /16's entry where all 256 of its `TBL24` entries are the same plain
-///   entry, else a `GROUP` entry meaning "look in `TBL24`". It is always
-///   kept exact; the program reads it first only while
+///   entry, else a `GROUP` entry meaning "look in `TBL24`". It is exact
+///   between changes (while a single change is written, a /16 it settled
+///   keeps the old verdict until the change's /24s are all written, then
+///   is republished); the program reads it first only while
 ///   [`RuntimeConfig::v4_summary`](super::RuntimeConfig::v4_summary) is
 ///   set, which userspace does for lists that leave most /16s uniform.
 ///   Then a source in such a /16 costs one load from a table that stays
@@ -296,7 +298,9 @@ pub struct RuntimeConfig {
     pub log_rate_per_sec: u32,
     /// 1: the IPv4 lookup reads the `TBL16_4` summary of the generation
     /// in force before `TBL24` (see [`ipv4_table`]); 0: `TBL24` first.
-    /// Either way the verdict is the same: the summary is always exact.
+    /// Either way the verdict is the old or the new list's: the summary is
+    /// exact between changes, and during one it still holds the old
+    /// verdict for a /16 until the change's /24s are written.
     pub v4_summary: u32,
     /// The SYN rate limit per client, in SYNs per minute; 0 = off (see
     /// [`rate`]).

@@ -276,6 +276,17 @@ impl MapSync {
         &mut self,
         changes: &[(IpNet, Option<Action>)],
     ) -> Result<ApplyReport, SyncError> {
+        let result = self.update_each(changes);
+        // After a failure too: the changes before it stay in force.
+        self.follow_summary();
+        result
+    }
+
+    /// [`MapSync::update`] without the summary flag.
+    fn update_each(
+        &mut self,
+        changes: &[(IpNet, Option<Action>)],
+    ) -> Result<ApplyReport, SyncError> {
         let mut report = ApplyReport::default();
         self.update_v6(changes, &mut report)?;
         for (written, (net, action)) in changes.iter().enumerate() {
@@ -322,7 +333,6 @@ impl MapSync {
             }
         }
         report.total = self.installed.total();
-        self.follow_summary();
         Ok(report)
     }
 

@@ -705,6 +705,27 @@ mod tests {
     }
 
     #[test]
+    fn single_changes_move_the_summary_flag_both_ways() {
+        let mut table = Ipv4Table::in_memory(1 << 20);
+        assert!(table.summary_pays(), "fresh maps: every /16 settled");
+        let deny = leaf_entry(Action::Deny, 1);
+        // One /24 in each of just over half the /16s unsettles them.
+        let nets: Vec<Ipv4Net> = (0..=TBL16_ENTRIES as u32 / 2)
+            .map(|y| Ipv4Net::new(Ipv4Addr::from(y << 16), 24).unwrap())
+            .collect();
+        for n in &nets {
+            table.set(*n, Some(deny)).unwrap();
+        }
+        assert_eq!(table.settled, TBL16_ENTRIES / 2 - 1);
+        assert!(!table.summary_pays());
+        for n in &nets {
+            table.set(*n, None).unwrap();
+        }
+        assert_eq!(table.settled, TBL16_ENTRIES);
+        assert!(table.summary_pays());
+    }
+
+    #[test]
     fn capacity_and_slot_exhaustion_change_nothing() {
         let mut table = Ipv4Table::in_memory(2);
         let deny = leaf_entry(Action::Deny, 1);
