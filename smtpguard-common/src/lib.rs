@@ -79,6 +79,12 @@ pub const MAX_PREFIXES_PER_FAMILY: u32 = 1 << 20;
 ///   addresses as runs. Bit `i` of the 256-bit `bitmap` is set where a run
 ///   starts (bit 0 always), and the run holding host `h` is leaf
 ///   `base + rank[h / 64] + popcount(bitmap[h / 64] << (63 - h % 64)) - 1`.
+/// - A /24 of at most [`COMPACT_RUNS`](ipv4_table::COMPACT_RUNS) runs (one
+///   /32 in it makes three) has its group in the compact form instead
+///   ([`CompactGroup`](ipv4_table::CompactGroup), the same 40 bytes, its
+///   `TBL24` entry marked with [`COMPACT`](ipv4_table::COMPACT)): the runs'
+///   first hosts and entries inline, so such a source costs two dependent
+///   loads, not three.
 /// - `LEAVES4` holds leaves (plain rule entries), 16 to an element.
 /// - `TBL16_4` summarizes `TBL24` per /16 (2^16 entries, 256 KiB): the
 ///   /16's entry where all 256 of its `TBL24` entries are the same plain
@@ -134,6 +140,64 @@ pub mod ipv4_table {
         /// Packs a kind and a payload.
         pub const fn pack(kind: u32, payload: u32) -> u32 {
             (kind << KIND_SHIFT) | (payload & PAYLOAD)
+        }
+    }
+
+    /// In the payload of a `GROUP` entry of `TBL24`: the group is a
+    /// [`CompactGroup`]. IPv4 only (IPv6 nodes are never compact).
+    pub const COMPACT: u32 = 1 << 29;
+    /// The group index in the payload of a `GROUP` entry of `TBL24`.
+    pub const GROUP_INDEX: u32 = COMPACT - 1;
+    /// Runs a [`CompactGroup`] holds at most.
+    pub const COMPACT_RUNS: usize = 8;
+
+    /// A /24 of at most [`COMPACT_RUNS`] runs: an element of `GROUPS4`
+    /// stored in [`Group`]'s 40 bytes, marked [`COMPACT`] in its `TBL24`
+    /// entry. Run `i` covers hosts `starts[i]` up to the next run's start
+    /// and has entry `entries[i]`; `starts[0]` is 0, starts ascend, and the
+    /// slots after the last run repeat it (same start, same entry), so the
+    /// run of host `h` is the number of `starts[1..]` at or below `h`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct CompactGroup {
+        /// First host of each run.
+        pub starts: [u8; COMPACT_RUNS],
+        /// Entry of each run (plain entries, never `GROUP`).
+        pub entries: [u32; COMPACT_RUNS],
+    }
+
+    impl CompactGroup {
+        /// The entry of host `host` (0..=255; higher bits are ignored).
+        /// Branch-free: the compares are subtractions whose borrow is the
+        /// answer, so a scattered flood costs no mispredictions.
+        #[inline(always)]
+        pub fn entry_of(&self, host: u32) -> u32 {
+            let host = host & 0xff;
+            let starts = u64::from_le_bytes(self.starts);
+            let mut run = 0u32;
+            let mut i = 1;
+            while i < COMPACT_RUNS {
+                let start = ((starts >> (8 * i)) & 0xff) as u32;
+                // start <= host: host - start does not borrow.
+                run += (host.wrapping_sub(start) >> 31) ^ 1;
+                i += 1;
+            }
+            self.entries[(run as usize) & (COMPACT_RUNS - 1)]
+        }
+
+        /// The group as stored in `GROUPS4`.
+        pub fn into_group(self) -> Group {
+            // SAFETY: both are repr(C), 40 bytes (transmute checks the
+            // size), and every bit pattern is valid for both.
+            unsafe { core::mem::transmute::<CompactGroup, Group>(self) }
+        }
+
+        /// A `GROUPS4` element read back as the compact form.
+        #[inline(always)]
+        pub fn from_group(group: &Group) -> &CompactGroup {
+            // SAFETY: same size; Group's alignment (8) is stricter than
+            // CompactGroup's (4); every bit pattern is valid.
+            unsafe { &*(group as *const Group).cast::<CompactGroup>() }
         }
     }
 

@@ -1,14 +1,15 @@
 //! The IPv4 lookup in the compiled table (`smtpguard_common::ipv4_table`):
 //! one load for a source covered by a prefix of /24 or shorter, three
 //! dependent loads (entry, group, leaf) for one inside a /24 that holds
-//! longer prefixes, plus the summary's load while it is read first. The trie it replaces visited one node per branching bit.
+//! longer prefixes, two (entry, compact group) when that /24 has at most
+//! eight runs, plus the summary's load while it is read first. The trie it replaces visited one node per branching bit.
 //! For lists that leave most /16s uniform, one load from the per-/16
 //! summary first: it settles most sources without touching the 64 MiB
 //! first level, whose TLB and cache misses dominate scattered sources.
 
 use aya_ebpf::maps::Array;
 use smtpguard_common::{
-    ipv4_table::{entry, Group},
+    ipv4_table::{entry, CompactGroup, Group, COMPACT, GROUP_INDEX},
     RuntimeConfig,
 };
 
@@ -73,6 +74,9 @@ fn lookup_in(
     if e >> entry::KIND_SHIFT != entry::GROUP {
         return Some(e);
     }
-    let group: &Group = groups.get(e & entry::PAYLOAD)?;
+    let group: &Group = groups.get(e & GROUP_INDEX)?;
+    if e & COMPACT != 0 {
+        return Some(CompactGroup::from_group(group).entry_of(a));
+    }
     line_entry(leaves, leaf_index(group, a & 0xff))
 }

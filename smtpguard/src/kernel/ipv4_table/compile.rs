@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use smtpguard_common::{
-    ipv4_table::{entry, Group},
+    ipv4_table::{entry, CompactGroup, Group, COMPACT, COMPACT_RUNS, GROUP_INDEX},
     Action,
 };
 
@@ -97,11 +97,13 @@ pub fn compile_into(rules: &[Ipv4Rule], tbl24: &mut [u32]) -> (Vec<Group>, Vec<u
     let mut leaves = Vec::new();
     for chunk in long.chunk_by(|a, b| slash24(&a.prefix) == slash24(&b.prefix)) {
         let index = slash24(&chunk[0].prefix) as usize;
-        let (mut group, runs) = build_group(tbl24[index], chunk);
-        group.base = leaves.len() as u32;
-        leaves.extend(runs);
-        tbl24[index] = entry::pack(entry::GROUP, groups.len() as u32);
-        groups.push(group);
+        let mut built = BuiltGroup::new(tbl24[index], chunk);
+        if !built.compact {
+            built.group.base = leaves.len() as u32;
+            leaves.append(&mut built.leaves);
+        }
+        tbl24[index] = built.entry(groups.len() as u32);
+        groups.push(built.group);
     }
     (groups, leaves)
 }
@@ -246,6 +248,65 @@ pub fn build_group(base_entry: u32, long: &[Ipv4Rule]) -> (Group, Vec<u32>) {
     (group, leaves)
 }
 
+/// A /24's group as stored in `GROUPS4`: compact (runs inline, no
+/// leaves) when it has at most [`COMPACT_RUNS`] runs, else the bitmap
+/// form with its leaves (`group.base` is set when the leaves are placed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuiltGroup {
+    /// The `GROUPS4` element.
+    pub group: Group,
+    /// The leaves of the bitmap form; empty when compact.
+    pub leaves: Vec<u32>,
+    /// Whether `group` is a [`CompactGroup`].
+    pub compact: bool,
+}
+
+impl BuiltGroup {
+    /// The group of one /24 (see [`build_group`]), compact where it fits.
+    pub fn new(base_entry: u32, long: &[Ipv4Rule]) -> Self {
+        let (group, leaves) = build_group(base_entry, long);
+        match compact_form(&group, &leaves) {
+            Some(compact) => BuiltGroup {
+                group: compact.into_group(),
+                leaves: Vec::new(),
+                compact: true,
+            },
+            None => BuiltGroup {
+                group,
+                leaves,
+                compact: false,
+            },
+        }
+    }
+
+    /// The `TBL24` entry of this group in slot `slot`.
+    pub fn entry(&self, slot: u32) -> u32 {
+        let flag = if self.compact { COMPACT } else { 0 };
+        entry::pack(entry::GROUP, slot | flag)
+    }
+}
+
+/// The compact form of a bitmap group and its leaves, when it has at most
+/// [`COMPACT_RUNS`] runs.
+fn compact_form(group: &Group, leaves: &[u32]) -> Option<CompactGroup> {
+    if leaves.len() > COMPACT_RUNS {
+        return None;
+    }
+    let starts = (0..256u32).filter(|&h| group.bitmap[(h / 64) as usize] & (1 << (h % 64)) != 0);
+    let mut compact = CompactGroup::default();
+    for (i, (start, leaf)) in starts.zip(leaves).enumerate() {
+        compact.starts[i] = start as u8;
+        compact.entries[i] = *leaf;
+    }
+    // The slots after the last run repeat it.
+    let last = leaves.len() - 1;
+    for i in leaves.len()..COMPACT_RUNS {
+        compact.starts[i] = compact.starts[last];
+        compact.entries[i] = compact.entries[last];
+    }
+    Some(compact)
+}
+
 /// The entry for `addr` in a compiled table: the lookup of the XDP
 /// program with the summary read first, in userspace (for tests and the
 /// writer's checks).
@@ -265,8 +326,11 @@ pub fn lookup(
     if e >> entry::KIND_SHIFT != entry::GROUP {
         return e;
     }
-    let group = &groups[(e & entry::PAYLOAD) as usize];
+    let group = &groups[(e & GROUP_INDEX) as usize];
     let host = a & 0xff;
+    if e & COMPACT != 0 {
+        return CompactGroup::from_group(group).entry_of(host);
+    }
     let word = (host >> 6) as usize;
     let below = (group.bitmap[word] << (63 - (host & 63))).count_ones();
     leaves[(group.base + group.rank[word] as u32 + below - 1) as usize]
@@ -348,8 +412,13 @@ mod tests {
             assert_eq!(c.lookup(ip(a)).map(|(_, i)| i), Some(id), "{a}");
         }
         assert_eq!(c.groups.len(), 1);
-        // Runs: /31 deny, /24 permit, /25 deny, /32 permit, /25 deny.
-        assert_eq!(c.leaves.len(), 5);
+        // Runs: /31 deny, /24 permit, /25 deny, /32 permit, /25 deny: five,
+        // so the group is compact and needs no leaves.
+        assert!(c.leaves.is_empty());
+        let e = c.tbl24[(u32::from(ip("198.51.100.0")) >> 8) as usize];
+        assert_ne!(e & COMPACT, 0);
+        let compact = CompactGroup::from_group(&c.groups[0]);
+        assert_eq!(compact.starts, [0, 2, 128, 200, 201, 201, 201, 201]);
     }
 
     #[test]
@@ -365,6 +434,30 @@ mod tests {
         assert_eq!(c.lookup(ip("203.0.113.9")), Some((Action::Deny, 10)));
         assert_eq!(c.lookup(ip("192.0.2.1")), None);
         assert_eq!(compile(&[]).lookup(ip("192.0.2.1")), None);
+    }
+
+    #[test]
+    fn eight_runs_are_compact_and_nine_are_not() {
+        // Each /32 away from the /24's edges adds two runs to the one there.
+        let hosts = |n: u32| -> Vec<Ipv4Rule> {
+            (0..n)
+                .map(|i| rule(&format!("192.0.2.{}/32", 10 + 20 * i), Action::Deny, i + 1))
+                .collect()
+        };
+        // Three /32s: seven runs; a fourth at host 255 makes eight.
+        let mut eight = hosts(3);
+        eight.push(rule("192.0.2.255/32", Action::Deny, 9));
+        let nine = hosts(4);
+        for (rules, runs, compact) in [(&eight, 8, true), (&nine, 9, false)] {
+            let c = compile(rules);
+            let e = c.tbl24[(u32::from(ip("192.0.2.0")) >> 8) as usize];
+            assert_eq!(e & COMPACT != 0, compact, "{runs} runs");
+            assert_eq!(c.leaves.len(), if compact { 0 } else { runs });
+            for h in 0..256u32 {
+                let a = Ipv4Addr::from(u32::from(ip("192.0.2.0")) + h);
+                assert_eq!(c.lookup(a), reference(rules, a), "{a}");
+            }
+        }
     }
 
     #[test]

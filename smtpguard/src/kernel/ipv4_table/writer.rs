@@ -31,12 +31,12 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use smtpguard_common::{
-    ipv4_table::{entry, Group, MAX_GROUPS, MAX_LEAVES},
+    ipv4_table::{entry, Group, COMPACT, GROUP_INDEX, MAX_GROUPS, MAX_LEAVES},
     map_names,
 };
 
 use super::compile::{
-    self, build_group, slash24, span24, summary_entry, sweep, Ipv4Rule, LOOK_IN_TBL24,
+    self, slash24, span24, summary_entry, sweep, BuiltGroup, Ipv4Rule, LOOK_IN_TBL24,
     TBL16_ENTRIES, TBL24_ENTRIES,
 };
 use crate::kernel::KernelError;
@@ -225,6 +225,8 @@ impl Slots {
     fn free(&mut self, slot: Retired) {
         match slot {
             Retired::Group(g) => self.free_groups.push(g),
+            // A compact group's empty range was never taken.
+            Retired::Leaves { len: 0, .. } => {}
             Retired::Leaves { base, len } => self.free_leaves[len as usize].push(base),
         }
     }
@@ -239,6 +241,10 @@ impl Slots {
     }
 
     fn leaves(&mut self, len: u32) -> Option<u32> {
+        if len == 0 {
+            // A compact group: no leaves.
+            return Some(0);
+        }
         self.free_leaves[len as usize].pop().or_else(|| {
             (self.next_leaf + len <= MAX_LEAVES).then(|| {
                 self.next_leaf += len;
@@ -251,8 +257,7 @@ impl Slots {
 /// A /24's new content, planned before anything is written.
 struct Planned {
     slash24: u32,
-    group: Group,
-    leaves: Vec<u32>,
+    built: BuiltGroup,
 }
 
 /// The writer. See the module docs.
@@ -473,15 +478,8 @@ impl Ipv4Table {
         if longs.is_empty() {
             self.write(&[], &[(x, x + 1, base)])
         } else {
-            let (group, leaves) = build_group(base, &longs);
-            self.write(
-                &[Planned {
-                    slash24: x,
-                    group,
-                    leaves,
-                }],
-                &[],
-            )
+            let built = BuiltGroup::new(base, &longs);
+            self.write(&[Planned { slash24: x, built }], &[])
         }
     }
 
@@ -515,12 +513,8 @@ impl Ipv4Table {
         for chunk in longs.chunk_by(|a, b| slash24(&a.prefix) == slash24(&b.prefix)) {
             let x = slash24(&chunk[0].prefix);
             let seg = plain.partition_point(|&(_, hi, _)| hi <= x);
-            let (group, leaves) = build_group(plain[seg].2, chunk);
-            planned.push(Planned {
-                slash24: x,
-                group,
-                leaves,
-            });
+            let built = BuiltGroup::new(plain[seg].2, chunk);
+            planned.push(Planned { slash24: x, built });
         }
         self.write(&planned, &plain)
     }
@@ -536,8 +530,17 @@ impl Ipv4Table {
         let slots = self.allocate(planned)?;
         let active = &mut self.generations[self.active];
         for (p, &(g, base)) in planned.iter().zip(&slots) {
-            active.leaves.slice_mut()[base as usize..][..p.leaves.len()].copy_from_slice(&p.leaves);
-            active.groups.slice_mut()[g as usize] = Group { base, ..p.group };
+            let built = &p.built;
+            active.groups.slice_mut()[g as usize] = if built.compact {
+                built.group
+            } else {
+                active.leaves.slice_mut()[base as usize..][..built.leaves.len()]
+                    .copy_from_slice(&built.leaves);
+                Group {
+                    base,
+                    ..built.group
+                }
+            };
         }
         fence(Ordering::Release);
         let mut retired = Vec::new();
@@ -545,14 +548,17 @@ impl Ipv4Table {
             let old = active.tbl24.slice()[x as usize];
             active.tbl24.publish(x as usize, value);
             if old >> entry::KIND_SHIFT == entry::GROUP {
-                let g = old & entry::PAYLOAD;
-                let group = active.groups.slice()[g as usize];
-                let len: u32 = group.bitmap.iter().map(|w| w.count_ones()).sum();
+                let g = old & GROUP_INDEX;
                 retired.push(Retired::Group(g));
-                retired.push(Retired::Leaves {
-                    base: group.base,
-                    len,
-                });
+                // A compact group has no leaves.
+                if old & COMPACT == 0 {
+                    let group = active.groups.slice()[g as usize];
+                    let len: u32 = group.bitmap.iter().map(|w| w.count_ones()).sum();
+                    retired.push(Retired::Leaves {
+                        base: group.base,
+                        len,
+                    });
+                }
             }
         };
         let mut next = planned.iter().map(|p| p.slash24).peekable();
@@ -566,7 +572,7 @@ impl Ipv4Table {
             }
         }
         for (p, &(g, _)) in planned.iter().zip(&slots) {
-            store(p.slash24, entry::pack(entry::GROUP, g), &mut retired);
+            store(p.slash24, p.built.entry(g), &mut retired);
         }
         // The summary last: a /16 it settled stays settled on its old
         // entry (the old verdict) until every /24 under it is written.
@@ -625,7 +631,7 @@ impl Ipv4Table {
     fn try_allocate(&mut self, planned: &[Planned]) -> Option<Vec<(u32, u32)>> {
         let mut got = Vec::with_capacity(planned.len());
         for p in planned {
-            let len = p.leaves.len() as u32;
+            let len = p.built.leaves.len() as u32;
             let g = self.slots.group();
             let base = self.slots.leaves(len);
             match (g, base) {
@@ -640,7 +646,7 @@ impl Ipv4Table {
                     }
                     for (i, &(g, base)) in got.iter().enumerate() {
                         self.slots.free(Retired::Group(g));
-                        let len = planned[i].leaves.len() as u32;
+                        let len = planned[i].built.leaves.len() as u32;
                         self.slots.free(Retired::Leaves { base, len });
                     }
                     return None;
