@@ -123,7 +123,9 @@ pub mod ipv4_table {
     pub mod entry {
         /// Where the kind starts.
         pub const KIND_SHIFT: u32 = 30;
-        /// The payload bits: a rule id or a group index.
+        /// The payload bits: a rule id, or for `GROUP` a group index (in
+        /// IPv4 `TBL24`: the index under [`GROUP_INDEX`](super::GROUP_INDEX)
+        /// and the [`COMPACT`](super::COMPACT) bit).
         pub const PAYLOAD: u32 = (1 << KIND_SHIFT) - 1;
         /// No entry covers these addresses (the mode decides).
         pub const NONE: u32 = 0;
@@ -131,8 +133,9 @@ pub mod ipv4_table {
         pub const PERMIT: u32 = 1;
         /// A deny rule; the payload is its rule id. Equals `Action::Deny`.
         pub const DENY: u32 = 2;
-        /// A group; the payload indexes `GROUPS4` (IPv4: in `TBL24` only)
-        /// or `GROUPS6` (IPv6: in `TBL16` and in leaves, one per level).
+        /// A group; the payload indexes `GROUPS4` (IPv4: in `TBL24` only,
+        /// masked with [`GROUP_INDEX`](super::GROUP_INDEX)) or `GROUPS6`
+        /// (IPv6: in `TBL16` and in leaves, one per level).
         /// In the IPv4 `TBL16_4` summary it means "look in `TBL24`"
         /// (payload 0).
         pub const GROUP: u32 = 3;
@@ -201,7 +204,10 @@ pub mod ipv4_table {
         }
     }
 
-    /// One /24 that holds prefixes longer than /24: an element of `GROUPS4`.
+    /// One /24 that holds prefixes longer than /24, in the bitmap form:
+    /// an element of `GROUPS4` (or an IPv6 node of `GROUPS6`). An IPv4
+    /// slot whose `TBL24` entry has [`COMPACT`] set holds a
+    /// [`CompactGroup`] in these bytes instead.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct Group {

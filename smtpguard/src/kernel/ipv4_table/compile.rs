@@ -46,9 +46,10 @@ pub struct Compiled {
     pub tbl16: Vec<u32>,
     /// One entry per /24 ([`TBL24_ENTRIES`]).
     pub tbl24: Vec<u32>,
-    /// Groups, indexed by the payload of `GROUP` entries.
+    /// Groups, indexed by `payload & GROUP_INDEX` of `GROUP` entries;
+    /// compact ones (`COMPACT` set in the entry) hold a [`CompactGroup`].
     pub groups: Vec<Group>,
-    /// Leaves, indexed from the groups' `base`.
+    /// Leaves of the bitmap groups, indexed from their `base`.
     pub leaves: Vec<u32>,
 }
 

@@ -711,6 +711,74 @@ mod tests {
     }
 
     #[test]
+    fn a_group_turns_dense_and_compact_again_and_gives_back_its_slots() {
+        let mut table = Ipv4Table::in_memory(1 << 20);
+        let net = |h: u32| Ipv4Net::new(Ipv4Addr::new(192, 0, 2, h as u8), 32).unwrap();
+        let hosts = [10u32, 30, 50, 70];
+        let check = |table: &Ipv4Table| {
+            let set: Vec<Ipv4Rule> = table
+                .rules
+                .iter()
+                .map(|(&prefix, &entry)| Ipv4Rule { prefix, entry })
+                .collect();
+            let whole = compile(&set);
+            for h in 0..256u32 {
+                let a = Ipv4Addr::from(u32::from(Ipv4Addr::new(192, 0, 2, 0)) + h);
+                assert_eq!(
+                    table.lookup(a),
+                    compile::lookup(&whole.tbl16, &whole.tbl24, &whole.groups, &whole.leaves, a),
+                    "{a}"
+                );
+            }
+        };
+        let slash24 = |table: &Ipv4Table| {
+            table.generations[table.active].tbl24.slice()
+                [(u32::from(Ipv4Addr::new(192, 0, 2, 0)) >> 8) as usize]
+        };
+        // Three /32s: seven runs, compact; the fourth makes nine, dense.
+        for (i, &h) in hosts.iter().enumerate() {
+            table
+                .set(net(h), Some(leaf_entry(Action::Deny, h)))
+                .unwrap();
+            check(&table);
+            assert_eq!(
+                slash24(&table) & COMPACT != 0,
+                i < 3,
+                "after {} /32s",
+                i + 1
+            );
+        }
+        // And back: compact again after the first removal, none at the end.
+        for &h in &hosts {
+            table.set(net(h), None).unwrap();
+            check(&table);
+        }
+        assert_eq!(slash24(&table), entry::NONE);
+        // Every slot given back exactly once: whatever was taken (slots
+        // are reused as they come back) is free again, none twice.
+        std::thread::sleep(GRACE);
+        table.slots.reclaim(Instant::now());
+        let mut groups = table.slots.free_groups.clone();
+        groups.sort_unstable();
+        groups.dedup();
+        assert_eq!(
+            groups.len(),
+            table.slots.free_groups.len(),
+            "a group slot freed twice"
+        );
+        assert_eq!(groups.len(), table.slots.next_group as usize);
+        let free_leaves: usize = (0..table.slots.free_leaves.len())
+            .map(|len| len * table.slots.free_leaves[len].len())
+            .sum();
+        assert_eq!(free_leaves, table.slots.next_leaf as usize);
+        assert_eq!(
+            table.slots.free_leaves[9].len(),
+            1,
+            "the dense group's leaves"
+        );
+    }
+
+    #[test]
     fn single_changes_move_the_summary_flag_both_ways() {
         let mut table = Ipv4Table::in_memory(1 << 20);
         assert!(table.summary_pays(), "fresh maps: every /16 settled");
