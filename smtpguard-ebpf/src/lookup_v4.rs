@@ -1,11 +1,12 @@
 //! The IPv4 lookup in the compiled table (`smtpguard_common::ipv4_table`):
-//! one load for a source covered by a prefix of /24 or shorter, three
-//! dependent loads (entry, group, leaf) for one inside a /24 that holds
-//! longer prefixes, two (entry, compact group) when that /24 has at most
-//! eight runs, plus the summary's load while it is read first. The trie it replaces visited one node per branching bit.
+//! one load for a source covered by a prefix of /24 or shorter; for one
+//! inside a /24 that holds longer prefixes, two dependent loads (entry,
+//! compact group) when that /24 has at most eight runs, else three (entry,
+//! group, leaf). The trie it replaces visited one node per branching bit.
 //! For lists that leave most /16s uniform, one load from the per-/16
-//! summary first: it settles most sources without touching the 64 MiB
-//! first level, whose TLB and cache misses dominate scattered sources.
+//! summary comes first: it settles most sources without touching the
+//! 64 MiB first level, whose TLB and cache misses dominate scattered
+//! sources.
 
 use aya_ebpf::maps::Array;
 use smtpguard_common::{
